@@ -1,0 +1,513 @@
+"""VMamba (Liu et al., "VMamba: Visual State Space Model", arXiv 2401.10166) in one readable file.
+
+The network of the paper's figure, top to bottom:
+    image -> PatchEmbed -> 4 x Stage(VSS blocks, then downsample) -> LayerNorm -> pool -> Linear
+    VSS block:  x = x + SS2D(LN(x))            [+ x = x + MLP(LN(x)) in generation 2]
+    SS2D:       Linear -> depthwise conv 3x3 -> SiLU -> cross-scan (4 routes) -> selective scan
+                -> cross-merge -> LayerNorm [-> * SiLU(gate)] -> Linear
+Both generations of the released weights, chosen by `VSSMConfig.generation`:
+    0  "vanilla" VMamba (the seed): d_state 16, gate z, 4x4 patch embed, PatchMerging, no MLP;
+    2  the released VMamba-T/S/B (official forward_type "v05_noz"): d_state 1, no gate, an MLP
+       in every block, a two-conv stem and conv downsampling.
+The scan math (selective scan, cross-scan, cross-merge) lives in scan.py as pure functions.
+
+Letters used in every shape comment:
+    B batch, H, W feature-map height and width, L = H*W sequence length, C width of a stage,
+    D = ssm_ratio * C inner width of SS2D, N d_state, R dt rank (ceil(C/16) by default),
+    K = 4 scan routes.
+Layout: feature maps travel channels-last, (B, H, W, C): every Linear and LayerNorm then acts
+on the last dim with no permute; the convs and the scan take (B, D, H, W) and get one permute.
+"""
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from scan import cross_merge, cross_scan, selective_scan, selective_scan_ref
+
+__all__ = ["VSSMConfig", "VSSM", "Backbone", "CONFIGS", "build", "from_official_kwargs",
+           "convert_official_state_dict"]
+
+K = 4  # scan routes: row-major, column-major, and both reversed
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class VSSMConfig:
+    generation: int = 2               # 0 = vanilla (seed) VMamba, 2 = released v2 (see docstring)
+    dim: int = 96                     # C of stage 0; stage i has C * 2**i
+    depths: tuple = (2, 2, 9, 2)
+    d_state: Optional[int] = None     # N; None: 16 for generation 0, 1 for generation 2
+    ssm_ratio: float = 2.0            # D = int(ssm_ratio * C)
+    dt_rank: Optional[int] = None     # R; None: "auto" = ceil(C / 16), per stage
+    mlp_ratio: Optional[float] = None  # None: 0 (no MLP) for generation 0, 4 for generation 2
+    in_chans: int = 3
+    num_classes: int = 1000
+    drop_path_rate: float = 0.1
+    grad_checkpointing: bool = False
+    scan: str = "chunked"             # "chunked" (scan.selective_scan) or "reference" (the loop)
+    chunk_size: int = 64              # chunk length of the chunked scan
+
+    def __post_init__(self):
+        def need(ok, msg):
+            if not ok:
+                raise ValueError(f"VSSMConfig: {msg}")
+        need(self.generation in (0, 2), f"generation must be 0 or 2, got {self.generation!r}")
+        if self.d_state is None:
+            self.d_state = 16 if self.generation == 0 else 1
+        if self.mlp_ratio is None:
+            self.mlp_ratio = 0.0 if self.generation == 0 else 4.0
+        self.depths = tuple(self.depths)
+        need(len(self.depths) >= 1 and all(isinstance(d, int) and d >= 1 for d in self.depths),
+             f"depths must be positive ints, got {self.depths!r}")
+        for name in ("dim", "d_state", "in_chans", "chunk_size"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                 f"{name} must be an int >= 1, got {v!r}")
+        need(isinstance(self.num_classes, int) and self.num_classes >= 0,
+             f"num_classes must be an int >= 0, got {self.num_classes!r}")
+        need(self.dt_rank is None or (isinstance(self.dt_rank, int) and self.dt_rank >= 1),
+             f"dt_rank must be None (auto) or an int >= 1, got {self.dt_rank!r}")
+        need(self.ssm_ratio > 0 and int(self.ssm_ratio * self.dim) >= 1,
+             f"ssm_ratio must give D >= 1, got {self.ssm_ratio!r}")
+        need(self.mlp_ratio >= 0, f"mlp_ratio must be >= 0, got {self.mlp_ratio!r}")
+        need(0 <= self.drop_path_rate < 1, f"drop_path_rate must be in [0, 1), got "
+             f"{self.drop_path_rate!r}")
+        need(self.scan in ("chunked", "reference"),
+             f"scan must be 'chunked' or 'reference', got {self.scan!r}")
+
+    def stage_dim(self, i):
+        return self.dim * 2 ** i
+
+
+# ---------------------------------------------------------------------------------------------
+# Patch embedding: image (B, 3, H, W) -> (B, H/4, W/4, C)
+# ---------------------------------------------------------------------------------------------
+class PatchEmbed(nn.Module):
+    """Generation 0: one 4x4 stride-4 conv (a linear map of each patch), then LayerNorm."""
+
+    def __init__(self, in_chans, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=4, stride=4)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):                                    # (B, 3, H, W)
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))   # (B, H/4, W/4, C), floor like official
+
+
+class ConvStem(nn.Module):
+    """Generation 2: two 3x3 stride-2 convs (C/2 then C) with LayerNorm, GELU between them.
+    Padding 1 makes each conv round odd sizes up: ceil(H/2)."""
+
+    def __init__(self, in_chans, dim):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, dim // 2, kernel_size=3, stride=2, padding=1)
+        self.norm1 = nn.LayerNorm(dim // 2)
+        self.conv2 = nn.Conv2d(dim // 2, dim, kernel_size=3, stride=2, padding=1)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, x):                                    # (B, 3, H, W)
+        x = F.gelu(self.norm1(self.conv1(x).permute(0, 2, 3, 1)))   # (B, H/2, W/2, C/2)
+        x = self.conv2(x.permute(0, 3, 1, 2))                # (B, C, H/4, W/4)
+        return self.norm2(x.permute(0, 2, 3, 1))             # (B, H/4, W/4, C)
+
+
+# ---------------------------------------------------------------------------------------------
+# SS2D: the 2D selective-scan mixer
+# ---------------------------------------------------------------------------------------------
+class SS2D(nn.Module):
+    """The paper's SS2D box. Parameter names and shapes are the official ones, so checkpoints
+    load as they are: per route k, x_proj_weight[k] (R+2N, D) maps a token to [dt R | B N | C N],
+    dt_projs_weight[k] (D, R) lifts dt to D channels, dt_projs_bias[k] (D,) is the scan's
+    delta_bias; A_logs (K*D, N) and Ds (K*D,) are the per-channel A = -exp(A_logs) and skip D."""
+
+    def __init__(self, dim, cfg: VSSMConfig):
+        super().__init__()
+        D, N = int(cfg.ssm_ratio * dim), cfg.d_state
+        R = cfg.dt_rank or math.ceil(dim / 16)
+        self.d_inner, self.d_state, self.dt_rank = D, N, R
+        self.gated = cfg.generation == 0
+        self.scan, self.chunk_size = cfg.scan, cfg.chunk_size
+        self.in_proj = nn.Linear(dim, 2 * D if self.gated else D, bias=False)
+        self.conv2d = nn.Conv2d(D, D, kernel_size=3, padding=1, groups=D, bias=self.gated)
+        self.x_proj_weight = nn.Parameter(torch.empty(K, R + 2 * N, D))
+        self.dt_projs_weight = nn.Parameter(torch.empty(K, D, R))
+        self.dt_projs_bias = nn.Parameter(torch.empty(K, D))
+        self.A_logs = nn.Parameter(torch.empty(K * D, N))
+        self.Ds = nn.Parameter(torch.empty(K * D))
+        self.out_norm = nn.LayerNorm(D)
+        self.out_proj = nn.Linear(D, dim, bias=False)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self):
+        """The official SSM init (Mamba's): dt starts log-uniform in [1e-3, 1e-1]."""
+        D, N, R = self.d_inner, self.d_state, self.dt_rank
+        # x_proj is an nn.Linear in the official code before its weights are stacked, so it
+        # keeps nn.Linear's default init (kaiming-uniform: U(+-1/sqrt(fan_in))).
+        nn.init.uniform_(self.x_proj_weight, -D ** -0.5, D ** -0.5)
+        nn.init.uniform_(self.dt_projs_weight, -R ** -0.5, R ** -0.5)
+        dt = torch.exp(torch.rand(K, D) * (math.log(1e-1) - math.log(1e-3)) + math.log(1e-3))
+        dt = dt.clamp(min=1e-4)
+        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))   # softplus^-1(dt)
+        self.A_logs.copy_(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(K * D, 1))
+        self.Ds.fill_(1.0)
+
+    def forward(self, x):                                    # (B, H, W, C)
+        x = self.in_proj(x)                                  # (B, H, W, 2D) or (B, H, W, D)
+        if self.gated:
+            x, z = x.chunk(2, dim=-1)                        # (B, H, W, D) each
+        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))       # (B, D, H, W)
+        y = self.out_norm(self.ssm(x))                       # (B, H, W, D), float32
+        if self.gated:
+            y = y * F.silu(z)
+        return self.out_proj(y)                              # (B, H, W, C)
+
+    def ssm(self, x):                                        # (B, D, H, W)
+        """Cross-scan, the selective scan along each route, cross-merge."""
+        Bn, D, H, W = x.shape
+        R, N, L = self.dt_rank, self.d_state, H * W
+        xs = cross_scan(x)                                   # (B, K, D, L)
+        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)   # (B, K, R+2N, L)
+        dts, Bs, Cs = x_dbl.split([R, N, N], dim=2)          # (B, K, R|N|N, L)
+        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)  # (B, K, D, L)
+        scan_args = (xs.reshape(Bn, K * D, L), dts.reshape(Bn, K * D, L),  # (B, K*D, L)
+                     -torch.exp(self.A_logs.float()), Bs.contiguous(), Cs.contiguous(),
+                     self.Ds.float(), self.dt_projs_bias.float().reshape(K * D))
+        # Under bf16 autocast the projections above run in bf16, but both scans cast their
+        # inputs to float32 and keep the state h in float32, as the official kernels do.
+        if self.scan == "reference":
+            y = selective_scan_ref(*scan_args, delta_softplus=True)       # (B, K*D, L)
+        else:
+            y = selective_scan(*scan_args, delta_softplus=True, chunk_size=self.chunk_size)
+        y = cross_merge(y.view(Bn, K, D, H, W))              # (B, D, L)
+        return y.transpose(1, 2).reshape(Bn, H, W, D)        # (B, H, W, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# VSS block
+# ---------------------------------------------------------------------------------------------
+def drop_path(x, p: float, training: bool):
+    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):                                    # (B, H, W, C)
+        return self.fc2(F.gelu(self.fc1(x)))                 # exact (erf) GELU, as official
+
+
+class VSSBlock(nn.Module):
+    def __init__(self, dim, cfg: VSSMConfig, drop_path_rate: float):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim)
+        self.self_attention = SS2D(dim, cfg)   # the seed's name for the SS2D mixer
+        self.drop_path = drop_path_rate
+        hidden = int(dim * cfg.mlp_ratio)
+        self.ln_2 = nn.LayerNorm(dim) if hidden else None
+        self.mlp = MLP(dim, hidden) if hidden else None
+
+    def forward(self, x):                                    # (B, H, W, C)
+        x = x + drop_path(self.self_attention(self.ln_1(x)), self.drop_path, self.training)
+        if self.mlp is not None:
+            x = x + drop_path(self.mlp(self.ln_2(x)), self.drop_path, self.training)
+        return x
+
+    def extra_repr(self):
+        return f"drop_path={self.drop_path:.3f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Downsampling between stages: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C)
+# ---------------------------------------------------------------------------------------------
+class PatchMerging(nn.Module):
+    """Generation 0: concatenate each 2x2 neighbourhood, LayerNorm(4C), Linear(4C -> 2C)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(4 * dim)
+
+    def forward(self, x):                                    # (B, H, W, C)
+        H, W = x.shape[1], x.shape[2]
+        # Odd maps: zero-pad bottom/right to even, like the official classification code (the
+        # one-file code crashes there).
+        x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))             # (B, H', W', C), H', W' even
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2],   # this order is the checkpoints'
+                       x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)   # (B, H'/2, W'/2, 4C)
+        return self.reduction(self.norm(x))                  # (B, H'/2, W'/2, 2C)
+
+
+class ConvDownsample(nn.Module):
+    """Generation 2: Conv2d(C, 2C, 3, stride 2, padding 1) (rounds up), then LayerNorm(2C)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.reduction = nn.Conv2d(dim, 2 * dim, kernel_size=3, stride=2, padding=1)
+        self.norm = nn.LayerNorm(2 * dim)
+
+    def forward(self, x):                                    # (B, H, W, C)
+        x = self.reduction(x.permute(0, 3, 1, 2))            # (B, 2C, ceil(H/2), ceil(W/2))
+        return self.norm(x.permute(0, 2, 3, 1))              # (B, ceil(H/2), ceil(W/2), 2C)
+
+
+class Stage(nn.Module):
+    """The blocks of one width, then (except after the last stage) the downsample."""
+
+    def __init__(self, dim, depth, cfg: VSSMConfig, drop_rates, downsample: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList(VSSBlock(dim, cfg, p) for p in drop_rates)
+        down = PatchMerging if cfg.generation == 0 else ConvDownsample
+        self.downsample = down(dim) if downsample else nn.Identity()
+        self.grad_checkpointing = cfg.grad_checkpointing
+
+    def forward(self, x):                                    # (B, H, W, C)
+        """Returns the blocks' output (the stage's feature map) and the next stage's input."""
+        for blk in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)  # recompute in backward
+            else:
+                x = blk(x)
+        return x, self.downsample(x)                         # (B, H, W, C), (B, H/2, W/2, 2C)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole model
+# ---------------------------------------------------------------------------------------------
+class VSSM(nn.Module):
+    """The VMamba classifier. forward: (B, in_chans, H, W) image -> (B, num_classes) logits,
+    any H, W >= 4. timm-style parts: forward_features (-> (B, H/32, W/32, 8C) channels-last,
+    before the final norm), forward_head(x, pre_logits=False), reset_classifier,
+    no_weight_decay, set_grad_checkpointing."""
+
+    def __init__(self, config: VSSMConfig):
+        super().__init__()
+        if not isinstance(config, VSSMConfig):
+            raise TypeError(f"VSSM takes a VSSMConfig, got {type(config).__name__}")
+        self.config = cfg = config
+        n = len(cfg.depths)
+        self.num_features = cfg.stage_dim(n - 1)
+        self.patch_embed = (PatchEmbed if cfg.generation == 0 else ConvStem)(cfg.in_chans, cfg.dim)
+        total = sum(cfg.depths)   # drop-path rates rise linearly over all blocks (torch.linspace)
+        rates = [cfg.drop_path_rate * j / max(total - 1, 1) for j in range(total)]
+        starts = [sum(cfg.depths[:i]) for i in range(n)]
+        self.layers = nn.ModuleList(
+            Stage(cfg.stage_dim(i), d, cfg, rates[s:s + d], downsample=i < n - 1)
+            for i, (d, s) in enumerate(zip(cfg.depths, starts)))
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        self.apply(_init_weights)
+
+    def check_input(self, x):
+        c = self.config
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != c.in_chans:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"VSSM expects an image batch (B, {c.in_chans}, H, W), got {got}")
+        if not x.is_floating_point():
+            raise ValueError(f"VSSM expects a floating-point image, got dtype {x.dtype}")
+        if min(x.shape[2], x.shape[3]) < 4:
+            raise ValueError(f"VSSM needs H, W >= 4 (one 4x4 patch), got {tuple(x.shape[2:])}")
+
+    def forward_features(self, x):                           # (B, 3, H, W)
+        self.check_input(x)
+        x = self.patch_embed(x)                              # (B, H/4, W/4, C)
+        for layer in self.layers:
+            _, x = layer(x)                                  # (B, H/2^(i+3), ..., C*2^i)
+        return x                                             # (B, H/32, W/32, 8C)
+
+    def forward_head(self, x, pre_logits: bool = False):     # (B, h, w, 8C)
+        x = self.norm(x).mean(dim=(1, 2))                    # (B, 8C)  global average pool
+        return x if pre_logits else self.head(x)             # (B, num_classes)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int):
+        self.config = replace(self.config, num_classes=num_classes)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        self.head.apply(_init_weights)
+
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.config = replace(self.config, grad_checkpointing=enable)
+        for layer in self.layers:
+            layer.grad_checkpointing = enable
+
+    def no_weight_decay(self):
+        """Names of the parameters that take no weight decay (the SSM's A_logs and Ds)."""
+        return {n for n, _ in self.named_parameters() if n.split(".")[-1] in ("A_logs", "Ds")}
+
+
+def _init_weights(m):
+    """Official init: Linear trunc_normal(std 0.02) with zero bias, LayerNorm (1, 0); convs
+    keep PyTorch's default; the SSM parameters are set in SS2D.reset_ssm_parameters."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+class Backbone(nn.Module):
+    """Multi-scale features for detection/segmentation (the official Backbone_VSSM).
+
+    Backbone(config, out_indices=(0, 1, 2, 3)): forward(image) returns a list, one NCHW map
+    (B, C*2^i, H/2^(i+2), W/2^(i+2)) per chosen stage i, each the stage's block output (before
+    downsampling) through its own LayerNorm `out_norms.i`. No final norm, no head. Weights:
+    `convert_official_state_dict` maps the official `outnorm{i}` names; a classifier checkpoint
+    loads with strict=False (only out_norms missing, norm/head unexpected), as officially.
+    """
+
+    def __init__(self, config: VSSMConfig, out_indices=(0, 1, 2, 3)):
+        super().__init__()
+        n = len(config.depths)
+        out_indices = tuple(out_indices)
+        if not out_indices or any(not isinstance(i, int) or not 0 <= i < n for i in out_indices):
+            raise ValueError(f"Backbone: out_indices must be stage numbers in 0..{n - 1}, "
+                             f"got {out_indices!r}")
+        trunk = VSSM(replace(config, num_classes=0))
+        self.config, self.out_indices = trunk.config, tuple(sorted(set(out_indices)))
+        self.patch_embed, self.layers = trunk.patch_embed, trunk.layers
+        self.out_norms = nn.ModuleDict({str(i): nn.LayerNorm(config.stage_dim(i))
+                                        for i in self.out_indices})
+        self.check_input = trunk.check_input
+
+    def forward(self, x):                                    # (B, 3, H, W)
+        self.check_input(x)
+        x, outs = self.patch_embed(x), []                    # (B, H/4, W/4, C)
+        for i, layer in enumerate(self.layers[:self.out_indices[-1] + 1]):
+            y, x = layer(x)                                  # (B, h, w, C_i), next stage input
+            if i in self.out_indices:
+                outs.append(self.out_norms[str(i)](y).permute(0, 3, 1, 2).contiguous())  # NCHW
+        return outs
+
+
+# ---------------------------------------------------------------------------------------------
+# Official checkpoints
+# ---------------------------------------------------------------------------------------------
+def convert_official_state_dict(sd):
+    """Any official spelling (SPEC.md 1: seed / released v0, 2: released classification code,
+    3: one-file vmamba.py; optionally wrapped under "model") -> this file's names.
+
+    Keys it does not know are passed through unchanged, so `load_state_dict(strict=True)` then
+    names them; nothing is dropped silently.
+    """
+    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+        sd = sd["model"]
+    conv_stem = any(k.startswith("patch_embed.5.") for k in sd)   # v2 stem: 0, 2, 5, 7
+    conv_down = any(".downsample.3." in k for k in sd)            # v2 downsample: 1 conv, 3 norm
+    stem = {"0": "conv1", "2": "norm1", "5": "conv2", "7": "norm2"} if conv_stem else \
+           {"0": "proj", "2": "norm"}
+    down = {"1": "reduction", "3": "norm"} if conv_down else {"1": "norm", "2": "reduction"}
+    out = {}
+    for key, v in sd.items():
+        parts = key.split(".")
+        if parts[0] == "patch_embed" and parts[1] in stem:
+            parts[1] = stem[parts[1]]
+        elif parts[0] == "classifier" and parts[1] in ("norm", "head"):
+            parts = parts[1:]
+        elif parts[0].startswith("outnorm") and parts[0][7:].isdigit():
+            parts = ["out_norms", parts[0][7:]] + parts[1:]
+        elif parts[0] == "layers" and len(parts) > 3 and parts[2] == "downsample":
+            parts[3] = down.get(parts[3], parts[3])
+        elif parts[0] == "layers" and len(parts) > 4 and parts[2] == "blocks":
+            parts[4] = {"norm": "ln_1", "norm2": "ln_2", "op": "self_attention"}.get(
+                parts[4], parts[4])
+            tail = parts[5:]
+            # One-file v2 keeps the per-route weights as one Linear: (K*(R+2N), D), (K*D, R).
+            if tail in (["x_proj", "weight"], ["dt_projs", "weight"]):
+                if v.dim() != 2 or v.shape[0] % K:
+                    raise ValueError(f"{key}: expected a (K*rows, cols) matrix with K={K}, "
+                                     f"got shape {tuple(v.shape)}")
+                parts[5:] = [tail[0] + "_weight"]
+                v = v.reshape(K, v.shape[0] // K, v.shape[1])
+        out[".".join(parts)] = v
+    return out
+
+
+def from_official_kwargs(kwargs) -> VSSMConfig:
+    """The official VSSM(**kwargs) arguments -> VSSMConfig. Anything this file does not
+    implement (other forward types, conv sizes, dropouts, ...) is an error, never ignored."""
+    kw = dict(kwargs)
+    gen_of = {"v0": 0, "v05_noz": 2}
+    ft = kw.pop("forward_type", "v2")
+    if ft not in gen_of:
+        raise ValueError(f"forward_type {ft!r} not supported (only {sorted(gen_of)})")
+    gen = gen_of[ft]
+    # Options fixed by the generation (or by this file): official name -> the value we need.
+    fixed = {"patch_size": 4, "ssm_act_layer": "silu", "ssm_conv": 3,
+             "ssm_conv_bias": gen == 0, "ssm_drop_rate": 0.0, "ssm_init": "v0",
+             "mlp_act_layer": "gelu", "mlp_drop_rate": 0.0, "gmlp": False, "patch_norm": True,
+             "norm_layer": ("ln", "ln2d"),  # layout only: same numbers either way
+             "downsample_version": "v1" if gen == 0 else "v3",
+             "patchembed_version": "v1" if gen == 0 else "v2", "posembed": False}
+    bad = []
+    for name, want in fixed.items():
+        if name in kw:
+            got = kw.pop(name)
+            if got not in (want if isinstance(want, tuple) else (want,)):
+                bad.append(f"{name}={got!r} (need {want!r})")
+    kw.pop("imgsize", None)   # only used by the official position embedding, which is off
+    dims = kw.pop("dims", 96)
+    if isinstance(dims, (list, tuple)):
+        if list(dims) != [dims[0] * 2 ** i for i in range(len(dims))]:
+            bad.append(f"dims={dims!r} (need C, 2C, 4C, ...)")
+        dims = dims[0]
+    dt_rank = kw.pop("ssm_dt_rank", "auto")
+    mapping = {"depths": "depths", "in_chans": "in_chans", "num_classes": "num_classes",
+               "ssm_d_state": "d_state", "ssm_ratio": "ssm_ratio", "mlp_ratio": "mlp_ratio",
+               "drop_path_rate": "drop_path_rate", "use_checkpoint": "grad_checkpointing"}
+    args = {mapping[k]: kw.pop(k) for k in list(kw) if k in mapping}
+    bad += [f"{k}={v!r} (unknown)" for k, v in kw.items()]
+    if bad:
+        raise ValueError("from_official_kwargs: unsupported options: " + ", ".join(bad))
+    if gen == 0 and args.get("mlp_ratio", 0.0) != 0.0:
+        raise ValueError("from_official_kwargs: forward_type v0 with an MLP is not a release")
+    return VSSMConfig(generation=gen, dim=dims, dt_rank=None if dt_rank == "auto" else dt_rank,
+                      **args)
+
+
+# ---------------------------------------------------------------------------------------------
+# The nine released configurations (ImageNet-1K); only what differs from VSSMConfig's defaults
+# ---------------------------------------------------------------------------------------------
+CONFIGS = {
+    "vanilla_vmamba_tiny": dict(generation=0, drop_path_rate=0.2),
+    "vanilla_vmamba_small": dict(generation=0, depths=(2, 2, 27, 2), drop_path_rate=0.3),
+    "vanilla_vmamba_base": dict(generation=0, dim=128, depths=(2, 2, 27, 2), drop_path_rate=0.6),
+    "vmamba_tiny_s2l5": dict(depths=(2, 2, 5, 2), drop_path_rate=0.2),
+    "vmamba_small_s2l15": dict(depths=(2, 2, 15, 2), drop_path_rate=0.3),
+    "vmamba_base_s2l15": dict(dim=128, depths=(2, 2, 15, 2), drop_path_rate=0.6),
+    "vmamba_tiny_s1l8": dict(depths=(2, 2, 8, 2), ssm_ratio=1.0, drop_path_rate=0.2),
+    "vmamba_small_s1l20": dict(depths=(2, 2, 20, 2), ssm_ratio=1.0, drop_path_rate=0.3),
+    "vmamba_base_s1l20": dict(dim=128, depths=(2, 2, 20, 2), ssm_ratio=1.0, drop_path_rate=0.5),
+}
+
+
+def build_config(name: str, **overrides) -> VSSMConfig:
+    if name not in CONFIGS:
+        raise ValueError(f"unknown configuration {name!r}; valid names: {', '.join(CONFIGS)}")
+    known = {f.name for f in fields(VSSMConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}; VSSMConfig fields: {sorted(known)}")
+    return VSSMConfig(**{**CONFIGS[name], **overrides})
+
+
+def build(name: str, **overrides) -> VSSM:
+    """A released configuration by name, e.g. build("vmamba_tiny_s1l8", num_classes=10)."""
+    return VSSM(build_config(name, **overrides))

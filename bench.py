@@ -144,6 +144,17 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
+def load_note():
+    """Other processes on the machine inflate every timing: say how busy it was."""
+    try:
+        one_min = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return "unknown"
+    busy = " (other processes compete: timings inflated)" if one_min > 1.5 * os.cpu_count() \
+        else ""
+    return f"{one_min:.1f} on {os.cpu_count()} cores at start{busy}"
+
+
 def header(args):
     if args.device == "cuda":
         dev = f"cuda ({torch.cuda.get_device_name()})"
@@ -157,7 +168,7 @@ def header(args):
         malloc = " ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in MALLOC_FIX) + \
             f", {how}"
     return {"torch": torch.__version__, "device": dev, "threads": torch.get_num_threads(),
-            "dtype": args.dtype, "malloc": malloc,
+            "dtype": args.dtype, "malloc": malloc, "load": load_note(),
             "date": time.strftime("%Y-%m-%d"), "python": sys.version.split()[0]}
 
 
@@ -533,8 +544,9 @@ def main(args):
     head = header(args)
     result = {"header": head}
     if not args.json:
-        print(" | ".join(f"{k} {v}" for k, v in head.items() if k != "malloc"))
+        print(" | ".join(f"{k} {v}" for k, v in head.items() if k not in ("malloc", "load")))
         print(f"malloc: {head['malloc']}")
+        print(f"load average: {head['load']}")
     if args.scan:
         result["scan"] = scan_table(args)
         if not args.json:

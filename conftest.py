@@ -1,0 +1,42 @@
+"""Test configuration: Hypothesis profiles and the `slow` marker.
+
+Profiles (pick one with the environment variable HYPOTHESIS_PROFILE):
+  default   quick: few examples and small shapes, so the whole suite stays within CI's 10-minute
+            budget on 2 cores. Used when nothing is set.
+  ci        `default` with derandomize=True: the same examples on every run, so a red CI run
+            is reproducible on a laptop (`CI=1 python -m pytest`). Chosen automatically when the
+            CI environment variable is set and HYPOTHESIS_PROFILE is not.
+  thorough  many more examples and bigger shapes (test modules read HYPOTHESIS_PROFILE to widen
+            their shape strategies); also runs the slow tests. Minutes, not for CI:
+            `HYPOTHESIS_PROFILE=thorough python -m pytest`.
+All profiles use deadline=None: the first call of a torch op (and any torch.compile) is slow and
+would trip Hypothesis' per-example deadline without saying anything about the code under test.
+
+Slow tests (`@pytest.mark.slow`, e.g. the L = 4096 scan) are skipped unless asked for with
+`-m slow` (or any -m expression naming `slow`) or the thorough profile is active.
+"""
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("default", max_examples=10, **_COMMON)
+settings.register_profile("ci", max_examples=10, derandomize=True, print_blob=True, **_COMMON)
+settings.register_profile("thorough", max_examples=200, **_COMMON)
+
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "default")
+settings.load_profile(PROFILE)
+
+
+def pytest_report_header(config):
+    return f"hypothesis profile: {PROFILE}"
+
+
+def pytest_collection_modifyitems(config, items):
+    if PROFILE == "thorough" or "slow" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow test: run with -m slow or HYPOTHESIS_PROFILE=thorough")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

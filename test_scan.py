@@ -1,0 +1,624 @@
+"""Tests of scan.py: the chunked selective scan against the reference loop, the cross-scan pair,
+the official goldens, gradients, compiled code, dtypes and error messages.
+
+Letters as in scan.py: B batch, K groups (scan routes), D channels per group, N state size,
+L sequence length, T chunk length.
+
+Every numeric comparison is against `selective_scan_ref` run in float64 on the same inputs (the
+inputs are drawn in float32 and upcast, so both sides see identical values); the tolerance
+table below says where each number comes from. Properties that need no reference (chunk size
+invariance, carrying the state, zero input, adjointness of cross-merge) come after.
+"""
+import math
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, given, note, settings
+from hypothesis import strategies as st
+
+from scan import cross_merge, cross_scan, selective_scan, selective_scan_ref
+
+THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
+N_EXAMPLES = settings().max_examples                 # the active profile's (see conftest.py)
+FIXTURES = Path(__file__).parent.parent / "shared" / "fixtures"
+
+# ---------------------------------------------------------------------------------------------
+# Tolerances.
+#
+# Error model (running-error analysis of h_t = a_t * h_{t-1} + b_t, y_t = <C_t, h_t> + D u_t,
+# with decays a_t = exp(delta'_t A) in [0, 1]): a term that entered the state s steps ago has
+# gone through about 3s roundings (exp, multiply, add), so
+#     |fl(y) - y|  <=  gamma * S,      S = the same scan run on |u|, |B|, |C|, |D|, |h0|
+# (delta' and A unchanged: the decays are already >= 0). S is the sum of the magnitudes of all
+# terms that make y, so no cancellation can make it small: the bound stays meaningful where
+# y ~ 0. The worst case is gamma = 3 L eps; with independent roundings it is
+# gamma ~ sqrt(L) eps with high probability (Higham & Mary, "A new approach to probabilistic
+# rounding error analysis", SISC 2019). The decays damp old errors, so measured errors are
+# well under either. The chunked scan rounds differently (intra-chunk loop of T steps, a cumsum
+# of T delta', log2(M) carry levels, one fix-up) but every term still sees O(L) roundings of
+# factors <= 1 and no division, so it is held to the SAME bound as the float32 reference loop;
+# the tests check the float32 reference against it too, so the bound is known to be fair.
+#
+#     rtol(L, dtype) = 8 * eps(dtype) * (1 + sqrt(L))
+#
+# Gradients: the same bound, norm-wise, with S the gradient of the |.|-problem above under the
+# upstream gradients |gy|, |gh|. Every term of the gradients of u, A, B, C, D and h0 is then
+# dominated term by term (A enters only through exp(delta' A), whose derivative delta' exp(.)
+# is >= 0). For delta the terms carry A (< 0) and B u with either sign, so S = |g64| itself;
+# for delta_bias, a sum over (batch, L) of the delta gradient, S = that sum of |g64_delta|.
+#
+# Measured (scratch study, 180 random draws, L < 300, T < 80, A in [-100, -1e-3],
+# delta' up to 20, float32 inputs), max of error / (eps32 * S) [norm-wise; y elementwise]:
+#   | quantity        | float32 ref loop | float32 chunked | float64 chunked (in eps64) |
+#   | y (elementwise) | 2.3              | 2.2             | 2.4                         |
+#   | last state h    | 0.7              | 0.5             | 0.8                         |
+#   | grad u, B, C    | 0.8              | 0.8             | 0.7                         |
+#   | grad A, D, h0   | 0.9              | 0.6             | 0.6                         |
+#   | grad delta      | 4.5              | 1.8             | 3.5                         |
+#   | grad delta_bias | 0.6              | 0.6             | 0.5                         |
+# The bound at L = 1 / 256 / 4096 is 16 / 136 / 520 eps: a 7x margin over the worst
+# measurement at L = 1, more with L; a real bug (a wrong chunk boundary, a lost carry, a swapped
+# group) moves results by O(S), i.e. by about 1e5 times the float32 bound.
+# Other numbers:
+#   compiled vs eager float32: both within rtol * S of the exact result, so 2 * rtol * S apart.
+#   goldens (official float32 code): same argument, 2 * rtol * S from ours.
+#   cross_merge: adds 4 terms, 3 roundings: 4 * eps32 * merge(|ys|).
+#   float32 results underflow to 0 or subnormals where S does too: an absolute floor of
+#   finfo(float32).tiny (1.2e-38) covers that and nothing else.
+# ---------------------------------------------------------------------------------------------
+EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float64: torch.finfo(torch.float64).eps}
+TINY = torch.finfo(torch.float32).tiny
+
+
+def rtol(L, dtype=torch.float32):
+    return 8 * EPS[dtype] * (1 + math.sqrt(L))
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing inputs.
+# ---------------------------------------------------------------------------------------------
+MAX_L = 512 if THOROUGH else 160
+NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias", "h0")
+
+
+@st.composite
+def scan_problems(draw, max_L=MAX_L, min_L=1, max_B=2, max_K=4, max_D=3, max_N=4):
+    """A dict of float32 scan inputs inside the documented domain, and the flags.
+
+    The documented domain: A in [-100, 0], delta' = softplus?(delta + delta_bias) in [0, 20].
+    Inputs outside it are excluded with assume(), not tolerated by wider bounds.
+    """
+    Bb = draw(st.integers(1, max_B), label="B")
+    K = draw(st.integers(1, max_K), label="K")
+    Dk = draw(st.integers(1, max_D), label="D")
+    N = draw(st.integers(1, max_N), label="N")
+    L = draw(st.integers(min_L, max_L), label="L")
+    softplus = draw(st.booleans(), label="delta_softplus")
+    with_D = draw(st.booleans(), label="with D")
+    with_bias = draw(st.booleans(), label="with delta_bias")
+    with_h0 = draw(st.booleans(), label="with h0")
+    # log10 |A| drawn in [-3, 2]: from near-unit decays (long memory) to A = -100.
+    a_lo = draw(st.floats(-3, 2), label="log10 |A| low")
+    a_hi = draw(st.floats(a_lo, 2), label="log10 |A| high")
+    a_zero = draw(st.booleans(), label="some A exactly 0")
+    d_max = draw(st.sampled_from([0.01, 0.3, 1.0, 5.0, 20.0]), label="delta' scale")
+    seed = draw(st.integers(0, 2**32 - 1), label="seed")
+    g = torch.Generator().manual_seed(seed)
+
+    KD = K * Dk
+    u = torch.randn(Bb, KD, L, generator=g)
+    A = -(10 ** (a_lo + (a_hi - a_lo) * torch.rand(KD, N, generator=g)))
+    if a_zero:
+        A = torch.where(torch.rand(KD, N, generator=g) < 0.3, torch.zeros(()), A)
+    if softplus:                    # raw delta of either sign; softplus(x) ~ x for large x
+        delta = (torch.rand(Bb, KD, L, generator=g) * 2 - 1) * d_max
+        bias = torch.randn(KD, generator=g) if with_bias else None
+    else:                           # delta' = delta + delta_bias must itself be >= 0
+        delta = torch.rand(Bb, KD, L, generator=g) * d_max
+        bias = torch.rand(KD, generator=g) * d_max if with_bias else None
+    inputs = dict(
+        u=u, delta=delta, A=A,
+        B=torch.randn(Bb, K, N, L, generator=g), C=torch.randn(Bb, K, N, L, generator=g),
+        D=torch.randn(KD, generator=g) if with_D else None, delta_bias=bias,
+        h0=torch.randn(Bb, KD, N, generator=g) if with_h0 else None)
+    dprime = delta_prime(inputs, softplus)
+    assume(float(dprime.max()) <= 20.0)            # documented domain of delta'
+    return dict(inputs=inputs, softplus=softplus, L=L,
+                gy=torch.randn(Bb, KD, L, generator=g), gh=torch.randn(Bb, KD, N, generator=g))
+
+
+def delta_prime(inputs, softplus):
+    d = inputs["delta"].double()
+    if inputs["delta_bias"] is not None:
+        d = d + inputs["delta_bias"].double()[:, None]
+    return F.softplus(d) if softplus else d
+
+
+def cast(inputs, dtype):
+    return {k: None if v is None else v.detach().to(dtype) for k, v in inputs.items()}
+
+
+def run(fn, inputs, softplus, dtype, gy=None, gh=None, **kw):
+    """y, last state and (if gy is given) the gradient of every input, all under `dtype`.
+
+    The same upstream gradients gy (on y) and gh (on the last state) are pushed through every
+    implementation.
+    """
+    xs = {k: None if v is None else v.detach().to(dtype).clone().requires_grad_(gy is not None)
+          for k, v in inputs.items()}
+    y, h = fn(xs["u"], xs["delta"], xs["A"], xs["B"], xs["C"], xs["D"], xs["delta_bias"],
+              softplus, h0=xs["h0"], return_last_state=True, **kw)
+    out = {"y": y, "h": h}
+    if gy is not None:
+        torch.autograd.backward([y, h], [gy.to(y.dtype), gh.to(h.dtype)])
+        out.update({k: x.grad for k, x in xs.items() if x is not None})
+    return out
+
+
+def magnitudes(inputs, softplus, gy=None, gh=None, exact=None):
+    """S of the tolerance table: the float64 scan of |.|, and its gradients under |gy|, |gh|."""
+    ab = {k: None if v is None else v.detach().double().abs() for k, v in inputs.items()}
+    ab["delta"] = delta_prime(inputs, softplus)     # delta' >= 0 as it is
+    # Outside the domain (delta' < 0, only the "plain" goldens, which have no D) the input term
+    # delta' * B * u must still be counted as |delta' B u|: give u the sign of delta'.
+    ab["u"] = torch.where(ab["delta"] < 0, -ab["u"], ab["u"])
+    ab["A"] = inputs["A"].detach().double()         # decays exp(delta' A) >= 0 as they are
+    ab["delta_bias"] = None
+    S = run(selective_scan_ref, ab, False, torch.float64,
+            None if gy is None else gy.abs(), None if gh is None else gh.abs())
+    if gy is not None:
+        S["delta"] = exact["delta"].abs()
+        if inputs["delta_bias"] is not None:
+            S["delta_bias"] = exact["delta"].abs().sum((0, 2))
+    return S
+
+
+def assert_within(got, exact, S, tol, what, elementwise):
+    """|got - exact| <= tol * S (+ TINY), elementwise or in the 2-norm; returns the error / S."""
+    assert got.shape == exact.shape, f"{what}: shape {tuple(got.shape)} != {tuple(exact.shape)}"
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    got, exact, S = got.detach(), exact.detach(), S.detach()
+    err = (got.double() - exact).abs()
+    if elementwise:
+        bad = err > tol * S + TINY
+        ratio = float((err / (S + TINY)).max()) if err.numel() else 0.0
+        assert not bad.any(), (
+            f"{what}: {int(bad.sum())} of {err.numel()} elements off by more than {tol:.3g} * S; "
+            f"worst error {float(err.max()):.3g}, worst error/S {ratio:.3g}")
+    else:
+        ratio = float(err.norm() / (S.norm() + TINY))
+        assert err.norm() <= tol * S.norm() + TINY, (
+            f"{what}: norm-wise error/S {ratio:.3g} > {tol:.3g}")
+    return ratio
+
+
+def check_against_exact(res, exact, S, L, dtype, label, grads=True):
+    tol = rtol(L, dtype)
+    worst = {}
+    for k in exact:
+        if k in res:
+            worst[k] = assert_within(res[k], exact[k], S[k], tol, f"{label} {k}",
+                                     elementwise=k in ("y", "h"))
+    note(f"{label}: error / (eps * S) = "
+         + ", ".join(f"{k} {v / EPS[dtype]:.2f}" for k, v in worst.items()))
+    return worst
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The chunked scan equals the reference: values and gradients of every input.
+# ---------------------------------------------------------------------------------------------
+@settings(max_examples=3 * N_EXAMPLES)
+@given(data=st.data())
+def test_chunked_matches_reference_float32_and_float64(data):
+    p = data.draw(scan_problems(), label="problem")
+    T = data.draw(st.integers(1, 80), label="chunk_size")
+    inputs, sp, L, gy, gh = p["inputs"], p["softplus"], p["L"], p["gy"], p["gh"]
+
+    exact = run(selective_scan_ref, inputs, sp, torch.float64, gy, gh)
+    S = magnitudes(inputs, sp, gy, gh, exact)
+    # The bound is fair: the float32 reference loop itself meets it.
+    check_against_exact(run(selective_scan_ref, inputs, sp, torch.float32, gy, gh),
+                        exact, S, L, torch.float32, "float32 ref")
+    check_against_exact(run(selective_scan, inputs, sp, torch.float32, gy, gh, chunk_size=T),
+                        exact, S, L, torch.float32, "float32 chunked")
+    check_against_exact(run(selective_scan, inputs, sp, torch.float64, gy, gh, chunk_size=T),
+                        exact, S, L, torch.float64, "float64 chunked")
+
+
+def test_output_dtypes_and_shapes():
+    g = torch.Generator().manual_seed(0)
+    u, delta = torch.randn(2, 6, 5, generator=g), torch.rand(2, 6, 5, generator=g)
+    A, Bm, Cm = -torch.rand(6, 3, generator=g), torch.randn(2, 3, 3, 5, generator=g), \
+        torch.randn(2, 3, 3, 5, generator=g)
+    for fn in (selective_scan_ref, selective_scan):
+        for dtype in (torch.float32, torch.float64):
+            y, h = fn(u.to(dtype), delta, A, Bm, Cm, return_last_state=True)
+            assert y.shape == (2, 6, 5) and y.dtype == dtype
+            assert h.shape == (2, 6, 3) and h.dtype == dtype
+            assert fn(u.to(dtype), delta, A, Bm, Cm).shape == (2, 6, 5)   # a tensor, not a tuple
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The documented domain at its edges: delta' up to 20, A down to -100, long sequences.
+# ---------------------------------------------------------------------------------------------
+def edge_problem(g, Bb, K, Dk, N, L):
+    """Inputs that sit on the domain's corners: delta' in {0, tiny, 20}, A in {0, -1e-3, -100}."""
+    KD = K * Dk
+    pick = lambda vals, shape: torch.tensor(vals)[torch.randint(len(vals), shape, generator=g)]
+    delta = pick([0.0, 1e-4, 0.05, 1.0, 20.0], (Bb, KD, L))
+    A = pick([0.0, -1e-3, -0.5, -100.0], (KD, N))
+    return dict(u=torch.randn(Bb, KD, L, generator=g), delta=delta, A=A,
+                B=torch.randn(Bb, K, N, L, generator=g), C=torch.randn(Bb, K, N, L, generator=g),
+                D=torch.randn(KD, generator=g), delta_bias=None,
+                h0=torch.randn(Bb, KD, N, generator=g))
+
+
+def check_edge(seed, L, T, grads):
+    g = torch.Generator().manual_seed(seed)
+    Bb, K, Dk, N = 1, 2, 2, 4
+    inputs = edge_problem(g, Bb, K, Dk, N, L)
+    gy = torch.randn(Bb, K * Dk, L, generator=g) if grads else None
+    gh = torch.randn(Bb, K * Dk, N, generator=g) if grads else None
+    exact = run(selective_scan_ref, inputs, False, torch.float64, gy, gh)
+    S = magnitudes(inputs, False, gy, gh, exact)
+    res = run(selective_scan, inputs, False, torch.float32, gy, gh, chunk_size=T)
+    for k, v in res.items():
+        assert torch.isfinite(v).all(), f"non-finite {k} at L={L}, T={T}"
+    check_against_exact(res, exact, S, L, torch.float32, f"edges L={L} T={T}")
+
+
+@settings(max_examples=N_EXAMPLES)
+@given(data=st.data())
+def test_domain_edges_no_nan(data):
+    L = data.draw(st.integers(1, 1000 if THOROUGH else 300), label="L")
+    T = data.draw(st.sampled_from([1, 7, 64, 200]), label="chunk_size")
+    check_edge(data.draw(st.integers(0, 2**32 - 1), label="seed"), L, T, grads=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("L, T", [(4096, 64), (4093, 64), (4096, 1000)])
+def test_long_sequence(L, T):
+    check_edge(seed=L + T, L=L, T=T, grads=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Properties that need no reference.
+# ---------------------------------------------------------------------------------------------
+@settings(max_examples=2 * N_EXAMPLES)
+@given(data=st.data())
+def test_chunk_size_invariance(data):
+    p = data.draw(scan_problems(), label="problem")
+    inputs, sp, L = p["inputs"], p["softplus"], p["L"]
+    sizes = data.draw(st.lists(st.integers(1, L + 10), min_size=2, max_size=3), label="chunks")
+    S = magnitudes(inputs, sp)
+    for dtype in (torch.float32, torch.float64):
+        first = run(selective_scan, inputs, sp, dtype, chunk_size=sizes[0])
+        for T in sizes[1:]:
+            other = run(selective_scan, inputs, sp, dtype, chunk_size=T)
+            for k in ("y", "h"):       # each within rtol * S of the truth: 2 * rtol * S apart
+                assert_within(other[k], first[k].double(), S[k], 2 * rtol(L, dtype),
+                              f"{dtype} chunk {T} vs {sizes[0]} {k}", elementwise=True)
+    # A chunk longer than the sequence is one chunk: exactly the chunk_size=L computation.
+    one = run(selective_scan, inputs, sp, torch.float32, chunk_size=L)
+    more = run(selective_scan, inputs, sp, torch.float32, chunk_size=L + 5)
+    assert torch.equal(one["y"], more["y"]) and torch.equal(one["h"], more["h"])
+
+
+@settings(max_examples=2 * N_EXAMPLES)
+@given(data=st.data())
+def test_split_sequence_carrying_state_equals_one_pass(data):
+    p = data.draw(scan_problems(min_L=2), label="problem")
+    inputs, sp, L = p["inputs"], p["softplus"], p["L"]
+    cut = data.draw(st.integers(0, L), label="cut")
+    T = data.draw(st.integers(1, 40), label="chunk_size")
+    S = magnitudes(inputs, sp)
+
+    def part(lo, hi, h0):
+        x = dict(inputs, h0=h0)
+        for k in ("u", "delta", "B", "C"):
+            x[k] = inputs[k][..., lo:hi]
+        return x
+
+    for fn, dtype in ((selective_scan, torch.float64), (selective_scan, torch.float32),
+                      (selective_scan_ref, torch.float64)):
+        kw = {"chunk_size": T} if fn is selective_scan else {}
+        whole = run(fn, inputs, sp, dtype, **kw)
+        first = run(fn, part(0, cut, inputs["h0"]), sp, dtype, **kw)
+        second = run(fn, part(cut, L, first["h"]), sp, dtype, **kw)
+        tol = 2 * rtol(L, dtype)
+        what = f"{fn.__name__} {dtype} cut {cut}"
+        assert_within(torch.cat([first["y"], second["y"]], -1), whole["y"].double(), S["y"], tol,
+                      f"{what} y", elementwise=True)
+        assert_within(second["h"], whole["h"].double(), S["h"], tol, f"{what} h",
+                      elementwise=True)
+
+
+@settings(max_examples=N_EXAMPLES)
+@given(data=st.data())
+def test_zero_input(data):
+    p = data.draw(scan_problems(), label="problem")
+    inputs, sp, L = p["inputs"], p["softplus"], p["L"]
+    T = data.draw(st.integers(1, 80), label="chunk_size")
+    zero_u = dict(inputs, u=torch.zeros_like(inputs["u"]), h0=None)
+    # u = 0 and no initial state: every term is a product with 0, the output is exactly 0.
+    for fn, kw in ((selective_scan, {"chunk_size": T}), (selective_scan_ref, {})):
+        out = run(fn, zero_u, sp, torch.float32, **kw)
+        assert torch.equal(out["y"], torch.zeros_like(out["y"])), fn.__name__
+        assert torch.equal(out["h"], torch.zeros_like(out["h"])), fn.__name__
+    # C = 0: the state never reaches y, which is the D-skip term alone (one rounding: D * u).
+    zero_C = dict(inputs, C=torch.zeros_like(inputs["C"]))
+    y = run(selective_scan, zero_C, sp, torch.float32, chunk_size=T)["y"]
+    skip = torch.zeros_like(y) if inputs["D"] is None else inputs["D"][:, None] * inputs["u"]
+    torch.testing.assert_close(y, skip, rtol=EPS[torch.float32], atol=0)
+    # u = 0 with an initial state: a free decay, y_t = sum_n C_t[n] exp(A[n] * s_t) h0[n] with
+    # s_t the running sum of delta' (a closed form, not the recurrence).
+    # Here every term of y is a decayed one, so the rounding of the exponent x = A * s_t
+    # (delta' is rounded to float32 and summed) is not swamped by fresher input: a relative
+    # error of a few eps * |x| in exp(x). The bound adds 4 eps * sum_n |C h0| exp(x) |x|
+    # (delta' in float32: 1-2 ulp after softplus, the product with A and the sum: 1 ulp each).
+    h0 = torch.randn(inputs["u"].shape[0], inputs["A"].shape[0], inputs["A"].shape[1],
+                     generator=torch.Generator().manual_seed(L)).double()
+    free = dict(zero_u, h0=h0.float())
+    s = delta_prime(free, sp).cumsum(-1)                                    # (B, K*D, L)
+    Cr = inputs["C"].double().repeat_interleave(inputs["A"].shape[0] // inputs["C"].shape[1], 1)
+    x = s[:, :, None, :] * inputs["A"].double()[None, :, :, None]          # (B, K*D, N, L)
+    closed = (Cr * torch.exp(x) * h0[..., None]).sum(2)                     # (B, K*D, L)
+    S = (Cr.abs() * torch.exp(x) * h0.abs()[..., None]).sum(2)
+    S_x = (Cr.abs() * torch.exp(x) * x.abs() * h0.abs()[..., None]).sum(2)
+    for fn, kw in ((selective_scan, {"chunk_size": T}), (selective_scan_ref, {})):
+        y = run(fn, free, sp, torch.float32, **kw)["y"]
+        err = (y.double() - closed).abs()
+        bound = rtol(L) * S + 4 * EPS[torch.float32] * S_x + TINY
+        assert (err <= bound).all(), (
+            f"{fn.__name__} free decay from h0: worst error/bound {float((err / bound).max()):.3g}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Cross-scan and cross-merge.
+# ---------------------------------------------------------------------------------------------
+@settings(max_examples=3 * N_EXAMPLES)
+@given(data=st.data())
+def test_cross_merge_is_adjoint_of_cross_scan(data):
+    Bb = data.draw(st.integers(1, 3), label="B")
+    Dc = data.draw(st.integers(1, 5), label="D")
+    H = data.draw(st.integers(1, 9), label="H")
+    W = data.draw(st.integers(1, 9), label="W")
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    # Small integers in float64: every sum below is exact, so equality is exact.
+    x = torch.randint(-8, 9, (Bb, Dc, H, W), generator=g).double()
+    ys = torch.randint(-8, 9, (Bb, 4, Dc, H * W), generator=g).double()
+    xs = cross_scan(x)
+    assert xs.shape == (Bb, 4, Dc, H * W)
+    merged = cross_merge(ys.view(Bb, 4, Dc, H, W))
+    assert merged.shape == (Bb, Dc, H * W)
+    assert (xs * ys).sum() == (x.flatten(2) * merged).sum()              # <scan x, y> = <x, merge y>
+    # Each route is a permutation, merge undoes it: merge(scan(x)) = 4 x, for any H, W.
+    assert torch.equal(cross_merge(xs.view(Bb, 4, Dc, H, W)), 4 * x.flatten(2))
+
+
+def test_cross_scan_routes_on_a_labelled_map():
+    H, W = 3, 5
+    x = torch.arange(H * W).view(1, 1, H, W).float()          # x[h, w] = h * W + w
+    xs = cross_scan(x)[0, :, 0]                               # (4, L)
+    h, w = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    assert torch.equal(xs[0], torch.arange(H * W).float())                   # l = h*W + w
+    col = torch.empty(H * W)
+    col[(w * H + h).flatten()] = (h * W + w).flatten().float()               # l = w*H + h
+    assert torch.equal(xs[1], col)
+    assert torch.equal(xs[2], xs[0].flip(0)) and torch.equal(xs[3], xs[1].flip(0))
+
+
+def test_cross_scan_merge_errors():
+    with pytest.raises(ValueError, match=r"cross_scan: x must be .*\(2, 3, 4\)"):
+        cross_scan(torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match=r"cross_merge: ys must be .*\(1, 3, 2, 2, 2\)"):
+        cross_merge(torch.zeros(1, 3, 2, 2, 2))
+    with pytest.raises(ValueError, match=r"cross_merge: ys must be"):
+        cross_merge(torch.zeros(1, 4, 2, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The official goldens.
+# ---------------------------------------------------------------------------------------------
+def load_golden():
+    path = FIXTURES / "unit_scan_public.pt"
+    if not path.exists():
+        msg = f"official goldens not found at {path} (expected ../shared/fixtures next to the repo)"
+        if os.environ.get("CI"):
+            pytest.fail(msg + "; CI must have them")
+        pytest.skip(msg)
+    return torch.load(path, weights_only=True)
+
+
+@pytest.mark.parametrize("case", [0, 1])
+@pytest.mark.parametrize("fn", [selective_scan_ref, selective_scan])
+@pytest.mark.parametrize("full", [True, False], ids=["D_bias_softplus", "plain"])
+def test_golden_selective_scan(case, fn, full):
+    c = load_golden()["selective_scan"]["cases"][case]
+    inputs = {k: c[k] for k in ("u", "delta", "A", "B", "C", "D", "delta_bias")}
+    inputs["h0"] = None
+    if not full:
+        inputs["D"] = inputs["delta_bias"] = None
+    golden = c["out" if full else "out_without_D_bias_softplus"]
+    L = golden.shape[-1]
+    kw = {"chunk_size": 4} if fn is selective_scan else {}        # L = 7 and 9: partial chunks
+    # The "plain" goldens use the raw delta (either sign) as delta': outside the documented
+    # domain, the state grows (to |y| = 667 in case 0) and the rounding of each exponent
+    # delta' * A (an absolute error eps * |delta' A| in the exponent, i.e. a relative one in the
+    # factor) is no longer damped. A term carries at most the sum of those over the sequence,
+    # so the bound gets eps * max_(c,n) sum_t |delta'_t A[c, n]| on top of rtol(L). Inside the
+    # domain ("D_bias_softplus") this extra term is not needed and not added.
+    tol = rtol(L)
+    if not full:
+        tol += EPS[torch.float32] * float(
+            (inputs["delta"].double().abs()[:, :, None, :] * inputs["A"].double().abs()[:, :, None])
+            .sum(-1).max())
+    S = magnitudes(inputs, full)["y"]
+    ours = run(fn, inputs, full, torch.float32, **kw)["y"]
+    exact = run(selective_scan_ref, inputs, full, torch.float64)["y"]
+    assert_within(golden, exact, S, tol, "golden vs float64 ref", elementwise=True)
+    assert_within(ours, golden.double(), S, 2 * tol, "ours vs golden", elementwise=True)
+
+
+def test_golden_cross_scan_channel_first():
+    c = load_golden()["cross_scan"]
+    assert torch.equal(cross_scan(c["x"]), c["scan_channel_first"])      # a permutation: exact
+    merged = cross_merge(c["ys"])
+    S = cross_merge(c["ys"].abs())
+    assert_within(merged, c["merge_channel_first"].double(), S, 4 * EPS[torch.float32],
+                  "cross_merge channel-first", elementwise=True)
+
+
+def test_golden_cross_scan_channel_last():
+    c = load_golden()["cross_scan"]
+    # Official channel-last layout: x (B, H, W, C) -> (B, L, 4, C); ys (B, H, W, 4, C) -> (B, L, C).
+    x = c["x_channel_last"].permute(0, 3, 1, 2)                          # (B, C, H, W)
+    assert torch.equal(cross_scan(x).permute(0, 3, 1, 2), c["scan_channel_last"])
+    ys = c["ys_channel_last"].permute(0, 3, 4, 1, 2)                     # (B, 4, C, H, W)
+    merged = cross_merge(ys).transpose(1, 2)                             # (B, L, C)
+    S = cross_merge(ys.abs()).transpose(1, 2)
+    assert_within(merged, c["merge_channel_last"].double(), S, 4 * EPS[torch.float32],
+                  "cross_merge channel-last", elementwise=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Finite-difference gradients (float64).
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fn", [selective_scan_ref, selective_scan])
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_gradcheck(fn, with_h0):
+    g = torch.Generator().manual_seed(3)
+    Bb, K, Dk, N, L = 2, 2, 2, 3, 7
+    KD = K * Dk
+    args = [torch.randn(Bb, KD, L, generator=g, dtype=torch.float64),             # u
+            torch.randn(Bb, KD, L, generator=g, dtype=torch.float64),             # delta (raw)
+            -torch.rand(KD, N, generator=g, dtype=torch.float64) * 2,             # A
+            torch.randn(Bb, K, N, L, generator=g, dtype=torch.float64),           # B
+            torch.randn(Bb, K, N, L, generator=g, dtype=torch.float64),           # C
+            torch.randn(KD, generator=g, dtype=torch.float64),                    # D
+            torch.randn(KD, generator=g, dtype=torch.float64)]                    # delta_bias
+    if with_h0:
+        args.append(torch.randn(Bb, KD, N, generator=g, dtype=torch.float64))
+    args = [a.requires_grad_() for a in args]
+    kw = {"chunk_size": 3} if fn is selective_scan else {}      # 3 chunks, the last partial
+
+    def f(*a):
+        return fn(*a[:7], True, h0=a[7] if with_h0 else None, return_last_state=True, **kw)
+
+    assert torch.autograd.gradcheck(f, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Input dtypes: the scan runs in float32 whatever the (non-float64) input dtype.
+# ---------------------------------------------------------------------------------------------
+LOW = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@settings(max_examples=N_EXAMPLES)
+@given(data=st.data())
+def test_low_precision_inputs_give_float32(data):
+    p = data.draw(scan_problems(max_L=100), label="problem")
+    inputs, sp, L, gy, gh = p["inputs"], p["softplus"], p["L"], p["gy"], p["gh"]
+    dtypes = {k: data.draw(st.sampled_from(LOW), label=f"dtype of {k}") for k in NAMES}
+    assume(dtypes["u"] != torch.float32 or any(d != torch.float32 for d in dtypes.values()))
+    low = {k: None if v is None else v.to(dtypes[k]) for k, v in inputs.items()}
+    # The question is how the scan computes, not how bf16 represents: the reference sees the
+    # same (rounded) values, upcast, so the float32 bound applies unchanged.
+    exact = run(selective_scan_ref, low, sp, torch.float64, gy, gh)
+    S = magnitudes(low, sp, gy, gh, exact)
+    T = data.draw(st.integers(1, 40), label="chunk_size")
+    for fn, kw in ((selective_scan, {"chunk_size": T}), (selective_scan_ref, {})):
+        xs = {k: None if v is None else v.clone().requires_grad_() for k, v in low.items()}
+        y, h = fn(xs["u"], xs["delta"], xs["A"], xs["B"], xs["C"], xs["D"], xs["delta_bias"],
+                  sp, h0=xs["h0"], return_last_state=True, **kw)
+        assert y.dtype == torch.float32 and h.dtype == torch.float32, fn.__name__
+        assert_within(y, exact["y"], S["y"], rtol(L), f"{fn.__name__} y", elementwise=True)
+        assert_within(h, exact["h"], S["h"], rtol(L), f"{fn.__name__} h", elementwise=True)
+        torch.autograd.backward([y, h], [gy, gh])
+        for k, x in xs.items():        # each gradient arrives in its input's dtype, finite
+            if x is not None:
+                assert x.grad.dtype == x.dtype, (fn.__name__, k)
+                assert torch.isfinite(x.grad).all(), (fn.__name__, k)
+
+
+def test_float64_u_computes_in_float64():
+    g = torch.Generator().manual_seed(5)
+    u = torch.randn(1, 4, 6, generator=g, dtype=torch.float64)
+    args = (torch.rand(1, 4, 6, generator=g), -torch.rand(4, 2, generator=g),
+            torch.randn(1, 2, 2, 6, generator=g), torch.randn(1, 2, 2, 6, generator=g))
+    for fn in (selective_scan_ref, selective_scan):
+        assert fn(u, *args).dtype == torch.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Clear errors: the message names the argument and shows the shapes.
+# ---------------------------------------------------------------------------------------------
+def good_args():
+    g = torch.Generator().manual_seed(0)
+    Bb, K, Dk, N, L = 2, 2, 3, 4, 5
+    KD = K * Dk
+    return dict(u=torch.randn(Bb, KD, L, generator=g), delta=torch.rand(Bb, KD, L, generator=g),
+                A=-torch.rand(KD, N, generator=g), B=torch.randn(Bb, K, N, L, generator=g),
+                C=torch.randn(Bb, K, N, L, generator=g), D=torch.randn(KD, generator=g),
+                delta_bias=torch.randn(KD, generator=g), h0=torch.randn(Bb, KD, N, generator=g))
+
+
+def call(fn, a, **kw):
+    return fn(a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["delta_bias"], True,
+              h0=a["h0"], **kw)
+
+
+BAD = {  # name -> (replacement, pattern the message must match)
+    "u rank": ("u", torch.zeros(6, 5), r"\bu must have rank 3"),
+    "delta shape": ("delta", torch.zeros(2, 6, 4), r"\bdelta must have the shape of u"),
+    "A rows": ("A", torch.zeros(5, 4), r"\bA must be \(K\*D, N\)"),
+    "A rank": ("A", torch.zeros(6), r"\bA must have rank 2"),
+    "B shape": ("B", torch.zeros(2, 2, 4, 6), r"\bB must be \(B, K, N, L\)"),
+    "B rank": ("B", torch.zeros(2, 2, 4), r"\bB must have rank 4"),
+    "C shape": ("C", torch.zeros(2, 2, 3, 5), r"\bC must have the shape of B"),
+    "D shape": ("D", torch.zeros(5), r"\bD must be \(K\*D,\)"),
+    "delta_bias shape": ("delta_bias", torch.zeros(6, 1), r"\bdelta_bias must be \(K\*D,\)"),
+    "h0 shape": ("h0", torch.zeros(2, 6, 3), r"\bh0 must be \(B, K\*D, N\)"),
+    "u int": ("u", torch.zeros(2, 6, 5, dtype=torch.int64), r"\bu must be a floating-point"),
+    "A int": ("A", torch.zeros(6, 4, dtype=torch.int32), r"\bA must be a floating-point"),
+    "D bool": ("D", torch.zeros(6, dtype=torch.bool), r"\bD must be a floating-point"),
+    "h0 int": ("h0", torch.zeros(2, 6, 4, dtype=torch.int64), r"\bh0 must be a floating-point"),
+    "delta_bias int": ("delta_bias", torch.zeros(6, dtype=torch.int64),
+                       r"\bdelta_bias must be a floating-point"),
+    "C not a tensor": ("C", [[0.0]], r"\bC must be a tensor"),
+}
+
+
+@pytest.mark.parametrize("fn", [selective_scan_ref, selective_scan])
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_raises_naming_the_argument(fn, case):
+    name, bad, pattern = BAD[case]
+    a = good_args()
+    a[name] = bad
+    with pytest.raises(ValueError, match=pattern) as info:
+        call(fn, a)
+    msg = str(info.value)
+    assert msg.startswith("selective_scan:"), msg
+    assert "u=(" in msg and "B=(" in msg, f"the message should show the shapes: {msg}"
+    if isinstance(bad, torch.Tensor) and name in ("u", "A", "B", "C"):
+        assert str(tuple(bad.shape)) in msg, msg
+
+
+@pytest.mark.parametrize("fn", [selective_scan_ref, selective_scan])
+def test_groups_not_dividing_channels_raise(fn):
+    a = good_args()                       # K*D = 6 channels; B, C with K = 4 groups
+    a["B"], a["C"] = torch.zeros(2, 4, 4, 5), torch.zeros(2, 4, 4, 5)
+    with pytest.raises(ValueError, match=r"K\*D = 6 \(u\.shape\[1\]\) is not divisible by "
+                                         r"K = 4 \(B\.shape\[1\]\)"):
+        call(fn, a)
+
+
+@pytest.mark.parametrize("chunk", [0, -3, 2.5, "8", None])
+def test_bad_chunk_size_raises(chunk):
+    with pytest.raises(ValueError, match=r"chunk_size must be an int >= 1, got " + re.escape(
+            repr(chunk))):
+        call(selective_scan, good_args(), chunk_size=chunk)

@@ -3,6 +3,7 @@
     python bench.py                 scan table + model table (about 3 minutes on 2 CPU cores)
     python bench.py --scan          only the scan table
     python bench.py --models        only the model table
+    python bench.py --compile       add the torch.compile columns (minutes per shape on a CPU)
     python bench.py --scaling       input-scaling study: VMamba-T vs a ViT of similar size
     python bench.py --json          one JSON object instead of tables
     python bench.py --help          every flag (stages, batch, repeats, chunk, device, ...)
@@ -33,8 +34,11 @@ SCAN_BATCH = 1
 MODEL_BATCH = 1
 RES = 224
 WARMUP = 1                    # untimed calls before timing (after the compile call, if any)
-REPEATS = 5                   # timed calls; the median is reported
+REPEATS = 3                   # timed calls; the median is reported
 NAIVE_REPEATS = 1             # the naive loop is slow: timed calls, no warm-up
+# torch.compile columns: off by default because Inductor needs minutes per scan shape and per
+# model on a 2-core CPU, which alone would break the 3-minute default run; --compile adds them.
+COMPILE = False
 MODELS = ("vmamba_tiny_s1l8", "vanilla_vmamba_tiny")
 SCALING_RES = {"cpu": (224, 320, 448, 640), "cuda": (224, 384, 512, 640, 768, 1024)}
 OUT_DIR = "bench_out"
@@ -72,7 +76,8 @@ def parse_args(argv=None):
                    help="chunk size of the chunked scan (default: scan.py's default)")
     p.add_argument("--naive-bwd", action="store_true",
                    help="also time the naive loop's forward+backward (minutes per shape)")
-    p.add_argument("--no-compile", action="store_true", help="skip every torch.compile column")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=COMPILE,
+                   help="add the torch.compile columns/rows (minutes per shape on a CPU)")
     p.add_argument("--all-models", action="store_true",
                    help="model table: also the reference (loop) scan for every model")
     p.add_argument("--scaling-compile", action="store_true",
@@ -264,7 +269,9 @@ def bench_scan_shape(gen, stage, args, log_rows):
             ref, row["err_vs"] = out_eager, "eager"
         else:
             row["err_vs"] = "naive"
-        if not args.no_compile:
+        if not args.compile:
+            row["compiled_ms"] = "skipped (--compile)"
+        else:
             torch._dynamo.reset()       # fresh cache per shape: no recompile limit, honest time
             comp = torch.compile(chunked, fullgraph=True, dynamic=False)
             log(f"{name} {pass_}: torch.compile (first call; can take minutes)")
@@ -274,7 +281,7 @@ def bench_scan_shape(gen, stage, args, log_rows):
                                                    args.warmup)
             row["compiled_err"], row["compiled_rel"] = err(run(comp).detach(), ref)
         for k in ("eager", "compiled"):
-            if isinstance(row.get("naive_ms"), float) and row.get(f"{k}_ms"):
+            if isinstance(row.get("naive_ms"), float) and isinstance(row.get(f"{k}_ms"), float):
                 row[f"{k}_x"] = row["naive_ms"] / row[f"{k}_ms"]
         rows.append(row)
         log_rows(row)
@@ -355,7 +362,33 @@ def make_model(spec):
     return vmamba_min.build(spec["model"], scan=spec["scan"], **kw)
 
 
-def _rss_mb(field):
+class Malloc:
+    """glibc's malloc knobs, switched at run time (mallopt) for the memory measurement."""
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+
+    def __init__(self):
+        try:
+            import ctypes
+            self.libc = ctypes.CDLL("libc.so.6")
+            self.libc.mallopt
+        except (OSError, AttributeError):
+            self.libc = None     # not glibc: no honest CPU memory number
+
+    def give_back(self):
+        """Large blocks from mmap, returned to the OS on free: RSS then follows live tensors."""
+        self.libc.mallopt(self.M_MMAP_MAX, 1 << 16)
+        self.libc.mallopt(self.M_MMAP_THRESHOLD, 128 << 10)
+        self.libc.mallopt(self.M_TRIM_THRESHOLD, 128 << 10)
+        self.libc.malloc_trim(0)
+
+    def keep(self):
+        """Back to MALLOC_FIX (freed memory stays with the process), unless opted out."""
+        if all(k in os.environ for k in MALLOC_FIX):
+            self.libc.mallopt(self.M_MMAP_MAX, int(os.environ["MALLOC_MMAP_MAX_"]))
+            self.libc.mallopt(self.M_TRIM_THRESHOLD, int(os.environ["MALLOC_TRIM_THRESHOLD_"]))
+
+
+def _status_mb(field):
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -364,11 +397,11 @@ def _rss_mb(field):
 
 
 def peak_memory_mb(fn, device):
-    """Extra memory one call of fn needs over what is resident before it (weights, code).
+    """Extra memory one call of fn needs on top of what is resident before it (weights, code).
 
-    CUDA: torch.cuda.max_memory_allocated. CPU: rise of the process's peak RSS (VmHWM, reset
-    through /proc/self/clear_refs), after switching glibc back to returning large blocks to the
-    OS so that freed tensors leave RSS (under MALLOC_FIX they would stay resident).
+    CUDA: torch.cuda.max_memory_allocated. CPU (Linux, glibc): rise of the process's peak RSS
+    (VmHWM, reset through /proc/self/clear_refs) over one call, made while malloc returns large
+    blocks to the OS (under MALLOC_FIX freed tensors would stay resident and hide the peak).
     """
     import gc
     gc.collect()
@@ -379,27 +412,21 @@ def peak_memory_mb(fn, device):
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
-        libc.mallopt(M_MMAP_MAX, 1 << 16)
-        libc.mallopt(M_MMAP_THRESHOLD, 128 << 10)
-        libc.mallopt(M_TRIM_THRESHOLD, 128 << 10)
-        fn()                     # once more, so blocks now come from mmap and leave on free
-        gc.collect()
-        libc.malloc_trim(0)
-        base = _rss_mb("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")         # resets VmHWM to the current RSS
-        fn()
-        return _rss_mb("VmHWM") - base
-    except (OSError, AttributeError):
-        return None              # not Linux/glibc: no honest number
+    malloc = Malloc()
+    if malloc.libc is None or not os.path.exists("/proc/self/clear_refs"):
+        return None
+    malloc.give_back()
+    base = _status_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")             # resets VmHWM to the current RSS
+    fn()
+    peak = _status_mb("VmHWM") - base
+    malloc.keep()
+    return peak
 
 
 def worker(spec):
-    """One model configuration, in its own process: time it, measure its memory."""
+    """One model configuration, in its own process: compile, memory, then timing."""
     device, dtype = spec["device"], getattr(torch, spec["dtype"])
     torch.manual_seed(0)
     model = make_model(spec).eval().to(device)
@@ -407,21 +434,21 @@ def worker(spec):
     fn = torch.compile(model, fullgraph=True, dynamic=False) if spec["compile"] else model
     if spec.get("sdpa_math"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
-        ctx = sdpa_kernel(SDPBackend.MATH)
-        ctx.__enter__()
+        sdpa_kernel(SDPBackend.MATH).__enter__()
 
     def run():
         with torch.no_grad(), torch.autocast(device, dtype=dtype,
                                              enabled=dtype != torch.float32):
-            return fn(x)
+            out = fn(x)
+        assert out.shape == (spec["batch"], 1000), out.shape
+        return out
 
-    first, out = timed(run, device)
-    assert out.shape == (spec["batch"], 1000), out.shape
+    compile_s = timed(run, device)[0] if spec["compile"] else None
+    peak_mb = peak_memory_mb(run, device)           # also a warm-up call
     repeats = spec["repeats"] if spec["scan"] != "reference" else min(spec["repeats"], 2)
     sec = median_time(run, device, repeats, spec["warmup"])
     return {**spec, "ms_per_batch": 1e3 * sec, "img_s": spec["batch"] / sec,
-            "compile_s": first if spec["compile"] else None,
-            "peak_mb": peak_memory_mb(run, device),
+            "compile_s": compile_s, "peak_mb": peak_mb,
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
@@ -441,7 +468,7 @@ def model_specs(args):
     specs = []
     for m in MODELS:
         specs.append(dict(base, model=m, scan="chunked", compile=False))
-        if not args.no_compile:
+        if args.compile:
             specs.append(dict(base, model=m, scan="chunked", compile=True))
         # The loop scan costs one Python step per position: affordable only with N = 1.
         if m == "vmamba_tiny_s1l8" or args.all_models:

@@ -132,9 +132,11 @@ def timed(fn, device):
 
 
 def median_time(fn, device, repeats, warmup):
+    """Median seconds of `repeats` calls after `warmup` calls, and the last call's result."""
     for _ in range(warmup):
         fn()
-    return statistics.median(timed(fn, device)[0] for _ in range(repeats))
+    runs = [timed(fn, device) for _ in range(max(1, repeats))]
+    return statistics.median(t for t, _ in runs), runs[-1][1]
 
 
 def cpu_name():
@@ -261,9 +263,8 @@ def bench_scan_shape(gen, stage, args, log_rows):
         else:
             row["naive_ms"] = "skipped (--naive-bwd)"
         log(f"{name} {pass_}: chunked eager")
-        row["eager_ms"] = 1e3 * median_time(lambda: run(chunked), device, args.repeats,
-                                            args.warmup)
-        out_eager = run(chunked).detach().clone()
+        sec, out_eager = median_time(lambda: run(chunked), device, args.repeats, args.warmup)
+        row["eager_ms"], out_eager = 1e3 * sec, out_eager.detach().clone()
         row["eager_err"], row["eager_rel"] = err(out_eager, ref)
         if ref is None:                 # no naive gradient: compare compiled with eager
             ref, row["err_vs"] = out_eager, "eager"
@@ -277,9 +278,9 @@ def bench_scan_shape(gen, stage, args, log_rows):
             log(f"{name} {pass_}: torch.compile (first call; can take minutes)")
             row["compile_s"], out = timed(lambda: run(comp), device)
             log(f"{name} {pass_}: chunked compiled")
-            row["compiled_ms"] = 1e3 * median_time(lambda: run(comp), device, args.repeats,
-                                                   args.warmup)
-            row["compiled_err"], row["compiled_rel"] = err(run(comp).detach(), ref)
+            sec, out = median_time(lambda: run(comp), device, args.repeats, args.warmup)
+            row["compiled_ms"] = 1e3 * sec
+            row["compiled_err"], row["compiled_rel"] = err(out.detach(), ref)
         for k in ("eager", "compiled"):
             if isinstance(row.get("naive_ms"), float) and isinstance(row.get(f"{k}_ms"), float):
                 row[f"{k}_x"] = row["naive_ms"] / row[f"{k}_ms"]
@@ -446,7 +447,7 @@ def worker(spec):
     compile_s = timed(run, device)[0] if spec["compile"] else None
     peak_mb = peak_memory_mb(run, device)           # also a warm-up call
     repeats = spec["repeats"] if spec["scan"] != "reference" else min(spec["repeats"], 2)
-    sec = median_time(run, device, repeats, spec["warmup"])
+    sec = median_time(run, device, repeats, spec["warmup"])[0]
     return {**spec, "ms_per_batch": 1e3 * sec, "img_s": spec["batch"] / sec,
             "compile_s": compile_s, "peak_mb": peak_mb,
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
@@ -504,7 +505,7 @@ def scaling(args):
     for model in ("vmamba_tiny_s1l8", "vit_deit_s"):
         for res in res_list:
             spec = dict(device=args.device, dtype=args.dtype, batch=args.batch or 1, res=res,
-                        repeats=max(1, min(args.repeats, 3)), warmup=args.warmup,
+                        repeats=max(1, min(args.repeats, 2)), warmup=args.warmup,
                         chunk=args.chunk, model=model, scan="chunked",
                         compile=args.scaling_compile, sdpa_math=args.sdpa_math)
             log(f"scaling: {model} {res}x{res}")

@@ -266,10 +266,10 @@ def bench_scan_shape(gen, stage, args, log_rows):
         sec, out_eager = median_time(lambda: run(chunked), device, args.repeats, args.warmup)
         row["eager_ms"], out_eager = 1e3 * sec, out_eager.detach().clone()
         row["eager_err"], row["eager_rel"] = err(out_eager, ref)
-        if ref is None:                 # no naive gradient: compare compiled with eager
-            ref, row["err_vs"] = out_eager, "eager"
-        else:
+        if ref is not None:
             row["err_vs"] = "naive"
+        elif args.compile:              # no naive gradient: compare compiled with eager
+            ref, row["err_vs"] = out_eager, "eager"
         if not args.compile:
             row["compiled_ms"] = "skipped (--compile)"
         else:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import assume, given, note, settings
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 
 from scan import cross_merge, cross_scan, selective_scan, selective_scan_ref
 
@@ -203,8 +204,10 @@ def check_against_exact(res, exact, S, L, dtype, label, grads=True):
         if k in res:
             worst[k] = assert_within(res[k], exact[k], S[k], tol, f"{label} {k}",
                                      elementwise=k in ("y", "h"))
-    note(f"{label}: error / (eps * S) = "
-         + ", ".join(f"{k} {v / EPS[dtype]:.2f}" for k, v in worst.items()))
+    msg = f"{label}: error / (eps * S) = " + ", ".join(
+        f"{k} {v / EPS[dtype]:.2f}" for k, v in worst.items())
+    if currently_in_test_context():      # a hypothesis example: shown when it fails
+        note(msg)
     return worst
 
 
@@ -279,10 +282,12 @@ def test_domain_edges_no_nan(data):
     check_edge(data.draw(st.integers(0, 2**32 - 1), label="seed"), L, T, grads=True)
 
 
+# The float64 reference loop's backward at L = 4096 takes about 3.5 minutes on 2 cores: one
+# case with gradients, the others forward only.
 @pytest.mark.slow
-@pytest.mark.parametrize("L, T", [(4096, 64), (4093, 64), (4096, 1000)])
-def test_long_sequence(L, T):
-    check_edge(seed=L + T, L=L, T=T, grads=True)
+@pytest.mark.parametrize("L, T, grads", [(4096, 64, True), (4093, 64, False), (4096, 1000, False)])
+def test_long_sequence(L, T, grads):
+    check_edge(seed=L + T, L=L, T=T, grads=grads)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -312,18 +312,8 @@ class VSSM(nn.Module):
         self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.apply(_init_weights)
 
-    def check_input(self, x):
-        c = self.config
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != c.in_chans:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"VSSM expects an image batch (B, {c.in_chans}, H, W), got {got}")
-        if not x.is_floating_point():
-            raise ValueError(f"VSSM expects a floating-point image, got dtype {x.dtype}")
-        if min(x.shape[2], x.shape[3]) < 4:
-            raise ValueError(f"VSSM needs H, W >= 4 (one 4x4 patch), got {tuple(x.shape[2:])}")
-
     def forward_features(self, x):                           # (B, 3, H, W)
-        self.check_input(x)
+        check_image(x, self.config.in_chans)
         x = self.patch_embed(x)                              # (B, H/4, W/4, C)
         for layer in self.layers:
             _, x = layer(x)                                  # (B, H/2^(i+3), ..., C*2^i)
@@ -349,6 +339,17 @@ class VSSM(nn.Module):
     def no_weight_decay(self):
         """Names of the parameters that take no weight decay (the SSM's A_logs and Ds)."""
         return {n for n, _ in self.named_parameters() if n.split(".")[-1] in ("A_logs", "Ds")}
+
+
+def check_image(x, in_chans):
+    """Fail early, with the shape, instead of deep inside a conv or a reshape."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != in_chans:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"VSSM expects an image batch (B, {in_chans}, H, W), got {got}")
+    if not x.is_floating_point():
+        raise ValueError(f"VSSM expects a floating-point image, got dtype {x.dtype}")
+    if min(x.shape[2], x.shape[3]) < 4:
+        raise ValueError(f"VSSM needs H, W >= 4 (one 4x4 patch), got {tuple(x.shape[2:])}")
 
 
 def _init_weights(m):
@@ -385,10 +386,9 @@ class Backbone(nn.Module):
         self.patch_embed, self.layers = trunk.patch_embed, trunk.layers
         self.out_norms = nn.ModuleDict({str(i): nn.LayerNorm(config.stage_dim(i))
                                         for i in self.out_indices})
-        self.check_input = trunk.check_input
 
     def forward(self, x):                                    # (B, 3, H, W)
-        self.check_input(x)
+        check_image(x, self.config.in_chans)
         x, outs = self.patch_embed(x), []                    # (B, H/4, W/4, C)
         for i, layer in enumerate(self.layers[:self.out_indices[-1] + 1]):
             y, x = layer(x)                                  # (B, h, w, C_i), next stage input

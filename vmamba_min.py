@@ -301,7 +301,8 @@ class VSSM(nn.Module):
         self.config = cfg = config
         n = len(cfg.depths)
         self.num_features = cfg.stage_dim(n - 1)
-        self.patch_embed = (PatchEmbed if cfg.generation == 0 else ConvStem)(cfg.in_chans, cfg.dim)
+        stem = PatchEmbed if cfg.generation == 0 else ConvStem
+        self.patch_embed = stem(cfg.in_chans, cfg.dim)
         total = sum(cfg.depths)   # drop-path rates rise linearly over all blocks (torch.linspace)
         rates = [cfg.drop_path_rate * j / max(total - 1, 1) for j in range(total)]
         starts = [sum(cfg.depths[:i]) for i in range(n)]
@@ -309,14 +310,15 @@ class VSSM(nn.Module):
             Stage(cfg.stage_dim(i), d, cfg, rates[s:s + d], downsample=i < n - 1)
             for i, (d, s) in enumerate(zip(cfg.depths, starts)))
         self.norm = nn.LayerNorm(self.num_features)
-        self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        self.head = nn.Identity()
+        self.reset_classifier(cfg.num_classes)
         self.apply(_init_weights)
 
     def forward_features(self, x):                           # (B, 3, H, W)
         check_image(x, self.config.in_chans)
         x = self.patch_embed(x)                              # (B, H/4, W/4, C)
         for layer in self.layers:
-            _, x = layer(x)                                  # (B, H/2^(i+3), ..., C*2^i)
+            _, x = layer(x)                                  # the next stage's input
         return x                                             # (B, H/32, W/32, 8C)
 
     def forward_head(self, x, pre_logits: bool = False):     # (B, h, w, 8C)
@@ -329,7 +331,7 @@ class VSSM(nn.Module):
     def reset_classifier(self, num_classes: int):
         self.config = replace(self.config, num_classes=num_classes)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
-        self.head.apply(_init_weights)
+        self.head.apply(_init_weights)   # num_classes 0: pooled features out
 
     def set_grad_checkpointing(self, enable: bool = True):
         self.config = replace(self.config, grad_checkpointing=enable)

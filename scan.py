@@ -15,6 +15,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch._higher_order_ops import scan as _hop_scan
 
 __all__ = ["selective_scan_ref", "selective_scan", "cross_scan", "cross_merge"]
 
@@ -119,81 +120,110 @@ def selective_scan_ref(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
 # 2. The chunked scan.
 # ---------------------------------------------------------------------------------------------
 def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, *,
-                   chunk_size=64, h0=None, return_last_state=False):
+                   chunk_size=32, h0=None, return_last_state=False):
     """The selective scan of `selective_scan_ref`, computed chunk by chunk.
 
     Same arguments and result; chunk_size T only changes the speed (and float rounding).
 
-    1. Cut the sequence into M chunks of T steps (padding with delta' = 0: decay 1, input 0,
-       so padded steps leave the state alone).
-    2. Intra-chunk: run the recurrence inside every chunk at once, each from a zero state, for
-       T steps. This gives y_intra and each chunk's end state H_m.
+    1. Cut the sequence into M chunks of T steps, padding with delta' = 0 (decay 1, input 0:
+       padded steps leave the state alone), and lay everything out time-major (T, ...).
+    2. Intra-chunk: run the recurrence inside all M chunks at once, each from a zero state, for
+       T steps. This gives y_intra and each chunk's own end state H_m.
     3. Inter-chunk: chain the chunks, E_m = exp(A * S_m) * E_{m-1} + H_m (S_m: the chunk's sum of
-       delta'), with a log-step (Hillis-Steele) scan over m; the state entering chunk m is
-       E_{m-1}.
+       delta'), with a log-step (Hillis-Steele) scan over m. The state entering chunk m is
+       E_{m-1} (h0 for the first).
     4. Fix-up: y_t += sum_n C_t[n] * exp(A[n] * s_t) * E_{m-1}[n], s_t the sum of delta' in the
-       chunk up to t.
+       chunk up to and including t.
     Stability: every exponent is A (<= 0) times a sum of delta' (>= 0), so every factor is a
-    decay <= 1. Nothing is ever divided by a decay (dividing by exp(cumsum) overflows to NaN).
+    decay <= 1. Nothing is divided by a decay (dividing by exp(cumsum) overflows to NaN).
+    Cost: each exp(A * delta') is computed twice (steps 2 and 4); recomputing is cheaper than
+    storing a (B, K*D, L, N) tensor, which this function never materialises.
     """
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"selective_scan: chunk_size must be an int >= 1, got {chunk_size!r}")
     u, delta, A, B, C, D, h0 = _prepare(u, delta, A, B, C, D, delta_bias, delta_softplus, h0)
     batch, KD, L = u.shape
     K, N = B.shape[1], A.shape[1]
     Dk = KD // K
     if L == 0:
-        y = u.new_zeros(batch, KD, 0)
-        h = u.new_zeros(batch, KD, N) if h0 is None else h0
+        y, h = u.new_zeros(batch, KD, 0), (u.new_zeros(batch, KD, N) if h0 is None else h0)
         return (y, h) if return_last_state else y
 
-    # 1. chunks
+    # 1. chunks, time-major
     T = min(chunk_size, L)
     M = -(-L // T)
-    pad = M * T - L
-    x = delta * u                                            # (B, K*D, L)  input scaled by delta'
-    dt, x = F.pad(delta, (0, pad)), F.pad(x, (0, pad))       # (B, K*D, M*T)
-    dt = dt.view(batch, K, Dk, M, T)                         # (B, K, D, M, T)
-    x = x.view(batch, K, Dk, M, T)                           # (B, K, D, M, T)
-    Bc = F.pad(B, (0, pad)).view(batch, K, 1, N, M, T).permute(0, 1, 2, 4, 5, 3)  # (B,K,1,M,T,N)
-    Cc = F.pad(C, (0, pad)).view(batch, K, 1, N, M, T).permute(0, 1, 2, 4, 5, 3)  # (B,K,1,M,T,N)
+
+    def time_major(t):                                       # (B, c, L) -> (T, B, c, M)
+        c = t.shape[1]
+        t = F.pad(t, (0, M * T - L)).view(batch, c, M, T)    # (B, c, M, T)
+        return t.permute(3, 0, 1, 2).contiguous()            # (T, B, c, M)
+
+    dt = time_major(delta).view(T, batch, K, Dk, M)          # (T, B, K, D, M)
+    x = time_major(delta * u).view(T, batch, K, Dk, M)       # (T, B, K, D, M)  input * delta'
+    Bt = time_major(B.flatten(1, 2)).view(T, batch, K, N, M)
+    Bt = Bt.transpose(3, 4).unsqueeze(3).contiguous()        # (T, B, K, 1, M, N)
+    Ct = time_major(C.flatten(1, 2)).view(T, batch, K, N, M)
+    Ct = Ct.transpose(3, 4).unsqueeze(3).contiguous()        # (T, B, K, 1, M, N)
     Ak = A.view(1, K, Dk, 1, N)                              # (1, K, D, 1, N)
 
     # 2. intra-chunk recurrence from zero, all chunks at once
-    h = x.new_zeros(batch, K, Dk, M, N)                      # (B, K, D, M, N)
-    ys = []
-    for t in range(T):
-        h = torch.exp(dt[..., t, None] * Ak) * h + x[..., t, None] * Bc[..., t, :]
-        ys.append((h * Cc[..., t, :]).sum(-1))               # (B, K, D, M)
-    y = torch.stack(ys, dim=-1)                              # (B, K, D, M, T)
+    H, y = _scan_chunks(dt, x, Bt, Ct, Ak)                   # (B, K, D, M, N), (T, B, K, D, M)
 
     # 3. inter-chunk: inclusive log-step scan of (decay, state) pairs over the M chunks
-    s = dt.cumsum(-1)                                        # (B, K, D, M, T)
-    g = s[..., -1]                                           # (B, K, D, M)  window sums of delta'
-    E = h                                                    # (B, K, D, M, N)
-    if h0 is not None:
-        h0k = h0.view(batch, K, Dk, 1, N)
-        first = E[..., :1, :] + torch.exp(Ak * g[..., :1, None]) * h0k
-        E = torch.cat([first, E[..., 1:, :]], dim=-2)
-    o = 1
-    while o < M:
-        E = torch.cat([E[..., :o, :],
-                       E[..., o:, :] + torch.exp(Ak * g[..., o:, None]) * E[..., :-o, :]], dim=-2)
-        g = torch.cat([g[..., :o], g[..., o:] + g[..., :-o]], dim=-1)
-        o *= 2
-    start = E.new_zeros(batch, K, Dk, 1, N) if h0 is None else h0k
+    s = dt.cumsum(0)                                         # (T, B, K, D, M)
+    E = _chain_chunks(H, s[-1], Ak, h0)                      # (B, K, D, M, N) state after m
+    start = E.new_zeros(batch, K, Dk, 1, N) if h0 is None else h0.view(batch, K, Dk, 1, N)
     h_in = torch.cat([start, E[..., :-1, :]], dim=-2)        # (B, K, D, M, N) state entering m
 
     # 4. fix-up: add what the entering state contributes at every step
-    decay = torch.exp(s[..., None] * Ak[..., None, :])       # (B, K, D, M, T, N)
-    y = y + (Cc * decay * h_in[..., None, :]).sum(-1)        # (B, K, D, M, T)
+    y = y + (Ct * torch.exp(s[..., None] * Ak) * h_in).sum(-1)        # (T, B, K, D, M)
 
-    y = y.reshape(batch, KD, M * T)[..., :L]                 # (B, K*D, L)
+    y = y.permute(1, 2, 3, 4, 0).reshape(batch, KD, M * T)[..., :L]   # (B, K*D, L)
     if D is not None:
         y = y + D[:, None] * u
     if return_last_state:
         return y, E[..., -1, :].reshape(batch, KD, N)
     return y
+
+
+def _scan_chunks(dt, x, Bt, Ct, Ak):
+    """Step 2: T steps of h = exp(delta' A) h + x B, y = C . h, over all chunks at once.
+
+    dt, x (T, B, K, D, M); Bt, Ct (T, B, K, 1, M, N); Ak (1, K, D, 1, N).
+    Uses torch's `scan` operator, which torch.compile turns into one fused C++/Triton kernel per
+    step instead of unrolling T steps into a huge graph (slow to compile, and seen miscompiled).
+    """
+    def step(h, inputs):                                     # h (B, K, D, M, N)
+        dt_t, x_t, B_t, C_t, A_t = inputs
+        h = torch.exp(dt_t[..., None] * A_t) * h + x_t[..., None] * B_t
+        # clone: scan's carry must not alias its output (torch.compile rejects the graph)
+        return h.clone(), (h * C_t).sum(-1)                  # (B, K, D, M)
+
+    h = x.new_zeros(x.shape[1:] + (Ak.shape[-1],))           # (B, K, D, M, N)
+    # A enters as a (broadcast) per-step input, not through the closure: with A captured by the
+    # closure, torch 2.13's compiled backward returned a wrong dL/dA (relative error 0.57).
+    A_steps = Ak.expand((dt.shape[0],) + Ak.shape)           # (T, 1, K, D, 1, N), no copy
+    return _hop_scan(step, h, (dt, x, Bt, Ct, A_steps))
+
+
+def _chain_chunks(H, S, Ak, h0):
+    """Step 3: E_m = exp(A S_m) E_{m-1} + H_m for all m, in ceil(log2 M) doubling rounds.
+
+    H (B, K, D, M, N) chunk end states from zero; S (B, K, D, M) chunk sums of delta'.
+    After the round with offset o, E_m covers chunks m-2o+1..m and S_m their summed delta'.
+    """
+    M = H.shape[-2]
+    if h0 is not None:                                       # fold h0 into the first chunk
+        h0 = h0.view(H.shape[:3] + (1, -1))                  # (B, K, D, 1, N)
+        first = H[..., :1, :] + torch.exp(Ak * S[..., :1, None]) * h0
+        H = torch.cat([first, H[..., 1:, :]], dim=-2)
+    E, o = H, 1
+    while o < M:
+        carried = torch.exp(Ak * S[..., o:, None]) * E[..., :-o, :]          # (B, K, D, M-o, N)
+        E = torch.cat([E[..., :o, :], E[..., o:, :] + carried], dim=-2)      # (B, K, D, M, N)
+        S = torch.cat([S[..., :o], S[..., o:] + S[..., :-o]], dim=-1)        # (B, K, D, M)
+        o *= 2
+    return E
 
 
 # ---------------------------------------------------------------------------------------------

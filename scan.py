@@ -200,6 +200,14 @@ def _scan_chunks(dt, x, Bt, Ct, Ak):
         return h.clone(), (h * C_t).sum(-1)                  # (B, K, D, M)
 
     h = x.new_zeros(x.shape[1:] + (Ak.shape[-1],))           # (B, K, D, M, N)
+    if not torch.compiler.is_compiling():
+        # Eager: a plain loop. The operator re-traces `step` on every eager call (slow for small
+        # inputs) and fails under torch.utils.checkpoint's recomputation.
+        ys = []
+        for inputs in zip(dt, x, Bt, Ct):
+            h, y_t = step(h, inputs + (Ak,))
+            ys.append(y_t)
+        return h, torch.stack(ys)                            # (B,K,D,M,N), (T, B, K, D, M)
     # A enters as a (broadcast) per-step input, not through the closure: with A captured by the
     # closure, torch 2.13's compiled backward returned a wrong dL/dA (relative error 0.57).
     A_steps = Ak.expand((dt.shape[0],) + Ak.shape)           # (T, 1, K, D, 1, N), no copy

@@ -3,7 +3,7 @@
     python bench.py                 scan table + model table (about 3 minutes on 2 CPU cores)
     python bench.py --scan          only the scan table
     python bench.py --models        only the model table
-    python bench.py --compile       add the torch.compile columns (minutes per shape on a CPU)
+    python bench.py --compile-models  add compiled models to the model table (minutes each)
     python bench.py --scaling       input-scaling study: VMamba-T vs a ViT of similar size
     python bench.py --json          one JSON object instead of tables
     python bench.py --help          every flag (stages, batch, repeats, chunk, device, ...)
@@ -36,9 +36,10 @@ RES = 224
 WARMUP = 1                    # untimed calls before timing (after the compile call, if any)
 REPEATS = 3                   # timed calls; the median is reported
 NAIVE_REPEATS = 1             # the naive loop is slow: timed calls, no warm-up
-# torch.compile columns: off by default because Inductor needs minutes per scan shape and per
-# model on a 2-core CPU, which alone would break the 3-minute default run; --compile adds them.
-COMPILE = False
+# torch.compile: the scan compiles in seconds per shape, so its column is on by default; a whole
+# model takes 2-3 minutes of Inductor time on a 2-core CPU, so compiled model rows are opt-in.
+COMPILE = True
+COMPILE_MODELS = False
 MODELS = ("vmamba_tiny_s1l8", "vanilla_vmamba_tiny")
 SCALING_RES = {"cpu": (224, 320, 448, 640), "cuda": (224, 384, 512, 640, 768, 1024)}
 OUT_DIR = "bench_out"
@@ -77,7 +78,10 @@ def parse_args(argv=None):
     p.add_argument("--naive-bwd", action="store_true",
                    help="also time the naive loop's forward+backward (minutes per shape)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=COMPILE,
-                   help="add the torch.compile columns/rows (minutes per shape on a CPU)")
+                   help="the torch.compile column of the scan table (seconds per shape)")
+    p.add_argument("--compile-models", action=argparse.BooleanOptionalAction,
+                   default=COMPILE_MODELS,
+                   help="add compiled rows to the model table (2-3 minutes per model on a CPU)")
     p.add_argument("--all-models", action="store_true",
                    help="model table: also the reference (loop) scan for every model")
     p.add_argument("--scaling-compile", action="store_true",
@@ -469,7 +473,7 @@ def model_specs(args):
     specs = []
     for m in MODELS:
         specs.append(dict(base, model=m, scan="chunked", compile=False))
-        if args.compile:
+        if args.compile_models:
             specs.append(dict(base, model=m, scan="chunked", compile=True))
         # The loop scan costs one Python step per position: affordable only with N = 1.
         if m == "vmamba_tiny_s1l8" or args.all_models:

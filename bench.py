@@ -5,6 +5,7 @@
     python bench.py --models        only the model table
     python bench.py --compile-models  add compiled models to the model table (minutes each)
     python bench.py --scaling       input-scaling study: VMamba-T vs a ViT of similar size
+    python bench.py --flops         params and GFLOPs of the nine released configs vs the paper
     python bench.py --json          one JSON object instead of tables
     python bench.py --help          every flag (stages, batch, repeats, chunk, device, ...)
 
@@ -62,6 +63,8 @@ def parse_args(argv=None):
     what.add_argument("--scaling", action="store_true",
                       help="input-scaling study (VMamba-T vs ViT); writes bench_out/scaling.csv"
                            " and, with matplotlib, scaling.png")
+    what.add_argument("--flops", action="store_true",
+                      help="params and GFLOPs (flops.py, meta device: seconds) vs the paper")
     p.add_argument("--device", default=DEVICE, choices=("cpu", "cuda"))
     p.add_argument("--dtype", default=DTYPE, choices=("float32", "bfloat16"))
     p.add_argument("--stages", default=STAGES, help="scan table: VMamba-T stages, e.g. 1,2,3,4")
@@ -94,7 +97,7 @@ def parse_args(argv=None):
                    help="keep glibc's default malloc settings (eager timings become erratic)")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if not (args.scan or args.models or args.scaling):
+    if not (args.scan or args.models or args.scaling or args.flops):
         args.scan = args.models = True
     return args
 
@@ -563,6 +566,32 @@ def plot_scaling(rows):
     return path
 
 
+# -------------------------------------------------------------------------------- flops
+FLOPS_COLS = [("model", "model", "{}"), ("params", "params", "{:,}"),
+              ("params_ok", "= SPEC", "{}"), ("gflops", "GFLOPs", "{:.3f}"),
+              ("paper_gflops", "paper", "{:.1f}"), ("diff_pct", "diff %", "{:+.2f}"),
+              ("mm_conv_g", "matmul+conv G", "{:.3f}"), ("norm_g", "norm G", "{:.3f}"),
+              ("scan_g", "scan G", "{:.3f}")]
+
+
+def flops_table(args):
+    """Params and FLOPs of the nine released configurations at --res (default 224)."""
+    import flops
+    res = int(args.res) if args.res else RES
+    rows = flops.flops_rows(image_size=(res, res))
+    if not args.json:
+        print_table(f"params and FLOPs at {res}x{res}, batch 1 (flops.py: paper/fvcore "
+                    "convention, a multiply-add = 1 FLOP)", rows, FLOPS_COLS, notes=[
+                        "= SPEC: params equal SPEC.md's exact count of the official model",
+                        "paper: the paper's GFLOPs, printed to 0.1 G (rounding alone is up to "
+                        "+-1% at 4.9 G)",
+                        "norm: LayerNorm at 5 FLOPs per element (fvcore); scan: "
+                        "9*B*L*(K*D)*N + B*L*(K*D) per SS2D (official handle, with_D)",
+                        "not counted (as fvcore): activations, residual adds, gate, "
+                        "cross-scan/merge copies and sums"])
+    return rows
+
+
 # -------------------------------------------------------------------------------- main
 def main(args):
     if args._worker:
@@ -615,6 +644,8 @@ def main(args):
             print("  exponent p in cost ~ L^p: 1 = linear in tokens, 2 = quadratic")
             print(f"  wrote {os.path.join(OUT_DIR, 'scaling.csv')}"
                   + (f" and {plot}" if plot else " (pip install matplotlib for a PNG)"))
+    if args.flops:
+        result["flops"] = flops_table(args)
     result["wall_s"] = time.perf_counter() - t_start
     if args.json:
         print(json.dumps(result, indent=1))

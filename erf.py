@@ -1,0 +1,282 @@
+"""Effective receptive field (ERF) of VMamba, against a conv-only and a windowed-attention twin.
+
+    python erf.py                                   # CPU, 128x128, random init: about a minute
+    python erf.py --res 1024 --model vmamba_tiny_s1l8 --n 50 --stage 3   # the paper-sized map
+    python erf.py --weights vssm_tiny.pth --model vmamba_tiny_s1l8    # an official checkpoint
+
+What is measured (the ERF literature's recipe: Luo et al. 2016, RepLKNet, the VMamba paper):
+for each of n random input images x (B=1, 3, res, res, standard normal, like normalised images),
+take the feature map y (h, w, C) that stage --stage's blocks output (before its downsample),
+sum its C channels at the central pixel (h // 2, w // 2), and back-propagate that scalar to the
+image. The ERF map is |d y_centre / d x| summed over the 3 input channels and averaged over the
+n inputs: (res, res), one non-negative number per input pixel. Random images, not ImageNet
+ones: there are none here, and at random init the image content barely matters.
+
+Which stage: a conv-only network reaches a bounded square, 63 px wide at the end of stage 1 of
+the released configurations (two stride-2 3x3 stem convs, two blocks with a 3x3 depthwise conv,
+a stride-2 3x3 downsample, two more blocks), 335 px after stage 2 and 495 px after stage 3.
+The default stage 1 at 128 px is the deepest that leaves pixels beyond that reach; at 1024 px
+the last stage (3) does. The ERF literature uses the last stage on large images.
+
+Printed summary numbers, each a fraction of the res*res input pixels (so 1.0 = the whole image):
+    >1%max   pixels whose gradient exceeds 1% of the map's maximum
+    >1e-4    pixels whose gradient exceeds 1e-4 of the maximum (the heat map's floor)
+    A50/A90  the fewest pixels (largest first) that hold 50% / 90% of the total gradient mass:
+             small for a local ERF, large for a global one
+    outside  the share of gradient mass that lies outside the central square of side res/2
+    beyond   the share of gradient mass on pixels the conv twin cannot reach at all (its
+             gradient there is exactly 0): only a global mixer puts mass there
+The PNG shows log10(map / max), clipped at -4 (four decades), as a heat map.
+
+The three models differ only in the mixer of each block; stem, downsampling, widths, depths,
+norms, MLPs and init are the same (the --model configuration):
+    vmamba   SS2D: Linear -> depthwise 3x3 conv -> SiLU -> 4-route selective scan -> LN -> Linear
+    conv     SS2D with the scan removed: Linear -> depthwise 3x3 conv -> SiLU -> LN -> Linear,
+             so a block sees a 3x3 neighbourhood and depth alone grows the receptive field
+    window   Swin-style windowed self-attention (window 8, heads of 32 channels, every second
+             block shifted by 4), the attention layout VMamba is compared with in its paper
+Output: bench_out/erf_<model>[_conv|_window].png (matplotlib if installed, else this file's own
+PNG writer) and .npy with the raw map. Letters as in vmamba_min.py.
+"""
+import argparse
+import os
+import sys
+import time
+import zlib
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import vmamba_min
+from vmamba_min import SS2D, build, convert_official_state_dict
+
+# ---------------------------------------------------------------------------------------------
+# Defaults (each one a CLI flag)
+# ---------------------------------------------------------------------------------------------
+MODEL = "vmamba_tiny_s1l8"
+RES = 128
+N_INPUTS = 8
+STAGE = 1           # see the module docstring: at 128 px the conv twin's reach ends inside
+                    # the image only up to stage 1; use --stage 3 (the last) at 1024 px
+SEED = 0
+BASELINES = ("conv", "window")
+OUT_DIR = "bench_out"
+WINDOW = 8
+HEAD_DIM = 32
+
+
+# ---------------------------------------------------------------------------------------------
+# The baselines' mixers: (B, H, W, C) -> (B, H, W, C), replacing SS2D in place
+# ---------------------------------------------------------------------------------------------
+class ConvMixer(nn.Module):
+    """SS2D without the scan: the same in_proj, depthwise 3x3 conv, SiLU, out_norm, out_proj
+    (and gate, in generation 0). Built from an SS2D so every shape and init is the same."""
+
+    def __init__(self, ss2d: SS2D):
+        super().__init__()
+        self.in_proj, self.conv2d, self.out_norm, self.out_proj = (
+            ss2d.in_proj, ss2d.conv2d, ss2d.out_norm, ss2d.out_proj)
+        self.gated = ss2d.gated
+
+    def forward(self, x):                                    # (B, H, W, C)
+        x = self.in_proj(x)                                  # (B, H, W, D or 2D)
+        if self.gated:
+            x, z = x.chunk(2, dim=-1)
+        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))       # (B, D, H, W)
+        y = self.out_norm(x.permute(0, 2, 3, 1))             # (B, H, W, D)
+        if self.gated:
+            y = y * F.silu(z)
+        return self.out_proj(y)                              # (B, H, W, C)
+
+
+class WindowAttention(nn.Module):
+    """Self-attention inside non-overlapping window x window tiles (Swin); `shift` rolls the map
+    by window // 2 first so that alternate blocks connect neighbouring tiles. No relative
+    position bias and no shift mask: neither changes which pixels can reach which, the ERF's
+    question. Maps are zero-padded to a multiple of the window."""
+
+    def __init__(self, dim, window=WINDOW, head_dim=HEAD_DIM, shift=False):
+        super().__init__()
+        self.window, self.heads = window, max(1, dim // head_dim)
+        self.shift = window // 2 if shift else 0
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        for lin in (self.qkv, self.proj):    # the official init of every Linear in vmamba_min
+            nn.init.trunc_normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x):                                    # (B, H, W, C)
+        Bn, H, W, C = x.shape
+        w, s = self.window, self.shift
+        x = F.pad(x, (0, 0, 0, -W % w, 0, -H % w))           # (B, Hp, Wp, C)
+        Hp, Wp = x.shape[1], x.shape[2]
+        if s:
+            x = torch.roll(x, (-s, -s), dims=(1, 2))
+        t = x.view(Bn, Hp // w, w, Wp // w, w, C).transpose(2, 3).reshape(-1, w * w, C)
+        q, k, v = self.qkv(t).view(t.shape[0], w * w, 3, self.heads, C // self.heads) \
+            .permute(2, 0, 3, 1, 4)                          # 3 x (B*tiles, heads, w*w, C/heads)
+        t = F.scaled_dot_product_attention(q, k, v)          # (B*tiles, heads, w*w, C/heads)
+        t = self.proj(t.transpose(1, 2).reshape(-1, w * w, C))   # (B*tiles, w*w, C)
+        x = t.view(Bn, Hp // w, Wp // w, w, w, C).transpose(2, 3).reshape(Bn, Hp, Wp, C)
+        if s:
+            x = torch.roll(x, (s, s), dims=(1, 2))
+        return x[:, :H, :W]                                  # (B, H, W, C)
+
+
+def make_model(name, kind, weights=None):
+    """The --model configuration with its mixers swapped for `kind` ('vmamba', 'conv',
+    'window'); eval mode (no drop-path). Weights load into the VMamba only."""
+    model = build(name)
+    if weights:
+        sd = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(convert_official_state_dict(sd))
+    for layer in model.layers:
+        for j, blk in enumerate(layer.blocks):
+            if kind == "conv":
+                blk.self_attention = ConvMixer(blk.self_attention)
+            elif kind == "window":
+                dim = blk.ln_1.normalized_shape[0]
+                blk.self_attention = WindowAttention(dim, shift=j % 2 == 1)
+            elif kind != "vmamba":
+                raise ValueError(f"unknown model kind {kind!r}")
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# The ERF and its summary numbers
+# ---------------------------------------------------------------------------------------------
+def stage_output(model, x, stage):
+    """The blocks' output of stage `stage` (before its downsample): (B, h, w, C_stage)."""
+    x = model.patch_embed(x)                                 # (B, H/4, W/4, C)
+    for layer in model.layers[:stage + 1]:
+        y, x = layer(x)
+    return y
+
+
+def erf_map(model, res, n, stage, seed=SEED):
+    """Mean over n standard-normal images of |d(sum_c y[h/2, w/2, c]) / d image| summed over
+    the 3 image channels: (res, res) float64, non-negative."""
+    gen = torch.Generator().manual_seed(seed)
+    total = torch.zeros(res, res, dtype=torch.float64)
+    for _ in range(n):
+        x = torch.randn(1, model.config.in_chans, res, res, generator=gen, requires_grad=True)
+        y = stage_output(model, x, stage)                    # (1, h, w, C)
+        h, w = y.shape[1], y.shape[2]
+        (grad,) = torch.autograd.grad(y[0, h // 2, w // 2].sum(), x)
+        total += grad[0].abs().sum(0).double()               # (res, res)
+    return (total / n).numpy()
+
+
+def summarize(m):
+    """The printed numbers (see the module docstring), as fractions of all pixels."""
+    flat = np.sort(m.ravel())[::-1]
+    cum = np.cumsum(flat) / flat.sum()
+    area = lambda p: (np.searchsorted(cum, p) + 1) / flat.size
+    H, W = m.shape
+    centre = m[H // 4:H - H // 4, W // 4:W - W // 4].sum()
+    return {">1%max": float((m > 0.01 * m.max()).mean()),
+            ">1e-4": float((m > 1e-4 * m.max()).mean()), "A50": area(0.5), "A90": area(0.9),
+            "outside": float(1 - centre / m.sum())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the heat map: matplotlib if present, else a PNG written by hand
+# ---------------------------------------------------------------------------------------------
+def log_normalise(m, decades=4):
+    """log10(m / max) clipped at -decades, mapped to [0, 1]."""
+    v = np.log10(np.maximum(m / m.max(), 10.0 ** -decades))
+    return (v + decades) / decades
+
+
+def write_png(path, rgb):
+    """rgb: (H, W, 3) uint8. PNG = signature + IHDR + IDAT (zlib of rows, each led by filter
+    byte 0) + IEND; every chunk is length, type, data, CRC-32 of type + data."""
+    h, w, _ = rgb.shape
+
+    def chunk(kind, data):
+        return (len(data).to_bytes(4, "big") + kind + data
+                + zlib.crc32(kind + data).to_bytes(4, "big"))
+
+    raw = b"".join(b"\x00" + rgb[i].tobytes() for i in range(h))
+    ihdr = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])  # 8-bit RGB
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+                + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+
+def heat_rgb(v):
+    """[0, 1] -> black-red-yellow-white, like matplotlib's 'hot': (H, W, 3) uint8."""
+    rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], -1)
+    return (rgb * 255 + 0.5).astype(np.uint8)
+
+
+def save_heatmap(path, m, title):
+    v = log_normalise(m)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        scale = max(1, 256 // v.shape[0])                    # nearest-neighbour up to >= 256 px
+        write_png(path, heat_rgb(np.kron(v, np.ones((scale, scale)))))
+        return
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    im = ax.imshow(v * 4 - 4, cmap="hot", vmin=-4, vmax=0)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="log10(|grad| / max)")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=MODEL, choices=sorted(vmamba_min.CONFIGS))
+    p.add_argument("--res", type=int, default=RES)
+    p.add_argument("--n", type=int, default=N_INPUTS, help="random inputs to average over")
+    p.add_argument("--stage", type=int, default=STAGE, help="stage index; -1 = the last")
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--weights", default=None, help="official checkpoint for the VMamba model")
+    p.add_argument("--baselines", default=",".join(BASELINES),
+                   help="comma-separated subset of conv,window ('' for none)")
+    p.add_argument("--out", default=OUT_DIR)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch.set_num_threads; 0 keeps torch's default")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kinds = ["vmamba"] + [b for b in args.baselines.split(",") if b]
+    stage = args.stage % len(vmamba_min.CONFIGS[args.model].get("depths", (2, 2, 9, 2)))
+    os.makedirs(args.out, exist_ok=True)
+    print(f"ERF of the centre pixel of stage {stage}, {args.model}, {args.res}x{args.res}, "
+          f"mean of {args.n} random inputs, "
+          f"{'weights ' + args.weights if args.weights else 'random init (official)'} | "
+          f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads", flush=True)
+    print(f"{'model':<8} {'>1%max':>7} {'>1e-4':>7} {'A50':>7} {'A90':>7} {'outside':>8} "
+          f"{'beyond':>8} {'seconds':>8}  file")
+    maps = {}
+    # the conv twin first: its zero set defines "beyond" for the others
+    for kind in sorted(kinds, key=lambda k: k != "conv"):
+        torch.manual_seed(args.seed)
+        model = make_model(args.model, kind, args.weights if kind == "vmamba" else None)
+        t0 = time.perf_counter()
+        m = erf_map(model, args.res, args.n, stage, args.seed)
+        sec = time.perf_counter() - t0
+        s, maps[kind] = summarize(m), m
+        beyond = (m[maps["conv"] == 0].sum() / m.sum()) if "conv" in maps else float("nan")
+        stem = f"erf_{args.model}" + ("" if kind == "vmamba" else f"_{kind}")
+        path = os.path.join(args.out, stem + ".png")
+        np.save(os.path.join(args.out, stem + ".npy"), m)
+        save_heatmap(path, m, f"{kind}: {args.model} stage {stage}, {args.res}px, n={args.n}")
+        print(f"{kind:<8} {s['>1%max']:>7.3f} {s['>1e-4']:>7.3f} {s['A50']:>7.3f} "
+              f"{s['A90']:>7.3f} {s['outside']:>8.3f} {beyond:>8.2e} {sec:>8.1f}  {path}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

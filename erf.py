@@ -19,6 +19,7 @@ The default stage 1 at 128 px is the deepest that leaves pixels beyond that reac
 the last stage (3) does. The ERF literature uses the last stage on large images.
 
 Printed summary numbers, each a fraction of the res*res input pixels (so 1.0 = the whole image):
+    reach    pixels with a non-zero gradient: the support, bounded for convs, all for a global mixer
     >1%max   pixels whose gradient exceeds 1% of the map's maximum
     >1e-4    pixels whose gradient exceeds 1e-4 of the maximum (the heat map's floor)
     A50/A90  the fewest pixels (largest first) that hold 50% / 90% of the total gradient mass:
@@ -176,7 +177,7 @@ def summarize(m):
     area = lambda p: (np.searchsorted(cum, p) + 1) / flat.size
     H, W = m.shape
     centre = m[H // 4:H - H // 4, W // 4:W - W // 4].sum()
-    return {">1%max": float((m > 0.01 * m.max()).mean()),
+    return {"reach": float((m > 0).mean()), ">1%max": float((m > 0.01 * m.max()).mean()),
             ">1e-4": float((m > 1e-4 * m.max()).mean()), "A50": area(0.5), "A90": area(0.9),
             "outside": float(1 - centre / m.sum())}
 
@@ -257,7 +258,7 @@ def main(argv=None):
           f"mean of {args.n} random inputs, "
           f"{'weights ' + args.weights if args.weights else 'random init (official)'} | "
           f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads", flush=True)
-    print(f"{'model':<8} {'>1%max':>7} {'>1e-4':>7} {'A50':>7} {'A90':>7} {'outside':>8} "
+    print(f"{'model':<8} {'reach':>7} {'>1%max':>7} {'>1e-4':>7} {'A50':>7} {'A90':>7} {'outside':>8} "
           f"{'beyond':>8} {'seconds':>8}  file")
     maps = {}
     # the conv twin first: its zero set defines "beyond" for the others
@@ -273,7 +274,7 @@ def main(argv=None):
         path = os.path.join(args.out, stem + ".png")
         np.save(os.path.join(args.out, stem + ".npy"), m)
         save_heatmap(path, m, f"{kind}: {args.model} stage {stage}, {args.res}px, n={args.n}")
-        print(f"{kind:<8} {s['>1%max']:>7.3f} {s['>1e-4']:>7.3f} {s['A50']:>7.3f} "
+        print(f"{kind:<8} {s['reach']:>7.3f} {s['>1%max']:>7.3f} {s['>1e-4']:>7.3f} {s['A50']:>7.3f} "
               f"{s['A90']:>7.3f} {s['outside']:>8.3f} {beyond:>8.2e} {sec:>8.1f}  {path}",
               flush=True)
 

@@ -52,7 +52,7 @@ class VSSMConfig:
     drop_path_rate: float = 0.1
     grad_checkpointing: bool = False
     scan: str = "chunked"             # "chunked" (scan.selective_scan) or "reference" (the loop)
-    chunk_size: int = 64              # chunk length of the chunked scan
+    chunk_size: int = 32              # chunk length of the chunked scan (speed only)
 
     def __post_init__(self):
         def need(ok, msg):

@@ -2,24 +2,25 @@
 
     python erf.py                                   # CPU, 128x128, random init: about a minute
     python erf.py --res 1024 --model vmamba_tiny_s1l8 --n 50 --stage 3   # the paper-sized map
-    python erf.py --weights vssm_tiny.pth --model vmamba_tiny_s1l8    # an official checkpoint
+    python erf.py --weights path/to/official.pth --model vmamba_tiny_s1l8   # trained weights
 
-What is measured (the ERF literature's recipe: Luo et al. 2016, RepLKNet, the VMamba paper):
+What is measured (the recipe of the ERF literature: Luo et al. 2016; RepLKNet, Ding et al. 2022):
 for each of n random input images x (B=1, 3, res, res, standard normal, like normalised images),
 take the feature map y (h, w, C) that stage --stage's blocks output (before its downsample),
 sum its C channels at the central pixel (h // 2, w // 2), and back-propagate that scalar to the
 image. The ERF map is |d y_centre / d x| summed over the 3 input channels and averaged over the
 n inputs: (res, res), one non-negative number per input pixel. Random images, not ImageNet
-ones: there are none here, and at random init the image content barely matters.
+ones: none are available offline.
 
-Which stage: a conv-only network reaches a bounded square, 63 px wide at the end of stage 1 of
-the released configurations (two stride-2 3x3 stem convs, two blocks with a 3x3 depthwise conv,
-a stride-2 3x3 downsample, two more blocks), 335 px after stage 2 and 495 px after stage 3.
-The default stage 1 at 128 px is the deepest that leaves pixels beyond that reach; at 1024 px
-the last stage (3) does. The ERF literature uses the last stage on large images.
+Which stage: a conv-only network reaches a bounded square. For vmamba_tiny_s1l8 (generation 2)
+it is 63 px wide at the end of stage 1 (two stride-2 3x3 stem convs, two blocks with a 3x3
+depthwise conv, a stride-2 3x3 downsample, two more blocks), 335 px after stage 2 (8 blocks)
+and 495 px after stage 3. So the default, stage 1 at 128 px, is the deepest stage that leaves
+pixels beyond a conv's reach; at 1024 px the last stage (3) does, which is where RepLKNet-style
+ERF maps are usually taken.
 
 Printed summary numbers, each a fraction of the res*res input pixels (so 1.0 = the whole image):
-    reach    pixels with a non-zero gradient: the support, bounded for convs, all for a global mixer
+    reach    pixels with a non-zero gradient: bounded for convs, all of them for a global mixer
     >1%max   pixels whose gradient exceeds 1% of the map's maximum
     >1e-4    pixels whose gradient exceeds 1e-4 of the maximum (the heat map's floor)
     A50/A90  the fewest pixels (largest first) that hold 50% / 90% of the total gradient mass:
@@ -35,7 +36,7 @@ norms, MLPs and init are the same (the --model configuration):
     conv     SS2D with the scan removed: Linear -> depthwise 3x3 conv -> SiLU -> LN -> Linear,
              so a block sees a 3x3 neighbourhood and depth alone grows the receptive field
     window   Swin-style windowed self-attention (window 8, heads of 32 channels, every second
-             block shifted by 4), the attention layout VMamba is compared with in its paper
+             block shifted by 4: Swin's layout)
 Output: bench_out/erf_<model>[_conv|_window].png (matplotlib if installed, else this file's own
 PNG writer) and .npy with the raw map. Letters as in vmamba_min.py.
 """
@@ -258,8 +259,8 @@ def main(argv=None):
           f"mean of {args.n} random inputs, "
           f"{'weights ' + args.weights if args.weights else 'random init (official)'} | "
           f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads", flush=True)
-    print(f"{'model':<8} {'reach':>7} {'>1%max':>7} {'>1e-4':>7} {'A50':>7} {'A90':>7} {'outside':>8} "
-          f"{'beyond':>8} {'seconds':>8}  file")
+    cols = ("reach", ">1%max", ">1e-4", "A50", "A90", "outside")
+    print(f"{'model':<8}" + "".join(f"{c:>8}" for c in cols) + f"{'beyond':>9}{'seconds':>8}  file")
     maps = {}
     # the conv twin first: its zero set defines "beyond" for the others
     for kind in sorted(kinds, key=lambda k: k != "conv"):
@@ -274,9 +275,8 @@ def main(argv=None):
         path = os.path.join(args.out, stem + ".png")
         np.save(os.path.join(args.out, stem + ".npy"), m)
         save_heatmap(path, m, f"{kind}: {args.model} stage {stage}, {args.res}px, n={args.n}")
-        print(f"{kind:<8} {s['reach']:>7.3f} {s['>1%max']:>7.3f} {s['>1e-4']:>7.3f} {s['A50']:>7.3f} "
-              f"{s['A90']:>7.3f} {s['outside']:>8.3f} {beyond:>8.2e} {sec:>8.1f}  {path}",
-              flush=True)
+        print(f"{kind:<8}" + "".join(f"{s[c]:>8.3f}" for c in cols)
+              + f"{beyond:>9.2e}{sec:>8.1f}  {path}", flush=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ Training: AdamW (weight decay 0.05, none on biases, norms, A_logs and Ds), linea
 cosine decay to zero, per step; cross-entropy with label smoothing 0.1. A plain-text progress
 bar goes to stderr (updated in place on a terminal, one line per epoch otherwise).
 
+--compile: torch.compile(model) for training. With torch 2.13 on CPU it currently fails while
+tracing the backward of scan.py's chunked scan (the forward alone compiles); eager is the
+tested path.
+
 Letters as in vmamba_min.py: B batch, H = W = res.
 """
 import argparse
@@ -169,7 +173,11 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=LR)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--res", type=int, default=RES)
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model. Known to fail with torch 2.13 on CPU: the "
+                        "backward of the chunked scan's scan operator does not trace "
+                        "(UncapturedHigherOrderOpError, init/carry strides); eager is the "
+                        "tested path")
     p.add_argument("--threads", type=int, default=0,
                    help="torch.set_num_threads; 0 keeps torch's default (one per core). On a "
                         "CPU shared with other jobs, 1 avoids OpenMP threads waiting on each "

@@ -1,6 +1,6 @@
 """Effective receptive field (ERF) of VMamba, against a conv-only and a windowed-attention twin.
 
-    python erf.py                                   # CPU, 128x128, random init: about a minute
+    python erf.py                                   # 128x128, random init: seconds on CPU
     python erf.py --res 1024 --model vmamba_tiny_s1l8 --n 50 --stage 3   # the paper-sized map
     python erf.py --weights path/to/official.pth --model vmamba_tiny_s1l8   # trained weights
 

@@ -2,7 +2,7 @@
 
     python train.py                       # defaults below; prints test accuracy and wall time
     python train.py --epochs 15 --res 32 --batch-size 64 --lr 2e-3 --seed 0 \
-        [--compile] [--threads 1]
+        [--threads 1]
 
 The data: `sklearn.datasets.load_digits` (1,797 grey 8x8 images of the digits 0-9, bundled with
 scikit-learn, so nothing is downloaded), scaled to [0, 1], upscaled bilinearly to res x res,
@@ -19,9 +19,9 @@ Training: AdamW (weight decay 0.05, none on biases, norms, A_logs and Ds), linea
 cosine decay to zero, per step; cross-entropy with label smoothing 0.1. A plain-text progress
 bar goes to stderr (updated in place on a terminal, one line per epoch otherwise).
 
---compile: torch.compile(model) for training. With torch 2.13 on CPU it currently fails while
-tracing the backward of scan.py's chunked scan (the forward alone compiles); eager is the
-tested path.
+Eager only: compiling the whole model for training fails with torch 2.13 on CPU (Inductor
+raises DataDependentOutputException while lowering the backward of torch's `scan` operator inside
+the full model; the compiled scan's own forward and backward work and are tested).
 
 Letters as in vmamba_min.py: B batch, H = W = res.
 """
@@ -173,11 +173,6 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=LR)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--res", type=int, default=RES)
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model. Known to fail with torch 2.13 on CPU: the "
-                        "backward of the chunked scan's scan operator does not trace "
-                        "(UncapturedHigherOrderOpError, init/carry strides); eager is the "
-                        "tested path")
     p.add_argument("--threads", type=int, default=0,
                    help="torch.set_num_threads; 0 keeps torch's default (one per core). On a "
                         "CPU shared with other jobs, 1 avoids OpenMP threads waiting on each "
@@ -194,11 +189,10 @@ def main(argv=None):
     print(f"digits {args.res}x{args.res}: {len(y_tr)} train, {len(y_te)} test | VMamba "
           f"{MODEL} {n_params:,} params | torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads", flush=True)
-    net = torch.compile(model) if args.compile else model
 
     opt = build_optimizer(model, args.lr)
-    # Full batches only (a fresh shuffle each epoch, so every sample is seen): one input shape,
-    # so --compile traces once instead of again for the short last batch.
+    # Full batches only (a fresh shuffle each epoch, so every sample is seen over the epochs):
+    # every step sees the same input shape.
     steps_per_epoch = len(y_tr) // args.batch_size
     total = args.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -213,17 +207,17 @@ def main(argv=None):
         for i in range(steps_per_epoch):
             idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
             x = random_shift(x_tr[idx], max_shift, gen)
-            loss = train_step(net, opt, x, y_tr[idx])
+            loss = train_step(model, opt, x, y_tr[idx])
             sched.step()
             running = loss if i == 0 else 0.9 * running + 0.1 * loss
             bar.update(i + 1, f"loss {running:.3f}")
         bar.close()
 
-    acc = accuracy(model, x_te, y_te)   # eager: same weights, no recompile for eval shapes
+    acc = accuracy(model, x_te, y_te)
     wall = time.perf_counter() - t_start
     print(f"test accuracy {acc:.2%} ({round(acc * len(y_te))}/{len(y_te)}) | train accuracy "
           f"{accuracy(model, x_tr, y_tr):.2%} | wall time {wall:.1f}s "
-          f"({args.epochs} epochs{', compiled' if args.compile else ''})")
+          f"({args.epochs} epochs)")
     return acc
 
 

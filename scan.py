@@ -11,8 +11,6 @@ Two implementations of one signature:
   selective_scan_ref  the obvious loop over time, the readable reference;
   selective_scan      a chunked scan, exact at any chunk size, that torch.compile fuses.
 """
-import math
-
 import torch
 import torch.nn.functional as F
 from torch._higher_order_ops import scan as _hop_scan

@@ -25,7 +25,7 @@ from scan import cross_merge, cross_scan, selective_scan, selective_scan_ref
 
 THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
 N_EXAMPLES = settings().max_examples                 # the active profile's (see conftest.py)
-FIXTURES = Path(__file__).parent.parent / "shared" / "fixtures"
+FIXTURES = Path(__file__).parent / "fixtures"
 
 # ---------------------------------------------------------------------------------------------
 # Tolerances.

@@ -1,46 +1,27 @@
 """flops.py: parameters and FLOPs of a VMamba model, counted the way the paper counts them.
 
+    python flops.py                                      # the nine released configs vs the paper
     from flops import count_flops
     count_flops("vanilla_vmamba_tiny")["gflops"]         # a name, a VSSMConfig or a model
-    count_flops(model, image_size=(512, 512))["parts"]   # FLOPs per part of the network
 
-The paper (Liu et al., arXiv 2401.10166) reports fvcore's numbers with one extra handle that the
-official code registers for its scan op. That convention, which this file reproduces without
-fvcore:
-  - a multiply-add is ONE FLOP;
-  - Linear / matmul / einsum (aten mm, addmm, bmm): m*n*k per product, bias not counted;
-  - convolution: Cout * Cin/groups * kh * kw per output pixel, bias not counted;
-  - LayerNorm: 5 per input element (fvcore's "rough estimate" for an affine norm; 4 without
-    weight and bias);
-  - global average pool: 1 per input element (fvcore's adaptive_avg_pool2d handle);
-  - the selective scan, per call: 9*B*L*(K*D)*N + B*L*(K*D) (the official
-    flops_selective_scan_fn with with_D=True: the D-skip adds one FLOP per output element);
-  - everything else is free: activations (SiLU, GELU, softplus), residual adds, the gate
-    multiply, exp, the cross-scan copies and flips, the cross-merge sums.
-
-How: the model runs once on the meta device (shapes only, no memory, no arithmetic) under a
-TorchDispatchMode that sees every aten op and counts the ones above from their shapes. The scan
-is counted by the formula, not by its own elementwise ops: while counting, the two scan
-functions that vmamba_min calls are replaced by a stub that records the formula from the
-arguments it is given (u (B, K*D, L), A (K*D, N)), as the official fvcore handle reads the
-shapes of its scan op's inputs, and returns an empty output of the right shape.
-
+The paper (Liu et al., arXiv 2401.10166) reports fvcore's numbers plus the official handle for
+its scan op. torch's FlopCounterMode does the op and module tracking; this file supplies only
+that convention's formulas (below) and turns the scan into one countable op.
 Letters as in vmamba_min.py: B batch, H, W, L = H*W, C width, D inner width, N d_state, K = 4.
 """
+import argparse
 import math
-import re
-from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 from torch.func import functional_call
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 import vmamba_min
 from vmamba_min import CONFIGS, SS2D, VSSM, VSSMConfig, build_config
 
-__all__ = ["count_flops", "scan_flops", "PAPER_GFLOPS", "SPEC_PARAMS"]
+__all__ = ["count_flops", "scan_flops", "flops_rows", "PAPER_GFLOPS", "SPEC_PARAMS"]
 
 aten = torch.ops.aten
 
@@ -61,101 +42,94 @@ SPEC_PARAMS = {
 
 
 def scan_flops(batch, KD, L, N, with_D=True):
-    """The official count for one selective-scan call: 9 FLOPs per (position, channel, state)
-    (discretise A and B, update h, read out with C) plus one per output for the D skip."""
+    """The official count for one selective-scan call (flops_selective_scan_fn): 9 FLOPs per
+    (position, channel, state) plus one per output for the D skip."""
     return 9 * batch * L * KD * N + (batch * L * KD if with_D else 0)
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-op handles: FLOPs of one aten call from its argument and output shapes
+# The fvcore convention as FlopCounterMode formulas (argument shapes in, FLOPs out). FlopCounterMode
+# counts 2 FLOPs per multiply-add; fvcore counts 1, and the bias add is free.
 # ---------------------------------------------------------------------------------------------
-def _mm(args, out):                 # (m, k) @ (k, n)
-    (m, k), n = args[0].shape, args[1].shape[1]
-    return m * k * n
+def _mm(a, b, out_shape=None, **kw):                # (m, k) @ (k, n)
+    return a[0] * a[1] * b[1]
 
 
-def _addmm(args, out):              # bias + (m, k) @ (k, n): the bias add is free
-    return _mm(args[1:], out)
+def _addmm(bias, a, b, out_shape=None, **kw):
+    return _mm(a, b)
 
 
-def _bmm(args, out):                # (b, m, k) @ (b, k, n)
-    b, m, k = args[0].shape
-    return b * m * k * args[1].shape[2]
+def _bmm(a, b, out_shape=None, **kw):               # (b, m, k) @ (b, k, n)
+    return a[0] * a[1] * a[2] * b[2]
 
 
-def _baddbmm(args, out):
-    return _bmm(args[1:], out)
+def _baddbmm(bias, a, b, out_shape=None, **kw):
+    return _bmm(a, b)
 
 
-def _convolution(args, out):        # input, weight, bias, stride, padding, dilation, transposed
-    if args[6]:
+def _conv(x, w, bias, stride, padding, dilation, transposed, *args, out_shape=None, **kw):
+    """Cout * Cin/groups * kh * kw per output pixel, i.e. per output element Cin/groups*kh*kw."""
+    if transposed:
         raise NotImplementedError("flops: transposed convolutions are not counted")
-    weight = args[1]                 # (Cout, Cin/groups, kh, kw)
-    return out.numel() * weight[0].numel()   # per output element: Cin/groups * kh * kw
+    return math.prod(out_shape) * math.prod(w[1:])
 
 
-def _layer_norm(args, out):         # input, normalized_shape, weight, bias, eps
-    affine = len(args) > 2 and args[2] is not None
-    return args[0].numel() * (5 if affine else 4)
+def _layer_norm(x, normalized_shape, weight=None, bias=None, *args, out_shape=None, **kw):
+    """fvcore's rough estimate: 5 per element with weight and bias, 4 without."""
+    return math.prod(x) * (5 if weight is not None else 4)
 
 
-def _mean(args, out):               # the model's only mean is the global average pool
-    return args[0].numel()
+def _mean(x, *args, out_shape=None, **kw):         # the model's only mean: global average pool
+    return math.prod(x)
 
 
-# op -> (kind, handle). Kinds are the columns of the breakdown `by_op`.
-HANDLES = {
-    aten.mm.default: ("matmul", _mm),
-    aten.addmm.default: ("matmul", _addmm),
-    aten.bmm.default: ("matmul", _bmm),
-    aten.baddbmm.default: ("matmul", _baddbmm),
-    aten.convolution.default: ("conv", _convolution),
-    aten.native_layer_norm.default: ("norm", _layer_norm),
-    aten.mean.dim: ("pool", _mean),
+def _scan(u, A, out_shape=None, **kw):             # u (B, K*D, L), A (K*D, N)
+    return scan_flops(u[0], u[1], u[2], A[1])
+
+
+def _unhandled(*args, **kw):
+    # Arithmetic that the paper's convention would count but this file has no formula for:
+    # fail rather than count 0 (FlopCounterMode counts unknown ops as 0; CPU attention is one).
+    raise NotImplementedError("flops: no formula for this op in the paper's convention")
+
+
+# The scan is a Python function (a loop or torch's scan operator), not one aten op, and its own
+# elementwise ops are not what the paper counts. While counting, vmamba_min's two scans are
+# replaced by this op, which only has a shape (fake) implementation: FlopCounterMode then counts
+# the official formula from its argument shapes, as the official fvcore handle does.
+@torch.library.custom_op("vmamba_flops::selective_scan", mutates_args=())
+def _scan_op(u: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("flops: the counting stub of the scan has no values (meta device only)")
+
+
+@_scan_op.register_fake
+def _(u, A):
+    return torch.empty(u.shape, dtype=torch.float64 if u.dtype == torch.float64 else torch.float32,
+                       device=u.device)                  # (B, K*D, L), as scan.py returns
+
+
+# op -> (column of by_op, formula)
+FORMULAS = {
+    aten.mm: ("matmul", _mm), aten.addmm: ("matmul", _addmm),
+    aten.bmm: ("matmul", _bmm), aten.baddbmm: ("matmul", _baddbmm),
+    aten.convolution: ("conv", _conv), aten._convolution: ("conv", _conv),
+    aten.native_layer_norm: ("norm", _layer_norm),
+    aten.mean: ("pool", _mean),
+    torch.ops.vmamba_flops.selective_scan: ("scan", _scan),
 }
-# Ops with arithmetic that a handle above would have to cover: fail instead of counting 0.
-UNHANDLED = {aten._scaled_dot_product_flash_attention_for_cpu.default,
-             aten.native_group_norm.default, aten.native_batch_norm.default,
-             aten._native_batch_norm_legit_no_training.default}
-
-
-class _Counter(TorchDispatchMode):
-    """Counts the ops in HANDLES, filed under the module that runs them (`stack[-1]`)."""
-
-    def __init__(self):
-        super().__init__()
-        self.stack = [""]                     # qualified names of the running modules
-        self.parts = defaultdict(int)         # "module path:kind" -> FLOPs
-        self.scanned = []                     # module paths that called the scan
-
-    def add(self, kind, flops):
-        self.parts[f"{_part_name(self.stack[-1])}:{kind}"] += int(flops)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func in UNHANDLED:
-            raise NotImplementedError(f"flops: no FLOP handle for {func}")
-        if func in HANDLES:
-            kind, handle = HANDLES[func]
-            self.add(kind, handle(args, out[0] if isinstance(out, tuple) else out))
-        return out
-
-
-def _part_name(path):
-    """'layers.2.blocks.5.self_attention.in_proj' -> 'layers.blocks.self_attention.in_proj':
-    the same part of every block and stage adds up under one name."""
-    return re.sub(r"\.\d+(?=\.|$)", "", path) or "model"
+UNHANDLED = (aten._scaled_dot_product_flash_attention_for_cpu, aten.native_group_norm,
+             aten.native_batch_norm, aten._native_batch_norm_legit_no_training)
 
 
 @contextmanager
-def _counting_scan(counter):
-    """Swap the scans that vmamba_min calls for a stub that counts the formula."""
+def _counting_scan(calls):
+    """Swap the scans that vmamba_min calls for the counting op; `calls` collects one entry
+    per call, so that a scan which escaped the swap is noticed."""
     def stub(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, **kw):
-        batch, KD, L = u.shape
-        counter.add("scan", scan_flops(batch, KD, L, A.shape[1], with_D=D is not None))
-        counter.scanned.append(counter.stack[-1])
-        dtype = torch.float64 if u.dtype == torch.float64 else torch.float32   # as scan.py
-        return torch.empty(u.shape, dtype=dtype, device=u.device)              # (B, K*D, L)
+        if D is None:
+            raise NotImplementedError("flops: the formula here is the one with the D skip")
+        calls.append(u.shape)
+        return _scan_op(u, A)
 
     saved = vmamba_min.selective_scan, vmamba_min.selective_scan_ref
     vmamba_min.selective_scan = vmamba_min.selective_scan_ref = stub
@@ -179,11 +153,10 @@ def _as_model(model_or_config):
 def count_flops(model_or_config, image_size=(224, 224)) -> dict:
     """Parameters and FLOPs of one image (batch 1) at image_size (an int or (H, W)).
 
-    model_or_config: a VSSM (or any nn.Module built from vmamba_min), a VSSMConfig, or a name
-    in vmamba_min.CONFIGS. A given model is not changed or run on its own weights: its forward
-    runs on meta copies of them.
+    The forward runs on the meta device (shapes only): a given model's weights are swapped for
+    meta copies through functional_call, so the model itself is neither changed nor run.
     Returns {"params", "flops", "gflops", "by_op": {matmul, conv, norm, pool, scan},
-    "parts": {"module path:kind": FLOPs} (block and stage indices dropped), "image_size"}.
+    "by_module": {FlopCounterMode's module name: FLOPs}, "image_size"}.
     """
     model = _as_model(model_or_config)
     H, W = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -192,42 +165,36 @@ def count_flops(model_or_config, image_size=(224, 224)) -> dict:
             [*model.named_parameters(), *model.named_buffers()]}
     x = torch.empty(1, in_chans, H, W, device="meta")
 
-    counter, ran, hooks = _Counter(), [], []
-    for name, m in model.named_modules():
-        def enter(mod, args, name=name):
-            counter.stack.append(name)
-            if isinstance(mod, SS2D):
-                ran.append(name)
-
-        def leave(mod, args, out):
-            counter.stack.pop()
-        hooks += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
+    mapping = {op: f for op, (_, f) in FORMULAS.items()}
+    mapping.update({op: _unhandled for op in UNHANDLED})
+    counter, calls = FlopCounterMode(display=False, custom_mapping=mapping), []
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad(), _counting_scan(counter), counter:
+        with torch.no_grad(), _counting_scan(calls), counter:
             functional_call(model, meta, (x,))
     finally:
         model.train(was_training)
-        for h in hooks:
-            h.remove()
-    # Every SS2D that ran must have called the (stubbed) scan exactly once, or its scan FLOPs
-    # would be silently missing (e.g. if vmamba_min stopped calling the scan by these names).
-    if sorted(ran) != sorted(counter.scanned):
-        raise RuntimeError(f"flops: scan not intercepted: SS2D modules {ran}, "
-                           f"scan calls from {counter.scanned}")
+    n_ss2d = sum(isinstance(m, SS2D) for m in model.modules())
+    if len(calls) != n_ss2d:   # e.g. vmamba_min stopped calling the scans by these names
+        raise RuntimeError(f"flops: {n_ss2d} SS2D modules but {len(calls)} scan calls counted")
 
-    by_op = defaultdict(int)
-    for part, f in counter.parts.items():
-        by_op[part.rsplit(":", 1)[1]] += f
-    total = sum(counter.parts.values())
+    counts = counter.get_flop_counts()
+    by_op = {}
+    for op, f in counts.get("Global", {}).items():
+        if op not in FORMULAS:   # FlopCounterMode's own formula: another convention
+            raise NotImplementedError(f"flops: {op} has no formula in the paper's convention")
+        kind = FORMULAS[op][0]
+        by_op[kind] = by_op.get(kind, 0) + f
+    total = sum(by_op.values())
     return {"params": sum(p.numel() for p in model.parameters()), "flops": total,
-            "gflops": total / 1e9, "by_op": dict(by_op), "parts": dict(counter.parts),
+            "gflops": total / 1e9, "by_op": by_op,
+            "by_module": {name: sum(c.values()) for name, c in counts.items() if name != "Global"},
             "image_size": (H, W)}
 
 
 def flops_rows(names=tuple(CONFIGS), image_size=(224, 224)):
-    """One row per released configuration: ours vs the paper's GFLOPs (for bench.py --flops)."""
+    """One row per released configuration: ours vs the paper's GFLOPs."""
     rows = []
     for name in names:
         r = count_flops(name, image_size)
@@ -241,3 +208,21 @@ def flops_rows(names=tuple(CONFIGS), image_size=(224, 224)):
                      "mm_conv_g": g.get("matmul", 0) + g.get("conv", 0),
                      "norm_g": g.get("norm", 0), "scan_g": g.get("scan", 0)})
     return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="params and GFLOPs of the released configurations "
+                                            "(paper/fvcore convention, meta device)")
+    p.add_argument("--res", type=int, default=224, help="square input side")
+    args = p.parse_args(argv)
+    print(f"batch 1, {args.res}x{args.res}, torch {torch.__version__}")
+    cols = ("model", "params", "= SPEC", "GFLOPs", "paper", "mm+conv", "norm", "scan")
+    print(f"{cols[0]:<22}{cols[1]:>12}{cols[2]:>8}" + "".join(f"{c:>9}" for c in cols[3:]))
+    for r in flops_rows(image_size=(args.res, args.res)):
+        paper = f"{r['paper_gflops']:.1f}" if r["paper_gflops"] else "-"
+        print(f"{r['model']:<22}{r['params']:>12,}{r['params_ok'] or '-':>8}{r['gflops']:>9.3f}"
+              f"{paper:>9}" + "".join(f"{r[k]:>9.3f}" for k in ("mm_conv_g", "norm_g", "scan_g")))
+
+
+if __name__ == "__main__":
+    main()

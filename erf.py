@@ -1,52 +1,19 @@
 """Effective receptive field (ERF) of VMamba, against a conv-only and a windowed-attention twin.
 
     python erf.py                                   # 128x128, random init: seconds on CPU
-    python erf.py --res 1024 --model vmamba_tiny_s1l8 --n 50 --stage 3   # the paper-sized map
-    python erf.py --weights path/to/official.pth --model vmamba_tiny_s1l8   # trained weights
+    python erf.py --res 1024 --n 50 --stage 3       # the paper-sized map
+    python erf.py --weights path/to/official.pth    # trained weights (VMamba only)
 
-What is measured (the recipe of the ERF literature: Luo et al. 2016; RepLKNet, Ding et al. 2022):
-for each of n random input images x (B=1, 3, res, res, standard normal, like normalised images),
-take the feature map y (h, w, C) that stage --stage's blocks output (before its downsample),
-sum its C channels at the central pixel (h // 2, w // 2), and back-propagate that scalar to the
-image. The ERF map is |d y_centre / d x| summed over the 3 input channels and averaged over the
-n inputs: (res, res), one non-negative number per input pixel. Random images, not ImageNet
-ones: none are available offline.
-
-Which stage: a conv-only network reaches a bounded square. For vmamba_tiny_s1l8 (generation 2)
-it is 63 px wide at the end of stage 1 (two stride-2 3x3 stem convs, two blocks with a 3x3
-depthwise conv, a stride-2 3x3 downsample, two more blocks), 335 px after stage 2 (8 blocks)
-and 495 px after stage 3. So the default, stage 1 at 128 px, is the deepest stage that leaves
-pixels beyond a conv's reach; at 1024 px the last stage (3) does, which is where RepLKNet-style
-ERF maps are usually taken.
-
-Printed summary numbers, each a fraction of the res*res input pixels (so 1.0 = the whole image):
-    reach    pixels with a non-zero gradient: bounded for convs, all of them for a global mixer
-    >1%max   pixels whose gradient exceeds 1% of the map's maximum
-    >1e-4    pixels whose gradient exceeds 1e-4 of the maximum (the heat map's floor)
-    A50/A90  the fewest pixels (largest first) that hold 50% / 90% of the total gradient mass:
-             small for a local ERF, large for a global one
-    outside  the share of gradient mass that lies outside the central square of side res/2
-    beyond   the share of gradient mass on pixels the conv twin cannot reach at all (its
-             gradient there is exactly 0): only a global mixer puts mass there
-The PNG shows log10(map / max), clipped at -4 (four decades), as a heat map.
-
-The three models differ only in the mixer of each block; stem, downsampling, widths, depths,
-norms, MLPs and init are the same (the --model configuration):
-    vmamba   SS2D: Linear -> depthwise 3x3 conv -> SiLU -> 4-route selective scan -> LN -> Linear
-    conv     SS2D with the scan removed: Linear -> depthwise 3x3 conv -> SiLU -> LN -> Linear,
-             so a block sees a 3x3 neighbourhood and depth alone grows the receptive field
-    window   Swin-style windowed self-attention (window 8, heads of 32 channels, every second
-             block shifted by 4: Swin's layout)
-Output: bench_out/erf_<model>[_conv|_window].png (matplotlib if installed, else this file's own
-PNG writer) and .npy with the raw map. Letters as in vmamba_min.py.
+The ERF (Luo et al. 2016; RepLKNet) of a stage is |d(sum_c y_centre) / d image|, averaged over
+random inputs: how far one output pixel sees. The twins change only each block's mixer (the
+scan removed; Swin-style windows), so a difference in reach is the mixer's. README's ERF section
+explains the printed numbers and what was measured. Letters as in vmamba_min.py.
 """
 import argparse
 import os
 import sys
 import time
-import zlib
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -60,8 +27,8 @@ from vmamba_min import SS2D, build, convert_official_state_dict
 MODEL = "vmamba_tiny_s1l8"
 RES = 128
 N_INPUTS = 8
-STAGE = 1           # see the module docstring: at 128 px the conv twin's reach ends inside
-                    # the image only up to stage 1; use --stage 3 (the last) at 1024 px
+STAGE = 1           # at 128 px the conv twin's reach (README) ends inside the image only up
+                    # to stage 1; use --stage 3 (the last) at 1024 px
 SEED = 0
 BASELINES = ("conv", "window")
 OUT_DIR = "bench_out"
@@ -168,69 +135,43 @@ def erf_map(model, res, n, stage, seed=SEED):
         h, w = y.shape[1], y.shape[2]
         (grad,) = torch.autograd.grad(y[0, h // 2, w // 2].sum(), x)
         total += grad[0].abs().sum(0).double()               # (res, res)
-    return (total / n).numpy()
+    return total / n
 
 
 def summarize(m):
-    """The printed numbers (see the module docstring), as fractions of all pixels."""
-    flat = np.sort(m.ravel())[::-1]
-    cum = np.cumsum(flat) / flat.sum()
-    area = lambda p: (np.searchsorted(cum, p) + 1) / flat.size
+    """The printed numbers, as fractions of the res*res pixels (README's ERF section):
+    reach (gradient non-zero), >1%max and >1e-4 (above that share of the maximum), A50 and A90
+    (the fewest pixels, largest first, holding 50% / 90% of the gradient mass), outside (mass
+    outside the central square of side res/2)."""
+    flat = m.flatten().sort(descending=True).values
+    cum = flat.cumsum(0) / flat.sum()
+    area = lambda p: (torch.searchsorted(cum, p).item() + 1) / flat.numel()
     H, W = m.shape
     centre = m[H // 4:H - H // 4, W // 4:W - W // 4].sum()
-    return {"reach": float((m > 0).mean()), ">1%max": float((m > 0.01 * m.max()).mean()),
-            ">1e-4": float((m > 1e-4 * m.max()).mean()), "A50": area(0.5), "A90": area(0.9),
-            "outside": float(1 - centre / m.sum())}
+    frac = lambda mask: mask.double().mean().item()
+    return {"reach": frac(m > 0), ">1%max": frac(m > 0.01 * m.max()),
+            ">1e-4": frac(m > 1e-4 * m.max()), "A50": area(0.5), "A90": area(0.9),
+            "outside": (1 - centre / m.sum()).item()}
 
 
-# ---------------------------------------------------------------------------------------------
-# Writing the heat map: matplotlib if present, else a PNG written by hand
-# ---------------------------------------------------------------------------------------------
-def log_normalise(m, decades=4):
-    """log10(m / max) clipped at -decades, mapped to [0, 1]."""
-    v = np.log10(np.maximum(m / m.max(), 10.0 ** -decades))
-    return (v + decades) / decades
-
-
-def write_png(path, rgb):
-    """rgb: (H, W, 3) uint8. PNG = signature + IHDR + IDAT (zlib of rows, each led by filter
-    byte 0) + IEND; every chunk is length, type, data, CRC-32 of type + data."""
-    h, w, _ = rgb.shape
-
-    def chunk(kind, data):
-        return (len(data).to_bytes(4, "big") + kind + data
-                + zlib.crc32(kind + data).to_bytes(4, "big"))
-
-    raw = b"".join(b"\x00" + rgb[i].tobytes() for i in range(h))
-    ihdr = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])  # 8-bit RGB
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-                + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-
-
-def heat_rgb(v):
-    """[0, 1] -> black-red-yellow-white, like matplotlib's 'hot': (H, W, 3) uint8."""
-    rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], -1)
-    return (rgb * 255 + 0.5).astype(np.uint8)
-
-
-def save_heatmap(path, m, title):
-    v = log_normalise(m)
+def save_heatmap(path, m, title, decades=4):
+    """log10(m / max) clipped at -decades, as a heat map; needs matplotlib (the `plot` extra).
+    Returns False, writing nothing, without it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        scale = max(1, 256 // v.shape[0])                    # nearest-neighbour up to >= 256 px
-        write_png(path, heat_rgb(np.kron(v, np.ones((scale, scale)))))
-        return
+        return False
+    v = torch.log10((m / m.max()).clamp(min=10.0 ** -decades))
     fig, ax = plt.subplots(figsize=(4.2, 4))
-    im = ax.imshow(v * 4 - 4, cmap="hot", vmin=-4, vmax=0)
+    im = ax.imshow(v.numpy(), cmap="hot", vmin=-decades, vmax=0)
     ax.set_title(title, fontsize=8)
     ax.axis("off")
     fig.colorbar(im, ax=ax, fraction=0.046, label="log10(|grad| / max)")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,8 +201,8 @@ def main(argv=None):
           f"{'weights ' + args.weights if args.weights else 'random init (official)'} | "
           f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads", flush=True)
     cols = ("reach", ">1%max", ">1e-4", "A50", "A90", "outside")
-    print(f"{'model':<8}" + "".join(f"{c:>8}" for c in cols) + f"{'beyond':>9}{'seconds':>8}  file")
-    maps = {}
+    print(f"{'model':<8}" + "".join(f"{c:>8}" for c in cols) + f"{'beyond':>9}{'seconds':>8}  files")
+    maps, warned = {}, False
     # the conv twin first: its zero set defines "beyond" for the others
     for kind in sorted(kinds, key=lambda k: k != "conv"):
         torch.manual_seed(args.seed)
@@ -270,13 +211,18 @@ def main(argv=None):
         m = erf_map(model, args.res, args.n, stage, args.seed)
         sec = time.perf_counter() - t0
         s, maps[kind] = summarize(m), m
-        beyond = (m[maps["conv"] == 0].sum() / m.sum()) if "conv" in maps else float("nan")
+        beyond = (m[maps["conv"] == 0].sum() / m.sum()).item() if "conv" in maps else float("nan")
         stem = f"erf_{args.model}" + ("" if kind == "vmamba" else f"_{kind}")
-        path = os.path.join(args.out, stem + ".png")
-        np.save(os.path.join(args.out, stem + ".npy"), m)
-        save_heatmap(path, m, f"{kind}: {args.model} stage {stage}, {args.res}px, n={args.n}")
+        base = os.path.join(args.out, stem)
+        torch.save(m, base + ".pt")                          # the raw map, (res, res) float64
+        png = save_heatmap(base + ".png", m,
+                           f"{kind}: {args.model} stage {stage}, {args.res}px, n={args.n}")
+        if not png and not warned:
+            print("matplotlib not installed (pip install -e '.[plot]'): no heat maps, "
+                  "only the numbers and the .pt maps", flush=True)
+            warned = True
         print(f"{kind:<8}" + "".join(f"{s[c]:>8.3f}" for c in cols)
-              + f"{beyond:>9.2e}{sec:>8.1f}  {path}", flush=True)
+              + f"{beyond:>9.2e}{sec:>8.1f}  {base}.{'{pt,png}' if png else 'pt'}", flush=True)
 
 
 if __name__ == "__main__":

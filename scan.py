@@ -115,7 +115,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. The chunked scan.
+# 2. The chunked scan, with a backward that recomputes instead of storing.
 # ---------------------------------------------------------------------------------------------
 def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, *,
                    chunk_size=32, h0=None, return_last_state=False):
@@ -123,6 +123,7 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fa
 
     Same arguments and result; chunk_size T only changes the speed (and float rounding).
 
+    Forward:
     1. Cut the sequence into M chunks of T steps, padding with delta' = 0 (decay 1, input 0:
        padded steps leave the state alone), and lay everything out time-major (T, ...).
     2. Intra-chunk: run the recurrence inside all M chunks at once, each from a zero state, for
@@ -132,102 +133,248 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fa
        E_{m-1} (h0 for the first).
     4. Fix-up: y_t += sum_n C_t[n] * exp(A[n] * s_t) * E_{m-1}[n], s_t the sum of delta' in the
        chunk up to and including t.
+    Backward (`_ChunkedScan.backward`, derived there): saves only the inputs, delta' and the M
+    chunk-entry states (B, K*D, M, N), and recomputes the rest chunk by chunk.
     Stability: every exponent is A (<= 0) times a sum of delta' (>= 0), so every factor is a
     decay <= 1. Nothing is divided by a decay (dividing by exp(cumsum) overflows to NaN).
     Cost: each exp(A * delta') is computed twice (steps 2 and 4); recomputing is cheaper than
-    storing a (B, K*D, L, N) tensor, which this function never materialises.
+    storing a (B, K*D, L, N) tensor, which the forward never materialises.
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"selective_scan: chunk_size must be an int >= 1, got {chunk_size!r}")
-    u, delta, A, B, C, D, h0 = _prepare(u, delta, A, B, C, D, delta_bias, delta_softplus, h0)
+    _check_inputs(u, delta, A, B, C, D, delta_bias, h0)
+    dt = _compute_dtype(u)
+    u, delta, A, B, C = (t.to(dt) for t in (u, delta, A, B, C))
+    D, delta_bias, h0 = (None if t is None else t.to(dt) for t in (D, delta_bias, h0))
     batch, KD, L = u.shape
-    K, N = B.shape[1], A.shape[1]
-    Dk = KD // K
     if L == 0:
-        y, h = u.new_zeros(batch, KD, 0), (u.new_zeros(batch, KD, N) if h0 is None else h0)
+        y = u.new_zeros(batch, KD, 0)
+        h = u.new_zeros(batch, KD, A.shape[1]) if h0 is None else h0
         return (y, h) if return_last_state else y
+    y, h_last = _ChunkedScan.apply(u, delta, A, B, C, D, delta_bias, h0, delta_softplus,
+                                   min(chunk_size, L))
+    return (y, h_last) if return_last_state else y
 
-    # 1. chunks, time-major
-    T = min(chunk_size, L)
-    M = -(-L // T)
 
-    def time_major(t):                                       # (B, c, L) -> (T, B, c, M)
+class _ChunkedScan(torch.autograd.Function):
+    """The chunked scan as one autograd node: autograd through the step loop would keep every
+    step's state (the (B, K*D, L, N) tensor, about 29x the call's inputs and output).
+
+    Backward, for one channel (scalars delta'_t, u_t; vectors over n: A, B_t, C_t, h_t), with
+    a_t = exp(delta'_t A), x_t = delta'_t u_t, upstream gradients dy_t and dh_L (last state):
+    1. The adjoint state g_t = dL/dh_t obeys the reverse recurrence
+           g_t = C_t dy_t + a_{t+1} g_{t+1},    g_{L-1} = C_{L-1} dy_{L-1} + dh_L,
+       the forward recurrence run backwards with the same decays: it is chunked the same way.
+    2. Each chunk's adjoint from zero, as it leaves the chunk's first step:
+           G_m = sum_{t in m} exp(A s_t) C_t dy_t        (s_t: delta' summed up to t in m)
+    3. Chain the chunks right to left, g_out_m = G_{m+1} + exp(A S_{m+1}) g_out_{m+1},
+       g_out_{M-1} = dh_L: the adjoint arriving at chunk m's last step from the chunks after it.
+    4. Recompute inside every chunk, from the saved entry state, the state before each step,
+       h_{t-1}.
+    5. Run step 1 backwards through every chunk from g_out_m and read the gradients off it:
+           du_t  = delta'_t <B_t, g_t> + D dy_t      dB_t = x_t g_t   (summed over the group)
+           ddelta'_t = u_t <B_t, g_t> + <A, a_t h_{t-1} g_t>          dC_t = dy_t h_t   (idem)
+           dA   = sum_t delta'_t a_t h_{t-1} g_t     dD = sum_t dy_t u_t     dh0 = a_0 g_0
+    6. Through the softplus: d(delta + bias) = ddelta' * sigmoid(delta + bias), and
+       sigmoid(z) = 1 - exp(-softplus(z)), so delta' alone is enough (no need to keep z).
+    Same stability rule as the forward: only decays, no division. Saved: u, delta', A, B, C, D
+    and the chunk-entry states (B, K*D, M, N): at T = 32 and N = 16 half the size of u.
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, h0, softplus, T):
+        if delta_bias is not None:
+            delta = delta + delta_bias[:, None]
+        dp = F.softplus(delta) if softplus else delta        # delta' (batch, K*D, L)
+        lay = _Layout(u, B, T)
+        Ak = lay.state_view(A)                                # (1, K, D, 1, N)
+        dt, x = lay.chan(dp), lay.chan(dp * u)                # (T, batch, K, D, M)
+        Bt, Ct = lay.group(B), lay.group(C)                   # (T, batch, K, 1, M, N)
+        h0k = None if h0 is None else lay.state_view(h0)      # (batch, K, D, 1, N)
+        y, h_in, h_last = _chunked_forward(dt, x, Bt, Ct, Ak, h0k)
+        y = lay.unchan(y)                                     # (batch, K*D, L)
+        if D is not None:
+            y = y + D[:, None] * u
+        ctx.save_for_backward(u, dp, A, B, C, D, h_in)
+        ctx.softplus, ctx.T = softplus, T
+        ctx.has_bias, ctx.has_h0 = delta_bias is not None, h0 is not None
+        ctx.set_materialize_grads(False)
+        return y, h_last.reshape(lay.batch, lay.KD, -1)      # (batch, K*D, L), (batch, K*D, N)
+
+    @staticmethod
+    def backward(ctx, gy, gh):
+        u, dp, A, B, C, D, h_in = ctx.saved_tensors
+        lay = _Layout(u, B, ctx.T)
+        if gy is None:
+            gy = torch.zeros_like(u)
+        Ak = lay.state_view(A)
+        dt, x, gyt = lay.chan(dp), lay.chan(dp * u), lay.chan(gy)
+        Bt, Ct = lay.group(B), lay.group(C)
+        ghk = None if gh is None else lay.state_view(gh)
+        gBg, dd, dB, dC, dA, dh0 = _chunked_backward(dt, x, Bt, Ct, Ak, h_in, gyt, ghk)
+        gBg, dd = lay.unchan(gBg), lay.unchan(dd)             # (batch, K*D, L)
+        du = dp * gBg
+        ddp = u * gBg + dd                                    # dL/ddelta'
+        dD = None
+        if D is not None:
+            du = du + D[:, None] * gy
+            dD = (gy * u).sum((0, 2))
+        dz = ddp * -torch.expm1(-dp) if ctx.softplus else ddp     # step 6
+        dbias = dz.sum((0, 2)) if ctx.has_bias else None
+        return (du, dz, dA.reshape(A.shape), lay.ungroup(dB), lay.ungroup(dC), dD, dbias,
+                dh0.reshape(lay.batch, lay.KD, -1) if ctx.has_h0 else None, None, None)
+
+
+class _Layout:
+    """Time-major chunk layout: (batch, c, L) <-> (T, batch, c, M), zero-padded to M*T."""
+
+    def __init__(self, u, B, T):
+        self.batch, self.KD, self.L = u.shape
+        self.K, self.N = B.shape[1], B.shape[2]
+        self.Dk, self.T = self.KD // self.K, T
+        self.M = -(-self.L // T)
+
+    def _tm(self, t):                                         # (batch, c, L) -> (T, batch, c, M)
         c = t.shape[1]
-        t = F.pad(t, (0, M * T - L)).view(batch, c, M, T)    # (B, c, M, T)
-        return t.permute(3, 0, 1, 2).contiguous()            # (T, B, c, M)
+        t = F.pad(t, (0, self.M * self.T - self.L)).view(self.batch, c, self.M, self.T)
+        return t.permute(3, 0, 1, 2).contiguous()
 
-    dt = time_major(delta).view(T, batch, K, Dk, M)          # (T, B, K, D, M)
-    x = time_major(delta * u).view(T, batch, K, Dk, M)       # (T, B, K, D, M)  input * delta'
-    Bt = time_major(B.flatten(1, 2)).view(T, batch, K, N, M)
-    Bt = Bt.transpose(3, 4).unsqueeze(3).contiguous()        # (T, B, K, 1, M, N)
-    Ct = time_major(C.flatten(1, 2)).view(T, batch, K, N, M)
-    Ct = Ct.transpose(3, 4).unsqueeze(3).contiguous()        # (T, B, K, 1, M, N)
-    Ak = A.view(1, K, Dk, 1, N)                              # (1, K, D, 1, N)
+    def chan(self, t):                                        # (batch, K*D, L) -> (T, b, K, D, M)
+        return self._tm(t).view(self.T, self.batch, self.K, self.Dk, self.M)
 
-    # 2. intra-chunk recurrence from zero, all chunks at once
-    H, y = _scan_chunks(dt, x, Bt, Ct, Ak)                   # (B, K, D, M, N), (T, B, K, D, M)
+    def unchan(self, t):                                      # (T, b, K, D, M) -> (batch, K*D, L)
+        t = t.permute(1, 2, 3, 4, 0).reshape(self.batch, self.KD, self.M * self.T)
+        return t[..., :self.L]
 
-    # 3. inter-chunk: inclusive log-step scan of (decay, state) pairs over the M chunks
-    s = dt.cumsum(0)                                         # (T, B, K, D, M)
-    E = _chain_chunks(H, s[-1], Ak, h0)                      # (B, K, D, M, N) state after m
-    start = E.new_zeros(batch, K, Dk, 1, N) if h0 is None else h0.view(batch, K, Dk, 1, N)
-    h_in = torch.cat([start, E[..., :-1, :]], dim=-2)        # (B, K, D, M, N) state entering m
+    def group(self, t):                                       # (b, K, N, L) -> (T, b, K, 1, M, N)
+        t = self._tm(t.flatten(1, 2)).view(self.T, self.batch, self.K, self.N, self.M)
+        return t.transpose(3, 4).unsqueeze(3).contiguous()
 
-    # 4. fix-up: add what the entering state contributes at every step
-    y = y + (Ct * torch.exp(s[..., None] * Ak) * h_in).sum(-1)        # (T, B, K, D, M)
+    def ungroup(self, t):                                     # (T, b, K, M, N) -> (b, K, N, L)
+        t = t.permute(1, 2, 4, 3, 0).reshape(self.batch, self.K, self.N, self.M * self.T)
+        return t[..., :self.L]
 
-    y = y.permute(1, 2, 3, 4, 0).reshape(batch, KD, M * T)[..., :L]   # (B, K*D, L)
-    if D is not None:
-        y = y + D[:, None] * u
-    if return_last_state:
-        return y, E[..., -1, :].reshape(batch, KD, N)
-    return y
+    def state_view(self, t):                                  # (.., K*D, N) -> (.., K, D, 1, N)
+        return t.reshape(t.shape[:-2] + (self.K, self.Dk, 1, self.N))
+
+
+def _chunked_forward(dt, x, Bt, Ct, Ak, h0):
+    """Forward steps 2-4. Returns y (T, b, K, D, M), the chunk-entry states h_in
+    (b, K, D, M, N) and the last state (b, K, D, 1, N)."""
+    H, y = _scan_chunks(dt, x, Bt, Ct, Ak)                   # (b, K, D, M, N), (T, b, K, D, M)
+    s = dt.cumsum(0)                                         # (T, b, K, D, M)
+    E = _chain_chunks(H, s[-1], Ak, h0)                      # (b, K, D, M, N) state after m
+    start = E.new_zeros(E.shape[:3] + (1, E.shape[-1])) if h0 is None else h0
+    h_in = torch.cat([start, E[..., :-1, :]], dim=-2)        # (b, K, D, M, N) state entering m
+    y = y + (Ct * torch.exp(s[..., None] * Ak) * h_in).sum(-1)        # (T, b, K, D, M)
+    return y, h_in, E[..., -1:, :]
+
+
+def _chunked_backward(dt, x, Bt, Ct, Ak, h_in, gyt, gh):
+    """Backward steps 2-5 (see _ChunkedScan). gyt (T, b, K, D, M); gh (b, K, D, 1, N) or None.
+    Returns <B_t, g_t> and <A, a_t h_{t-1} g_t> (T, b, K, D, M), dB and dC (T, b, K, M, N),
+    dA (K, D, N) and dh0 (b, K, D, N)."""
+    s = dt.cumsum(0)                                         # (T, b, K, D, M)
+    gyn = gyt[..., None]                                     # (T, b, K, D, M, 1)
+    # 2.-3. the adjoint arriving at each chunk's last step from the chunks to its right
+    last = torch.zeros_like(h_in[..., :1, :]) if gh is None else gh        # (b, K, D, 1, N)
+    if h_in.shape[-2] > 1:
+        G = (torch.exp(s[..., None] * Ak) * Ct * gyn).sum(0)                # (b, K, D, M, N)
+        Gr, Sr = G.flip(-2)[..., :-1, :], s[-1].flip(-1)[..., :-1]          # chunks M-1..1
+        g_out = torch.cat([_chain_chunks(Gr, Sr, Ak, gh).flip(-2), last], dim=-2)
+    else:
+        g_out = last                                                        # (b, K, D, M, N)
+    # 4. the state before every step, from the saved chunk-entry states
+    h_prev = _states_before(dt, x, Bt, Ak, h_in)             # T x (b, K, D, M, N)
+    # 5. the adjoint recurrence inside every chunk, right to left
+    g_first, dA, outs = _adjoint_chunks(dt, x, Bt, Ct, gyt, h_prev, Ak, g_out)
+    gBg, dd, dB, dC = outs
+    return gBg, dd, dB, dC, dA.sum((0, 3)), g_first[..., 0, :]
+
+
+def _loop(step, carry, xs, reverse=False):
+    """Run `step` over dim 0 of the tensors in xs: torch's `scan` operator when compiling
+    (one fused kernel per step instead of T unrolled copies, which compile slowly and were seen
+    miscompiled), a plain Python loop in eager mode (the operator re-traces `step` on every eager
+    call, slow for small inputs, and fails under torch.utils.checkpoint's recomputation).
+    Returns the last carry and the stacked per-step outputs, in input order."""
+    if torch.compiler.is_compiling():
+        return _hop_scan(step, carry, xs, reverse=reverse)
+    T = xs[0].shape[0]
+    outs = [None] * T
+    for t in (reversed(range(T)) if reverse else range(T)):
+        carry, outs[t] = step(carry, tuple(v[t] for v in xs))
+    if isinstance(outs[0], tuple):
+        return carry, tuple(torch.stack(o) for o in zip(*outs))
+    return carry, torch.stack(outs)
 
 
 def _scan_chunks(dt, x, Bt, Ct, Ak):
-    """Step 2: T steps of h = exp(delta' A) h + x B, y = C . h, over all chunks at once.
+    """Forward step 2: T steps of h = exp(delta' A) h + x B, y = C . h, over all chunks at once.
 
-    dt, x (T, B, K, D, M); Bt, Ct (T, B, K, 1, M, N); Ak (1, K, D, 1, N).
-    Uses torch's `scan` operator, which torch.compile turns into one fused C++/Triton kernel per
-    step instead of unrolling T steps into a huge graph (slow to compile, and seen miscompiled).
+    dt, x (T, b, K, D, M); Bt, Ct (T, b, K, 1, M, N); Ak (1, K, D, 1, N).
+    A enters as a (broadcast) per-step input, not through the closure: with A captured by the
+    closure, torch 2.13's compiled backward of the `scan` operator returned a wrong dL/dA.
     """
-    def step(h, inputs):                                     # h (B, K, D, M, N)
+    def step(h, inputs):                                     # h (b, K, D, M, N)
         dt_t, x_t, B_t, C_t, A_t = inputs
         h = torch.exp(dt_t[..., None] * A_t) * h + x_t[..., None] * B_t
         # clone: scan's carry must not alias its output (torch.compile rejects the graph)
-        return h.clone(), (h * C_t).sum(-1)                  # (B, K, D, M)
+        return h.clone(), (h * C_t).sum(-1)                  # (b, K, D, M)
 
-    h = x.new_zeros(x.shape[1:] + (Ak.shape[-1],))           # (B, K, D, M, N)
-    if not torch.compiler.is_compiling():
-        # Eager: a plain loop. The operator re-traces `step` on every eager call (slow for small
-        # inputs) and fails under torch.utils.checkpoint's recomputation.
-        ys = []
-        for inputs in zip(dt, x, Bt, Ct):
-            h, y_t = step(h, inputs + (Ak,))
-            ys.append(y_t)
-        return h, torch.stack(ys)                            # (B,K,D,M,N), (T, B, K, D, M)
-    # A enters as a (broadcast) per-step input, not through the closure: with A captured by the
-    # closure, torch 2.13's compiled backward returned a wrong dL/dA (relative error 0.57).
-    A_steps = Ak.expand((dt.shape[0],) + Ak.shape)           # (T, 1, K, D, 1, N), no copy
-    return _hop_scan(step, h, (dt, x, Bt, Ct, A_steps))
+    h = x.new_zeros(x.shape[1:] + (Ak.shape[-1],))           # (b, K, D, M, N)
+    return _loop(step, h, (dt, x, Bt, Ct, Ak.expand((dt.shape[0],) + Ak.shape)))
+
+
+def _states_before(dt, x, Bt, Ak, h_in):
+    """Backward step 4: h_{t-1} for every step of every chunk, (T, b, K, D, M, N), from the
+    chunk-entry states. The only (L, N)-sized tensor of the scan; it lives during backward."""
+    def step(h, inputs):
+        dt_t, x_t, B_t, A_t = inputs
+        return torch.exp(dt_t[..., None] * A_t) * h + x_t[..., None] * B_t, h.clone()
+
+    return _loop(step, h_in, (dt, x, Bt, Ak.expand((dt.shape[0],) + Ak.shape)))[1]
+
+
+def _adjoint_chunks(dt, x, Bt, Ct, gyt, h_prev, Ak, g_out):
+    """Backward step 5: g_t = C_t dy_t + a_{t+1} g_{t+1} from each chunk's last step to its
+    first, all chunks at once, starting from g_out (b, K, D, M, N). Carries a_t g_t and the dA
+    sum; outputs per step <B_t, g_t>, <A, a_t h_{t-1} g_t> (b, K, D, M) and the group sums
+    x_t g_t, dy_t h_t (b, K, M, N)."""
+    def step(carry, inputs):
+        g_next, dA = carry
+        dt_t, x_t, B_t, C_t, gy_t, hp_t, A_t = inputs
+        a = torch.exp(dt_t[..., None] * A_t)                 # (b, K, D, M, N)
+        g = g_next + C_t * gy_t[..., None]                   # dL/dh_t
+        ah = a * hp_t                                        # a_t h_{t-1}
+        h = ah + x_t[..., None] * B_t                        # h_t
+        p = g * ah
+        outs = ((g * B_t).sum(-1), (p * A_t).sum(-1),
+                (g * x_t[..., None]).sum(2), (h * gy_t[..., None]).sum(2))
+        return (a * g, dA + dt_t[..., None] * p), outs
+
+    A_steps = Ak.expand((dt.shape[0],) + Ak.shape)
+    (g_first, dA), outs = _loop(step, (g_out, torch.zeros_like(g_out)),
+                                (dt, x, Bt, Ct, gyt, h_prev, A_steps), reverse=True)
+    return g_first, dA, outs
 
 
 def _chain_chunks(H, S, Ak, h0):
-    """Step 3: E_m = exp(A S_m) E_{m-1} + H_m for all m, in ceil(log2 M) doubling rounds.
+    """Forward step 3 (and backward step 3, run on flipped chunks): E_m = exp(A S_m) E_{m-1}
+    + H_m for all m, in ceil(log2 M) doubling rounds.
 
-    H (B, K, D, M, N) chunk end states from zero; S (B, K, D, M) chunk sums of delta'.
+    H (b, K, D, M, N) chunk end states from zero; S (b, K, D, M) chunk sums of delta'.
     After the round with offset o, E_m covers chunks m-2o+1..m and S_m their summed delta'.
     """
     M = H.shape[-2]
     if h0 is not None:                                       # fold h0 into the first chunk
-        h0 = h0.view(H.shape[:3] + (1, -1))                  # (B, K, D, 1, N)
         first = H[..., :1, :] + torch.exp(Ak * S[..., :1, None]) * h0
         H = torch.cat([first, H[..., 1:, :]], dim=-2)
     E, o = H, 1
     while o < M:
-        carried = torch.exp(Ak * S[..., o:, None]) * E[..., :-o, :]          # (B, K, D, M-o, N)
-        E = torch.cat([E[..., :o, :], E[..., o:, :] + carried], dim=-2)      # (B, K, D, M, N)
-        S = torch.cat([S[..., :o], S[..., o:] + S[..., :-o]], dim=-1)        # (B, K, D, M)
+        carried = torch.exp(Ak * S[..., o:, None]) * E[..., :-o, :]          # (b, K, D, M-o, N)
+        E = torch.cat([E[..., :o, :], E[..., o:, :] + carried], dim=-2)      # (b, K, D, M, N)
+        S = torch.cat([S[..., :o], S[..., o:] + S[..., :-o]], dim=-1)        # (b, K, D, M)
         o *= 2
     return E
 

@@ -8,6 +8,7 @@ to 1.9. 1e-4 absolute sits 100x above the noise and 500x below the smallest bug.
 """
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,13 @@ def tiny(generation, **kw):
     """Width 24, depths 1,1,2,1, 10 classes: the fixtures' size, fast on 2 cores."""
     kw = {"dim": 24, "depths": (1, 1, 2, 1), "num_classes": 10, **kw}
     return VSSMConfig(generation=generation, **kw)
+
+
+def resolved(cfg):
+    """The config with the generation's defaults written in: two configs that build the same
+    model compare equal. (The official kwargs name d_state and mlp_ratio; CONFIGS leave them
+    None, "the generation's".)"""
+    return replace(cfg, d_state=cfg.n_state, mlp_ratio=cfg.n_mlp_ratio)
 
 
 def fixture_model(fx, spelling="state_dict"):
@@ -169,7 +177,7 @@ def test_release_params_and_official_key_sets(name):
         fake = {e["key"]: torch.empty(e["shape"], device="meta") for e in spelling}
         got = {k: tuple(v.shape) for k, v in convert_official_state_dict(fake).items()}
         assert got == mine
-    assert from_official_kwargs(info["vssm_kwargs"]) == vm.build_config(name)
+    assert resolved(from_official_kwargs(info["vssm_kwargs"])) == resolved(vm.build_config(name))
 
 
 def test_build_forwards_overrides_and_rejects_unknowns():
@@ -193,7 +201,8 @@ def test_config_validation(bad):
 
 def test_from_official_kwargs_rejects_what_it_does_not_support():
     kwargs = load_fixture("v2_s1l8_cf_d24_sq64.pt")["kwargs"]
-    assert from_official_kwargs(kwargs) == tiny(2, ssm_ratio=1.0, drop_path_rate=0.2)
+    assert resolved(from_official_kwargs(kwargs)) == resolved(tiny(2, ssm_ratio=1.0,
+                                                                   drop_path_rate=0.2))
     for change in (dict(forward_type="v05"), dict(ssm_conv=5), dict(ssm_conv_bias=True),
                    dict(downsample_version="v1"), dict(gmlp=True), dict(something_new=1),
                    dict(dims=[24, 40, 96, 192])):
@@ -419,4 +428,101 @@ def test_bad_checkpoints_name_the_offending_keys():
     bad = dict(fx["state_dict"])
     bad["layers.0.blocks.0.op.x_proj.weight"] = torch.zeros(15, 24)   # 15 rows: not K * 4
     with pytest.raises(ValueError, match=r"layers\.0\.blocks\.0\.op\.x_proj\.weight"):
+        convert_official_state_dict(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Review items (issue 10): each with the test that would have caught it
+# ---------------------------------------------------------------------------------------------
+def test_replace_generation_takes_the_new_generations_defaults():
+    """d_state and mlp_ratio stay None ("the generation's") in the config, so replacing the
+    generation does not carry generation 2's d_state 1 and MLP over; explicit values stay."""
+    cfg = replace(vm.build_config("vmamba_tiny_s1l8"), generation=0)
+    assert cfg.d_state is None and cfg.mlp_ratio is None
+    assert cfg.n_state == 16 and cfg.n_mlp_ratio == 0.0
+    with torch.device("meta"):
+        model = VSSM(replace(cfg, dim=8))
+    blk = model.layers[0].blocks[0]
+    assert blk.self_attention.A_logs.shape[1] == 16 and blk.mlp is None
+    explicit = replace(VSSMConfig(generation=2, d_state=3, mlp_ratio=2.0), generation=0)
+    assert (explicit.n_state, explicit.n_mlp_ratio) == (3, 2.0)
+    assert (VSSMConfig(generation=2).n_state, VSSMConfig(generation=2).n_mlp_ratio) == (1, 4.0)
+
+
+def test_drop_path_is_a_module_and_leaves_the_state_dict_alone():
+    model = VSSM(tiny(2, drop_path_rate=0.2))
+    blk = model.layers[3].blocks[0]
+    assert isinstance(blk.drop_path, vm.DropPath) and "p=0.200" in repr(blk)
+    assert not any(".drop_path" in k for k in model.state_dict())
+    fx = load_fixture("v2_s1l8_cf_d24_sq64.pt")             # official keys still load strictly
+    assert set(convert_official_state_dict(fx["state_dict"])) == set(
+        VSSM(from_official_kwargs(fx["kwargs"])).state_dict())
+
+
+def test_drop_path_keeps_the_expected_value():
+    """Kept samples are scaled by 1/(1-p), so E[drop_path(x)] = x. Each of the n outputs of a
+    ones input is 0 (prob p) or 1/(1-p): mean 1, variance p/(1-p). With p = 0.3, n = 200,000
+    the sample mean has std sqrt(0.3/0.7/2e5) = 1.5e-3; 6 std = 0.009 (a false alarm below
+    1e-8). Without the rescale the mean is 1-p = 0.7."""
+    torch.manual_seed(0)
+    layer = vm.DropPath(0.3).train()
+    out = layer(torch.ones(200_000, 1, 1, 1))
+    assert set(out.unique().tolist()) <= {0.0, (torch.tensor(1.0) / 0.7).item()}
+    assert abs(out.mean().item() - 1.0) < 0.009
+    assert torch.equal(layer.eval()(torch.ones(3, 1)), torch.ones(3, 1))
+
+
+@pytest.mark.parametrize("name", ["vmamba_tiny_s1l8", "vanilla_vmamba_base"])
+def test_drop_path_rates_are_the_official_linspace(name):
+    """Official: torch.linspace(0, drop_path_rate, sum(depths)), block by block, in order."""
+    with torch.device("meta"):
+        model = build(name)
+    rates = [blk.drop_path.p for layer in model.layers for blk in layer.blocks]
+    cfg = model.config
+    assert rates == torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+
+
+def _max_logit_error(dtype, generation):
+    torch.manual_seed(0)
+    model = VSSM(tiny(generation)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        low = model.to(dtype)(x.to(dtype))
+    assert low.dtype == dtype and torch.isfinite(low).all()
+    return (low.float() - ref).abs().max().item(), ref.abs().max().item()
+
+
+@pytest.mark.parametrize("generation", [0, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_model_converted_to_low_precision_runs(dtype, generation):
+    """model.to(dtype) with an input of that dtype: the scan runs in float32 and hands its
+    output back in the model's dtype. Error budget: every parameter and activation is rounded
+    to the dtype (relative error up to eps/2: bf16 2^-8, fp16 2^-11). The LayerNorms reset the
+    scale, so errors add rather than compound: about 10 roundings per block on the path to a
+    logit, 5 blocks, and independent roundings grow like sqrt(50) ~ 7 times eps/2, i.e.
+    ~3.5 eps relative, on logits of size ~0.4 here: ~1.4 eps expected. Measured (seed 0, max
+    |logit| 0.37): bf16 2.1e-3 / 2.4e-3 (v0 / v2) = 0.3 eps, fp16 2.6e-4 / 3.0e-4 = 0.3 eps.
+    Bound 3 eps (bf16 0.023, fp16 0.0029): 2x the estimate, 10x the measurement."""
+    err, _ = _max_logit_error(dtype, generation)
+    bound = 3 * torch.finfo(dtype).eps
+    assert err < bound, f"{dtype}: max abs logit error {err:.3g} >= {bound:.3g}"
+
+
+def test_image_dtype_must_match_the_model_unless_autocast():
+    model = VSSM(tiny(2)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"torch\.float16.*parameter dtype torch\.float32"):
+        model(x.half())
+    with pytest.raises(ValueError, match="dtype"):
+        Backbone(tiny(2))(x.double())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(x.bfloat16()).shape == (1, 10)        # autocast casts per op: allowed
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([1, 2], "got list"), ({"model": "weights"}, "'model': str"),
+    ({1: torch.zeros(1)}, "str names"), ({"head.weight": [0.0]}, "'head.weight': list")])
+def test_converter_rejects_what_is_not_a_state_dict(bad, match):
+    with pytest.raises(TypeError, match=match):
         convert_official_state_dict(bad)

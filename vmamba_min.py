@@ -12,13 +12,18 @@ Both generations of the released weights, chosen by `VSSMConfig.generation`:
 The scan math (selective scan, cross-scan, cross-merge) lives in scan.py as pure functions.
 
 Letters used in every shape comment:
-    B batch, H, W feature-map height and width, L = H*W sequence length, C width of a stage,
-    D = ssm_ratio * C inner width of SS2D, N d_state, R dt rank (ceil(C/16) by default),
-    K = 4 scan routes.
-Layout: feature maps travel channels-last, (B, H, W, C): every Linear and LayerNorm then acts
-on the last dim with no permute; the convs and the scan take (B, D, H, W) and get one permute.
+    b batch (lower case: B is the scan's input matrix), H, W feature-map height and width,
+    L = H*W sequence length, C width of a stage, D = ssm_ratio * C inner width of SS2D,
+    N d_state, R dt rank (ceil(C/16) by default), K = 4 scan routes.
+Layout: feature maps travel channels-last, (b, H, W, C): every Linear and LayerNorm then acts
+on the last dim with no permute; the convs and the scan take (b, D, H, W) and get one permute.
 """
+import collections
 import math
+import pickle
+import types
+import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Optional
 
@@ -30,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from scan import cross_merge, cross_scan, selective_scan, selective_scan_ref
 
 __all__ = ["VSSMConfig", "VSSM", "Backbone", "CONFIGS", "build", "from_official_kwargs",
-           "convert_official_state_dict"]
+           "convert_official_state_dict", "load_official_checkpoint", "register_timm"]
 
 K = 4  # scan routes: row-major, column-major, and both reversed
 
@@ -43,10 +48,10 @@ class VSSMConfig:
     generation: int = 2               # 0 = vanilla (seed) VMamba, 2 = released v2 (see docstring)
     dim: int = 96                     # C of stage 0; stage i has C * 2**i
     depths: tuple = (2, 2, 9, 2)
-    d_state: Optional[int] = None     # N; None: 16 for generation 0, 1 for generation 2
+    d_state: Optional[int] = None     # N; None: the generation's (16 for 0, 1 for 2)
     ssm_ratio: float = 2.0            # D = int(ssm_ratio * C)
     dt_rank: Optional[int] = None     # R; None: "auto" = ceil(C / 16), per stage
-    mlp_ratio: Optional[float] = None  # None: 0 (no MLP) for generation 0, 4 for generation 2
+    mlp_ratio: Optional[float] = None  # None: the generation's (0 = no MLP for 0, 4 for 2)
     in_chans: int = 3
     num_classes: int = 1000
     drop_path_rate: float = 0.1
@@ -59,14 +64,15 @@ class VSSMConfig:
             if not ok:
                 raise ValueError(f"VSSMConfig: {msg}")
         need(self.generation in (0, 2), f"generation must be 0 or 2, got {self.generation!r}")
-        if self.d_state is None:
-            self.d_state = 16 if self.generation == 0 else 1
-        if self.mlp_ratio is None:
-            self.mlp_ratio = 0.0 if self.generation == 0 else 4.0
+        # d_state and mlp_ratio stay None here (never filled in): a config is then a record of
+        # what was asked for, so dataclasses.replace(cfg, generation=0) gives generation 0's
+        # defaults instead of carrying generation 2's d_state 1 and MLP along.
         self.depths = tuple(self.depths)
         need(len(self.depths) >= 1 and all(isinstance(d, int) and d >= 1 for d in self.depths),
              f"depths must be positive ints, got {self.depths!r}")
-        for name in ("dim", "d_state", "in_chans", "chunk_size"):
+        need(self.d_state is None or (isinstance(self.d_state, int) and self.d_state >= 1),
+             f"d_state must be None (the generation's) or an int >= 1, got {self.d_state!r}")
+        for name in ("dim", "in_chans", "chunk_size"):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
                  f"{name} must be an int >= 1, got {v!r}")
@@ -76,18 +82,30 @@ class VSSMConfig:
              f"dt_rank must be None (auto) or an int >= 1, got {self.dt_rank!r}")
         need(self.ssm_ratio > 0 and int(self.ssm_ratio * self.dim) >= 1,
              f"ssm_ratio must give D >= 1, got {self.ssm_ratio!r}")
-        need(self.mlp_ratio >= 0, f"mlp_ratio must be >= 0, got {self.mlp_ratio!r}")
+        need(self.mlp_ratio is None or self.mlp_ratio >= 0,
+             f"mlp_ratio must be None or >= 0, got {self.mlp_ratio!r}")
         need(0 <= self.drop_path_rate < 1, f"drop_path_rate must be in [0, 1), got "
              f"{self.drop_path_rate!r}")
         need(self.scan in ("chunked", "reference"),
              f"scan must be 'chunked' or 'reference', got {self.scan!r}")
+
+    @property
+    def n_state(self) -> int:
+        """N actually built: d_state, or the generation's default when d_state is None."""
+        return self.d_state if self.d_state is not None else (16 if self.generation == 0 else 1)
+
+    @property
+    def n_mlp_ratio(self) -> float:
+        """MLP width / C actually built (0: no MLP): mlp_ratio, or the generation's default."""
+        return self.mlp_ratio if self.mlp_ratio is not None else (
+            0.0 if self.generation == 0 else 4.0)
 
     def stage_dim(self, i):
         return self.dim * 2 ** i
 
 
 # ---------------------------------------------------------------------------------------------
-# Patch embedding: image (B, 3, H, W) -> (B, H/4, W/4, C)
+# Patch embedding: image (b, 3, H, W) -> (b, H/4, W/4, C)
 # ---------------------------------------------------------------------------------------------
 class PatchEmbed(nn.Module):
     """Generation 0: one 4x4 stride-4 conv (a linear map of each patch), then LayerNorm."""
@@ -97,8 +115,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=4, stride=4)
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x):                                    # (B, 3, H, W)
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))   # (B, H/4, W/4, C), floor like official
+    def forward(self, x):                                    # (b, 3, H, W)
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))   # (b, H/4, W/4, C), floor like official
 
 
 class ConvStem(nn.Module):
@@ -112,10 +130,10 @@ class ConvStem(nn.Module):
         self.conv2 = nn.Conv2d(dim // 2, dim, kernel_size=3, stride=2, padding=1)
         self.norm2 = nn.LayerNorm(dim)
 
-    def forward(self, x):                                    # (B, 3, H, W)
-        x = F.gelu(self.norm1(self.conv1(x).permute(0, 2, 3, 1)))   # (B, H/2, W/2, C/2)
-        x = self.conv2(x.permute(0, 3, 1, 2))                # (B, C, H/4, W/4)
-        return self.norm2(x.permute(0, 2, 3, 1))             # (B, H/4, W/4, C)
+    def forward(self, x):                                    # (b, 3, H, W)
+        x = F.gelu(self.norm1(self.conv1(x).permute(0, 2, 3, 1)))   # (b, H/2, W/2, C/2)
+        x = self.conv2(x.permute(0, 3, 1, 2))                # (b, C, H/4, W/4)
+        return self.norm2(x.permute(0, 2, 3, 1))             # (b, H/4, W/4, C)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,7 +147,7 @@ class SS2D(nn.Module):
 
     def __init__(self, dim, cfg: VSSMConfig):
         super().__init__()
-        D, N = int(cfg.ssm_ratio * dim), cfg.d_state
+        D, N = int(cfg.ssm_ratio * dim), cfg.n_state
         R = cfg.dt_rank or math.ceil(dim / 16)
         self.d_inner, self.d_state, self.dt_rank = D, N, R
         self.gated = cfg.generation == 0
@@ -159,46 +177,65 @@ class SS2D(nn.Module):
         self.A_logs.copy_(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(K * D, 1))
         self.Ds.fill_(1.0)
 
-    def forward(self, x):                                    # (B, H, W, C)
-        x = self.in_proj(x)                                  # (B, H, W, 2D) or (B, H, W, D)
+    def forward(self, x):                                    # (b, H, W, C)
+        x = self.in_proj(x)                                  # (b, H, W, 2D) or (b, H, W, D)
         if self.gated:
-            x, z = x.chunk(2, dim=-1)                        # (B, H, W, D) each
-        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))       # (B, D, H, W)
-        y = self.out_norm(self.ssm(x))                       # (B, H, W, D), float32
+            x, z = x.chunk(2, dim=-1)                        # (b, H, W, D) each
+        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))       # (b, D, H, W)
+        y = self.out_norm(self.ssm(x))                       # (b, H, W, D)
         if self.gated:
             y = y * F.silu(z)
-        return self.out_proj(y)                              # (B, H, W, C)
+        return self.out_proj(y)                              # (b, H, W, C)
 
-    def ssm(self, x):                                        # (B, D, H, W)
+    def ssm(self, x):                                        # (b, D, H, W)
         """Cross-scan, the selective scan along each route, cross-merge."""
-        Bn, D, H, W = x.shape
+        batch, D, H, W = x.shape
         R, N, L = self.dt_rank, self.d_state, H * W
-        xs = cross_scan(x)                                   # (B, K, D, L)
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)   # (B, K, R+2N, L)
-        dts, Bs, Cs = x_dbl.split([R, N, N], dim=2)          # (B, K, R|N|N, L)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)  # (B, K, D, L)
-        scan_args = (xs.reshape(Bn, K * D, L), dts.reshape(Bn, K * D, L),  # (B, K*D, L)
+        xs = cross_scan(x)                                   # (b, K, D, L)
+        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)   # (b, K, R+2N, L)
+        dts, Bs, Cs = x_dbl.split([R, N, N], dim=2)          # (b, K, R|N|N, L)
+        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)  # (b, K, D, L)
+        scan_args = (xs.reshape(batch, K * D, L), dts.reshape(batch, K * D, L),  # (b, K*D, L)
                      -torch.exp(self.A_logs.float()), Bs.contiguous(), Cs.contiguous(),
                      self.Ds.float(), self.dt_projs_bias.float().reshape(K * D))
         # Under bf16 autocast the projections above run in bf16, but both scans cast their
         # inputs to float32 and keep the state h in float32, as the official kernels do.
         if self.scan == "reference":
-            y = selective_scan_ref(*scan_args, delta_softplus=True)       # (B, K*D, L)
+            y = selective_scan_ref(*scan_args, delta_softplus=True)       # (b, K*D, L)
         else:
             y = selective_scan(*scan_args, delta_softplus=True, chunk_size=self.chunk_size)
-        y = cross_merge(y.view(Bn, K, D, H, W))              # (B, D, L)
-        return y.transpose(1, 2).reshape(Bn, H, W, D)        # (B, H, W, D)
+        y = cross_merge(y.view(batch, K, D, H, W))           # (b, D, L)
+        # The scans return float32. Back to the parameters' dtype: a model converted with
+        # .to(torch.bfloat16) (or .half()) needs it for out_norm; under autocast the
+        # parameters stay float32, so out_norm still sees the full-precision scan output.
+        return y.transpose(1, 2).reshape(batch, H, W, D).to(self.Ds.dtype)   # (b, H, W, D)
 
 
 # ---------------------------------------------------------------------------------------------
 # VSS block
 # ---------------------------------------------------------------------------------------------
 def drop_path(x, p: float, training: bool):
-    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
+    """Stochastic depth: drop the whole residual branch of a sample with probability p, and
+    scale the kept ones by 1/(1-p) so that the expected output equals x (eval is then a no-op)."""
     if p == 0.0 or not training:
         return x
     keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p)
     return x * keep / (1 - p)
+
+
+class DropPath(nn.Module):
+    """drop_path as a module (timm's DropPath), so that it shows in print(model) and follows
+    model.train() / model.eval(). No parameters: the state-dict keys are unchanged."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return drop_path(x, self.p, self.training)
+
+    def extra_repr(self):
+        return f"p={self.p:.3f}"
 
 
 class MLP(nn.Module):
@@ -207,7 +244,7 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x):                                    # (B, H, W, C)
+    def forward(self, x):                                    # (b, H, W, C)
         return self.fc2(F.gelu(self.fc1(x)))                 # exact (erf) GELU, as official
 
 
@@ -216,23 +253,20 @@ class VSSBlock(nn.Module):
         super().__init__()
         self.ln_1 = nn.LayerNorm(dim)
         self.self_attention = SS2D(dim, cfg)   # the seed's name for the SS2D mixer
-        self.drop_path = drop_path_rate
-        hidden = int(dim * cfg.mlp_ratio)
+        self.drop_path = DropPath(drop_path_rate)
+        hidden = int(dim * cfg.n_mlp_ratio)
         self.ln_2 = nn.LayerNorm(dim) if hidden else None
         self.mlp = MLP(dim, hidden) if hidden else None
 
-    def forward(self, x):                                    # (B, H, W, C)
-        x = x + drop_path(self.self_attention(self.ln_1(x)), self.drop_path, self.training)
+    def forward(self, x):                                    # (b, H, W, C)
+        x = x + self.drop_path(self.self_attention(self.ln_1(x)))
         if self.mlp is not None:
-            x = x + drop_path(self.mlp(self.ln_2(x)), self.drop_path, self.training)
+            x = x + self.drop_path(self.mlp(self.ln_2(x)))
         return x
-
-    def extra_repr(self):
-        return f"drop_path={self.drop_path:.3f}"
 
 
 # ---------------------------------------------------------------------------------------------
-# Downsampling between stages: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C)
+# Downsampling between stages: (b, H, W, C) -> (b, ceil(H/2), ceil(W/2), 2C)
 # ---------------------------------------------------------------------------------------------
 class PatchMerging(nn.Module):
     """Generation 0: concatenate each 2x2 neighbourhood, LayerNorm(4C), Linear(4C -> 2C)."""
@@ -242,14 +276,14 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
         self.norm = nn.LayerNorm(4 * dim)
 
-    def forward(self, x):                                    # (B, H, W, C)
+    def forward(self, x):                                    # (b, H, W, C)
         H, W = x.shape[1], x.shape[2]
         # Odd maps: zero-pad bottom/right to even, like the official classification code (the
         # one-file code crashes there).
-        x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))             # (B, H', W', C), H', W' even
+        x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))             # (b, H', W', C), H', W' even
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2],   # this order is the checkpoints'
-                       x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)   # (B, H'/2, W'/2, 4C)
-        return self.reduction(self.norm(x))                  # (B, H'/2, W'/2, 2C)
+                       x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)   # (b, H'/2, W'/2, 4C)
+        return self.reduction(self.norm(x))                  # (b, H'/2, W'/2, 2C)
 
 
 class ConvDownsample(nn.Module):
@@ -260,9 +294,9 @@ class ConvDownsample(nn.Module):
         self.reduction = nn.Conv2d(dim, 2 * dim, kernel_size=3, stride=2, padding=1)
         self.norm = nn.LayerNorm(2 * dim)
 
-    def forward(self, x):                                    # (B, H, W, C)
-        x = self.reduction(x.permute(0, 3, 1, 2))            # (B, 2C, ceil(H/2), ceil(W/2))
-        return self.norm(x.permute(0, 2, 3, 1))              # (B, ceil(H/2), ceil(W/2), 2C)
+    def forward(self, x):                                    # (b, H, W, C)
+        x = self.reduction(x.permute(0, 3, 1, 2))            # (b, 2C, ceil(H/2), ceil(W/2))
+        return self.norm(x.permute(0, 2, 3, 1))              # (b, ceil(H/2), ceil(W/2), 2C)
 
 
 class Stage(nn.Module):
@@ -275,22 +309,22 @@ class Stage(nn.Module):
         self.downsample = down(dim) if downsample else nn.Identity()
         self.grad_checkpointing = cfg.grad_checkpointing
 
-    def forward(self, x):                                    # (B, H, W, C)
+    def forward(self, x):                                    # (b, H, W, C)
         """Returns the blocks' output (the stage's feature map) and the next stage's input."""
         for blk in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(blk, x, use_reentrant=False)  # recompute in backward
             else:
                 x = blk(x)
-        return x, self.downsample(x)                         # (B, H, W, C), (B, H/2, W/2, 2C)
+        return x, self.downsample(x)                         # (b, H, W, C), (b, H/2, W/2, 2C)
 
 
 # ---------------------------------------------------------------------------------------------
 # The whole model
 # ---------------------------------------------------------------------------------------------
 class VSSM(nn.Module):
-    """The VMamba classifier. forward: (B, in_chans, H, W) image -> (B, num_classes) logits,
-    any H, W >= 4. timm-style parts: forward_features (-> (B, H/32, W/32, 8C) channels-last,
+    """The VMamba classifier. forward: (b, in_chans, H, W) image -> (b, num_classes) logits,
+    any H, W >= 4. timm-style parts: forward_features (-> (b, H/32, W/32, 8C) channels-last,
     before the final norm), forward_head(x, pre_logits=False), reset_classifier,
     no_weight_decay, set_grad_checkpointing."""
 
@@ -303,8 +337,9 @@ class VSSM(nn.Module):
         self.num_features = cfg.stage_dim(n - 1)
         stem = PatchEmbed if cfg.generation == 0 else ConvStem
         self.patch_embed = stem(cfg.in_chans, cfg.dim)
-        total = sum(cfg.depths)   # drop-path rates rise linearly over all blocks (torch.linspace)
-        rates = [cfg.drop_path_rate * j / max(total - 1, 1) for j in range(total)]
+        # Drop-path rates rise linearly from 0 to drop_path_rate over all blocks of all stages,
+        # computed as the official code does (float32 torch.linspace, then Python floats).
+        rates = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths), device="cpu").tolist()
         starts = [sum(cfg.depths[:i]) for i in range(n)]
         self.layers = nn.ModuleList(
             Stage(cfg.stage_dim(i), d, cfg, rates[s:s + d], downsample=i < n - 1)
@@ -314,16 +349,54 @@ class VSSM(nn.Module):
         self.reset_classifier(cfg.num_classes)
         self.apply(_init_weights)
 
-    def forward_features(self, x):                           # (B, 3, H, W)
-        check_image(x, self.config.in_chans)
-        x = self.patch_embed(x)                              # (B, H/4, W/4, C)
-        for layer in self.layers:
-            _, x = layer(x)                                  # the next stage's input
-        return x                                             # (B, H/32, W/32, 8C)
+    def forward_features(self, x):                           # (b, 3, H, W)
+        final, _ = self.forward_intermediates(x, indices=[-1], output_fmt="NHWC")
+        return final                                         # (b, H/32, W/32, 8C)
 
-    def forward_head(self, x, pre_logits: bool = False):     # (B, h, w, 8C)
-        x = self.norm(x).mean(dim=(1, 2))                    # (B, 8C)  global average pool
-        return x if pre_logits else self.head(x)             # (B, num_classes)
+    def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's feature API. Returns (final, intermediates), or only the list when
+        intermediates_only. indices: None = every stage, an int n = the last n stages, a
+        sequence = those stage numbers (negative counts from the end); intermediates come in
+        stage order, each a stage's block output before its downsample, (b, C_i, h, w)
+        contiguous, or (b, h, w, C_i) with output_fmt "NHWC". final is forward_features' output
+        (the last stage's blocks; the last stage has no downsample). norm: self.norm (the head's
+        LayerNorm, sized for the last stage) is applied to the last stage's map, in final and
+        in the intermediates. stop_early (or intermediates_only): run no stage after the last
+        one asked for; final is then the last stage run."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        n = len(self.layers)
+        take = stage_indices(n, indices)
+        check_image(x, self.config.in_chans, self.patch_embed)
+        stop = take[-1] if stop_early or intermediates_only else n - 1
+        maps = run_stages(self.patch_embed, self.layers, x, sorted(set(take) | {stop}))
+        if norm and stop == n - 1:
+            maps[stop] = self.norm(maps[stop])
+        nchw = output_fmt == "NCHW"
+        intermediates = [maps[i].permute(0, 3, 1, 2).contiguous() if nchw else maps[i]
+                         for i in take]                      # (b, C_i, h, w) or (b, h, w, C_i)
+        return intermediates if intermediates_only else (maps[stop], intermediates)
+
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False,
+                                  prune_head: bool = True):
+        """timm's feature API: drop the stages after the last of `indices` (and, as timm does,
+        the final norm when any stage goes or prune_norm, the head when prune_head). Returns
+        the kept stage numbers, counted from 0."""
+        take = stage_indices(len(self.layers), indices)
+        if take[-1] < len(self.layers) - 1:
+            self.layers = self.layers[:take[-1] + 1]
+            self.layers[-1].downsample = nn.Identity()       # nothing follows it any more
+            prune_norm = True                                # the norm is sized for 8C
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take
+
+    def forward_head(self, x, pre_logits: bool = False):     # (b, h, w, 8C)
+        x = self.norm(x).mean(dim=(1, 2))                    # (b, 8C)  global average pool
+        return x if pre_logits else self.head(x)             # (b, num_classes)
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
@@ -343,15 +416,50 @@ class VSSM(nn.Module):
         return {n for n, _ in self.named_parameters() if n.split(".")[-1] in ("A_logs", "Ds")}
 
 
-def check_image(x, in_chans):
-    """Fail early, with the shape, instead of deep inside a conv or a reshape."""
+def check_image(x, in_chans, stem):
+    """Fail early, with the shape or dtype, instead of deep inside a conv or a reshape."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != in_chans:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"VSSM expects an image batch (B, {in_chans}, H, W), got {got}")
+        raise ValueError(f"VSSM expects an image batch (batch, {in_chans}, H, W), got {got}")
     if not x.is_floating_point():
         raise ValueError(f"VSSM expects a floating-point image, got dtype {x.dtype}")
+    wdtype = next(stem.parameters()).dtype
+    # Autocast casts the image for each op itself, so only without it must the dtypes agree.
+    if x.dtype != wdtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(f"the image's dtype {x.dtype} must match the model's parameter dtype "
+                         f"{wdtype} (convert one of them, or run under torch.autocast)")
     if min(x.shape[2], x.shape[3]) < 4:
         raise ValueError(f"VSSM needs H, W >= 4 (one 4x4 patch), got {tuple(x.shape[2:])}")
+
+
+def stage_indices(n, indices):
+    """timm's `indices` convention -> sorted stage numbers in 0..n-1: None = all, an int k =
+    the last k, a sequence = those stages (negative ones count from the end)."""
+    def is_int(i):
+        return isinstance(i, int) and not isinstance(i, bool)
+    if indices is None:
+        indices = n
+    if is_int(indices):
+        if not 1 <= indices <= n:
+            raise ValueError(f"indices: the last {indices} stages asked for, the model has {n}")
+        return list(range(n - indices, n))
+    if isinstance(indices, (str, bytes)) or not hasattr(indices, "__iter__"):
+        raise TypeError(f"indices must be None, an int or a sequence of ints, got {indices!r}")
+    indices = list(indices)
+    if not indices or not all(is_int(i) and -n <= i < n for i in indices):
+        raise ValueError(f"indices must be stage numbers in {-n}..{n - 1}, got {indices!r}")
+    return sorted({i % n for i in indices})
+
+
+def run_stages(stem, stages, x, take):
+    """The one loop over the stages (classifier, backbone, timm features, analyses): the stem,
+    then stages 0..max(take); returns {i: stage i's block output (b, h, w, C_i)} for i in take."""
+    x, maps = stem(x), {}                                    # (b, H/4, W/4, C)
+    for i, stage in enumerate(stages[:max(take) + 1]):
+        y, x = stage(x)                                      # (b, h, w, C_i), next stage input
+        if i in take:
+            maps[i] = y
+    return maps
 
 
 def _init_weights(m):
@@ -370,7 +478,7 @@ class Backbone(nn.Module):
     """Multi-scale features for detection/segmentation (the official Backbone_VSSM).
 
     Backbone(config, out_indices=(0, 1, 2, 3)): forward(image) returns a list, one NCHW map
-    (B, C*2^i, H/2^(i+2), W/2^(i+2)) per chosen stage i, each the stage's block output (before
+    (b, C*2^i, H/2^(i+2), W/2^(i+2)) per chosen stage i, each the stage's block output (before
     downsampling) through its own LayerNorm `out_norms.i`. No final norm, no head. Weights:
     `convert_official_state_dict` maps the official `outnorm{i}` names; a classifier checkpoint
     loads with strict=False (only out_norms missing, norm/head unexpected), as officially.
@@ -389,14 +497,11 @@ class Backbone(nn.Module):
         self.out_norms = nn.ModuleDict({str(i): nn.LayerNorm(config.stage_dim(i))
                                         for i in self.out_indices})
 
-    def forward(self, x):                                    # (B, 3, H, W)
-        check_image(x, self.config.in_chans)
-        x, outs = self.patch_embed(x), []                    # (B, H/4, W/4, C)
-        for i, layer in enumerate(self.layers[:self.out_indices[-1] + 1]):
-            y, x = layer(x)                                  # (B, h, w, C_i), next stage input
-            if i in self.out_indices:
-                outs.append(self.out_norms[str(i)](y).permute(0, 3, 1, 2).contiguous())  # NCHW
-        return outs
+    def forward(self, x):                                    # (b, 3, H, W)
+        check_image(x, self.config.in_chans, self.patch_embed)
+        maps = run_stages(self.patch_embed, self.layers, x, self.out_indices)
+        return [self.out_norms[str(i)](maps[i]).permute(0, 3, 1, 2).contiguous()  # (b, C_i, h, w)
+                for i in self.out_indices]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,8 +514,15 @@ def convert_official_state_dict(sd):
     Keys it does not know are passed through unchanged, so `load_state_dict(strict=True)` then
     names them; nothing is dropped silently.
     """
-    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+    if isinstance(sd, Mapping) and isinstance(sd.get("model"), Mapping):
         sd = sd["model"]
+    if not isinstance(sd, Mapping):
+        raise TypeError(f"convert_official_state_dict: expected a state dict (a mapping of "
+                        f"names to tensors), got {type(sd).__name__}")
+    for key, v in sd.items():
+        if not isinstance(key, str) or not isinstance(v, torch.Tensor):
+            raise TypeError(f"convert_official_state_dict: expected str names and tensor values, "
+                            f"got {key!r}: {type(v).__name__}")
     conv_stem = any(k.startswith("patch_embed.5.") for k in sd)   # v2 stem: 0, 2, 5, 7
     conv_down = any(".downsample.3." in k for k in sd)            # v2 downsample: 1 conv, 3 norm
     stem = {"0": "conv1", "2": "norm1", "5": "conv2", "7": "norm2"} if conv_stem else \
@@ -440,6 +552,77 @@ def convert_official_state_dict(sd):
                 v = v.reshape(K, v.shape[0] // K, v.shape[1])
         out[".".join(parts)] = v
     return out
+
+
+class Opaque:
+    """Stands in for any object of a checkpoint whose class or function is not on the loader's
+    allow-list (the trainer's yacs CfgNode, a numpy scalar, a __reduce__ payload). It only
+    records what the pickle hands it: the class's `global_name`, the constructor arguments,
+    the state, items and elements. Nothing it is given is ever called."""
+    global_name = "?"
+
+    def __new__(cls, *args, **kwargs):                       # pickle's REDUCE, NEWOBJ, INST
+        self = object.__new__(cls)
+        self.args, self.kwargs, self.state, self.items, self.elements = args, kwargs, None, {}, []
+        return self
+
+    def __setstate__(self, state):                           # BUILD
+        self.state = state
+
+    def __setitem__(self, key, value):                       # SETITEM(S)
+        self.items[key] = value
+
+    def append(self, value):                                 # APPEND(S)
+        self.elements.append(value)
+
+    def extend(self, values):
+        self.elements.extend(values)
+
+    def __repr__(self):
+        return f"<Opaque {self.global_name}>"
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    """An unpickler that never imports: find_class (the only way a pickle reaches a class or
+    function) hands out collections.OrderedDict and torch's tensor rebuild function (both of
+    which torch's own weights_only loader trusts), and for every other name a fresh Opaque
+    subclass. torch.load adds the storage types itself (StorageType, a plain record)."""
+    _ALLOWED = {("collections", "OrderedDict"): collections.OrderedDict,
+                ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2}
+
+    def find_class(self, module, name):
+        allowed = self._ALLOWED.get((module, name))
+        if allowed is not None:
+            return allowed
+        return type(str(name), (Opaque,), {"global_name": f"{module}.{name}"})
+
+
+# torch.load(pickle_module=...) wants a module with an Unpickler.
+_allow_list_pickle = types.ModuleType("vmamba_min_allow_list_pickle")
+_allow_list_pickle.Unpickler = _AllowListUnpickler
+
+
+def load_official_checkpoint(path, ema: bool = False):
+    """An official checkpoint file -> a state dict for `model.load_state_dict(sd)` (strict).
+
+    The official trainer saves a dict (model, model_ema, optimizer, lr_scheduler, scaler,
+    epoch, and the yacs CfgNode `config`); a bare state dict is accepted too. It is read
+    without executing anything from the file (see _AllowListUnpickler): torch.load's
+    weights_only mode would refuse the CfgNode, and plain torch.load would run whatever the
+    pickle names. ema=True takes the EMA weights ("model_ema")."""
+    if not zipfile.is_zipfile(path):   # the pre-1.6 torch.save format reads with plain pickle
+        raise ValueError(f"{path}: not a torch.save zip archive (torch >= 1.6 format)")
+    obj = torch.load(path, map_location="cpu", weights_only=False,
+                     pickle_module=_allow_list_pickle)
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"{path}: expected a dict, got {obj!r}")
+    wrapped = "model" in obj or "model_ema" in obj
+    if ema or wrapped:
+        key = "model_ema" if ema else "model"
+        if key not in obj:
+            raise KeyError(f"{path}: no {key!r} entry; the file has {sorted(map(str, obj))}")
+        obj = obj[key]
+    return convert_official_state_dict(obj)
 
 
 def from_official_kwargs(kwargs) -> VSSMConfig:

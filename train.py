@@ -1,37 +1,26 @@
-"""Train a small VMamba from scratch on scikit-learn's 8x8 digits, on a CPU, in a few minutes.
+"""Train a small VMamba from scratch on scikit-learn's 8x8 digits, on a CPU, in about a minute.
 
-    python train.py                       # defaults below; prints test accuracy and wall time
-    python train.py --epochs 15 --res 32 --batch-size 64 --lr 2e-3 --seed 0 \
-        [--threads 1]
+    python train.py [--epochs 15 --batch-size 64 --lr 2e-3 --res 32 --seed 0 --compile]
+    torchrun --nproc_per_node=2 train.py [same flags]       # data-parallel (DDP)
 
-The data: `sklearn.datasets.load_digits` (1,797 grey 8x8 images of the digits 0-9, bundled with
-scikit-learn, so nothing is downloaded), scaled to [0, 1], upscaled bilinearly to res x res,
-copied to 3 channels and normalised with the training set's mean and std. The train/test split
-(80/20, stratified) is fixed by --seed. Augmentation: a random shift of up to res/8 pixels
-(pad with the background, random crop), nothing else: digits must not be flipped.
-
-The model: generation 2 (the released VMamba-T/S/B architecture: conv stem, SS2D with d_state 1,
-MLP in every block, conv downsampling) at width C = 32, depths (1, 1, 2, 1), ssm_ratio 1, ten
-classes: 1.5M parameters (0.7M of them in the last stage, width 256). At res 32 the four stages see
-8x8, 4x4, 2x2, 1x1 maps.
-
-Training: AdamW (weight decay 0.05, none on biases, norms, A_logs and Ds), linear warm-up then a
-cosine decay to zero, per step; cross-entropy with label smoothing 0.1. A plain-text progress
-bar goes to stderr (updated in place on a terminal, one line per epoch otherwise).
-
-Eager only: compiling the whole model for training fails with torch 2.13 on CPU (Inductor
-raises DataDependentOutputException while lowering the backward of torch's `scan` operator inside
-the full model; the compiled scan's own forward and backward work and are tested).
-
+The digits ship with scikit-learn, so nothing is downloaded; the model is a generation-2 VMamba
+at width 32, depths (1, 1, 2, 1). --batch-size is the GLOBAL batch: under torchrun each of the
+world_size processes takes batch/world_size samples of every step's batch, so the optimisation
+(samples per step, steps, lr) is the same for any number of processes. Rank 0 prints, shows the
+progress bar and evaluates. README's training section has the measurements.
 Letters as in vmamba_min.py: B batch, H = W = res.
 """
 import argparse
 import math
+import os
 import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 
 from vmamba_min import VSSM, VSSMConfig
 
@@ -120,11 +109,17 @@ def warmup_cosine(warmup_steps, total_steps):
 
 
 def train_step(model, opt, x, y, label_smoothing=LABEL_SMOOTHING):
+    """One optimiser step; returns the loss, averaged over the processes under torchrun (DDP has
+    already averaged the gradients the same way)."""
     model.train()
     loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+    loss = loss.detach()
+    if dist.is_initialized():
+        dist.all_reduce(loss)
+        loss /= dist.get_world_size()
     return loss.item()
 
 
@@ -164,60 +159,118 @@ class Progress:
 
 
 # ---------------------------------------------------------------------------------------------
+# Processes: one (python train.py) or one per torchrun worker
+# ---------------------------------------------------------------------------------------------
+def setup_processes():
+    """(rank, world_size, device). Under torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK)
+    joins the process group: NCCL on GPUs, gloo on CPUs. Alone: no torch.distributed at all."""
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) \
+        if torch.cuda.is_available() else torch.device("cpu")
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+# ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--epochs", type=int, default=EPOCHS)
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                   help="global batch: split evenly over the torchrun processes")
     p.add_argument("--lr", type=float, default=LR)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--res", type=int, default=RES)
+    p.add_argument("--max-steps", type=int, default=0,
+                   help="stop after this many steps (0: all epochs); the schedule ends there")
+    p.add_argument("--compile", action="store_true",
+                   help="train the torch.compile'd model (fullgraph; evaluation stays eager)")
+    p.add_argument("--save", default=None, metavar="DIR",
+                   help="every process writes DIR/rank<r>.pt: its final state dict and the "
+                        "step losses (so that the processes' copies can be compared)")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch.set_num_threads; 0 keeps torch's default (one per core). On a "
-                        "CPU shared with other jobs, 1 avoids OpenMP threads waiting on each "
-                        "other: the ops here are small")
+                   help="torch.set_num_threads; 0 keeps torch's default (one per core; torchrun "
+                        "sets OMP_NUM_THREADS=1). On a CPU shared with other jobs, 1 avoids "
+                        "OpenMP threads waiting on each other: the ops here are small")
     args = p.parse_args(argv)
 
+    rank, world, device = setup_processes()
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the number of "
+                         f"processes {world}")
+    local_batch = args.batch_size // world
     if args.threads:
         torch.set_num_threads(args.threads)
+    log = print if rank == 0 else (lambda *a, **k: None)
     t_start = time.perf_counter()
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)                      # the same initial weights in every process
     x_tr, y_tr, x_te, y_te = load_digits_split(args.res, args.seed)
-    model = build_model()
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"digits {args.res}x{args.res}: {len(y_tr)} train, {len(y_te)} test | VMamba "
-          f"{MODEL} {n_params:,} params | torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads", flush=True)
+    raw = build_model().to(device)
+    n_params = sum(p.numel() for p in raw.parameters())
+    log(f"digits {args.res}x{args.res}: {len(y_tr)} train, {len(y_te)} test | VMamba "
+        f"{MODEL} {n_params:,} params | torch {torch.__version__}, {device}, {world} "
+        f"process(es) x {torch.get_num_threads()} threads, batch {args.batch_size} "
+        f"({local_batch} per process){' | compiled' if args.compile else ''}", flush=True)
 
-    opt = build_optimizer(model, args.lr)
-    # Full batches only (a fresh shuffle each epoch, so every sample is seen over the epochs):
-    # every step sees the same input shape.
+    opt = build_optimizer(raw, args.lr)
+    model = torch.compile(raw, fullgraph=True) if args.compile else raw
+    if world > 1:   # averages the gradients over the processes in backward
+        model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    # Full global batches only, so every step sees the same input shape. The sampler shuffles
+    # with (seed, epoch), identically in every process, and deals process r the samples r,
+    # r + world, ... of that order: one step's global batch is the same 64 samples however many
+    # processes share it.
+    sampler = DistributedSampler(y_tr, num_replicas=world, rank=rank, shuffle=True,
+                                 seed=args.seed, drop_last=True)
     steps_per_epoch = len(y_tr) // args.batch_size
     total = args.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, warmup_cosine(WARMUP_EPOCHS * steps_per_epoch, total))
-    gen = torch.Generator().manual_seed(args.seed)
+    if args.max_steps:
+        total = min(total, args.max_steps)
+    warmup = min(WARMUP_EPOCHS * steps_per_epoch, total // 5)   # one epoch, at most 1/5 of all
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, total))
+    gen = torch.Generator().manual_seed(args.seed + 1000 * rank)   # this process's augmentation
+    torch.manual_seed(args.seed + 1000 * rank)                     # and drop-path draws
     max_shift = max(1, args.res // 8)
 
-    for epoch in range(args.epochs):
-        bar = Progress(steps_per_epoch, f"epoch {epoch + 1:>2}/{args.epochs}")
-        perm = torch.randperm(len(y_tr), generator=gen)
+    step, losses = 0, []
+    for epoch in range(math.ceil(total / steps_per_epoch)):
+        n = min(steps_per_epoch, total - step)
+        bar = Progress(n, f"epoch {epoch + 1:>2}/{args.epochs}") if rank == 0 else None
+        sampler.set_epoch(epoch)
+        mine = torch.tensor(list(sampler))            # (len(y_tr) // world,)
         running = 0.0
-        for i in range(steps_per_epoch):
-            idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
-            x = random_shift(x_tr[idx], max_shift, gen)
-            loss = train_step(model, opt, x, y_tr[idx])
+        for i in range(n):
+            idx = mine[i * local_batch:(i + 1) * local_batch]
+            x = random_shift(x_tr[idx], max_shift, gen).to(device)
+            loss = train_step(model, opt, x, y_tr[idx].to(device))
             sched.step()
+            step += 1
+            losses.append(loss)
             running = loss if i == 0 else 0.9 * running + 0.1 * loss
-            bar.update(i + 1, f"loss {running:.3f}")
-        bar.close()
+            if bar:
+                bar.update(i + 1, f"loss {running:.3f}")
+        if bar:
+            bar.close()
 
-    acc = accuracy(model, x_te, y_te)
-    wall = time.perf_counter() - t_start
-    print(f"test accuracy {acc:.2%} ({round(acc * len(y_te))}/{len(y_te)}) | train accuracy "
-          f"{accuracy(model, x_tr, y_tr):.2%} | wall time {wall:.1f}s "
-          f"({args.epochs} epochs)")
+    if args.save:
+        os.makedirs(args.save, exist_ok=True)
+        torch.save({"state_dict": raw.state_dict(), "losses": losses},
+                   os.path.join(args.save, f"rank{rank}.pt"))
+    acc = None
+    if rank == 0:   # the eager model (a compiled one would recompile for eval mode)
+        x_te, y_te, x_tr, y_tr = (t.to(device) for t in (x_te, y_te, x_tr, y_tr))
+        acc = accuracy(raw, x_te, y_te)
+        wall = time.perf_counter() - t_start
+        print(f"test accuracy {acc:.2%} ({round(acc * len(y_te))}/{len(y_te)}) | train accuracy "
+              f"{accuracy(raw, x_tr, y_tr):.2%} | wall time {wall:.1f}s ({step} steps, "
+              f"{step / steps_per_epoch:.3g} epochs)", flush=True)
+    if world > 1:
+        dist.barrier()   # the others wait for rank 0's evaluation before the group goes
+        dist.destroy_process_group()
     return acc
 
 

@@ -1,0 +1,349 @@
+"""benchkit.py: the plumbing that bench.py and scaling.py share, so that they hold only their study.
+
+    malloc        re-execute the calling script with MALLOC_FIX before torch is loaded
+    header        torch version, device (CPU model name, cores), threads, dtype, malloc, load
+    rows          one configuration ("spec": model, batch, res, dtype, eager/compiled, inference
+                  or training step) built the same way in every process that touches it
+    timing        torch.utils.benchmark's adaptive_autorange: at least --min-time seconds and
+                  until IQR/median < 5% (at most MAX_TIME_FACTOR * min-time), after warm-up
+    memory        peak memory of one call, on the CPU in a fresh child process per row
+    tables        fixed-width text tables
+
+Why memory lives in a child: an honest CPU peak needs glibc to give freed blocks back to the OS
+(mallopt), and that switch cannot be undone; a process that measured memory runs eager models
+2x slower afterwards (PERF-NOTES.md). So no timing process ever calls mallopt: peak_rss_mb()
+refuses to run outside a child started by measure_memory(). On CUDA, max_memory_allocated
+disturbs nothing and is read in the timing process after the row is timed.
+
+torch is imported inside the functions: glibc reads the malloc variables when a process starts,
+so the calling script re-executes itself before it pays for importing torch.
+
+    python benchkit.py --check MODEL    plain steady-state time of one model (2 warm-ups, median
+                                        of calls over 4 s, no torch.utils.benchmark): a cross-check
+                                        of bench.py's eager rows, run in a process of its own
+"""
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+
+# -------------------------------------------------------------------------------- constants
+# glibc malloc gives freed blocks of 128 KB..32 MB back to the OS and faults them in again on the
+# next call; that made the same eager code 2-60x slower and erratic (PERF-NOTES.md).
+MALLOC_FIX = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
+REEXEC_MARK = "VMAMBA_BENCH_REEXEC"        # set when a script re-executed itself with MALLOC_FIX
+MEMORY_CHILD_MARK = "VMAMBA_BENCH_MEMORY_CHILD"
+IQR_THRESHOLD = 0.05          # adaptive_autorange stops once IQR/median is below this ...
+MAX_TIME_FACTOR = 2.0         # ... or after this many times --min-time
+CHECK_SECONDS = 4.0           # --check: plain timing loop length
+OURS_PREFIXES = ("vmamba_", "vanilla_vmamba_")
+TIMM_SIZED = ("deit", "swin", "vit")      # timm models that take img_size at creation
+PEERS_HINT = ('timm peers skipped: timm is not importable here; install it in a separate venv '
+              'with pip install -e ".[peers]" (README, "Peers (timm)")')
+
+
+# -------------------------------------------------------------------------------- malloc, header
+def reexec_with_malloc_fix(opt_out=False):
+    """Re-execute the running script with MALLOC_FIX in its environment, unless already set."""
+    if opt_out or any(k in os.environ for k in MALLOC_FIX):
+        return
+    env = {**os.environ, **MALLOC_FIX, REEXEC_MARK: "1"}
+    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def load_note():
+    """Other processes on the machine inflate every timing: say how busy it was."""
+    try:
+        one_min = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return "unknown"
+    busy = " (other processes compete: timings inflated)" if one_min > 1.5 * os.cpu_count() \
+        else ""
+    return f"{one_min:.1f} on {os.cpu_count()} cores at start{busy}"
+
+
+def malloc_note():
+    if not all(k in os.environ for k in MALLOC_FIX):
+        return "glibc defaults (--no-malloc-fix): eager CPU timings may be slow and erratic"
+    how = "set by the script (re-executed itself)" if os.environ.get(REEXEC_MARK) \
+        else "from your environment"
+    return " ".join(f"{k}={os.environ[k]}" for k in MALLOC_FIX) + f", {how}"
+
+
+def header(device, dtype):
+    import torch
+    dev = (f"cuda ({torch.cuda.get_device_name()})" if device == "cuda"
+           else f"cpu ({cpu_name()}, {os.cpu_count()} cores)")
+    return {"torch": torch.__version__, "device": dev, "threads": torch.get_num_threads(),
+            "dtype": dtype, "malloc": malloc_note(), "load": load_note(),
+            "date": time.strftime("%Y-%m-%d %H:%M"), "python": sys.version.split()[0]}
+
+
+def print_header(head):
+    print(" | ".join(f"{k} {v}" for k, v in head.items() if k not in ("malloc", "load")))
+    print(f"malloc: {head['malloc']}\nload average: {head['load']}")
+
+
+def print_table(title, rows, cols, notes=()):
+    """rows: list of dicts; cols: list of (key, heading, format); None prints as '-'."""
+    def fmt(v, f):
+        return "-" if v is None else v if isinstance(v, str) else f.format(v)
+    cells = [[h for _, h, _ in cols]] + [[fmt(r.get(k), f) for k, _, f in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    print(f"\n{title}")
+    for j, row in enumerate(cells):
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+    for n in notes:
+        print(f"  {n}")
+
+
+def log(msg):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# -------------------------------------------------------------------------------- timing
+def sync(device):
+    if device == "cuda":
+        import torch
+        torch.cuda.synchronize()
+
+
+def time_once(fn, device):
+    """Seconds of one call (a compile call, the slow naive loop)."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def time_steady(fn, device, min_time, warmup):
+    """Median and IQR (ms) of fn after `warmup` calls, over at least min_time seconds.
+
+    torch.utils.benchmark synchronises CUDA around each block; num_threads is passed because
+    Timer would otherwise time with a single thread.
+    """
+    import torch
+    from torch.utils.benchmark import Timer
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    m = timer.adaptive_autorange(IQR_THRESHOLD, min_run_time=min_time,
+                                 max_run_time=MAX_TIME_FACTOR * min_time)
+    return {"ms": 1e3 * m.median, "iqr_ms": 1e3 * m.iqr,
+            "calls": m.number_per_run * len(m.raw_times)}
+
+
+# -------------------------------------------------------------------------------- rows
+def is_ours(name):
+    return name.startswith(OURS_PREFIXES)
+
+
+def timm_available():
+    try:
+        import timm  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def make_model(spec):
+    """Ours by name (vmamba_min.build with spec's overrides) or a timm model, random weights."""
+    if is_ours(spec["model"]):
+        import vmamba_min
+        return vmamba_min.build(spec["model"], **spec.get("overrides", {}))
+    import timm
+    sized = spec["model"].startswith(TIMM_SIZED) and spec["res"] != 224
+    kw = {"img_size": spec["res"]} if sized else {}
+    return timm.create_model(spec["model"], pretrained=False, **kw)
+
+
+def make_runner(spec):
+    """A no-argument callable for spec: one inference forward (no_grad) or one training step
+    (forward, cross-entropy on random labels, backward, AdamW step, zero_grad), and the params."""
+    import torch
+    import torch.nn.functional as F
+    device, dtype = spec["device"], getattr(torch, spec["dtype"])
+    torch.manual_seed(0)
+    model = make_model(spec).to(device).train(spec["train"])
+    fwd = model
+    if spec["compile"]:
+        torch._dynamo.reset()            # fresh caches per row: an honest compile time
+        fwd = torch.compile(model, dynamic=False)
+    x = torch.randn(spec["batch"], 3, spec["res"], spec["res"], device=device)
+    amp = lambda: torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)  # noqa
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    if not spec["train"]:
+        def infer():
+            with torch.no_grad(), amp():
+                return fwd(x)
+        return infer, params_m
+    labels = torch.randint(0, 1000, (spec["batch"],), device=device)
+    opt = torch.optim.AdamW(model.parameters())
+
+    def step():
+        with amp():
+            loss = F.cross_entropy(fwd(x), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, params_m
+
+
+def cuda_peak_mb(fn):
+    """Extra CUDA memory one call needs on top of what is allocated before it."""
+    import torch
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def run_row(spec, min_time, warmup):
+    """Time one spec in this process: compile call (if any), warm-up, steady state. A row that
+    fails (out of memory, a size a model rejects, a compile error) says why instead of stopping
+    the run."""
+    import torch
+    row = dict(spec)
+    try:
+        fn, row["params_m"] = make_runner(spec)
+        if spec["compile"]:
+            row["compile_s"] = time_once(fn, spec["device"])
+        row.update(time_steady(fn, spec["device"], min_time, warmup))
+        row["img_s"] = 1e3 * spec["batch"] / row["ms"]
+        if spec["device"] == "cuda":
+            row["peak_mb"] = cuda_peak_mb(fn)
+    except Exception as e:               # noqa: BLE001 -- reported in the row, run goes on
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    fn = None
+    gc.collect()
+    if spec["device"] == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+# -------------------------------------------------------------------------------- memory
+def _status_mb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def malloc_give_back(libc):
+    """glibc: large blocks from mmap, returned on free, so RSS follows live tensors. One-way."""
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+    libc.mallopt(M_MMAP_MAX, 1 << 16)
+    libc.mallopt(M_MMAP_THRESHOLD, 128 << 10)
+    libc.mallopt(M_TRIM_THRESHOLD, 128 << 10)
+    libc.malloc_trim(0)
+
+
+def peak_rss_mb(fn):
+    """Rise of peak RSS (VmHWM, reset through /proc/self/clear_refs) over one call of fn, with
+    malloc in give-back mode. Only in a memory child: it slows every later call of the process."""
+    import ctypes
+    if os.environ.get(MEMORY_CHILD_MARK) != "1":
+        raise RuntimeError("peak_rss_mb switches malloc for good: call it only in a child "
+                           "started by measure_memory()")
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt
+    except (OSError, AttributeError):
+        return None                      # not glibc: no honest CPU number
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None
+    gc.collect()
+    malloc_give_back(libc)
+    base = _status_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                     # resets VmHWM to the current RSS
+    fn()
+    return _status_mb("VmHWM") - base
+
+
+def memory_child(spec):
+    """In the child: build, one call (compile, optimizer state, warm-up), then the measured one."""
+    fn, _ = make_runner(spec)
+    fn()
+    return peak_rss_mb(fn)
+
+
+def measure_memory(spec):
+    """Peak MB of one call of spec's runner, measured in a fresh process (see the docstring)."""
+    env = {**os.environ, MEMORY_CHILD_MARK: "1"}
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory", json.dumps(spec)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    if proc.returncode != 0:
+        log(f"memory child for {spec['model']} exited with {proc.returncode}")
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def add_memory(rows):
+    """CPU rows that timed without error get peak_mb from a child process each."""
+    for r in rows:
+        if r["device"] == "cpu" and "error" not in r:
+            spec = {k: r[k] for k in ("model", "res", "batch", "device", "dtype", "compile",
+                                      "train", "overrides") if k in r}
+            log(f"memory: {r['model']} batch {r['batch']} (child process)")
+            r["peak_mb"] = measure_memory(spec)
+    return rows
+
+
+# -------------------------------------------------------------------------------- CLI
+def check(model, res, batch):
+    """Plain steady state, independent of torch.utils.benchmark: median of calls over 4 s."""
+    import statistics
+    fn, _ = make_runner(dict(model=model, res=res, batch=batch, device="cpu",
+                             dtype="float32", compile=False, train=False))
+    fn(), fn()
+    times, t_end = [], time.perf_counter() + CHECK_SECONDS
+    while time.perf_counter() < t_end or len(times) < 3:
+        times.append(time_once(fn, "cpu"))
+    return 1e3 * statistics.median(times), len(times)
+
+
+def main():
+    p = argparse.ArgumentParser(description="benchkit: --check MODEL (plain timing)")
+    p.add_argument("--check", metavar="MODEL", help="plain steady-state ms of one model")
+    p.add_argument("--res", type=int, default=224)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--memory", help=argparse.SUPPRESS)   # internal: the memory child
+    args = p.parse_args()
+    if args.memory:
+        print(json.dumps(memory_child(json.loads(args.memory))))
+    elif args.check:
+        reexec_with_malloc_fix()
+        import torch
+        ms, n = check(args.check, args.res, args.batch)
+        print(f"{args.check} batch {args.batch} {args.res}px eager: {ms:.1f} ms median of {n} "
+              f"calls ({torch.get_num_threads()} threads; {malloc_note()})")
+    else:
+        p.print_help()
+
+
+if __name__ == "__main__":
+    main()

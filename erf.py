@@ -118,10 +118,8 @@ def make_model(name, kind, weights=None):
 # ---------------------------------------------------------------------------------------------
 def stage_output(model, x, stage):
     """The blocks' output of stage `stage` (before its downsample): (B, h, w, C_stage)."""
-    x = model.patch_embed(x)                                 # (B, H/4, W/4, C)
-    for layer in model.layers[:stage + 1]:
-        y, x = layer(x)
-    return y
+    return model.forward_intermediates(x, indices=[stage], intermediates_only=True,
+                                       stop_early=True, output_fmt="NHWC")[0]
 
 
 def erf_map(model, res, n, stage, seed=SEED):

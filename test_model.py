@@ -6,6 +6,7 @@ fixtures' logits (the official code's own channels-first vs channels-last paths:
 README); known bugs (a swapped route, a missing D, a merge without un-flip) move them by 0.05
 to 1.9. 1e-4 absolute sits 100x above the noise and 500x below the smallest bug.
 """
+import collections
 import json
 import math
 from dataclasses import replace
@@ -526,3 +527,202 @@ def test_image_dtype_must_match_the_model_unless_autocast():
 def test_converter_rejects_what_is_not_a_state_dict(bad, match):
     with pytest.raises(TypeError, match=match):
         convert_official_state_dict(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# forward_intermediates (timm's feature API): the one loop over the stages
+# ---------------------------------------------------------------------------------------------
+def _stage_outputs_by_hooks(model, x):
+    """Each stage's block output (channels-last), recorded by hooks, the plain forward run."""
+    seen = {}
+    handles = [layer.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, o[0]))
+               for i, layer in enumerate(model.layers)]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("generation", [0, 2])
+def test_forward_intermediates_are_the_stage_outputs(generation):
+    torch.manual_seed(0)
+    model = VSSM(tiny(generation)).eval()
+    x = torch.randn(2, 3, 40, 56)
+    ref = _stage_outputs_by_hooks(model, x)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        assert torch.equal(final, model.forward_features(x))
+        assert torch.equal(final, ref[3])                   # the last stage: no downsample
+        assert len(maps) == 4
+        for i, m in enumerate(maps):
+            assert m.is_contiguous() and torch.equal(m, ref[i].permute(0, 3, 1, 2))
+        nhwc = model.forward_intermediates(x, indices=[1, -1], output_fmt="NHWC",
+                                           intermediates_only=True)
+        assert [torch.equal(m, ref[i]) for m, i in zip(nhwc, (1, 3))] == [True, True]
+        last2 = model.forward_intermediates(x, indices=2, intermediates_only=True)
+        assert [m.shape[1] for m in last2] == [96, 192]
+        normed, maps_n = model.forward_intermediates(x, indices=[0, 3], norm=True)
+        assert torch.equal(normed, model.norm(final))       # the head's norm: the last stage
+        assert torch.equal(maps_n[0], maps[0])              # and only there
+        assert torch.equal(maps_n[1], model.norm(final).permute(0, 3, 1, 2))
+
+
+def test_forward_intermediates_stop_early_runs_no_later_stage():
+    model = VSSM(tiny(2)).eval()
+    calls = []
+    for i, layer in enumerate(model.layers):
+        layer.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        # The call erf.py makes: one stage's map, channels-last.
+        (y,) = model.forward_intermediates(x, indices=[1], intermediates_only=True,
+                                           stop_early=True, output_fmt="NHWC")
+        assert calls == [0, 1] and y.shape == (1, 4, 4, 48)
+        calls.clear()
+        final, (m,) = model.forward_intermediates(x, indices=[1], stop_early=True)
+        assert calls == [0, 1] and torch.equal(final, y) and torch.equal(m, y.permute(0, 3, 1, 2))
+        calls.clear()
+        model.forward_intermediates(x, indices=[1])       # final needs every stage
+        assert calls == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("indices, error", [
+    (0, ValueError), (5, ValueError), ([4], ValueError), ([-5], ValueError), ([], ValueError),
+    ([True], ValueError), ([1.0], ValueError), ("0", TypeError)])
+def test_forward_intermediates_validates_indices(indices, error):
+    model = VSSM(tiny(2))
+    with pytest.raises(error, match="indices"):
+        model.forward_intermediates(torch.randn(1, 3, 32, 32), indices=indices)
+
+
+def test_forward_intermediates_rejects_unknown_output_format():
+    with pytest.raises(ValueError, match="output_fmt"):
+        VSSM(tiny(2)).forward_intermediates(torch.randn(1, 3, 32, 32), output_fmt="NLC")
+
+
+def test_prune_intermediate_layers():
+    torch.manual_seed(0)
+    model = VSSM(tiny(0)).eval()
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        full = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        assert model.prune_intermediate_layers([-4, 1]) == [0, 1]
+        assert len(model.layers) == 2 and isinstance(model.layers[1].downsample, nn.Identity)
+        assert isinstance(model.norm, nn.Identity) and isinstance(model.head, nn.Identity)
+        pruned = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(full, pruned))
+    keep_all = VSSM(tiny(0))
+    assert keep_all.prune_intermediate_layers(None, prune_head=False) == [0, 1, 2, 3]
+    assert isinstance(keep_all.norm, nn.LayerNorm) and isinstance(keep_all.head, nn.Linear)
+
+
+# ---------------------------------------------------------------------------------------------
+# load_official_checkpoint: the trainer's file format, read without running anything in it
+# ---------------------------------------------------------------------------------------------
+_WRITE_OFFICIAL = r'''
+import os, sys, torch
+tmp = sys.argv[1]
+os.makedirs(os.path.join(tmp, "pkgs", "yacs"))
+open(os.path.join(tmp, "pkgs", "yacs", "__init__.py"), "w").close()
+with open(os.path.join(tmp, "pkgs", "yacs", "config.py"), "w") as f:
+    f.write("class CfgNode(dict):\n    pass\n")     # a stand-in for yacs' CfgNode (a dict)
+sys.path.insert(0, os.path.join(tmp, "pkgs"))
+from yacs.config import CfgNode
+
+class Payload:                                     # what a malicious file would carry
+    def __init__(self, name):
+        self.name = name
+
+    def __reduce__(self):
+        return os.mkdir, (os.path.join(tmp, self.name),)
+
+weights = torch.load(os.path.join(tmp, "weights.pt"), weights_only=True)
+config = CfgNode(MODEL=CfgNode(NAME="vssm1_tiny_0230s", TYPE="vssm"), TRAIN=CfgNode(EPOCHS=300))
+config.__dict__["__immutable__"] = True
+torch.save({"model": weights["model"], "model_ema": weights["model_ema"],
+            "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3, "payload": Payload("MARKER_1")}]},
+            "lr_scheduler": {"t": 3}, "scaler": {"scale": 65536.0}, "epoch": 3,
+            "max_accuracy": 82.6, "config": config, "payload": Payload("MARKER_2")},
+           os.path.join(tmp, "official.pth"))
+'''
+
+_LOAD_UNSAFELY = r'''
+import os, sys, torch
+sys.path.insert(0, os.path.join(sys.argv[1], "pkgs"))
+torch.load(os.path.join(sys.argv[1], "official.pth"), weights_only=False)
+'''
+
+
+def _python(code, *args):
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def write_official_checkpoint(tmp_path, model_sd, ema_sd):
+    """tmp_path/official.pth as the official trainer writes it (model, model_ema, optimizer,
+    lr_scheduler, scaler, epoch, a yacs CfgNode config), plus __reduce__ payloads that would
+    create the directories tmp_path/MARKER_1 and MARKER_2 when unpickled. Written by a separate Python process: the CfgNode's
+    module exists only there, so this process cannot import it."""
+    torch.save({"model": model_sd, "model_ema": ema_sd}, tmp_path / "weights.pt")
+    _python(_WRITE_OFFICIAL, tmp_path)
+    return tmp_path / "official.pth"
+
+
+def _perturbed(sd):
+    gen = torch.Generator().manual_seed(0)
+    return {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in sd.items()}
+
+
+def test_load_official_checkpoint_runs_nothing_from_the_file(tmp_path):
+    fx = load_fixture("v2_s1l8_cf_d24_sq64.pt")
+    sd = fx["state_dict_classification_naming"]
+    path = write_official_checkpoint(tmp_path, sd, _perturbed(sd))
+    import importlib.util
+    assert importlib.util.find_spec("yacs") is None          # the CfgNode is not importable here
+    markers = [tmp_path / "MARKER_1", tmp_path / "MARKER_2"]
+    loaded = vm.load_official_checkpoint(path)
+    assert not any(m.exists() for m in markers)              # the payloads did not run
+    model = VSSM(from_official_kwargs(fx["kwargs"])).eval()
+    model.load_state_dict(loaded)                            # strict
+    with torch.no_grad():
+        assert (model(fx["input"]) - fx["logits"]).abs().max() < ATOL
+    ema = vm.load_official_checkpoint(path, ema=True)
+    assert all(torch.equal(ema[k], v) for k, v in
+               convert_official_state_dict(_perturbed(sd)).items())
+    assert not any(m.exists() for m in markers)
+    # The control: the same file through plain pickle (weights_only=False) does run them.
+    _python(_LOAD_UNSAFELY, tmp_path)
+    assert all(m.is_dir() for m in markers)
+
+
+def test_load_official_checkpoint_bare_state_dict_and_errors(tmp_path):
+    fx = load_fixture("v0_tiny_d24_sq64.pt")
+    torch.save(fx["state_dict"], tmp_path / "bare.pth")
+    loaded = vm.load_official_checkpoint(tmp_path / "bare.pth")
+    assert loaded.keys() == convert_official_state_dict(fx["state_dict"]).keys()
+    with pytest.raises(KeyError, match="model_ema"):
+        vm.load_official_checkpoint(tmp_path / "bare.pth", ema=True)
+    torch.save({"model": fx["state_dict"], "epoch": 1}, tmp_path / "no_ema.pth")
+    with pytest.raises(KeyError, match=r"no 'model_ema' entry.*'epoch', 'model'"):
+        vm.load_official_checkpoint(tmp_path / "no_ema.pth", ema=True)
+    (tmp_path / "legacy.pth").write_bytes(b"\x80\x02not a zip")
+    with pytest.raises(ValueError, match="zip"):
+        vm.load_official_checkpoint(tmp_path / "legacy.pth")
+
+
+def test_allow_list_unpickler_turns_unknown_globals_into_records():
+    import io
+    import pickle
+
+    class Call:
+        def __reduce__(self):
+            return print, ("must not print",)
+    data = pickle.dumps({"a": Call(), "b": collections.OrderedDict(x=1)}, protocol=4)
+    out = vm._AllowListUnpickler(io.BytesIO(data)).load()
+    assert isinstance(out["a"], vm.Opaque) and out["a"].global_name == "builtins.print"
+    assert out["a"].args == ("must not print",)
+    assert type(out["b"]) is collections.OrderedDict and out["b"] == {"x": 1}

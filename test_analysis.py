@@ -182,3 +182,42 @@ def test_onnx_dynamic_batch(generation, tmp_path):
     # Tolerance as in check_exported: onnxruntime's kernels sum in their own order (observed
     # differences about 2e-8 on logits of size 1).
     check_exported(model, lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0]))
+
+
+def test_flops_refuses_ops_outside_the_convention():
+    """FlopCounterMode would count a BatchNorm as 0 (and attention by its own 2-per-MAC rule):
+    count_flops must fail instead of giving a silently wrong total."""
+    with pytest.raises(NotImplementedError):
+        count_flops(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# ERF (erf.py)
+# ---------------------------------------------------------------------------------------------
+def test_erf_summary_numbers():
+    import erf
+    point = torch.zeros(8, 8, dtype=torch.float64)
+    point[3, 3] = 2.0
+    s = erf.summarize(point)
+    assert s["reach"] == s[">1%max"] == s["A50"] == s["A90"] == 1 / 64
+    assert s["outside"] == 0.0                          # (3, 3) is in the central 4x4 square
+    s = erf.summarize(torch.ones(8, 8, dtype=torch.float64))
+    # uniform: k pixels hold k/64 of the mass; 50% needs 32, 90% needs ceil(57.6) = 58
+    assert s["reach"] == s[">1e-4"] == 1.0 and s["A50"] == 32 / 64 and s["A90"] == 58 / 64
+    assert s["outside"] == pytest.approx(1 - 16 / 64)
+
+
+def test_erf_conv_twin_reach_is_its_receptive_field_and_vmamba_is_global():
+    """vmamba_tiny_s1l8 at 128 px, stage 1. The conv twin's receptive field, from the layers:
+    the stem's two 3x3 stride-2 convs span 7 px (jump 4); stage 0's two blocks add one 3x3
+    depthwise conv each (+2*4 px each: 23); the 3x3 stride-2 downsample +2*4 (31, jump 8);
+    stage 1's two blocks +2*8 each: 63 px. So exactly 63x63 pixels get a gradient (random
+    inputs: none is zero by accident inside). The scan mixes every position: VMamba's reach
+    is the whole image."""
+    import erf
+    conv = erf.erf_map(erf.make_model("vmamba_tiny_s1l8", "conv"), res=128, n=1, stage=1)
+    assert int((conv > 0).sum()) == 63 * 63
+    rows, cols = (conv > 0).any(1).nonzero(), (conv > 0).any(0).nonzero()
+    assert rows.max() - rows.min() + 1 == 63 and cols.max() - cols.min() + 1 == 63
+    vm = erf.erf_map(erf.make_model("vmamba_tiny_s1l8", "vmamba"), res=128, n=1, stage=1)
+    assert bool((vm > 0).all())

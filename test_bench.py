@@ -1,0 +1,142 @@
+"""Tests of bench.py and benchkit.py that need no timing figures: argument parsing, the CUDA usage
+error, the shape of table and JSON rows (tiny model, short --min-time), the peers' rows (only
+where timm is importable), and that measuring memory leaves the timing process's malloc alone.
+
+The malloc test reads page faults: under bench's MALLOC_FIX a freed 8 MB tensor stays in the
+heap and the next one costs no page faults; after glibc's give-back switch (what a memory
+measurement needs) every 8 MB allocation faults its 2048 pages in again. The same probe run
+after the switch in the same process is the control that shows the probe can fail.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import bench
+import benchkit as bk
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# A VMamba small enough for seconds: one block per stage, width 16, 64 x 64 images.
+TINY = dict(model="vmamba_tiny_s1l8", res=64, batch=2, device="cpu", dtype="float32",
+            compile=False, train=False, overrides={"depths": [1, 1, 1, 1], "dim": 16})
+SHORT = dict(min_time=0.05, warmup=2)
+
+
+def test_batch_list_parses_and_rejects():
+    assert bench.batch_list("1,8,32") == [1, 8, 32]
+    assert bench.batch_list("4") == [4]
+    for bad in ("", "0", "1,-2", "a,b", "1,,2"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.batch_list(bad)
+    _, args = bench.parse_args(["--batch", "1,2"])
+    assert args.batch == [1, 2] and args.scan and args.models and not args.train
+    _, args = bench.parse_args(["--train"])
+    assert args.train and not args.scan and not args.models
+
+
+def test_cuda_without_gpu_is_a_usage_error():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = subprocess.run([sys.executable, "bench.py", "--device", "cuda"], cwd=HERE,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "--device cuda" in proc.stderr and "is_available() is False" in proc.stderr
+    assert proc.stdout == ""              # nothing was run
+
+
+def test_specs_cover_every_batch_and_mode():
+    _, args = bench.parse_args(["--models", "--batch", "1,8", "--compile-models", "--no-peers"])
+    specs = bench.model_specs(args)
+    assert [(s["model"], s["batch"], s["compile"]) for s in specs] == [
+        (m, b, c) for b in (1, 8) for m in bench.OURS for c in (False, True)]
+    train = bench.model_specs(args, train=True)
+    assert all(s["train"] for s in train) and {s["model"] for s in train} == set(bench.OURS)
+    _, args = bench.parse_args(["--models", "--all-models", "--no-peers"])
+    scans = [bench.label(s)["scan"] for s in bench.model_specs(args)]
+    assert scans == ["chunked", "reference"] * len(bench.OURS)
+
+
+def test_model_rows_table_and_json_shape(capsys):
+    specs = [TINY, dict(TINY, train=True), dict(TINY, overrides={"no_such_option": 1})]
+    rows = [{**bk.run_row(s, **SHORT), **bench.label(s)} for s in specs]
+    for r in rows[:2]:
+        assert "error" not in r, r
+        assert r["ms"] > 0 and r["iqr_ms"] >= 0 and r["calls"] >= 1
+        assert r["img_s"] == pytest.approx(1e3 * r["batch"] / r["ms"])
+        assert r["params_m"] > 0 and r["mode"] == "eager" and r["source"] == "ours"
+    assert "no_such_option" in rows[2]["error"]          # a failing row says why, run goes on
+    result = json.loads(json.dumps({"models": rows[:1], "train": rows[1:]}))
+    bench.print_results(result, bench.parse_args(["--res", "64"])[1])
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("vmamba_tiny_s1l8")]
+    assert len(lines) == 3 and "ValueError" in lines[-1]
+    assert "models: inference" in out and "training step" in out
+
+
+def test_scan_rows_shape():
+    # stage 4 of VMamba-T: L = 49, so the naive loop takes milliseconds
+    _, args = bench.parse_args(["--scan", "--no-compile", "--min-time", "0.05"])
+    rows = bench.scan_shape_rows("v2", 4, args)
+    assert [r["pass"] for r in rows] == ["fwd", "fwd+bwd"]
+    assert rows[0]["shape"] == "1x3072x49x1" and rows[0]["err_vs"] == "naive"
+    assert rows[0]["naive_ms"] > 0 and rows[0]["eager_x"] > 0
+    assert rows[0]["eager_rel"] < 1e-5                 # chunked vs naive, float32
+    assert "naive_ms" not in rows[1] and rows[1]["err_vs"] == "eager"
+    assert rows[1]["eager_ms"] > 0 and "compiled_ms" not in rows[1]
+    json.dumps(rows)
+
+
+def test_peak_rss_refuses_to_run_in_a_timing_process():
+    with pytest.raises(RuntimeError, match="child"):
+        bk.peak_rss_mb(lambda: None)
+
+
+PROBE = """
+import ctypes, json, resource, sys
+import torch
+import benchkit as bk
+
+def faults_per_8mb_alloc():
+    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        t = torch.empty(2 << 20)
+        t.fill_(1.0)
+        del t
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / 5
+
+spec = json.loads(sys.argv[1])
+faults_per_8mb_alloc()
+rows = bk.add_memory([bk.run_row(spec, 0.05, 2)])   # bench's path: time, then memory
+after = faults_per_8mb_alloc()
+bk.malloc_give_back(ctypes.CDLL("libc.so.6"))        # what a memory measurement does
+control = faults_per_8mb_alloc()
+print(json.dumps({"peak_mb": rows[0]["peak_mb"], "after": after, "control": control}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_memory_step_leaves_the_timing_process_malloc_alone():
+    env = {**os.environ, **bk.MALLOC_FIX}
+    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(TINY)], cwd=HERE, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["peak_mb"] is not None and out["peak_mb"] > 0
+    assert out["after"] < 50, out          # MALLOC_FIX still in force: freed memory reused
+    assert out["control"] > 1000, out      # the switch faults 8 MB (2048 pages) in every time
+
+
+def test_peers_rows_when_timm_is_importable():
+    pytest.importorskip("timm")
+    _, args = bench.parse_args(["--models", "--batch", "1"])
+    specs = bench.model_specs(args)
+    assert [s["model"] for s in specs] == list(bench.OURS + bench.PEERS)
+    for spec in specs[len(bench.OURS):]:
+        row = {**bk.run_row(spec, min_time=0.01, warmup=2), **bench.label(spec)}
+        assert "error" not in row, row
+        assert row["source"] == "timm" and row["batch"] == 1 and row["res"] == 224
+        assert row["img_s"] > 0 and row["params_m"] > 1

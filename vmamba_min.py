@@ -348,6 +348,13 @@ class VSSM(nn.Module):
         self.head = nn.Identity()
         self.reset_classifier(cfg.num_classes)
         self.apply(_init_weights)
+        # timm's description of the feature maps forward_intermediates returns
+        self.feature_info = [dict(num_chs=cfg.stage_dim(i), reduction=4 * 2 ** i,
+                                  module=f"layers.{i}") for i in range(n)]
+
+    @property
+    def num_classes(self):
+        return self.config.num_classes
 
     def forward_features(self, x):                           # (b, 3, H, W)
         final, _ = self.forward_intermediates(x, indices=[-1], output_fmt="NHWC")
@@ -410,6 +417,21 @@ class VSSM(nn.Module):
         self.config = replace(self.config, grad_checkpointing=enable)
         for layer in self.layers:
             layer.grad_checkpointing = enable
+
+    def load_pretrained(self, path, ema: bool = False):
+        """Load an official checkpoint file (load_official_checkpoint); timm calls this for
+        register_timm's models (pretrained=True, pretrained_cfg_overlay=dict(file=...)). A
+        head of another size (num_classes) keeps its fresh init; every other key loads
+        strictly."""
+        sd = load_official_checkpoint(path, ema=ema)
+        own = self.state_dict()
+        head = [k for k in ("head.weight", "head.bias")
+                if k in sd and (k not in own or own[k].shape != sd[k].shape)]
+        missing, unexpected = self.load_state_dict(
+            {k: v for k, v in sd.items() if k not in head}, strict=not head)
+        bad = [k for k in missing if not k.startswith("head.")] + list(unexpected)
+        if bad:
+            raise RuntimeError(f"{path}: keys that do not fit this model: {bad}")
 
     def no_weight_decay(self):
         """Names of the parameters that take no weight decay (the SSM's A_logs and Ds)."""
@@ -696,3 +718,60 @@ def build_config(name: str, **overrides) -> VSSMConfig:
 def build(name: str, **overrides) -> VSSM:
     """A released configuration by name, e.g. build("vmamba_tiny_s1l8", num_classes=10)."""
     return VSSM(build_config(name, **overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# timm (optional): timm.create_model("vmamba_tiny_s1l8", ...) after register_timm()
+# ---------------------------------------------------------------------------------------------
+TIMM_MODULE = "vmamba_min_timm"   # the module name timm files the nine entrypoints under
+
+
+def register_timm():
+    """Register the nine CONFIGS names with timm's model registry (explicit, idempotent; timm
+    is imported here only). Then timm.create_model(name, pretrained=False, num_classes=...,
+    drop_path_rate=..., **VSSMConfig fields) builds them (other options: an error);
+    features_only=True with out_indices gives the stages' NCHW maps (forward_intermediates);
+    pretrained=True, pretrained_cfg_overlay=dict(file=path) loads an official checkpoint
+    (VSSM.load_pretrained). Each pretrained_cfg describes the official evaluation transform
+    (resize to 256, bicubic, centre crop 224, ImageNet mean/std). Returns the names."""
+    import sys
+    import timm.models
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+    if TIMM_MODULE in sys.modules and all(timm.models.is_model(n) for n in CONFIGS):
+        return list(CONFIGS)
+    # timm's register_model files an entrypoint under its function's module, which must hold
+    # `default_cfgs`: a module of our own keeps vmamba_min's namespace (and __all__) as it is.
+    module = types.ModuleType(TIMM_MODULE, "timm entrypoints of vmamba_min's nine releases")
+    module.default_cfgs = generate_default_cfgs({name: dict(
+        num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
+        interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+        first_conv="patch_embed." + ("proj" if kw.get("generation") == 0 else "conv1"),
+        classifier="head", custom_load=True, license="mit", paper_ids="arXiv:2401.10166",
+        origin_url="https://github.com/MzeroMiko/VMamba") for name, kw in CONFIGS.items()})
+    sys.modules[TIMM_MODULE] = module
+
+    def entrypoint(name):
+        def create(pretrained=False, pretrained_cfg_overlay=None, **kwargs):
+            # timm resets custom_load when an overlay names a file; for these names a file is
+            # an official checkpoint, read by VSSM.load_pretrained (custom_load=False in the
+            # overlay: timm's own weights-only loader, then the name conversion below).
+            overlay = dict(pretrained_cfg_overlay or {})
+            if overlay.get("file"):
+                overlay.setdefault("custom_load", True)
+            return build_model_with_cfg(
+                lambda **kw: build(name, **kw), name, pretrained,
+                feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
+                # an in-memory state_dict (pretrained_cfg_overlay=dict(state_dict=...)) or a
+                # hub file goes through timm's own loader: official names are converted here
+                pretrained_filter_fn=lambda sd, model: convert_official_state_dict(sd),
+                pretrained_cfg_overlay=overlay, **kwargs)
+        create.__name__ = create.__qualname__ = name
+        create.__module__ = TIMM_MODULE
+        create.__doc__ = f"VMamba {name} (vmamba_min.CONFIGS[{name!r}])."
+        return create
+
+    for name in CONFIGS:
+        setattr(module, name, register_model(entrypoint(name)))
+    return list(CONFIGS)

@@ -73,25 +73,20 @@ def build_parser():
     p.add_argument("--batch", type=batch_list, default=batch_list(BATCH),
                    help=f"model/train tables: batch sizes, e.g. 1,8,32 (default {BATCH})")
     p.add_argument("--res", type=int, default=RES, help="model/train tables: image size")
-    p.add_argument("--min-time", type=float, default=MIN_TIME,
-                   help="seconds of timed calls per cell, at least")
+    p.add_argument("--min-time", type=float, default=MIN_TIME, help="timed seconds per cell, >=")
     p.add_argument("--warmup", type=int, default=WARMUP, help="untimed calls before timing")
     p.add_argument("--stages", default=STAGES, help="scan table: VMamba-T stages, e.g. 1,2,3,4")
-    p.add_argument("--chunk", type=int, default=None,
-                   help="chunk size of the chunked scan (default: scan.py's default)")
-    p.add_argument("--naive-bwd", action="store_true",
-                   help="also time the naive loop's forward+backward (minutes per shape)")
+    p.add_argument("--chunk", type=int, help="chunk size of the chunked scan (default: scan.py's)")
+    p.add_argument("--naive-bwd", action="store_true", help="also the naive fwd+bwd (slow)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=COMPILE,
                    help="the torch.compile column of the scan table (seconds per shape)")
     p.add_argument("--compile-models", action=argparse.BooleanOptionalAction,
                    default=COMPILE_MODELS, help="add compiled rows to the model/train tables")
     p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
                    help="timm's models in the model table (when timm is importable)")
-    p.add_argument("--all-models", action="store_true",
-                   help="model table: also our models with the reference (loop) scan")
+    p.add_argument("--all-models", action="store_true", help="also our models with the loop scan")
     p.add_argument("--json", action="store_true", help="print one JSON object, no tables")
-    p.add_argument("--no-malloc-fix", action="store_true",
-                   help="keep glibc's default malloc settings (eager timings become erratic)")
+    p.add_argument("--no-malloc-fix", action="store_true", help="keep glibc's malloc (erratic)")
     return p
 
 
@@ -142,11 +137,9 @@ def scan_passes(inputs, shape, device):
 
 
 def errors(out, ref):
-    """max |out - ref| and that over max |ref|."""
-    if ref is None:
-        return None, None
-    e = (out.float() - ref.float()).abs().max().item()
-    return e, e / max(ref.float().abs().max().item(), 1e-30)
+    """max |out - ref| and that over max |ref| (None, None without a reference)."""
+    e = None if ref is None else (out.float() - ref.float()).abs().max().item()
+    return (None, None) if ref is None else (e, e / max(ref.float().abs().max().item(), 1e-30))
 
 
 def timed_cell(row, key, run, args):

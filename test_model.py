@@ -2,8 +2,8 @@
 properties a model must keep (scan choice, compile, odd sizes, gradients, checkpointing, errors).
 
 Tolerances. Two correct float32 implementations of VMamba differ by about 1e-6 on these
-fixtures' logits (the official code's own channels-first vs channels-last paths: fixtures
-README); known bugs (a swapped route, a missing D, a merge without un-flip) move them by 0.05
+fixtures' logits (the official code's own channels-first vs channels-last paths:
+fixtures/README.md); known bugs (a swapped route, a missing D, a merge without un-flip) move them by 0.05
 to 1.9. 1e-4 absolute sits 100x above the noise and 500x below the smallest bug.
 """
 import collections
@@ -72,6 +72,31 @@ def test_fixture_logits(name, spelling):
     assert logits.shape == fx["logits"].shape
     err = (logits - fx["logits"]).abs().max().item()
     assert err < ATOL, f"{name} ({spelling}): max abs logit error {err:.3g}"
+
+
+@pytest.mark.parametrize("name", MODEL_FIXTURES)
+def test_fixture_first_selective_scan_call(name, monkeypatch):
+    """The arguments SS2D hands the scan in layers.0.blocks.0, and what the scan returns, are
+    the official ones (u, delta before bias/softplus, A = -exp(A_logs), B, C, D, delta_bias)."""
+    fx = load_fixture(name)
+    ref = fx["first_selective_scan_call"]
+    model = fixture_model(fx)
+    calls, scan = [], vm.selective_scan
+
+    def recording_scan(*args, **kwargs):
+        out = scan(*args, **kwargs)
+        calls.append((args, kwargs, out))
+        return out
+    monkeypatch.setattr(vm, "selective_scan", recording_scan)
+    with torch.no_grad():
+        model(fx["input"])
+    (u, delta, A, B, C, D, delta_bias), kwargs, out = calls[0]
+    assert kwargs["delta_softplus"] is ref["delta_softplus"] is True
+    for key, got in dict(u=u, delta=delta, A=A, B=B, C=C, D=D, delta_bias=delta_bias,
+                         out=out).items():
+        assert got.shape == ref[key].shape, key
+        err = (got - ref[key]).abs().max().item()
+        assert err < ATOL, f"{name}: scan argument {key} max abs error {err:.3g}"
 
 
 def official_module_name(mine):
@@ -641,7 +666,8 @@ weights = torch.load(os.path.join(tmp, "weights.pt"), weights_only=True)
 config = CfgNode(MODEL=CfgNode(NAME="vssm1_tiny_0230s", TYPE="vssm"), TRAIN=CfgNode(EPOCHS=300))
 config.__dict__["__immutable__"] = True
 torch.save({"model": weights["model"], "model_ema": weights["model_ema"],
-            "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3, "payload": Payload("MARKER_1")}]},
+            "optimizer": {"state": {},
+                          "param_groups": [{"lr": 1e-3, "payload": Payload("MARKER_1")}]},
             "lr_scheduler": {"t": 3}, "scaler": {"scale": 65536.0}, "epoch": 3,
             "max_accuracy": 82.6, "config": config, "payload": Payload("MARKER_2")},
            os.path.join(tmp, "official.pth"))
@@ -665,8 +691,8 @@ def _python(code, *args):
 def write_official_checkpoint(tmp_path, model_sd, ema_sd):
     """tmp_path/official.pth as the official trainer writes it (model, model_ema, optimizer,
     lr_scheduler, scaler, epoch, a yacs CfgNode config), plus __reduce__ payloads that would
-    create the directories tmp_path/MARKER_1 and MARKER_2 when unpickled. Written by a separate Python process: the CfgNode's
-    module exists only there, so this process cannot import it."""
+    create the directories tmp_path/MARKER_1 and MARKER_2 when unpickled. Written by a separate
+    Python process: the CfgNode's module exists only there, so this process cannot import it."""
     torch.save({"model": model_sd, "model_ema": ema_sd}, tmp_path / "weights.pt")
     _python(_WRITE_OFFICIAL, tmp_path)
     return tmp_path / "official.pth"

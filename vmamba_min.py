@@ -325,8 +325,9 @@ class Stage(nn.Module):
 class VSSM(nn.Module):
     """The VMamba classifier. forward: (b, in_chans, H, W) image -> (b, num_classes) logits,
     any H, W >= 4. timm-style parts: forward_features (-> (b, H/32, W/32, 8C) channels-last,
-    before the final norm), forward_head(x, pre_logits=False), reset_classifier,
-    no_weight_decay, set_grad_checkpointing."""
+    before the final norm), forward_head(x, pre_logits=False), forward_intermediates (the one
+    loop over the stages) and prune_intermediate_layers, feature_info, reset_classifier,
+    no_weight_decay, set_grad_checkpointing, load_pretrained (an official checkpoint file)."""
 
     def __init__(self, config: VSSMConfig):
         super().__init__()
@@ -359,6 +360,13 @@ class VSSM(nn.Module):
     def forward_features(self, x):                           # (b, 3, H, W)
         final, _ = self.forward_intermediates(x, indices=[-1], output_fmt="NHWC")
         return final                                         # (b, H/32, W/32, 8C)
+
+    def forward_head(self, x, pre_logits: bool = False):     # (b, h, w, 8C)
+        x = self.norm(x).mean(dim=(1, 2))                    # (b, 8C)  global average pool
+        return x if pre_logits else self.head(x)             # (b, num_classes)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
                               output_fmt: str = "NCHW", intermediates_only: bool = False):
@@ -400,13 +408,6 @@ class VSSM(nn.Module):
         if prune_head:
             self.reset_classifier(0)
         return take
-
-    def forward_head(self, x, pre_logits: bool = False):     # (b, h, w, 8C)
-        x = self.norm(x).mean(dim=(1, 2))                    # (b, 8C)  global average pool
-        return x if pre_logits else self.head(x)             # (b, num_classes)
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
 
     def reset_classifier(self, num_classes: int):
         self.config = replace(self.config, num_classes=num_classes)

@@ -148,3 +148,19 @@ def test_peers_rows_when_timm_is_importable():
         assert "error" not in row, row
         assert row["source"] == "timm" and row["batch"] == 1 and row["res"] == 224
         assert row["img_s"] > 0 and row["params_m"] > 1
+
+
+def test_scaling_growth_exponent_and_res_parsing():
+    import scaling
+    rows = [dict(model="m", res=224, ms=10.0, peak_mb=100.0),
+            dict(model="m", res=448, ms=40.0, peak_mb=200.0),     # L x4: time x4, memory x2
+            dict(model="n", res=224, error="skipped: size")]      # nothing ran: no exponent
+    g = scaling.growth(rows)
+    assert set(g) == {"m"} and g["m"]["L_ratio"] == pytest.approx(4.0)
+    assert g["m"]["time_exponent"] == pytest.approx(1.0)
+    assert g["m"]["mem_exponent"] == pytest.approx(0.5)
+    _, args = scaling.parse_args(["--res", "224,512"])
+    assert args.res == [224, 512]
+    with pytest.raises(SystemExit) as e:
+        scaling.parse_args(["--res", "224,big"])
+    assert e.value.code == 2

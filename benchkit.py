@@ -149,8 +149,8 @@ def time_steady(fn, device, min_time, warmup):
     timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     m = timer.adaptive_autorange(IQR_THRESHOLD, min_run_time=min_time,
                                  max_run_time=MAX_TIME_FACTOR * min_time)
-    return {"ms": 1e3 * m.median, "iqr_ms": 1e3 * m.iqr,
-            "calls": m.number_per_run * len(m.raw_times)}
+    iqr = 1e3 * m.iqr if len(m.raw_times) >= 4 else None    # no spread from 1-3 samples
+    return {"ms": 1e3 * m.median, "iqr_ms": iqr, "calls": m.number_per_run * len(m.raw_times)}
 
 
 # -------------------------------------------------------------------------------- rows

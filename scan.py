@@ -12,8 +12,17 @@ Two implementations of one signature:
   selective_scan      a chunked scan, exact at any chunk size, that torch.compile fuses.
 """
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from torch._higher_order_ops import scan as _hop_scan
+
+# torch 2.13's Inductor lowers the `scan` operator to a while-loop whose body calls .item() on
+# the loop counter (torch/_inductor/fx_passes/post_grad.py, decompose_scan_to_while_loop). Dynamo
+# allows such scalar outputs only with fullgraph=True or with this flag (torch/_dynamo/
+# output_graph.py), so without it a plain torch.compile(model) failed with
+# DataDependentOutputException. Side effect for the whole process: .item() calls inside other
+# compiled code are captured in the graph instead of breaking it.
+torch._dynamo.config.capture_scalar_outputs = True
 
 __all__ = ["selective_scan_ref", "selective_scan", "cross_scan", "cross_merge"]
 
@@ -311,21 +320,35 @@ def _loop(step, carry, xs, reverse=False):
     return carry, torch.stack(outs)
 
 
+def _per_step(Ak, T):
+    """A (1, K, D, 1, N) repeated for T steps as a real contiguous copy (T*K*D*N numbers, small).
+    A must enter the loop as a per-step input, not through the step's closure: with A captured,
+    torch 2.13's compiled backward of the `scan` operator returned a wrong dL/dA. And a copy, not
+    an expand() view: inside a compiled model Inductor gave A a transposed layout after tracing,
+    the steps' outputs inherited it, and the loop rejected carries whose strides changed."""
+    return Ak.expand((T,) + Ak.shape).contiguous()
+
+
+def _carry(t):
+    """A loop carry as a fresh contiguous tensor. Under torch.compile the `scan` operator
+    rejects a carry that aliases a step output ("might be aliasing"), and its while-loop
+    lowering one whose strides differ between the initial and the returned carry (seen with
+    layouts that Inductor chose inside a whole model)."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _scan_chunks(dt, x, Bt, Ct, Ak):
     """Forward step 2: T steps of h = exp(delta' A) h + x B, y = C . h, over all chunks at once.
 
     dt, x (T, b, K, D, M); Bt, Ct (T, b, K, 1, M, N); Ak (1, K, D, 1, N).
-    A enters as a (broadcast) per-step input, not through the closure: with A captured by the
-    closure, torch 2.13's compiled backward of the `scan` operator returned a wrong dL/dA.
     """
     def step(h, inputs):                                     # h (b, K, D, M, N)
         dt_t, x_t, B_t, C_t, A_t = inputs
         h = torch.exp(dt_t[..., None] * A_t) * h + x_t[..., None] * B_t
-        # clone: scan's carry must not alias its output (torch.compile rejects the graph)
-        return h.clone(), (h * C_t).sum(-1)                  # (b, K, D, M)
+        return _carry(h), (h * C_t).sum(-1)                  # (b, K, D, M)
 
     h = x.new_zeros(x.shape[1:] + (Ak.shape[-1],))           # (b, K, D, M, N)
-    return _loop(step, h, (dt, x, Bt, Ct, Ak.expand((dt.shape[0],) + Ak.shape)))
+    return _loop(step, h, (dt, x, Bt, Ct, _per_step(Ak, dt.shape[0])))
 
 
 def _states_before(dt, x, Bt, Ak, h_in):
@@ -333,9 +356,9 @@ def _states_before(dt, x, Bt, Ak, h_in):
     chunk-entry states. The only (L, N)-sized tensor of the scan; it lives during backward."""
     def step(h, inputs):
         dt_t, x_t, B_t, A_t = inputs
-        return torch.exp(dt_t[..., None] * A_t) * h + x_t[..., None] * B_t, h.clone()
+        return _carry(torch.exp(dt_t[..., None] * A_t) * h + x_t[..., None] * B_t), h.clone()
 
-    return _loop(step, h_in, (dt, x, Bt, Ak.expand((dt.shape[0],) + Ak.shape)))[1]
+    return _loop(step, _carry(h_in), (dt, x, Bt, _per_step(Ak, dt.shape[0])))[1]
 
 
 def _adjoint_chunks(dt, x, Bt, Ct, gyt, h_prev, Ak, g_out):
@@ -353,11 +376,12 @@ def _adjoint_chunks(dt, x, Bt, Ct, gyt, h_prev, Ak, g_out):
         p = g * ah
         outs = ((g * B_t).sum(-1), (p * A_t).sum(-1),
                 (g * x_t[..., None]).sum(2), (h * gy_t[..., None]).sum(2))
-        return (a * g, dA + dt_t[..., None] * p), outs
+        return (_carry(a * g), _carry(dA + dt_t[..., None] * p)), outs
 
-    A_steps = Ak.expand((dt.shape[0],) + Ak.shape)
+    g_out = _carry(g_out)
     (g_first, dA), outs = _loop(step, (g_out, torch.zeros_like(g_out)),
-                                (dt, x, Bt, Ct, gyt, h_prev, A_steps), reverse=True)
+                                (dt, x, Bt, Ct, gyt, h_prev, _per_step(Ak, dt.shape[0])),
+                                reverse=True)
     return g_first, dA, outs
 
 

@@ -199,7 +199,8 @@ def main(argv=None):
           f"{'weights ' + args.weights if args.weights else 'random init (official)'} | "
           f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads", flush=True)
     cols = ("reach", ">1%max", ">1e-4", "A50", "A90", "outside")
-    print(f"{'model':<8}" + "".join(f"{c:>8}" for c in cols) + f"{'beyond':>9}{'seconds':>8}  files")
+    print(f"{'model':<8}" + "".join(f"{c:>8}" for c in cols)
+          + f"{'beyond':>9}{'seconds':>8}  files")
     maps, warned = {}, False
     # the conv twin first: its zero set defines "beyond" for the others
     for kind in sorted(kinds, key=lambda k: k != "conv"):

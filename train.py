@@ -219,7 +219,8 @@ def main(argv=None):
     opt = build_optimizer(raw, args.lr)
     model = torch.compile(raw, fullgraph=True) if args.compile else raw
     if world > 1:   # averages the gradients over the processes in backward
-        model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        model = DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None)
     # Full global batches only, so every step sees the same input shape. The sampler shuffles
     # with (seed, epoch), identically in every process, and deals process r the samples r,
     # r + world, ... of that order: one step's global batch is the same 64 samples however many

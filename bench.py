@@ -7,11 +7,10 @@
     python bench.py --train            training step table (forward, backward, AdamW step)
     python bench.py --json             one JSON object (every row) instead of tables
     python bench.py --device cuda --batch 1,128 --compile-models   the whole table on a GPU
-Elsewhere: `python scaling.py` (input-size study), `python flops.py` (params and GFLOPs).
+    python scaling.py (input-size study) and python flops.py (params, GFLOPs) are their own tools
 
-Scan table: naive loop (scan.selective_scan_ref) vs chunked scan (scan.selective_scan) eager and
-compiled, at VMamba-T's stage shapes (batch 1), forward and forward+backward, with the error of
-the chunked scan against the naive loop computed in the same run.
+Scan table: naive loop (scan.selective_scan_ref) vs chunked scan (scan.selective_scan), eager and
+compiled, at VMamba-T's stage shapes (batch 1), fwd and fwd+bwd, errors against the naive loop.
 Model table: ours (vmamba_tiny_s1l8, vanilla_vmamba_tiny) and, when timm is importable, four
 peers, all timed one after another in THIS process, same batch, resolution and dtype. Times are
 medians (with IQR) of torch.utils.benchmark runs of at least --min-time seconds after --warmup
@@ -24,7 +23,6 @@ Letters as in scan.py: B batch, K = 4 routes, D channels per route, L = H*W, N s
 import argparse
 import math
 import os
-import sys
 import time
 
 import benchkit as bk
@@ -137,9 +135,11 @@ def scan_passes(inputs, shape, device):
 
 
 def errors(out, ref):
-    """max |out - ref| and that over max |ref| (None, None without a reference)."""
-    e = None if ref is None else (out.float() - ref.float()).abs().max().item()
-    return (None, None) if ref is None else (e, e / max(ref.float().abs().max().item(), 1e-30))
+    """max |out - ref| and that over max |ref|."""
+    if ref is None:
+        return None, None
+    e = (out.float() - ref.float()).abs().max().item()
+    return e, e / max(ref.float().abs().max().item(), 1e-30)
 
 
 def timed_cell(row, key, run, args):
@@ -246,8 +246,7 @@ def model_rows(specs, args):
     """Time every spec in this process, one after another; then memory (children on CPU)."""
     rows = []
     for i, spec in enumerate(specs):
-        bk.log(f"row {i + 1}/{len(specs)}: {spec['model']} batch {spec['batch']} "
-               f"{'compiled' if spec['compile'] else 'eager'}{' train' if spec['train'] else ''}")
+        bk.log(f"row {i + 1}/{len(specs)}: {spec['model']} batch {spec['batch']} {label(spec)}")
         rows.append({**bk.run_row(spec, args.min_time, args.warmup), **label(spec)})
     return bk.add_memory(rows)
 
@@ -260,7 +259,7 @@ MODEL_COLS = [("model", "model", "{}"), ("source", "by", "{}"), ("scan", "scan",
               ("params_m", "params M", "{:.1f}"), ("error", "error", "{}")]
 
 
-def plot_models(rows, path):
+def plot_models(rows, path, title):
     """Bar chart of img/s per model (and mode), one bar per batch; None without matplotlib."""
     try:
         import matplotlib
@@ -269,16 +268,17 @@ def plot_models(rows, path):
     except ImportError:
         return None
     ok = [r for r in rows if r.get("img_s")]
-    names = list(dict.fromkeys(f"{r['model']}\n{r['mode']}" for r in ok))
+    names = list(dict.fromkeys(f"{r['model']} {r['mode']}" for r in ok))
     batches = sorted({r["batch"] for r in ok})
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
     width = 0.8 / max(1, len(batches))
     for j, b in enumerate(batches):
-        ys = {f"{r['model']}\n{r['mode']}": r["img_s"] for r in ok if r["batch"] == b}
+        ys = {f"{r['model']} {r['mode']}": r["img_s"] for r in ok if r["batch"] == b}
         ax.bar([i + j * width for i in range(len(names))], [ys.get(n, 0) for n in names],
                width, label=f"batch {b}")
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, fontsize=7)
-    ax.set_ylabel("images / s")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, fontsize=7,
+                  rotation=30, ha="right")
+    ax.set(ylabel="images / s", title=title)
     ax.legend()
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -293,9 +293,9 @@ def print_results(result, args):
                        result["scan"], SCAN_COLS, notes=[
                            "ms: median (iqr) over >= --min-time s after warm-up; naive: ONE "
                            "timed call (it is slow); x: speed-up over naive",
-                           "fwd: under no_grad; fwd+bwd: backward of <y, g> into all 7 inputs",
-                           "err: fwd rows compare y, fwd+bwd rows du; rel = max|err| / max|ref|",
-                           "inputs: official init (delta_bias, A = -(1..N)), softplus on"])
+                           "fwd: under no_grad; fwd+bwd: backward of <y, g> into all 7 inputs; "
+                           "inputs at official init (delta_bias, A = -(1..N)), softplus on",
+                           "err: fwd rows compare y, fwd+bwd rows du; rel = max|err| / max|ref|"])
     notes = ["ms/batch: median (iqr) over >= --min-time s after warm-up, rows timed one after "
              "another in one process; compile s: first call (Inductor's disk cache counts)",
              "peak MB: extra memory of one call over what is resident before it (CPU: rise of "
@@ -321,7 +321,8 @@ def run_all(args):
         result["models"] = model_rows(model_specs(args), args)
         if args.peers and not bk.timm_available():
             result["peers_note"] = bk.PEERS_HINT
-        result["plot"] = plot_models(result["models"], os.path.join(OUT_DIR, "models.png"))
+        result["plot"] = plot_models(result["models"], os.path.join(OUT_DIR, "models.png"),
+                                     f"{result['header']['device']}, {args.dtype}, {args.res} px")
     if args.train:
         result["train"] = model_rows(model_specs(args, train=True), args)
     return result

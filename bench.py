@@ -1,8 +1,7 @@
 """bench.py: our selective scan and VMamba models next to timm's peers, in plain PyTorch.
 
     python bench.py                    scan table + model table (about 3 minutes on 2 CPU cores)
-    python bench.py --scan             only the scan table
-    python bench.py --models --batch 1,8,32   only the model table, one row per model and batch
+    python bench.py --models --batch 1,8,32   only the model table (--scan: only the scans)
     python bench.py --compile-models   add torch.compile rows (minutes per model on a CPU)
     python bench.py --train            training step table (forward, backward, AdamW step)
     python bench.py --json             one JSON object (every row) instead of tables
@@ -246,8 +245,9 @@ def model_rows(specs, args):
     """Time every spec in this process, one after another; then memory (children on CPU)."""
     rows = []
     for i, spec in enumerate(specs):
-        bk.log(f"row {i + 1}/{len(specs)}: {spec['model']} batch {spec['batch']} {label(spec)}")
-        rows.append({**bk.run_row(spec, args.min_time, args.warmup), **label(spec)})
+        lab = label(spec)
+        bk.log(f"row {i + 1}/{len(specs)}: {spec['model']} batch {spec['batch']} {lab['mode']}")
+        rows.append({**bk.run_row(spec, args.min_time, args.warmup), **lab})
     return bk.add_memory(rows)
 
 

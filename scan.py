@@ -12,19 +12,26 @@ Two implementations of one signature:
   selective_scan      a chunked scan, exact at any chunk size, that torch.compile fuses.
 """
 import torch
-import torch._dynamo
 import torch.nn.functional as F
 from torch._higher_order_ops import scan as _hop_scan
 
-# torch 2.13's Inductor lowers the `scan` operator to a while-loop whose body calls .item() on
-# the loop counter (torch/_inductor/fx_passes/post_grad.py, decompose_scan_to_while_loop). Dynamo
-# allows such scalar outputs only with fullgraph=True or with this flag (torch/_dynamo/
-# output_graph.py), so without it a plain torch.compile(model) failed with
-# DataDependentOutputException. Side effect for the whole process: .item() calls inside other
-# compiled code are captured in the graph instead of breaking it.
-torch._dynamo.config.capture_scalar_outputs = True
+__all__ = ["selective_scan_ref", "selective_scan", "cross_scan", "cross_merge", "allow_compile"]
 
-__all__ = ["selective_scan_ref", "selective_scan", "cross_scan", "cross_merge"]
+
+def allow_compile():
+    """Let a plain torch.compile (fullgraph=False) compile the chunked scan. Called by
+    vmamba_min.VSSM; call it yourself before compiling `selective_scan` on its own.
+
+    torch 2.13's Inductor lowers the `scan` operator to a while-loop whose body calls .item() on
+    the loop counter (torch/_inductor/fx_passes/post_grad.py, decompose_scan_to_while_loop).
+    Dynamo allows such scalar outputs only with fullgraph=True or with capture_scalar_outputs
+    (torch/_dynamo/output_graph.py); without it torch.compile(model) failed with
+    DataDependentOutputException. Side effect for the whole process: .item() calls inside other
+    compiled code are captured in the graph instead of breaking it. Importing torch._dynamo
+    takes about a second, so this runs on first use, not on import.
+    """
+    import torch._dynamo
+    torch._dynamo.config.capture_scalar_outputs = True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from scan import cross_merge, cross_scan, selective_scan, selective_scan_ref
+from scan import allow_compile, cross_merge, cross_scan, selective_scan, selective_scan_ref
 
 __all__ = ["VSSMConfig", "VSSM", "Backbone", "CONFIGS", "build", "from_official_kwargs",
            "convert_official_state_dict", "load_official_checkpoint", "register_timm"]
@@ -333,6 +333,7 @@ class VSSM(nn.Module):
         super().__init__()
         if not isinstance(config, VSSMConfig):
             raise TypeError(f"VSSM takes a VSSMConfig, got {type(config).__name__}")
+        allow_compile()   # so that a plain torch.compile(model) works (see scan.allow_compile)
         self.config = cfg = config
         n = len(cfg.depths)
         self.num_features = cfg.stage_dim(n - 1)

@@ -132,7 +132,7 @@ def test_torchrun_two_processes_stay_in_sync(tmp_path):
 @pytest.mark.slow
 def test_compiled_training_matches_eager(tmp_path):
     """train.py --compile (fullgraph) trains, and follows the eager run of the same seed step for
-    step. Slow: compiling the forward and backward took 97-142 s (warm Inductor cache) to 260 s
+    step. Slow: compiling the forward and backward took 58-142 s (warm Inductor cache) to 260 s
     (cold) on the shared 2-core CI box.
 
     Tolerance: Inductor fuses and reorders float32 sums, so each step's loss moves by float32

@@ -134,10 +134,12 @@ def selective_scan_ref(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
 # 2. The chunked scan, with a backward that recomputes instead of storing.
 # ---------------------------------------------------------------------------------------------
 def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, *,
-                   chunk_size=32, h0=None, return_last_state=False):
+                   chunk_size=None, h0=None, return_last_state=False):
     """The selective scan of `selective_scan_ref`, computed chunk by chunk.
 
-    Same arguments and result; chunk_size T only changes the speed (and float rounding).
+    Same arguments and result; chunk_size T only changes the speed (and float rounding). None
+    picks it by state size: 64 for N >= 8 (fewer chunks: less chain, fix-up and saved state
+    per step of the (.., N) state), 32 below, where the per-step loop overhead dominates.
 
     Forward:
     1. Cut the sequence into M chunks of T steps, padding with delta' = 0 (decay 1, input 0:
@@ -156,9 +158,13 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fa
     Cost: each exp(A * delta') is computed twice (steps 2 and 4); recomputing is cheaper than
     storing a (B, K*D, L, N) tensor, which the forward never materialises.
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"selective_scan: chunk_size must be an int >= 1, got {chunk_size!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or
+                                   not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"selective_scan: chunk_size must be None or an int >= 1, got "
+                         f"{chunk_size!r}")
     _check_inputs(u, delta, A, B, C, D, delta_bias, h0)
+    if chunk_size is None:
+        chunk_size = 64 if A.shape[1] >= 8 else 32
     dt = _compute_dtype(u)
     u, delta, A, B, C = (t.to(dt) for t in (u, delta, A, B, C))
     D, delta_bias, h0 = (None if t is None else t.to(dt) for t in (D, delta_bias, h0))
@@ -317,7 +323,17 @@ def _loop(step, carry, xs, reverse=False):
     call, slow for small inputs, and fails under torch.utils.checkpoint's recomputation).
     Returns the last carry and the stacked per-step outputs, in input order."""
     if torch.compiler.is_compiling():
-        return _hop_scan(step, carry, xs, reverse=reverse)
+        if not reverse:
+            return _hop_scan(step, carry, xs)
+        # The operator's reverse=True flips every input and output (full copies, one of them
+        # the (L, N)-sized state stack); reading step t through an index costs nothing.
+        T = xs[0].shape[0]
+
+        def indexed(c, t):
+            return step(c, tuple(v.index_select(0, t.view(1)).squeeze(0) for v in xs))
+
+        carry, outs = _hop_scan(indexed, carry, torch.arange(T - 1, -1, -1, device=xs[0].device))
+        return carry, tuple(o.flip(0) for o in outs)
     T = xs[0].shape[0]
     outs = [None] * T
     for t in (reversed(range(T)) if reverse else range(T)):

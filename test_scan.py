@@ -742,8 +742,20 @@ def test_groups_not_dividing_channels_raise(fn):
         call(fn, a)
 
 
-@pytest.mark.parametrize("chunk", [0, -3, 2.5, "8", None])
+@pytest.mark.parametrize("chunk", [0, -3, 2.5, "8", True])
 def test_bad_chunk_size_raises(chunk):
-    with pytest.raises(ValueError, match=r"chunk_size must be an int >= 1, got " + re.escape(
-            repr(chunk))):
+    with pytest.raises(ValueError, match=r"chunk_size must be None or an int >= 1, got " +
+                       re.escape(repr(chunk))):
         call(selective_scan, good_args(), chunk_size=chunk)
+
+
+@pytest.mark.parametrize("N, T", [(1, 32), (7, 32), (8, 64), (16, 64)])
+def test_default_chunk_size_follows_the_state_size(N, T):
+    """chunk_size=None picks T by N; the result is the one of that explicit T, bit for bit."""
+    g = torch.Generator().manual_seed(N)
+    a = dict(u=torch.randn(1, 4, 100, generator=g), delta=torch.rand(1, 4, 100, generator=g),
+             A=-torch.rand(4, N, generator=g), B=torch.randn(1, 2, N, 100, generator=g),
+             C=torch.randn(1, 2, N, 100, generator=g))
+    auto, explicit = selective_scan(**a), selective_scan(**a, chunk_size=T)
+    assert torch.equal(auto, explicit)
+    assert not torch.equal(auto, selective_scan(**a, chunk_size=96 - T))   # T matters at all

@@ -57,7 +57,8 @@ class VSSMConfig:
     drop_path_rate: float = 0.1
     grad_checkpointing: bool = False
     scan: str = "chunked"             # "chunked" (scan.selective_scan) or "reference" (the loop)
-    chunk_size: int = 32              # chunk length of the chunked scan (speed only)
+    chunk_size: Optional[int] = None  # chunk length of the chunked scan (speed only); None:
+                                      # scan.py's choice by state size
 
     def __post_init__(self):
         def need(ok, msg):
@@ -72,7 +73,7 @@ class VSSMConfig:
              f"depths must be positive ints, got {self.depths!r}")
         need(self.d_state is None or (isinstance(self.d_state, int) and self.d_state >= 1),
              f"d_state must be None (the generation's) or an int >= 1, got {self.d_state!r}")
-        for name in ("dim", "in_chans", "chunk_size"):
+        for name in ("dim", "in_chans") + (("chunk_size",) if self.chunk_size is not None else ()):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
                  f"{name} must be an int >= 1, got {v!r}")

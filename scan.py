@@ -290,7 +290,8 @@ def _chunked_forward(dt, x, Bt, Ct, Ak, h0):
     E = _chain_chunks(H, s[-1], Ak, h0)                      # (b, K, D, M, N) state after m
     start = E.new_zeros(E.shape[:3] + (1, E.shape[-1])) if h0 is None else h0
     h_in = torch.cat([start, E[..., :-1, :]], dim=-2)        # (b, K, D, M, N) state entering m
-    y = y + (Ct * torch.exp(s[..., None] * Ak) * h_in).sum(-1)        # (T, b, K, D, M)
+    y = y + _in_slices(lambda sl: (Ct[sl] * torch.exp(s[sl, ..., None] * Ak) * h_in).sum(-1),
+                       s.shape[0], torch.cat)            # (T, b, K, D, M)
     return y, h_in, E[..., -1:, :]
 
 
@@ -303,7 +304,8 @@ def _chunked_backward(dt, x, Bt, Ct, Ak, h_in, gyt, gh):
     # 2.-3. the adjoint arriving at each chunk's last step from the chunks to its right
     last = torch.zeros_like(h_in[..., :1, :]) if gh is None else gh        # (b, K, D, 1, N)
     if h_in.shape[-2] > 1:
-        G = (Ct * gyn * torch.exp(Ak * s[..., None])).sum(0)                # (b, K, D, M, N)
+        G = _in_slices(lambda sl: (Ct[sl] * gyn[sl] * torch.exp(Ak * s[sl, ..., None])).sum(0),
+                       s.shape[0], sum)                              # (b, K, D, M, N)
         Gr, Sr = G.flip(-2)[..., :-1, :], s[-1].flip(-1)[..., :-1]          # chunks M-1..1
         g_out = torch.cat([_chain_chunks(Gr, Sr, Ak, gh).flip(-2), last], dim=-2)
     else:
@@ -314,6 +316,15 @@ def _chunked_backward(dt, x, Bt, Ct, Ak, h_in, gyt, gh):
     g_first, dA, outs = _adjoint_chunks(dt, x, Bt, Ct, gyt, h_prev, Ak, g_out)
     gBg, dd, dB, dC = outs
     return gBg, dd, dB, dC, dA.sum((0, 3)), g_first[..., 0, :]
+
+
+def _in_slices(f, T, combine, size=8):
+    """f(slice over the T steps), combined over slices of `size` steps in eager mode, so that the
+    (T, b, K, D, M, N) product inside f exists `size` steps at a time (it set the peak memory of
+    a training step). Compiled, one call: Inductor fuses f into a loop that never stores it."""
+    if torch.compiler.is_compiling() or T <= size:
+        return f(slice(None))
+    return combine([f(slice(t, t + size)) for t in range(0, T, size)])
 
 
 def _loop(step, carry, xs, reverse=False):
@@ -357,6 +368,8 @@ def _carry(t):
     rejects a carry that aliases a step output ("might be aliasing"), and its while-loop
     lowering one whose strides differ between the initial and the returned carry (seen with
     layouts that Inductor chose inside a whole model)."""
+    if not torch.compiler.is_compiling():
+        return t                        # eager: nothing aliases, a copy would only cost time
     return t.clone(memory_format=torch.contiguous_format)
 
 
@@ -379,7 +392,10 @@ def _states_before(dt, x, Bt, Ak, h_in):
     chunk-entry states. The only (L, N)-sized tensor of the scan; it lives during backward."""
     def step(h, inputs):
         dt_t, x_t, B_t, A_t = inputs
-        return _carry(torch.exp(dt_t[..., None] * A_t) * h + x_t[..., None] * B_t), h.clone()
+        # (plain ops, not addcmul, for a carry: with N = 1 addcmul's output strides of the
+        # size-1 dim differed from the initial carry's, which the loop operator rejects)
+        h_next = torch.exp(dt_t[..., None] * A_t) * h + x_t[..., None] * B_t
+        return _carry(h_next), (h.clone() if torch.compiler.is_compiling() else h)
 
     return _loop(step, _carry(h_in), (dt, x, Bt, _per_step(Ak, dt.shape[0])))[1]
 
@@ -393,9 +409,9 @@ def _adjoint_chunks(dt, x, Bt, Ct, gyt, h_prev, Ak, g_out):
         g_next, dA = carry
         dt_t, x_t, B_t, C_t, gy_t, hp_t, A_t = inputs
         a = torch.exp(dt_t[..., None] * A_t)                 # (b, K, D, M, N)
-        g = g_next + C_t * gy_t[..., None]                   # dL/dh_t
+        g = torch.addcmul(g_next, C_t, gy_t[..., None])      # dL/dh_t
         ah = a * hp_t                                        # a_t h_{t-1}
-        h = ah + x_t[..., None] * B_t                        # h_t
+        h = torch.addcmul(ah, x_t[..., None], B_t)           # h_t
         p = g * ah
         outs = ((g * B_t).sum(-1), (p * A_t).sum(-1),
                 (g * x_t[..., None]).sum(2), (h * gy_t[..., None]).sum(2))

@@ -4,8 +4,9 @@ VMamba (Liu et al., arXiv 2401.10166) unfolds a feature map along four routes, r
 selective scan along each, and folds the four results back. This file holds that math as pure
 functions of tensors; `vmamba_min.py` owns the parameters and calls them.
 
-Letters: B batch, H, W feature map, L = H*W sequence length, K scan routes (groups), D channels
-per route, N state size, T chunk length, M = number of chunks (ceil(L / T)).
+Letters: b batch (B is the scan's input matrix), H, W feature map, L = H*W sequence length,
+K scan routes (groups), D channels per route, N state size, T chunk length, M = number of chunks
+(ceil(L / T)).
 
 Two implementations of one signature:
   selective_scan_ref  the obvious loop over time, the readable reference;
@@ -60,20 +61,20 @@ def _check_inputs(u, delta, A, B, C, D, delta_bias, h0):
     batch, KD, L = u.shape
     K, N = B.shape[1], A.shape[1]
     if delta.shape != u.shape:
-        fail(f"delta must have the shape of u (B, K*D, L) = {tuple(u.shape)}")
+        fail(f"delta must have the shape of u (b, K*D, L) = {tuple(u.shape)}")
     if A.shape[0] != KD:
         fail(f"A must be (K*D, N) with K*D = {KD}")
     if K < 1 or KD % K != 0:
         fail(f"K*D = {KD} (u.shape[1]) is not divisible by K = {K} (B.shape[1])")
     if B.shape != (batch, K, N, L):
-        fail(f"B must be (B, K, N, L) = {(batch, K, N, L)}")
+        fail(f"B must be (b, K, N, L) = {(batch, K, N, L)}")
     if C.shape != B.shape:
         fail(f"C must have the shape of B {tuple(B.shape)}")
     for name, t in (("D", D), ("delta_bias", delta_bias)):
         if t is not None and t.shape != (KD,):
             fail(f"{name} must be (K*D,) = ({KD},), got {tuple(t.shape)}")
     if h0 is not None and h0.shape != (batch, KD, N):
-        fail(f"h0 must be (B, K*D, N) = {(batch, KD, N)}, got {tuple(h0.shape)}")
+        fail(f"h0 must be (b, K*D, N) = {(batch, KD, N)}, got {tuple(h0.shape)}")
 
 
 def _compute_dtype(u):
@@ -103,28 +104,28 @@ def selective_scan_ref(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
                        h0=None, return_last_state=False):
     """The S6 selective scan as an obvious loop over time (the official kernel's layout).
 
-    u, delta: (B, K*D, L)   A: (K*D, N)   B, C: (B, K, N, L), shared by the D channels of a group
-    D, delta_bias: (K*D,) or None         h0: initial state (B, K*D, N) or None (zeros)
+    u, delta: (b, K*D, L)   A: (K*D, N)   B, C: (b, K, N, L), shared by the D channels of a group
+    D, delta_bias: (K*D,) or None         h0: initial state (b, K*D, N) or None (zeros)
 
     For every channel c (in group k = c // D) and time t:
         delta'_t = softplus(delta_t + delta_bias[c])     (only if delta_softplus)
         h_t      = exp(delta'_t * A[c]) * h_{t-1} + delta'_t * B[k, :, t] * u_t     # (N,)
         y_t      = sum_n C[k, n, t] * h_t[n] + D[c] * u_t
-    Computed in float32 (float64 for float64 u); returns y (B, K*D, L) in that dtype, and the
-    last state h_L (B, K*D, N) as well if return_last_state.
+    Computed in float32 (float64 for float64 u); returns y (b, K*D, L) in that dtype, and the
+    last state h_L (b, K*D, N) as well if return_last_state.
     """
     u, delta, A, B, C, D, h0 = _prepare(u, delta, A, B, C, D, delta_bias, delta_softplus, h0)
     batch, KD, L = u.shape
     K, N = B.shape[1], A.shape[1]
-    B = B.repeat_interleave(KD // K, dim=1)                  # (B, K*D, N, L)
-    C = C.repeat_interleave(KD // K, dim=1)                  # (B, K*D, N, L)
-    h = u.new_zeros(batch, KD, N) if h0 is None else h0      # (B, K*D, N)
+    B = B.repeat_interleave(KD // K, dim=1)                  # (b, K*D, N, L)
+    C = C.repeat_interleave(KD // K, dim=1)                  # (b, K*D, N, L)
+    h = u.new_zeros(batch, KD, N) if h0 is None else h0      # (b, K*D, N)
     ys = []
     for t in range(L):
-        dt_t = delta[:, :, t, None]                          # (B, K*D, 1)
+        dt_t = delta[:, :, t, None]                          # (b, K*D, 1)
         h = torch.exp(dt_t * A) * h + dt_t * B[..., t] * u[:, :, t, None]
-        ys.append((h * C[..., t]).sum(-1))                   # (B, K*D)
-    y = torch.stack(ys, dim=-1) if L else u.new_zeros(batch, KD, 0)  # (B, K*D, L)
+        ys.append((h * C[..., t]).sum(-1))                   # (b, K*D)
+    y = torch.stack(ys, dim=-1) if L else u.new_zeros(batch, KD, 0)  # (b, K*D, L)
     if D is not None:
         y = y + D[:, None] * u
     return (y, h) if return_last_state else y
@@ -152,11 +153,11 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fa
     4. Fix-up: y_t += sum_n C_t[n] * exp(A[n] * s_t) * E_{m-1}[n], s_t the sum of delta' in the
        chunk up to and including t.
     Backward (`_ChunkedScan.backward`, derived there): saves only the inputs, delta' and the M
-    chunk-entry states (B, K*D, M, N), and recomputes the rest chunk by chunk.
+    chunk-entry states (b, K*D, M, N), and recomputes the rest chunk by chunk.
     Stability: every exponent is A (<= 0) times a sum of delta' (>= 0), so every factor is a
     decay <= 1. Nothing is divided by a decay (dividing by exp(cumsum) overflows to NaN).
     Cost: each exp(A * delta') is computed twice (steps 2 and 4); recomputing is cheaper than
-    storing a (B, K*D, L, N) tensor, which the forward never materialises.
+    storing a (b, K*D, L, N) tensor, which the forward never materialises.
     """
     if chunk_size is not None and (isinstance(chunk_size, bool) or
                                    not isinstance(chunk_size, int) or chunk_size < 1):
@@ -180,7 +181,7 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fa
 
 class _ChunkedScan(torch.autograd.Function):
     """The chunked scan as one autograd node: autograd through the step loop would keep every
-    step's state (the (B, K*D, L, N) tensor, about 29x the call's inputs and output).
+    step's state (the (batch, K*D, L, N) tensor, about 29x the call's inputs and output).
 
     Backward, for one channel (scalars delta'_t, u_t; vectors over n: A, B_t, C_t, h_t), with
     a_t = exp(delta'_t A), x_t = delta'_t u_t, upstream gradients dy_t and dh_L (last state):
@@ -200,10 +201,12 @@ class _ChunkedScan(torch.autograd.Function):
     6. Through the softplus: d(delta + bias) = ddelta' * sigmoid(delta + bias), and
        sigmoid(z) = 1 - exp(-softplus(z)), so delta' alone is enough (no need to keep z).
     Same stability rule as the forward: only decays, no division. Saved: u, delta', A, B, C, D
-    and the chunk-entry states (B, K*D, M, N): at T = 32 and N = 16 half the size of u.
+    and the chunk-entry states (batch, K*D, M, N): N/T times the size of u (1/4 at N = 16, T = 64).
+    Backward alone holds h_{t-1} for every step (step 4), one (batch, K*D, L, N) tensor, while it
+    runs.
     The backward writes exp(A s_t) with its factors in another order than the forward: under
     torch.compile, identical expressions are merged across forward and backward, and the
-    partitioner then kept that (B, K*D, L, N) tensor alive between them (measured: 147 MB
+    partitioner then kept that (batch, K*D, L, N) tensor alive between them (measured: 147 MB
     saved for one stage-1 v0 call instead of recomputing it).
     """
 
@@ -448,30 +451,30 @@ def _chain_chunks(H, S, Ak, h0):
 # 3. Cross-scan and cross-merge: the four routes over an (H, W) map.
 # ---------------------------------------------------------------------------------------------
 def cross_scan(x):
-    """(B, D, H, W) -> (B, 4, D, L): the four routes of VMamba's Cross-Scan Module.
+    """(b, D, H, W) -> (b, 4, D, L): the four routes of VMamba's Cross-Scan Module.
 
     Route 0 row-major (l = h*W + w), route 1 column-major (l = w*H + h), routes 2 and 3 the
     same two reversed.
     """
     if x.dim() != 4:
-        raise ValueError(f"cross_scan: x must be (B, D, H, W), got shape {tuple(x.shape)}")
-    rows = x.flatten(2)                                      # (B, D, L)  row-major
-    cols = x.transpose(2, 3).flatten(2)                      # (B, D, L)  column-major
-    fwd = torch.stack([rows, cols], dim=1)                   # (B, 2, D, L)
-    return torch.cat([fwd, fwd.flip(-1)], dim=1)             # (B, 4, D, L)
+        raise ValueError(f"cross_scan: x must be (b, D, H, W), got shape {tuple(x.shape)}")
+    rows = x.flatten(2)                                      # (b, D, L)  row-major
+    cols = x.transpose(2, 3).flatten(2)                      # (b, D, L)  column-major
+    fwd = torch.stack([rows, cols], dim=1)                   # (b, 2, D, L)
+    return torch.cat([fwd, fwd.flip(-1)], dim=1)             # (b, 4, D, L)
 
 
 def cross_merge(ys):
-    """(B, 4, D, H, W) -> (B, D, L): undo each route's order and sum (the adjoint of cross_scan).
+    """(b, 4, D, H, W) -> (b, D, L): undo each route's order and sum (the adjoint of cross_scan).
 
     ys[:, k] holds route k's outputs in route k's own order, viewed as an (H, W) grid only for
     its shape: route 1/3 sequences are column-major, so they are read as (W, H) and transposed.
     """
     if ys.dim() != 5 or ys.shape[1] != 4:
-        raise ValueError(f"cross_merge: ys must be (B, 4, D, H, W), got shape {tuple(ys.shape)}")
+        raise ValueError(f"cross_merge: ys must be (b, 4, D, H, W), got shape {tuple(ys.shape)}")
     batch, _, D, H, W = ys.shape
-    ys = ys.flatten(3)                                       # (B, 4, D, L)
-    ys = ys[:, :2] + ys[:, 2:].flip(-1)                      # (B, 2, D, L)  un-reverse 2 and 3
-    rows = ys[:, 0]                                          # (B, D, L)
-    cols = ys[:, 1].view(batch, D, W, H).transpose(2, 3)     # (B, D, H, W)
-    return rows + cols.reshape(batch, D, H * W)              # (B, D, L)
+    ys = ys.flatten(3)                                       # (b, 4, D, L)
+    ys = ys[:, :2] + ys[:, 2:].flip(-1)                      # (b, 2, D, L)  un-reverse 2 and 3
+    rows = ys[:, 0]                                          # (b, D, L)
+    cols = ys[:, 1].view(batch, D, W, H).transpose(2, 3)     # (b, D, H, W)
+    return rows + cols.reshape(batch, D, H * W)              # (b, D, L)

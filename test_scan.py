@@ -489,11 +489,12 @@ def test_golden_cross_scan_channel_last():
 # ---------------------------------------------------------------------------------------------
 # 6. Finite-difference gradients (float64).
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("N", [2, 1], ids=["N2", "N1"])     # N = 1 has its own path
 @pytest.mark.parametrize("fn", [selective_scan_ref, selective_scan])
 @pytest.mark.parametrize("with_h0", [False, True])
-def test_gradcheck(fn, with_h0):
+def test_gradcheck(fn, with_h0, N):
     g = torch.Generator().manual_seed(3)
-    Bb, K, Dk, N, L = 1, 2, 2, 2, 7
+    Bb, K, Dk, L = 1, 2, 2, 7
     KD = K * Dk
     args = [torch.randn(Bb, KD, L, generator=g, dtype=torch.float64),             # u
             torch.randn(Bb, KD, L, generator=g, dtype=torch.float64),             # delta (raw)
@@ -582,7 +583,8 @@ def test_float64_u_computes_in_float64():
 # compiled graph (dynamic=False: no symbolic shapes, recompiling per shape is intended).
 # ---------------------------------------------------------------------------------------------
 #                (B, K, D, N, L, T, softplus+D+delta_bias, h0)
-COMPILE_SHAPES = [(1, 2, 2, 3, 10, 4, True, True), (2, 1, 3, 2, 9, 3, False, False)]
+COMPILE_SHAPES = [(1, 2, 2, 3, 10, 4, True, True), (2, 1, 3, 2, 9, 3, False, False),
+                  (2, 2, 2, 1, 11, 4, True, True)]          # N = 1: its own path
 if THOROUGH:
     COMPILE_SHAPES += [(1, 4, 2, 1, 37, 8, True, False),
                        (2, 2, 2, 4, 64, 16, True, True)]
@@ -631,8 +633,8 @@ def test_compiled_forward_matches_eager_and_reference(compiled_scan, shape, data
                       elementwise=True)
 
 
-# N = 1 (the v2 models' state) gets its own backward shape: size-1 state dims once gave loop
-# carries whose strides Inductor's while-loop lowering rejected.
+# N = 1 (the v2 models' state) gets its own backward shape: it takes its own path
+# (selective_scan's docstring), with h0 in the forward shape above and without it here.
 BACKWARD_SHAPES = [COMPILE_SHAPES[0], (1, 4, 2, 1, 37, 8, True, False)]
 
 
@@ -755,7 +757,7 @@ def test_bad_chunk_size_raises(chunk):
         call(selective_scan, good_args(), chunk_size=chunk)
 
 
-@pytest.mark.parametrize("N, T", [(1, 32), (7, 32), (8, 64), (16, 64)])
+@pytest.mark.parametrize("N, T", [(1, 8), (2, 32), (7, 32), (8, 64), (16, 64)])
 def test_default_chunk_size_follows_the_state_size(N, T):
     """chunk_size=None picks T by N; the result is the one of that explicit T, bit for bit."""
     g = torch.Generator().manual_seed(N)

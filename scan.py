@@ -97,6 +97,22 @@ def _prepare(u, delta, A, B, C, D, delta_bias, delta_softplus, h0):
     return u, delta, A, B, C, D, h0
 
 
+def _softplus(z):
+    """delta' = softplus(z) = log(1 + e^z) (z itself above 20, as torch and the official kernels).
+
+    Eager: F.softplus. Under torch.compile: the same function with log in place of log1p,
+    log1p(w) = log(u) - (u - 1 - w) / u with u = 1 + w (the second term restores what rounding
+    1 + w lost; about 1 ulp). Why: with torch 2.14.1+cu130 on a CPU, Inductor's log1p took
+    12.2 ms for the 1.2M values of a stage-1 v2 scan, this form 2.2 ms (torch 2.13.0+cpu: 1.8 ms
+    either way). Eager stays with F.softplus: 1.8 ms against 6.7 ms for this form on 2.13.
+    """
+    if not torch.compiler.is_compiling():
+        return F.softplus(z)
+    w = torch.exp(torch.clamp(z, max=20.0))
+    u = 1 + w
+    return torch.where(z > 20, z, torch.log(u) - (u - 1 - w) / u)
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. The reference: one step per position.
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +237,7 @@ class _ChunkedScan(torch.autograd.Function):
         if delta_bias is not None:
             delta = delta + delta_bias[:, None]
         lay = _Layout(u, B, T)
-        dt = lay.chan(F.softplus(delta) if softplus else delta)     # delta' (T, b, K, D, M)
+        dt = lay.chan(_softplus(delta) if softplus else delta)     # delta' (T, b, K, D, M)
         ut = lay.chan(u)                                      # (T, b, K, D, M)
         Bt, Ct = lay.group(B), lay.group(C)                   # (T, b, K, 1, M, N)
         Ak = lay.state_view(A)                                # (1, K, D, 1, N)
@@ -472,7 +488,7 @@ def _scan_state1(u, delta, A, B, C, D, delta_bias, h0, softplus, T):
     K = B.shape[1]
     if delta_bias is not None:
         delta = delta + delta_bias[:, None]
-    dt = F.softplus(delta) if softplus else delta             # delta' (b, K*D, L)
+    dt = _softplus(delta) if softplus else delta             # delta' (b, K*D, L)
     a = torch.exp(dt * A)                                     # decays in [0, 1]
     x = ((dt * u).view(batch, K, KD // K, L) * B).view(batch, KD, L)
     h = _LinearScan.apply(a, x, None if h0 is None else h0.reshape(batch, KD), T)

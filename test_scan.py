@@ -87,7 +87,7 @@ NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias", "h0")
 
 
 @st.composite
-def scan_problems(draw, max_L=MAX_L, min_L=1, max_B=2, max_K=4, max_D=3, max_N=4):
+def scan_problems(draw, max_L=MAX_L, min_L=1, max_B=2, max_K=4, max_D=3, max_N=4, min_N=1):
     """A dict of float32 scan inputs inside the documented domain, and the flags.
 
     The documented domain: A in [-100, 0], delta' = softplus?(delta + delta_bias) in [0, 20].
@@ -96,7 +96,7 @@ def scan_problems(draw, max_L=MAX_L, min_L=1, max_B=2, max_K=4, max_D=3, max_N=4
     Bb = draw(st.integers(1, max_B), label="B")
     K = draw(st.integers(1, max_K), label="K")
     Dk = draw(st.integers(1, max_D), label="D")
-    N = draw(st.integers(1, max_N), label="N")
+    N = draw(st.integers(min_N, max_N), label="N")
     L = draw(st.integers(min_L, max_L), label="L")
     softplus = draw(st.booleans(), label="delta_softplus")
     with_D = draw(st.booleans(), label="with D")
@@ -214,10 +214,15 @@ def check_against_exact(res, exact, S, L, dtype, label, grads=True):
 # ---------------------------------------------------------------------------------------------
 # 1. The chunked scan equals the reference: values and gradients of every input.
 # ---------------------------------------------------------------------------------------------
-@settings(max_examples=3 * N_EXAMPLES)
+# selective_scan takes one path for N = 1 and another for N > 1: each gets its own draws.
+PATHS = {"N1": dict(max_N=1), "N2-4": dict(min_N=2)}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@settings(max_examples=2 * N_EXAMPLES)
 @given(data=st.data())
-def test_chunked_matches_reference_float32_and_float64(data):
-    p = data.draw(scan_problems(), label="problem")
+def test_chunked_matches_reference_float32_and_float64(path, data):
+    p = data.draw(scan_problems(**PATHS[path]), label="problem")
     T = data.draw(st.integers(1, 80), label="chunk_size")
     inputs, sp, L, gy, gh = p["inputs"], p["softplus"], p["L"], p["gy"], p["gh"]
 

@@ -1,6 +1,6 @@
 """bench.py: our selective scan and VMamba models next to timm's peers, in plain PyTorch.
 
-    python bench.py                    scan table + model table (about 3 minutes on 2 CPU cores)
+    python bench.py                    scan table + model table (about 2 minutes on 2 CPU cores)
     python bench.py --models --batch 1,8,32   only the model table (--scan: only the scans)
     python bench.py --compile-models   add torch.compile rows (minutes per model on a CPU)
     python bench.py --train            training step table (forward, backward, AdamW step)

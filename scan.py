@@ -481,8 +481,8 @@ def _scan_state1(u, delta, A, B, C, D, delta_bias, h0, softplus, T):
     `_LinearScan`.
     Why not the N > 1 code: its `scan` operator loop costs a host-side step per time step,
     which is most of the work when a step is one multiply-add per channel (stage 1 of
-    VMamba-T v2 compiled: 15.5 ms there, 8.2 ms here; eager 20.8 -> 14.8 ms, one process,
-    AMD EPYC, 2 threads).
+    VMamba-T v2, forward, both paths in one process, torch 2.13, AMD EPYC, 2 threads: compiled
+    16.2 ms there, 8.1-9.8 ms here; eager 20.6-24.4 ms there, 16.4-17.5 ms here).
     """
     batch, KD, L = u.shape
     K = B.shape[1]

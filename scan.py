@@ -158,7 +158,7 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fa
     picks it by state size: 64 for N >= 8 (fewer chunks: less chain, fix-up and saved state
     per step of the (.., N) state), 32 for N = 2..7, 8 for N = 1 (the path below unrolls T).
 
-    N = 1 (the v2 models) takes its own path, `_scan_state1`: the state of a channel is one
+    N = 1 (the v2 models) takes its own path, `_ScanState1`: the state of a channel is one
     number, so the per-step states are no bigger than u and may be kept; the scan becomes the
     plain recurrence h_t = a_t h_{t-1} + x_t, in chunks, with T unrolled steps instead of a loop
     operator (measured below). Everything else in this docstring is the N > 1 path.
@@ -196,7 +196,7 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fa
         y = u.new_zeros(batch, KD, 0)
         h = u.new_zeros(batch, KD, A.shape[1]) if h0 is None else h0
         return (y, h) if return_last_state else y
-    scan = _scan_state1 if N == 1 else _ChunkedScan.apply
+    scan = _ScanState1.apply if N == 1 else _ChunkedScan.apply
     y, h_last = scan(u, delta, A, B, C, D, delta_bias, h0, delta_softplus, min(chunk_size, L))
     return (y, h_last) if return_last_state else y
 
@@ -472,95 +472,124 @@ def _chain_chunks(H, S, Ak, h0):
 # ---------------------------------------------------------------------------------------------
 # 2b. N = 1: the scan as a first-order linear recurrence over plain tensors.
 # ---------------------------------------------------------------------------------------------
-def _scan_state1(u, delta, A, B, C, D, delta_bias, h0, softplus, T):
+class _ScanState1(torch.autograd.Function):
     """selective_scan for N = 1. u, delta (b, K*D, L); A (K*D, 1); B, C (b, K, 1, L).
 
     With one state number per channel, h_t = a_t h_{t-1} + x_t with a_t = exp(delta'_t A) and
-    x_t = delta'_t B_t u_t; y_t = C_t h_t + D u_t. Everything but the recurrence is elementwise
-    and left to autograd (what it keeps is (b, K*D, L)-sized, like u); the recurrence is
-    `_LinearScan`.
+    x_t = delta'_t B_t u_t; y_t = C_t h_t + D u_t: elementwise work around a first-order linear
+    recurrence (`_linear_scan`).
     Why not the N > 1 code: its `scan` operator loop costs a host-side step per time step,
     which is most of the work when a step is one multiply-add per channel (stage 1 of
     VMamba-T v2, forward, both paths in one process, torch 2.13, AMD EPYC, 2 threads: compiled
     16.2 ms there, 8.1-9.8 ms here; eager 20.6-24.4 ms there, 16.4-17.5 ms here).
-    """
-    batch, KD, L = u.shape
-    K = B.shape[1]
-    if delta_bias is not None:
-        delta = delta + delta_bias[:, None]
-    dt = _softplus(delta) if softplus else delta             # delta' (b, K*D, L)
-    a = torch.exp(dt * A)                                     # decays in [0, 1]
-    x = ((dt * u).view(batch, K, KD // K, L) * B).view(batch, KD, L)
-    h = _LinearScan.apply(a, x, None if h0 is None else h0.reshape(batch, KD), T)
-    y = (h.view(batch, K, KD // K, L) * C).view(batch, KD, L)
-    if D is not None:
-        y = y + D[:, None] * u
-    return y, h[..., -1:]                                     # (b, K*D, L), (b, K*D, 1)
 
-
-class _LinearScan(torch.autograd.Function):
-    """h_t = a_t h_{t-1} + x_t along the last dim (h_{-1} = h0 or 0), for decays a_t in [0, 1].
-
-    Backward: with g_t = dL/dh_t (through all later steps), g_t = dh_t + a_{t+1} g_{t+1}, the
-    same recurrence run right to left; then dL/dx_t = g_t, dL/da_t = g_t h_{t-1} and
-    dL/dh0 = a_0 g_0. Saved: a and h, each the size of x.
+    Backward, per channel, with upstream dy_t and dh_L (last state):
+    1. The adjoint g_t = dL/dh_t obeys g_t = C_t dy_t + a_{t+1} g_{t+1} (g_{L-1} = C_{L-1}
+       dy_{L-1} + dh_L): the same recurrence run right to left, with the decays shifted by one.
+    2. dL/dx_t = g_t and dL/da_t = g_t h_{t-1} (h_{-1} = h0 or 0); dh0 = a_0 g_0.
+    3. Through x_t = delta'_t u_t B_t: du_t = delta'_t B_t g_t (+ D dy_t), dB_t = delta'_t u_t
+       g_t (summed over the group's channels); through a_t = exp(delta'_t A):
+       ddelta'_t = u_t B_t g_t + A a_t h_{t-1} g_t, dA = sum_t delta'_t a_t h_{t-1} g_t.
+    4. dC_t = dy_t h_t (summed over the group), dD = sum_t dy_t u_t.
+    5. Through the softplus as in `_ChunkedScan` (step 6): sigmoid(z) = 1 - exp(-delta').
+    Saved: u, delta' and the states h, each the size of u (a is recomputed: one exp). Autograd
+    through the same elementwise code kept about five such tensors (vmamba_tiny_s1l8, batch 8,
+    train step: 3.2 GB peak against 2.1 GB before the N = 1 path).
     """
 
     @staticmethod
-    def forward(ctx, a, x, h0, T):
-        h = _linear_scan(a, x, h0, T)
-        ctx.save_for_backward(a, h, h0)
-        ctx.T = T
-        return h
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, h0, softplus, T):
+        batch, KD, L = u.shape
+        K = B.shape[1]
+        if delta_bias is not None:
+            delta = delta + delta_bias[:, None]
+        dt = _softplus(delta) if softplus else delta         # delta' (b, K*D, L)
+        a = torch.exp(dt * A)                                 # decays in [0, 1]
+        x = ((dt * u).view(batch, K, KD // K, L) * B).view(batch, KD, L)
+        h = _linear_scan(a, x, None if h0 is None else h0.reshape(batch, KD), T)
+        y = (h.view(batch, K, KD // K, L) * C).view(batch, KD, L)
+        if D is not None:
+            y = y + D[:, None] * u
+        ctx.save_for_backward(u, dt, A, B, C, D, h, h0)
+        ctx.softplus, ctx.has_bias, ctx.T = softplus, delta_bias is not None, T
+        ctx.set_materialize_grads(False)
+        return y, h[..., -1:]                                 # (b, K*D, L), (b, K*D, 1)
 
     @staticmethod
-    def backward(ctx, gh):
-        a, h, h0 = ctx.saved_tensors
+    def backward(ctx, gy, gh):
+        u, dt, A, B, C, D, h, h0 = ctx.saved_tensors
+        batch, KD, L = u.shape
+        K = B.shape[1]
+        grouped = (batch, K, KD // K, L)
+        if gy is None:
+            gy = torch.zeros_like(u)
+        g_in = (gy.view(grouped) * C).view(batch, KD, L)    # C_t dy_t
+        if gh is not None:
+            g_in = torch.cat([g_in[..., :-1], g_in[..., -1:] + gh], dim=-1)
+        a = torch.exp(dt * A)                                 # recomputed: one exp
         a_next = F.pad(a[..., 1:], (0, 1), value=1.0)        # a_{t+1}; the last is unused
-        g = _linear_scan(a_next.flip(-1), gh.flip(-1), None, ctx.T).flip(-1)
-        start = torch.zeros_like(h[..., :1]) if h0 is None else h0[..., None]
-        h_prev = torch.cat([start, h[..., :-1]], dim=-1)      # h_{t-1}
-        return g * h_prev, g, None if h0 is None else a[..., 0] * g[..., 0], None
+        g = _linear_scan(a_next, g_in, None, ctx.T, reverse=True)    # step 1
+        start = h.new_zeros(batch, KD, 1) if h0 is None else h0
+        dah = g * torch.cat([start, h[..., :-1]], dim=-1) * a     # a_t h_{t-1} g_t
+        gB = (g.view(grouped) * B).view(batch, KD, L)         # B_t g_t
+        du = dt * gB if D is None else dt * gB + D[:, None] * gy
+        ddt = u * gB + A * dah                                # step 3
+        dB = (g * dt * u).view(grouped).sum(2, keepdim=True)
+        dC = (gy * h).view(grouped).sum(2, keepdim=True)
+        dA = (dah * dt).sum((0, 2))[:, None]
+        dD = None if D is None else (gy * u).sum((0, 2))
+        dz = ddt * -torch.expm1(-dt) if ctx.softplus else ddt     # step 5
+        dbias = dz.sum((0, 2)) if ctx.has_bias else None
+        dh0 = None if h0 is None else a[..., :1] * g[..., :1]
+        return du, dz, dA, dB, dC, dD, dbias, dh0, None, None
 
 
-def _linear_scan(a, x, h0, T):
-    """The forward of `_LinearScan`, for a, x (..., L) and h0 (...) or None:
-    1. L <= T (or T = 1): L unrolled steps, h_t = a_t h_{t-1} + x_t, from h0 (or 0).
+def _linear_scan(a, x, h0, T, reverse=False):
+    """h_t = a_t h_{t-1} + x_t along the last dim, for a, x (..., L) and h0 (...) or None
+    (h_{-1} = h0, or 0); reverse=True runs right to left: h_t = a_t h_{t+1} + x_t, h_L = h0.
+    1. L <= T (or T = 1): L unrolled steps.
     2. Otherwise cut L into M chunks of T steps, laid out time-major (T, P, M) (P: all leading
        dims), and run the T steps inside all chunks at once from a zero state: E_t. Alongside,
-       the decay since the chunk's start, P_t = a_t P_{t-1}.
-    3. The state after each chunk obeys the same recurrence over chunks, with the chunk's decay
-       P_{T-1} and its own end state E_{T-1}: solve it with this function (M steps, recursively;
-       h0 enters there).
+       the decay since the chunk's first step (in the scan's direction), P_t = a_t P_{t-1}.
+    3. The state leaving each chunk obeys the same recurrence over chunks, with the chunk's
+       decay and its own last E: solve it with this function (M steps, recursively; h0 enters
+       there).
     4. Fix-up: h_t = E_t + P_t * (state entering the chunk).
     Unrolled steps, not the `scan` operator: Inductor fuses the T steps into one pass over
     (P, M) (1.7 ms for stage 1 of VMamba-T v2 at T = 8, against 5.0 ms for a log-step scan
     inside the chunks). Only products of decays in [0, 1]; nothing is divided.
+    reverse=True is not a flip of the inputs and the result: under torch.compile a flipped
+    (negative-stride) index kept the backward's fused loops from vectorising (19.6 ms against
+    8.1 ms for that backward, stage 1 of VMamba-T v2, torch 2.13).
     """
     shape, L = a.shape[:-1], a.shape[-1]
     if L <= T or T == 1:
-        h = x[..., 0] if h0 is None else torch.addcmul(x[..., 0], a[..., 0], h0)
-        hs = [h]
-        for t in range(1, L):
-            hs.append(torch.addcmul(x[..., t], a[..., t], hs[-1]))
+        hs, h = [None] * L, h0
+        for t in (range(L - 1, -1, -1) if reverse else range(L)):
+            h = x[..., t] if h is None else torch.addcmul(x[..., t], a[..., t], h)
+            hs[t] = h
         return torch.stack(hs, dim=-1)
     M = -(-L // T)
 
-    def time_major(t, fill):                                  # (..., L) -> (T, P, M)
+    def chunks(t, fill):                                      # (..., L) -> (P, M, T)
         t = F.pad(t, (0, M * T - L), value=fill)             # padded steps: a = 1, x = 0
-        return t.reshape(-1, M, T).permute(2, 0, 1)
+        return t.reshape(-1, M, T)
 
-    a_t, x_t = time_major(a, 1.0), time_major(x, 0.0)
-    E, P = [x_t[0]], [a_t[0]]
-    for t in range(1, T):
-        E.append(torch.addcmul(x_t[t], a_t[t], E[-1]))
-        P.append(a_t[t] * P[-1])
-    E, P = torch.stack(E), torch.stack(P)                     # (T, P, M)
+    a_t, x_t = chunks(a, 1.0), chunks(x, 0.0)
+    steps = range(T - 1, -1, -1) if reverse else range(T)
+    E, P = [None] * T, [None] * T
+    E[steps[0]], P[steps[0]] = x_t[..., steps[0]], a_t[..., steps[0]]
+    for prev, t in zip(steps, steps[1:]):
+        E[t] = torch.addcmul(x_t[..., t], a_t[..., t], E[prev])
+        P[t] = a_t[..., t] * P[prev]
     h0 = None if h0 is None else h0.reshape(-1)
-    after = _linear_scan(P[-1], E[-1], h0, T)                 # (P, M) state after each chunk
-    start = torch.zeros_like(after[:, :1]) if h0 is None else h0[:, None]
-    h = E + P * torch.cat([start, after[:, :-1]], dim=-1)    # (T, P, M)
-    return h.permute(1, 2, 0).reshape(-1, M * T)[:, :L].reshape(shape + (L,))
+    leaving = _linear_scan(P[steps[-1]], E[steps[-1]], h0, T, reverse)    # (P, M)
+    E, P = torch.stack(E, dim=-1), torch.stack(P, dim=-1)     # (P, M, T)
+    start = torch.zeros_like(leaving[:, :1]) if h0 is None else h0[:, None]
+    entering = (torch.cat([leaving[:, 1:], start], dim=-1) if reverse else
+                torch.cat([start, leaving[:, :-1]], dim=-1))
+    h = E + P * entering[..., None]                           # (P, M, T)
+    return h.reshape(-1, M * T)[:, :L].reshape(shape + (L,))
 
 
 # ---------------------------------------------------------------------------------------------

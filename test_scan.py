@@ -772,3 +772,26 @@ def test_default_chunk_size_follows_the_state_size(N, T):
     auto, explicit = selective_scan(**a), selective_scan(**a, chunk_size=T)
     assert torch.equal(auto, explicit)
     assert not torch.equal(auto, selective_scan(**a, chunk_size=96 - T))   # T matters at all
+
+
+@settings(max_examples=N_EXAMPLES)
+@given(L=st.integers(1, 150), T=st.integers(1, 20), reverse=st.booleans(),
+       with_h0=st.booleans(), seed=st.integers(0, 2**16))
+def test_linear_scan_both_directions(L, T, reverse, with_h0, seed):
+    """The N = 1 recurrence on its own, h_t = a_t h_{t-1} + x_t (reverse: a_t h_{t+1} + x_t),
+    chunked and chained recursively, against the plain float32 loop in float64; its backward runs
+    it right to left with h0 = None, so the reversed h0 branch is checked only here."""
+    from scan import _linear_scan
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(3, 2, L, generator=g)                     # decays in [0, 1]
+    x = torch.randn(3, 2, L, generator=g)
+    h0 = torch.randn(3, 2, generator=g) if with_h0 else None
+    got = _linear_scan(a, x, h0, T, reverse=reverse)
+    exact, S = torch.empty(3, 2, L, dtype=torch.float64), torch.empty(3, 2, L, dtype=torch.float64)
+    h = torch.zeros(3, 2, dtype=torch.float64) if h0 is None else h0.double()
+    s = h.abs()                                               # the same loop on |x|, |h0|
+    for t in (range(L - 1, -1, -1) if reverse else range(L)):
+        h = a[..., t].double() * h + x[..., t].double()
+        s = a[..., t].double() * s + x[..., t].double().abs()
+        exact[..., t], S[..., t] = h, s
+    assert_within(got, exact, S, rtol(L), "h", elementwise=True)

@@ -3,7 +3,7 @@
     python bench.py                    scan table + model table (about 2 minutes on 2 CPU cores)
     python bench.py --models --batch 1,8,32   only the model table (--scan: only the scans)
     python bench.py --compile-models   add torch.compile rows (minutes per model on a CPU)
-    python bench.py --train            training step table (forward, backward, AdamW step)
+    python bench.py --train            training step table (forward, backward, fused AdamW step)
     python bench.py --json             one JSON object (every row) instead of tables
     python bench.py --device cuda --batch 1,128 --compile-models   the whole table on a GPU
     python scaling.py (input-size study) and python flops.py (params, GFLOPs) are their own tools
@@ -301,7 +301,7 @@ def print_results(result, args):
              "peak MB: extra memory of one call over what is resident before it (CPU: rise of "
              "peak RSS in a child process per row; CUDA: max_memory_allocated)"]
     for key, title in (("models", "models: inference (no_grad)"),
-                       ("train", "training step: forward + cross-entropy + backward + AdamW")):
+                       ("train", "training step: forward + cross-entropy + backward + fused AdamW")):
         if key in result:
             bk.print_table(f"{title}, {args.res}x{args.res}", result[key], MODEL_COLS, notes)
     if result.get("peers_note"):

@@ -179,7 +179,7 @@ def make_model(spec):
 
 def make_runner(spec):
     """A no-argument callable for spec: one inference forward (no_grad) or one training step
-    (forward, cross-entropy on random labels, backward, AdamW step, zero_grad), and the params."""
+    (forward, cross-entropy on random labels, backward, fused AdamW step, zero_grad), and the params."""
     import torch
     import torch.nn.functional as F
     device, dtype = spec["device"], getattr(torch, spec["dtype"])
@@ -198,7 +198,9 @@ def make_runner(spec):
                 return fwd(x)
         return infer, params_m
     labels = torch.randint(0, 1000, (spec["batch"],), device=device)
-    opt = torch.optim.AdamW(model.parameters())
+    # fused: one pass over all parameters, as a user who times training would pick (AdamW step of
+    # vmamba_tiny_s1l8's 30M parameters, 2-core AMD EPYC, torch 2.13: 15 ms, for-loop 52 ms).
+    opt = torch.optim.AdamW(model.parameters(), fused=True)
 
     def step():
         with amp():

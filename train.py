@@ -89,13 +89,14 @@ def build_model(**overrides):
 
 
 def build_optimizer(model, lr=LR, weight_decay=WEIGHT_DECAY):
-    """AdamW; no decay on 1-D parameters (biases, LayerNorm, Ds) nor on A_logs (official)."""
+    """AdamW (fused: one pass over all parameters); no decay on 1-D parameters (biases,
+    LayerNorm, Ds) nor on A_logs (official)."""
     skip = model.no_weight_decay()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.dim() < 2 or name in skip else decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, fused=True)
 
 
 def warmup_cosine(warmup_steps, total_steps):

@@ -179,7 +179,8 @@ def make_model(spec):
 
 def make_runner(spec):
     """A no-argument callable for spec: one inference forward (no_grad) or one training step
-    (forward, cross-entropy on random labels, backward, fused AdamW step, zero_grad), and the params."""
+    (forward, cross-entropy on random labels, backward, fused AdamW step, zero_grad), and the
+    params."""
     import torch
     import torch.nn.functional as F
     device, dtype = spec["device"], getattr(torch, spec["dtype"])

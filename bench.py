@@ -301,7 +301,8 @@ def print_results(result, args):
              "peak MB: extra memory of one call over what is resident before it (CPU: rise of "
              "peak RSS in a child process per row; CUDA: max_memory_allocated)"]
     for key, title in (("models", "models: inference (no_grad)"),
-                       ("train", "training step: forward + cross-entropy + backward + fused AdamW")):
+                       ("train", "training step: forward + cross-entropy + backward"
+                                 " + fused AdamW")):
         if key in result:
             bk.print_table(f"{title}, {args.res}x{args.res}", result[key], MODEL_COLS, notes)
     if result.get("peers_note"):

@@ -480,8 +480,9 @@ class _ScanState1(torch.autograd.Function):
     recurrence (`_linear_scan`).
     Why not the N > 1 code: its `scan` operator loop costs a host-side step per time step,
     which is most of the work when a step is one multiply-add per channel (stage 1 of
-    VMamba-T v2, forward, both paths in one process, torch 2.13, AMD EPYC, 2 threads: compiled
-    16.2 ms there, 8.1-9.8 ms here; eager 20.6-24.4 ms there, 16.4-17.5 ms here).
+    VMamba-T v2, forward, both paths in one process, torch 2.13, AMD EPYC, 2 threads, the first
+    version of this path, commit 726ab2f: compiled 16.2 ms there, 8.1-9.8 ms here; eager
+    20.6-24.4 ms there, 16.4-17.5 ms here).
 
     Backward, per channel, with upstream dy_t and dh_L (last state):
     1. The adjoint g_t = dL/dh_t obeys g_t = C_t dy_t + a_{t+1} g_{t+1} (g_{L-1} = C_{L-1}

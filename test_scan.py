@@ -779,8 +779,9 @@ def test_default_chunk_size_follows_the_state_size(N, T):
        with_h0=st.booleans(), seed=st.integers(0, 2**16))
 def test_linear_scan_both_directions(L, T, reverse, with_h0, seed):
     """The N = 1 recurrence on its own, h_t = a_t h_{t-1} + x_t (reverse: a_t h_{t+1} + x_t),
-    chunked and chained recursively, against the plain float32 loop in float64; its backward runs
-    it right to left with h0 = None, so the reversed h0 branch is checked only here."""
+    chunked and chained recursively, against the plain loop in float64 with the float32 bound;
+    the N = 1 backward runs it right to left with h0 = None, so the reversed h0 branch is
+    checked only here."""
     from scan import _linear_scan
     g = torch.Generator().manual_seed(seed)
     a = torch.rand(3, 2, L, generator=g)                     # decays in [0, 1]

@@ -1,6 +1,7 @@
 """torch.compile of whole models, against eager: inference written the way users write it
-(`torch.compile(model)`, and with fullgraph=True; batch 1, then a larger batch), and training
-(several chained scans in one compiled graph, forward + backward + two optimizer steps).
+(`torch.compile(model)`, and with fullgraph=True; batch 1, then a larger batch at another image
+size), and training (several chained scans in one compiled graph, forward + backward + two
+optimizer steps; at a second image size in a slow test).
 
 The training test is the one that catches pytorch#153679 (chained `scan` operators got wrong
 gradients under Inductor in torch 2.13): every parameter gradient is compared, at two steps.
@@ -44,14 +45,16 @@ class _Both(nn.Module):
         return self.v0(x), self.v2(x)
 
 
-def test_plain_compile_inference_equals_eager_at_batch_1_and_3():
-    """torch.compile(model) as most users write it (fullgraph=False, dynamic shapes on the
-    second batch size). fullgraph=True at batch 2 is test_model.py's compiled_pair."""
+def test_plain_compile_inference_equals_eager_at_two_batches_and_sizes():
+    """torch.compile(model) as most users write it (fullgraph=False), called at batch 1 and then
+    at batch 3 and another image size: the second call recompiles with a dynamic batch and the
+    new, static, H and W (symbolic H, W made Inductor fail before `run_stages` kept them
+    static). fullgraph=True at batch 2 is test_model.py's compiled_pair."""
     torch._dynamo.reset()
     model = _Both().eval()
     compiled = torch.compile(model)
-    for batch in (1, 3):                       # the second batch size recompiles
-        x = torch.randn(batch, 3, 24, 20, generator=torch.Generator().manual_seed(batch))
+    for batch, H, W in ((1, 24, 20), (3, 32, 28)):
+        x = torch.randn(batch, 3, H, W, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
             got, want = compiled(x), model(x)
         for g, w in zip(got, want):
@@ -63,9 +66,9 @@ def _max_rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def test_compiled_training_equals_eager_two_steps():
-    """Losses and every parameter gradient of a compiled model (both generations in one graph)
-    equal eager's, twice in a row (the second step runs on weights the optimizer changed)."""
+def _train_compiled_and_eager(shapes):
+    """One SGD step per (batch, H, W) in shapes, on an eager model and on a compiled twin; the
+    losses and every parameter gradient must agree at every step."""
     torch._dynamo.reset()
     eager = _Both().train()
     twin = copy.deepcopy(eager)
@@ -74,8 +77,9 @@ def test_compiled_training_equals_eager_two_steps():
     # rounding differences at step 2 (Adam divides by sqrt(v) and magnified them ~50x).
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, twin)]
     g = torch.Generator().manual_seed(1)
-    for step in range(2):
-        x, y = torch.randn(2, 3, 24, 20, generator=g), torch.randint(0, 5, (2,), generator=g)
+    for step, (batch, H, W) in enumerate(shapes):
+        x = torch.randn(batch, 3, H, W, generator=g)
+        y = torch.randint(0, 5, (batch,), generator=g)
         losses = []
         for fn, opt in ((eager, opts[0]), (compiled, opts[1])):
             opt.zero_grad()
@@ -89,3 +93,16 @@ def test_compiled_training_equals_eager_two_steps():
             assert err <= GRAD_RTOL, f"step {step}: {name} gradient off by {err:.2e} (relative)"
         for opt in opts:
             opt.step()
+
+
+def test_compiled_training_equals_eager_two_steps():
+    """Losses and every parameter gradient of a compiled model (both generations in one graph)
+    equal eager's, twice in a row (the second step runs on weights the optimizer changed)."""
+    _train_compiled_and_eager([(2, 24, 20), (2, 24, 20)])
+
+
+@pytest.mark.slow
+def test_compiled_training_at_a_second_image_size():
+    """The same at a second image size, which recompiles (training failed there in Inductor
+    while H, W were left symbolic). Slow: a second training compile, ~150 s on 2 cores."""
+    _train_compiled_and_eager([(2, 24, 20), (2, 32, 28)])

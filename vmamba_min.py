@@ -479,6 +479,14 @@ def stage_indices(n, indices):
 def run_stages(stem, stages, x, take):
     """The one loop over the stages (classifier, backbone, timm features, analyses): the stem,
     then stages 0..max(take); returns {i: stage i's block output (b, h, w, C_i)} for i in take."""
+    if torch.compiler.is_compiling():
+        # Image height and width stay static under torch.compile: each new size compiles anew
+        # (the batch dim may still turn dynamic). Left symbolic, as Dynamo makes them when a
+        # second size arrives, they made Inductor (torch 2.13) fail for both generations: in
+        # inference "ValueRangeError: Invalid ranges", in training "cannot determine truth
+        # value of Relational" on the stem's strides. test_compile.py changes the size.
+        torch._dynamo.mark_static(x, 2)
+        torch._dynamo.mark_static(x, 3)
     x, maps = stem(x), {}                                    # (b, H/4, W/4, C)
     for i, stage in enumerate(stages[:max(take) + 1]):
         y, x = stage(x)                                      # (b, h, w, C_i), next stage input

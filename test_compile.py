@@ -10,12 +10,15 @@ two stages of 1 and 2 blocks, chunk length 4 so that chunk boundaries, the padde
 the chunk-to-chunk chain are all exercised (stage 0 has L = 30: 8 chunks, the last half empty).
 """
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn as nn
 
-from vmamba_min import VSSM, VSSMConfig
+from torch._dynamo.utils import counters
+
+from vmamba_min import VSSM, VSSMConfig, compile_blocks
 
 # Tolerances. Compiled code sums in other orders than eager (fused reductions, the loop
 # operator), so float32 results differ by rounding: measured up to 2e-7 on logits of size ~1 and
@@ -66,13 +69,13 @@ def _max_rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def _train_compiled_and_eager(shapes):
+def _train_compiled_and_eager(shapes, compile_fn=torch.compile):
     """One SGD step per (batch, H, W) in shapes, on an eager model and on a compiled twin; the
     losses and every parameter gradient must agree at every step."""
     torch._dynamo.reset()
     eager = _Both().train()
     twin = copy.deepcopy(eager)
-    compiled = torch.compile(twin)
+    compiled = compile_fn(twin)
     # SGD: the update is linear in the gradient, so the rounding differences above stay
     # rounding differences at step 2 (Adam divides by sqrt(v) and magnified them ~50x).
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, twin)]
@@ -106,3 +109,35 @@ def test_compiled_training_at_a_second_image_size():
     """The same at a second image size, which recompiles (training failed there in Inductor
     while H, W were left symbolic). Slow: a second training compile, ~150 s on 2 cores."""
     _train_compiled_and_eager([(2, 24, 20), (2, 32, 28)])
+
+
+def _unique_graphs():
+    return counters["stats"]["unique_graphs"]
+
+
+def test_compile_blocks_inference_equals_eager_with_one_graph_per_stage():
+    """Per-block compilation: each generation's tiny model has two stages (1 and 2 blocks), so
+    four compiled graphs in all; blocks of a stage share one."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = _Both().eval()
+    twin = compile_blocks(copy.deepcopy(model))
+    x = torch.randn(2, 3, 24, 20, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for g, w in zip(twin(x), model(x)):
+            torch.testing.assert_close(g, w, rtol=0, atol=LOGIT_ATOL)
+    assert _unique_graphs() == 4
+
+
+@pytest.mark.slow
+def test_compile_blocks_training():
+    """Per-block compilation in training: equal to eager over two steps (drop-path rate 0), and
+    still one graph per stage with drop-path rates that differ from block to block (the rate is
+    a tensor, not a constant that Dynamo guards on)."""
+    _train_compiled_and_eager([(2, 24, 20), (2, 24, 20)], compile_fn=compile_blocks)
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = compile_blocks(VSSM(replace(small(2), drop_path_rate=0.3, depths=(1, 3))).train())
+    model(torch.randn(2, 3, 24, 20)).sum().backward()
+    assert _unique_graphs() == 2

@@ -35,7 +35,8 @@ from torch.utils.checkpoint import checkpoint
 from scan import allow_compile, cross_merge, cross_scan, selective_scan, selective_scan_ref
 
 __all__ = ["VSSMConfig", "VSSM", "Backbone", "CONFIGS", "build", "from_official_kwargs",
-           "convert_official_state_dict", "load_official_checkpoint", "register_timm"]
+           "convert_official_state_dict", "load_official_checkpoint", "register_timm",
+           "compile_blocks"]
 
 K = 4  # scan routes: row-major, column-major, and both reversed
 
@@ -215,10 +216,11 @@ class SS2D(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # VSS block
 # ---------------------------------------------------------------------------------------------
-def drop_path(x, p: float, training: bool):
-    """Stochastic depth: drop the whole residual branch of a sample with probability p, and
-    scale the kept ones by 1/(1-p) so that the expected output equals x (eval is then a no-op)."""
-    if p == 0.0 or not training:
+def drop_path(x, p, training: bool):
+    """Stochastic depth: drop the whole residual branch of a sample with probability p (a float
+    or a 0-dim tensor), and scale the kept ones by 1/(1-p) so that the expected output equals x
+    (eval is then a no-op; p = 0 keeps every sample and divides by 1: x exactly)."""
+    if not training or (isinstance(p, float) and p == 0.0):
         return x
     keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p)
     return x * keep / (1 - p)
@@ -226,14 +228,29 @@ def drop_path(x, p: float, training: bool):
 
 class DropPath(nn.Module):
     """drop_path as a module (timm's DropPath), so that it shows in print(model) and follows
-    model.train() / model.eval(). No parameters: the state-dict keys are unchanged."""
+    model.train() / model.eval(). No parameters: the state-dict keys are unchanged.
+
+    The rate lives in a 0-dim buffer (not saved): torch.compile treats a float attribute as a
+    constant, so with per-block compilation (`compile_blocks`) every block of a stage, each with
+    its own rate, compiled anew; a tensor is an input and one graph serves them all."""
 
     def __init__(self, p: float):
         super().__init__()
+        self.register_buffer("rate", torch.tensor(float(p)), persistent=False)
         self.p = p
 
+    @property
+    def p(self) -> float:
+        return self._p
+
+    @p.setter
+    def p(self, value: float):
+        self._p = float(value)
+        if self.rate.device.type != "meta":
+            self.rate.fill_(self._p)
+
     def forward(self, x):
-        return drop_path(x, self.p, self.training)
+        return drop_path(x, self.rate, self.training)
 
     def extra_repr(self):
         return f"p={self.p:.3f}"
@@ -729,6 +746,22 @@ def build_config(name: str, **overrides) -> VSSMConfig:
 def build(name: str, **overrides) -> VSSM:
     """A released configuration by name, e.g. build("vmamba_tiny_s1l8", num_classes=10)."""
     return VSSM(build_config(name, **overrides))
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
+    """Per-block ("regional") compilation: torch.compile every VSS block of model in place
+    (nn.Module.compile), the stem, downsampling and head stay eager. Blocks of one stage share
+    one compiled graph, so Inductor compiles four blocks instead of tracing all of them into
+    one graph; README Results has the compile times and speeds against torch.compile(model).
+    dynamic=False unless given: with a block's sizes left symbolic, Inductor (torch 2.13)
+    failed on the second stage's block in training. Returns model."""
+    compile_kwargs.setdefault("dynamic", False)
+    blocks = [m for m in model.modules() if isinstance(m, VSSBlock)]
+    if not blocks:
+        raise ValueError(f"compile_blocks: no VSSBlock in {type(model).__name__}")
+    for block in blocks:
+        block.compile(**compile_kwargs)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------

@@ -230,9 +230,10 @@ class DropPath(nn.Module):
     """drop_path as a module (timm's DropPath), so that it shows in print(model) and follows
     model.train() / model.eval(). No parameters: the state-dict keys are unchanged.
 
-    The rate lives in a 0-dim buffer (not saved): torch.compile treats a float attribute as a
-    constant, so with per-block compilation (`compile_blocks`) every block of a stage, each with
-    its own rate, compiled anew; a tensor is an input and one graph serves them all."""
+    Under torch.compile the rate is read from a 0-dim buffer (not saved): Dynamo treats a float
+    attribute as a constant, so with per-block compilation (`compile_blocks`) every block of a
+    stage, each with its own rate, compiled anew; a tensor is an input and one graph serves
+    them all. Eager code keeps the float (and the p = 0 shortcut)."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -250,7 +251,8 @@ class DropPath(nn.Module):
             self.rate.fill_(self._p)
 
     def forward(self, x):
-        return drop_path(x, self.rate, self.training)
+        rate = self.rate if torch.compiler.is_compiling() else self.p
+        return drop_path(x, rate, self.training)
 
     def extra_repr(self):
         return f"p={self.p:.3f}"

@@ -141,3 +141,12 @@ def test_compile_blocks_training():
     model = compile_blocks(VSSM(replace(small(2), drop_path_rate=0.3, depths=(1, 3))).train())
     model(torch.randn(2, 3, 24, 20)).sum().backward()
     assert _unique_graphs() == 2
+
+
+def test_compile_blocks_rejects_what_it_cannot_compile():
+    with pytest.raises(ValueError, match="no VSSBlock"):
+        compile_blocks(nn.Linear(2, 2))
+    with torch.device("meta"):
+        model = VSSM(small(2))
+    with pytest.raises(ValueError, match="meta device"):
+        compile_blocks(model)

@@ -230,14 +230,14 @@ class DropPath(nn.Module):
     """drop_path as a module (timm's DropPath), so that it shows in print(model) and follows
     model.train() / model.eval(). No parameters: the state-dict keys are unchanged.
 
-    Under torch.compile the rate is read from a 0-dim buffer (not saved): Dynamo treats a float
-    attribute as a constant, so with per-block compilation (`compile_blocks`) every block of a
-    stage, each with its own rate, compiled anew; a tensor is an input and one graph serves
-    them all. Eager code keeps the float (and the p = 0 shortcut)."""
+    `rate` is None, or, once `compile_blocks` has set it, the rate as a 0-dim tensor (a buffer,
+    not saved) that compiled code reads instead of the float `p`: Dynamo treats a float
+    attribute as a constant, so every block of a stage, each with its own rate, compiled anew;
+    a tensor is an input of the graph and one graph serves them all. Eager code keeps p."""
 
     def __init__(self, p: float):
         super().__init__()
-        self.register_buffer("rate", torch.tensor(float(p)), persistent=False)
+        self.register_buffer("rate", None, persistent=False)
         self.p = p
 
     @property
@@ -247,12 +247,12 @@ class DropPath(nn.Module):
     @p.setter
     def p(self, value: float):
         self._p = float(value)
-        if self.rate.device.type != "meta":
+        if self.rate is not None:
             self.rate.fill_(self._p)
 
     def forward(self, x):
-        rate = self.rate if torch.compiler.is_compiling() else self.p
-        return drop_path(x, rate, self.training)
+        compiled = self.rate is not None and torch.compiler.is_compiling()
+        return drop_path(x, self.rate if compiled else self.p, self.training)
 
     def extra_repr(self):
         return f"p={self.p:.3f}"
@@ -756,12 +756,17 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     one compiled graph, so Inductor compiles four blocks instead of tracing all of them into
     one graph; README Results has the compile times and speeds against torch.compile(model).
     dynamic=False unless given: with a block's sizes left symbolic, Inductor (torch 2.13)
-    failed on the second stage's block in training. Returns model."""
+    failed on the second stage's block in training. Each DropPath gets its rate as a tensor
+    (see DropPath). Returns model."""
     compile_kwargs.setdefault("dynamic", False)
     blocks = [m for m in model.modules() if isinstance(m, VSSBlock)]
     if not blocks:
         raise ValueError(f"compile_blocks: no VSSBlock in {type(model).__name__}")
+    device = blocks[0].ln_1.weight.device
+    if device.type == "meta":
+        raise ValueError("compile_blocks: the model is on the meta device; materialise it first")
     for block in blocks:
+        block.drop_path.rate = torch.tensor(block.drop_path.p, device=device)   # see DropPath
         block.compile(**compile_kwargs)
     return model
 

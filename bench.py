@@ -2,7 +2,9 @@
 
     python bench.py                    scan table + model table (about 2 minutes on 2 CPU cores)
     python bench.py --models --batch 1,8,32   only the model table (--scan: only the scans)
-    python bench.py --compile-models   add torch.compile rows (minutes per model on a CPU)
+    python bench.py --compile-models   add compiled rows: torch.compile(model) and, for ours,
+                                       vmamba_min.compile_blocks (minutes per model on a CPU)
+    python bench.py --compile-models blocks   only the compile_blocks rows (model: only the other)
     python bench.py --train            training step table (forward, backward, fused AdamW step)
     python bench.py --json             one JSON object (every row) instead of tables
     python bench.py --device cuda --batch 1,128 --compile-models   the whole table on a GPU
@@ -13,7 +15,9 @@ compiled, at VMamba-T's stage shapes (batch 1), fwd and fwd+bwd, errors against 
 Model table: ours (vmamba_tiny_s1l8, vanilla_vmamba_tiny) and, when timm is importable, four
 peers, all timed one after another in THIS process, same batch, resolution and dtype. Times are
 medians (with IQR) of torch.utils.benchmark runs of at least --min-time seconds after --warmup
-calls; a compiled row's first call is reported apart as "compile s". Peak memory is measured
+calls; a compiled row's first call is reported apart as "compile s". Compiled rows (opt-in):
+"compiled" is torch.compile(model), "compile_blocks" is vmamba_min.compile_blocks(model) (ours
+only: one compiled graph per stage, the rest eager). Peak memory is measured
 after all timing, on the CPU in one fresh child process per row (benchkit.py says why: the
 measurement switches malloc for good), on CUDA with max_memory_allocated.
 
@@ -38,7 +42,7 @@ SCAN_BATCH = 1
 # torch.compile: the scan compiles in seconds per shape, so its column is on by default; a whole
 # model takes minutes of Inductor time on a 2-core CPU, so compiled model rows are opt-in.
 COMPILE = True
-COMPILE_MODELS = False
+COMPILE_MODELS = ""           # --compile-models with no value: "model,blocks"
 OURS = ("vmamba_tiny_s1l8", "vanilla_vmamba_tiny")
 PEERS = ("swin_tiny_patch4_window7_224", "convnext_tiny", "deit_small_patch16_224", "resnet50")
 OUT_DIR = "bench_out"
@@ -55,6 +59,15 @@ def batch_list(text):
         out = []
     if not out or min(out) < 1:
         raise argparse.ArgumentTypeError(f"want positive integers such as 1,8,32, got {text!r}")
+    return out
+
+
+def compile_modes(text):
+    """argparse type: 'model,blocks' -> ["model", "blocks"]; '' -> [] (no compiled rows)."""
+    out = [t for t in text.split(",") if t]
+    bad = [t for t in out if t not in ("model", "blocks")]
+    if bad or len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"want model, blocks or model,blocks, got {text!r}")
     return out
 
 
@@ -77,8 +90,11 @@ def build_parser():
     p.add_argument("--naive-bwd", action="store_true", help="also the naive fwd+bwd (slow)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=COMPILE,
                    help="the torch.compile column of the scan table (seconds per shape)")
-    p.add_argument("--compile-models", action=argparse.BooleanOptionalAction,
-                   default=COMPILE_MODELS, help="add compiled rows to the model/train tables")
+    p.add_argument("--compile-models", type=compile_modes, nargs="?", metavar="MODES",
+                   const=compile_modes("model,blocks"), default=compile_modes(COMPILE_MODELS),
+                   help="add compiled rows to the model/train tables: 'model' = "
+                        "torch.compile(model), 'blocks' = vmamba_min.compile_blocks (ours "
+                        "only); no value: both")
     p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
                    help="timm's models in the model table (when timm is importable)")
     p.add_argument("--all-models", action="store_true", help="also our models with the loop scan")
@@ -221,10 +237,11 @@ def model_specs(args, train=False):
     base = dict(res=args.res, device=args.device, dtype=args.dtype, train=train)
     ours_kw = {} if args.chunk is None else {"chunk_size": args.chunk}
     peers = PEERS if (args.peers and not train and bk.timm_available()) else ()
-    modes = (False, True) if args.compile_models else (False,)
     specs = []
     for batch in args.batch:
         for model in OURS + peers:
+            modes = [False] + [m for m in args.compile_models
+                               if m != "blocks" or bk.is_ours(model)]
             for compile_ in modes:
                 kw = ours_kw if bk.is_ours(model) else {}
                 specs.append(dict(base, model=model, batch=batch, compile=compile_, overrides=kw))
@@ -234,11 +251,14 @@ def model_specs(args, train=False):
     return specs
 
 
+MODE_LABELS = {False: "eager", "model": "compiled", "blocks": "compile_blocks"}
+
+
 def label(r):
     """Row labels: who wrote the model, which scan, eager or compiled."""
     scan_ = r.get("overrides", {}).get("scan", "chunked") if bk.is_ours(r["model"]) else "-"
     return {"source": "ours" if bk.is_ours(r["model"]) else "timm", "scan": scan_,
-            "mode": "compiled" if r["compile"] else "eager"}
+            "mode": MODE_LABELS[r["compile"]]}
 
 
 def model_rows(specs, args):

@@ -2,8 +2,9 @@
 
     malloc        re-execute the calling script with MALLOC_FIX before torch is loaded
     header        torch version, device (CPU model name, cores), threads, dtype, malloc, load
-    rows          one configuration ("spec": model, batch, res, dtype, eager/compiled, inference
-                  or training step) built the same way in every process that touches it
+    rows          one configuration ("spec": model, batch, res, dtype, eager / torch.compile /
+                  compile_blocks, inference or training step) built the same way in every
+                  process that touches it
     timing        torch.utils.benchmark's adaptive_autorange: at least --min-time seconds and
                   until IQR/median < 5% (at most MAX_TIME_FACTOR * min-time), after warm-up
     memory        peak memory of one call, on the CPU in a fresh child process per row
@@ -41,6 +42,9 @@ MAX_TIME_FACTOR = 2.0         # ... or after this many times --min-time
 CHECK_SECONDS = 4.0           # --check: plain timing loop length
 OURS_PREFIXES = ("vmamba_", "vanilla_vmamba_")
 TIMM_SIZED = ("deit", "swin", "vit")      # timm models that take img_size at creation
+# spec["compile"]: False (eager), "model" (torch.compile(model)) or "blocks" (ours only:
+# vmamba_min.compile_blocks, one compiled graph per stage, stem/downsampling/head eager)
+COMPILE_MODES = (False, "model", "blocks")
 PEERS_HINT = ('timm peers skipped: timm is not importable here; install it in a separate venv '
               'with pip install -e ".[peers]" (README, "Peers (timm)")')
 
@@ -185,11 +189,21 @@ def make_runner(spec):
     import torch.nn.functional as F
     device, dtype = spec["device"], getattr(torch, spec["dtype"])
     torch.manual_seed(0)
+    mode = spec["compile"]
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile: want one of {COMPILE_MODES}, got {mode!r}")
+    if mode == "blocks" and not is_ours(spec["model"]):
+        raise ValueError(f"compile 'blocks' is vmamba_min.compile_blocks: ours only, "
+                         f"not {spec['model']}")
     model = make_model(spec).to(device).train(spec["train"])
     fwd = model
-    if spec["compile"]:
+    if mode:
         torch._dynamo.reset()            # fresh caches per row: an honest compile time
+    if mode == "model":
         fwd = torch.compile(model, dynamic=False)
+    elif mode == "blocks":
+        import vmamba_min
+        vmamba_min.compile_blocks(model)  # in place: the blocks compile on the first call
     x = torch.randn(spec["batch"], 3, spec["res"], spec["res"], device=device)
     amp = lambda: torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)  # noqa
     params_m = sum(p.numel() for p in model.parameters()) / 1e6

@@ -58,8 +58,9 @@ def parse_args(argv=None):
 
 def specs(args):
     models = MODELS if bk.timm_available() else MODELS[:1]
+    mode = "model" if args.compile else False            # torch.compile(model) for every model
     return [dict(model=m, res=r, batch=args.batch, device=args.device, dtype=args.dtype,
-                 compile=args.compile, train=False) for m in models for r in args.res]
+                 compile=mode, train=False) for m in models for r in args.res]
 
 
 def growth(rows):

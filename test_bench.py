@@ -53,9 +53,27 @@ def test_specs_cover_every_batch_and_mode():
     _, args = bench.parse_args(["--models", "--batch", "1,8", "--compile-models", "--no-peers"])
     specs = bench.model_specs(args)
     assert [(s["model"], s["batch"], s["compile"]) for s in specs] == [
-        (m, b, c) for b in (1, 8) for m in bench.OURS for c in (False, True)]
+        (m, b, c) for b in (1, 8) for m in bench.OURS for c in (False, "model", "blocks")]
+    assert [bench.label(s)["mode"] for s in specs[:3]] == ["eager", "compiled", "compile_blocks"]
     train = bench.model_specs(args, train=True)
     assert all(s["train"] for s in train) and {s["model"] for s in train} == set(bench.OURS)
+    _, args = bench.parse_args(["--train", "--compile-models", "blocks"])
+    assert [s["compile"] for s in bench.model_specs(args, train=True)] == [False, "blocks"] * 2
+    _, args = bench.parse_args(["--models"])
+    assert args.compile_models == [] and {s["compile"] for s in bench.model_specs(args)} == {False}
+    for bad in ("block", "model,model", "model,eager"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.compile_modes(bad)
+
+
+def test_compile_blocks_row_is_ours_only_and_runs():
+    peer = dict(TINY, model="resnet50", compile="blocks")
+    assert "ours only" in bk.run_row(peer, **SHORT)["error"]
+    assert "want one of" in bk.run_row(dict(TINY, compile=True), **SHORT)["error"]
+    one_stage = dict(TINY, overrides={"depths": [2], "dim": 16})   # one graph: seconds
+    row = bk.run_row(dict(one_stage, compile="blocks"), **SHORT)
+    assert "error" not in row, row
+    assert row["compile_s"] > 0 and row["ms"] > 0 and bench.label(row)["mode"] == "compile_blocks"
     _, args = bench.parse_args(["--models", "--all-models", "--no-peers"])
     scans = [bench.label(s)["scan"] for s in bench.model_specs(args)]
     assert scans == ["chunked", "reference"] * len(bench.OURS)

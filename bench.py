@@ -13,13 +13,16 @@
 Scan table: naive loop (scan.selective_scan_ref) vs chunked scan (scan.selective_scan), eager and
 compiled, at VMamba-T's stage shapes (batch 1), fwd and fwd+bwd, errors against the naive loop.
 Model table: ours (vmamba_tiny_s1l8, vanilla_vmamba_tiny) and, when timm is importable, four
-peers, all timed one after another in THIS process, same batch, resolution and dtype. Times are
-medians (with IQR) of torch.utils.benchmark runs of at least --min-time seconds after --warmup
-calls; a compiled row's first call is reported apart as "compile s". Compiled rows (opt-in):
-"compiled" is torch.compile(model), "compile_blocks" is vmamba_min.compile_blocks(model) (ours
-only: one compiled graph per stage, the rest eager). Peak memory is measured
-after all timing, on the CPU in one fresh child process per row (benchkit.py says why: the
-measurement switches malloc for good), on CUDA with max_memory_allocated.
+peers, all in THIS process, same batch, resolution and dtype. Compiled rows (opt-in): "compiled"
+is torch.compile(model), "compile_blocks" vmamba_min.compile_blocks(model) (ours only: one
+compiled graph per stage, the rest eager); a compiled row's first call is reported apart as
+"compile s". Without compiled rows each model is timed on its own: medians (with IQR) of
+torch.utils.benchmark runs of at least --min-time seconds after --warmup calls. With them, a
+model's eager and compiled versions are timed side by side, one call of each per round
+(benchkit.time_paired: the machine's speed drifts more than their gap), and "t/eager" is the
+median of the per-round time ratios. Peak memory is measured after all timing, on the CPU in
+one fresh child process per row (benchkit.py says why: the measurement switches malloc for
+good), on CUDA with max_memory_allocated.
 
 Letters as in scan.py: B batch, K = 4 routes, D channels per route, L = H*W, N state size.
 """
@@ -261,20 +264,36 @@ def label(r):
             "mode": MODE_LABELS[r["compile"]]}
 
 
+def groups(specs):
+    """Consecutive specs of one model, batch and overrides (eager, then its compiled modes)."""
+    out = []
+    for s in specs:
+        if out and all(out[-1][0][k] == s[k] for k in ("model", "batch", "overrides")):
+            out[-1].append(s)
+        else:
+            out.append([s])
+    return out
+
+
 def model_rows(specs, args):
-    """Time every spec in this process, one after another; then memory (children on CPU)."""
+    """Time every spec in this process: a model's eager and compiled rows side by side
+    (benchkit.run_group), a lone row on its own (run_row); then memory (children on CPU)."""
     rows = []
-    for i, spec in enumerate(specs):
-        lab = label(spec)
-        bk.log(f"row {i + 1}/{len(specs)}: {spec['model']} batch {spec['batch']} {lab['mode']}")
-        rows.append({**bk.run_row(spec, args.min_time, args.warmup), **lab})
+    for group in groups(specs):
+        s = group[0]
+        bk.log(f"rows {len(rows) + 1}-{len(rows) + len(group)}/{len(specs)}: {s['model']} batch "
+               f"{s['batch']} {', '.join(label(g)['mode'] for g in group)}")
+        timed = (bk.run_group(group, args.min_time, args.warmup) if len(group) > 1 else
+                 [bk.run_row(s, args.min_time, args.warmup)])
+        rows += [{**r, **label(r)} for r in timed]
     return bk.add_memory(rows)
 
 
 MODEL_COLS = [("model", "model", "{}"), ("source", "by", "{}"), ("scan", "scan", "{}"),
               ("mode", "mode", "{}"), ("batch", "batch", "{}"), ("res", "res", "{}"),
               ("ms", "ms/batch", "{:.1f}"), ("iqr_ms", "iqr", "{:.1f}"),
-              ("img_s", "img/s", "{:.2f}"), ("calls", "calls", "{}"),
+              ("img_s", "img/s", "{:.2f}"), ("vs_eager", "t/eager", "{:.2f}"),
+              ("calls", "calls", "{}"),
               ("peak_mb", "peak MB", "{:.0f}"), ("compile_s", "compile s", "{:.1f}"),
               ("params_m", "params M", "{:.1f}"), ("error", "error", "{}")]
 
@@ -316,8 +335,11 @@ def print_results(result, args):
                            "fwd: under no_grad; fwd+bwd: backward of <y, g> into all 7 inputs; "
                            "inputs at official init (delta_bias, A = -(1..N)), softplus on",
                            "err: fwd rows compare y, fwd+bwd rows du; rel = max|err| / max|ref|"])
-    notes = ["ms/batch: median (iqr) over >= --min-time s after warm-up, rows timed one after "
-             "another in one process; compile s: first call (Inductor's disk cache counts)",
+    notes = ["ms/batch: median (iqr) over >= --min-time s after warm-up, in one process; a "
+             "model's eager and compiled rows side by side (one call of each per round, >= 3 "
+             "rounds), other rows one after another",
+             "t/eager: median over rounds of the row's time / its eager row's time in the same "
+             "round (< 1: faster than eager); compile s: first call (Inductor's disk cache counts)",
              "peak MB: extra memory of one call over what is resident before it (CPU: rise of "
              "peak RSS in a child process per row; CUDA: max_memory_allocated)"]
     for key, title in (("models", "models: inference (no_grad)"),

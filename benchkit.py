@@ -39,6 +39,7 @@ REEXEC_MARK = "VMAMBA_BENCH_REEXEC"        # set when a script re-executed itsel
 MEMORY_CHILD_MARK = "VMAMBA_BENCH_MEMORY_CHILD"
 IQR_THRESHOLD = 0.05          # adaptive_autorange stops once IQR/median is below this ...
 MAX_TIME_FACTOR = 2.0         # ... or after this many times --min-time
+MIN_ROUNDS = 3                # time_paired: at least this many rounds (one call of each)
 CHECK_SECONDS = 4.0           # --check: plain timing loop length
 OURS_PREFIXES = ("vmamba_", "vanilla_vmamba_")
 TIMM_SIZED = ("deit", "swin", "vit")      # timm models that take img_size at creation
@@ -139,6 +140,35 @@ def time_once(fn, device):
     return time.perf_counter() - t0
 
 
+def time_paired(fns, device, min_time, warmup):
+    """Time several callables side by side: after `warmup` calls of each, rounds of one call of
+    each (the order reversed every other round) until each has at least min_time seconds of
+    calls and MIN_ROUNDS rounds, or MAX_TIME_FACTOR * min_time * len(fns) seconds have passed
+    (then after MIN_ROUNDS). Why: this machine's speed drifts by 10-20% over minutes, more than
+    the gap between an eager and a compiled step, so rows timed one after another could not
+    tell them apart; in alternation the drift hits every callable alike.
+    Returns per callable: median and IQR (ms) of its calls, calls, and vs_first: the median
+    over rounds of its time / the first callable's time in the same round."""
+    import statistics
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times, t0, rounds = [[] for _ in fns], time.perf_counter(), 0
+    while rounds < MIN_ROUNDS or (min(sum(t) for t in times) < min_time and
+                                  time.perf_counter() - t0 < MAX_TIME_FACTOR * min_time * len(fns)):
+        order = range(len(fns)) if rounds % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            times[i].append(time_once(fns[i], device))
+        rounds += 1
+    out = []
+    for t in times:
+        q = statistics.quantiles(t, n=4) if len(t) >= 4 else None     # no spread from 1-3
+        out.append({"ms": 1e3 * statistics.median(t), "iqr_ms": 1e3 * (q[2] - q[0]) if q else None,
+                    "calls": len(t),
+                    "vs_first": statistics.median(a / b for a, b in zip(t, times[0]))})
+    return out
+
+
 def time_steady(fn, device, min_time, warmup):
     """Median and IQR (ms) of fn after `warmup` calls, over at least min_time seconds.
 
@@ -197,8 +227,6 @@ def make_runner(spec):
                          f"not {spec['model']}")
     model = make_model(spec).to(device).train(spec["train"])
     fwd = model
-    if mode:
-        torch._dynamo.reset()            # fresh caches per row: an honest compile time
     if mode == "model":
         fwd = torch.compile(model, dynamic=False)
     elif mode == "blocks":
@@ -237,6 +265,48 @@ def cuda_peak_mb(fn):
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
+def error_text(e):
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+
+
+def run_group(specs, min_time, warmup):
+    """Time specs that differ only in their compile mode (eager first) side by side in this
+    process: build each, its compile call (if any), then time_paired over those that built.
+    Rows get ms, iqr_ms, calls, img_s and vs_eager (time over the first spec's, per round; the
+    first spec must be eager); a spec that fails says why, the others go on."""
+    import torch
+    assert specs[0]["compile"] is False, "run_group: the first spec is the eager one"
+    torch._dynamo.reset()                # fresh caches per group: honest compile times
+    rows, live = [dict(s) for s in specs], []
+    for row, spec in zip(rows, specs):
+        try:
+            fn, row["params_m"] = make_runner(spec)
+            if spec["compile"]:
+                row["compile_s"] = time_once(fn, spec["device"])
+            live.append((row, fn))
+        except Exception as e:           # noqa: BLE001 -- reported in the row, run goes on
+            row["error"] = error_text(e)
+    if live and live[0][0] is rows[0]:   # the eager row built: time all side by side
+        try:
+            timed = time_paired([fn for _, fn in live], specs[0]["device"], min_time, warmup)
+            for (row, fn), t in zip(live, timed):
+                row.update(ms=t["ms"], iqr_ms=t["iqr_ms"], calls=t["calls"],
+                           img_s=1e3 * row["batch"] / t["ms"], vs_eager=t["vs_first"])
+                if row["device"] == "cuda":
+                    row["peak_mb"] = cuda_peak_mb(fn)
+        except Exception as e:           # noqa: BLE001
+            for row, _ in live:
+                row["error"] = error_text(e)
+    else:
+        for row, _ in live:
+            row["error"] = "not timed: the eager row of its group failed"
+    live = fn = None
+    gc.collect()
+    if specs[0]["device"] == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
 def run_row(spec, min_time, warmup):
     """Time one spec in this process: compile call (if any), warm-up, steady state. A row that
     fails (out of memory, a size a model rejects, a compile error) says why instead of stopping
@@ -244,6 +314,7 @@ def run_row(spec, min_time, warmup):
     import torch
     row = dict(spec)
     try:
+        torch._dynamo.reset()            # fresh caches per row: an honest compile time
         fn, row["params_m"] = make_runner(spec)
         if spec["compile"]:
             row["compile_s"] = time_once(fn, spec["device"])
@@ -252,7 +323,7 @@ def run_row(spec, min_time, warmup):
         if spec["device"] == "cuda":
             row["peak_mb"] = cuda_peak_mb(fn)
     except Exception as e:               # noqa: BLE001 -- reported in the row, run goes on
-        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        row["error"] = error_text(e)
     fn = None
     gc.collect()
     if spec["device"] == "cuda":

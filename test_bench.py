@@ -66,14 +66,30 @@ def test_specs_cover_every_batch_and_mode():
             bench.compile_modes(bad)
 
 
-def test_compile_blocks_row_is_ours_only_and_runs():
+def test_groups_are_a_models_modes():
+    _, args = bench.parse_args(["--models", "--batch", "1,8", "--compile-models", "blocks",
+                                "--no-peers", "--all-models"])
+    groups = bench.groups(bench.model_specs(args))
+    assert [[bench.label(s)["mode"] for s in g] for g in groups] == [
+        ["eager", "compile_blocks"], ["eager"]] * 4           # the loop-scan row stands alone
+    assert [(g[0]["model"], g[0]["batch"]) for g in groups[::2]] == [
+        (m, b) for b in (1, 8) for m in bench.OURS]
+
+
+def test_compile_blocks_row_is_ours_only_and_runs_beside_eager():
     peer = dict(TINY, model="resnet50", compile="blocks")
     assert "ours only" in bk.run_row(peer, **SHORT)["error"]
     assert "want one of" in bk.run_row(dict(TINY, compile=True), **SHORT)["error"]
     one_stage = dict(TINY, overrides={"depths": [2], "dim": 16})   # one graph: seconds
-    row = bk.run_row(dict(one_stage, compile="blocks"), **SHORT)
-    assert "error" not in row, row
-    assert row["compile_s"] > 0 and row["ms"] > 0 and bench.label(row)["mode"] == "compile_blocks"
+    specs = [one_stage, dict(one_stage, compile="blocks"), dict(one_stage, compile="bad")]
+    eager, blocks, bad = bk.run_group(specs, **SHORT)
+    assert "error" not in eager and "error" not in blocks, (eager, blocks)
+    assert "want one of" in bad["error"]                   # the others still timed
+    assert eager["vs_eager"] == 1 and "compile_s" not in eager
+    assert blocks["compile_s"] > 0 and blocks["ms"] > 0 and blocks["vs_eager"] > 0
+    assert eager["calls"] == blocks["calls"] >= bk.MIN_ROUNDS
+    assert bench.label(blocks)["mode"] == "compile_blocks"
+    json.dumps([eager, blocks, bad])
     _, args = bench.parse_args(["--models", "--all-models", "--no-peers"])
     scans = [bench.label(s)["scan"] for s in bench.model_specs(args)]
     assert scans == ["chunked", "reference"] * len(bench.OURS)

@@ -233,7 +233,11 @@ class DropPath(nn.Module):
     `rate` is None, or, once `compile_blocks` has set it, the rate as a 0-dim tensor (a buffer,
     not saved) that compiled code reads instead of the float `p`: Dynamo treats a float
     attribute as a constant, so every block of a stage, each with its own rate, compiled anew;
-    a tensor is an input of the graph and one graph serves them all. Eager code keeps p."""
+    a tensor is an input of the graph and one graph serves them all. Eager code keeps p, and
+    with it the random stream of bernoulli_(float) (timm's); compiled code with the tensor rate
+    draws from another stream (bernoulli with a tensor probability, in Inductor's generator):
+    the same distribution, other masks, so compile_blocks matches eager step for step only with
+    drop-path off."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -757,7 +761,8 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     one graph; README Results has the compile times and speeds against torch.compile(model).
     dynamic=False unless given: with a block's sizes left symbolic, Inductor (torch 2.13)
     failed on the second stage's block in training. Each DropPath gets its rate as a tensor
-    (see DropPath). Returns model."""
+    (see DropPath: its masks then come from another random stream than eager's). Returns
+    model."""
     compile_kwargs.setdefault("dynamic", False)
     blocks = [m for m in model.modules() if isinstance(m, VSSBlock)]
     if not blocks:

@@ -45,7 +45,8 @@ SCAN_BATCH = 1
 # torch.compile: the scan compiles in seconds per shape, so its column is on by default; a whole
 # model takes minutes of Inductor time on a 2-core CPU, so compiled model rows are opt-in.
 COMPILE = True
-COMPILE_MODELS = ""           # --compile-models with no value: "model,blocks"
+COMPILE_MODELS = ""           # compiled model rows: none unless --compile-models is given ...
+ALL_COMPILE_MODES = "model,blocks"   # ... and then these, unless it names some
 OURS = ("vmamba_tiny_s1l8", "vanilla_vmamba_tiny")
 PEERS = ("swin_tiny_patch4_window7_224", "convnext_tiny", "deit_small_patch16_224", "resnet50")
 OUT_DIR = "bench_out"
@@ -55,13 +56,14 @@ SCAN_GENS = {"v0": dict(ssm_ratio=2, N=16), "v2": dict(ssm_ratio=1, N=1)}
 
 
 def batch_list(text):
-    """argparse type: '1,8,32' -> [1, 8, 32]; positive integers only."""
+    """argparse type: '1,8,32' -> [1, 8, 32]; distinct positive integers only."""
     try:
         out = [int(t) for t in text.split(",")]
     except ValueError:
         out = []
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"want positive integers such as 1,8,32, got {text!r}")
+    if not out or min(out) < 1 or len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"want distinct positive integers such as 1,8,32, "
+                                         f"got {text!r}")
     return out
 
 
@@ -94,13 +96,16 @@ def build_parser():
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=COMPILE,
                    help="the torch.compile column of the scan table (seconds per shape)")
     p.add_argument("--compile-models", type=compile_modes, nargs="?", metavar="MODES",
-                   const=compile_modes("model,blocks"), default=compile_modes(COMPILE_MODELS),
+                   const=compile_modes(ALL_COMPILE_MODES), default=compile_modes(COMPILE_MODELS),
                    help="add compiled rows to the model/train tables: 'model' = "
                         "torch.compile(model), 'blocks' = vmamba_min.compile_blocks (ours "
                         "only); no value: both")
     p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
                    help="timm's models in the model table (when timm is importable)")
     p.add_argument("--all-models", action="store_true", help="also our models with the loop scan")
+    p.add_argument("--only", type=lambda t: t.split(","), metavar="NAMES",
+                   help="model/train tables: these models instead of the default list "
+                        "(any of ours, any timm name), e.g. vanilla_vmamba_tiny")
     p.add_argument("--json", action="store_true", help="print one JSON object, no tables")
     p.add_argument("--no-malloc-fix", action="store_true", help="keep glibc's malloc (erratic)")
     return p
@@ -241,8 +246,9 @@ def model_specs(args, train=False):
     ours_kw = {} if args.chunk is None else {"chunk_size": args.chunk}
     peers = PEERS if (args.peers and not train and bk.timm_available()) else ()
     specs = []
+    names = args.only or OURS + peers
     for batch in args.batch:
-        for model in OURS + peers:
+        for model in names:
             modes = [False] + [m for m in args.compile_models
                                if m != "blocks" or bk.is_ours(model)]
             for compile_ in modes:
@@ -254,14 +260,11 @@ def model_specs(args, train=False):
     return specs
 
 
-MODE_LABELS = {False: "eager", "model": "compiled", "blocks": "compile_blocks"}
-
-
 def label(r):
-    """Row labels: who wrote the model, which scan, eager or compiled."""
+    """Row labels: who wrote the model, which scan, eager / compiled / compile_blocks."""
     scan_ = r.get("overrides", {}).get("scan", "chunked") if bk.is_ours(r["model"]) else "-"
     return {"source": "ours" if bk.is_ours(r["model"]) else "timm", "scan": scan_,
-            "mode": MODE_LABELS[r["compile"]]}
+            "mode": bk.MODE_NAMES[r["compile"]]}
 
 
 def groups(specs):
@@ -336,10 +339,11 @@ def print_results(result, args):
                            "inputs at official init (delta_bias, A = -(1..N)), softplus on",
                            "err: fwd rows compare y, fwd+bwd rows du; rel = max|err| / max|ref|"])
     notes = ["ms/batch: median (iqr) over >= --min-time s after warm-up, in one process; a "
-             "model's eager and compiled rows side by side (one call of each per round, >= 3 "
-             "rounds), other rows one after another",
-             "t/eager: median over rounds of the row's time / its eager row's time in the same "
-             "round (< 1: faster than eager); compile s: first call (Inductor's disk cache counts)",
+             f"model's eager and compiled rows side by side (one call of each per round, >= "
+             f"{bk.MIN_ROUNDS} rounds), lone rows one after another (torch.utils.benchmark)",
+             "t/eager: median over rounds of the row's time / its eager row's in the same round "
+             "(< 1: faster); compile s: first call (Inductor's disk cache and whatever the run "
+             "compiled before count: its first compiled row pays Inductor's start-up)",
              "peak MB: extra memory of one call over what is resident before it (CPU: rise of "
              "peak RSS in a child process per row; CUDA: max_memory_allocated)"]
     for key, title in (("models", "models: inference (no_grad)"),

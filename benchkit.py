@@ -5,8 +5,9 @@
     rows          one configuration ("spec": model, batch, res, dtype, eager / torch.compile /
                   compile_blocks, inference or training step) built the same way in every
                   process that touches it
-    timing        torch.utils.benchmark's adaptive_autorange: at least --min-time seconds and
-                  until IQR/median < 5% (at most MAX_TIME_FACTOR * min-time), after warm-up
+    timing        one row: torch.utils.benchmark's adaptive_autorange, at least --min-time
+                  seconds and until IQR/median < 5% (at most MAX_TIME_FACTOR * min-time), after
+                  warm-up; a model's eager and compiled rows: time_paired, side by side
     memory        peak memory of one call, on the CPU in a fresh child process per row
     tables        fixed-width text tables
 
@@ -46,6 +47,7 @@ TIMM_SIZED = ("deit", "swin", "vit")      # timm models that take img_size at cr
 # spec["compile"]: False (eager), "model" (torch.compile(model)) or "blocks" (ours only:
 # vmamba_min.compile_blocks, one compiled graph per stage, stem/downsampling/head eager)
 COMPILE_MODES = (False, "model", "blocks")
+MODE_NAMES = {False: "eager", "model": "compiled", "blocks": "compile_blocks"}   # row labels
 PEERS_HINT = ('timm peers skipped: timm is not importable here; install it in a separate venv '
               'with pip install -e ".[peers]" (README, "Peers (timm)")')
 
@@ -140,25 +142,40 @@ def time_once(fn, device):
     return time.perf_counter() - t0
 
 
+class PairedCallError(RuntimeError):
+    """time_paired: callable `index` raised (the exception is the __cause__)."""
+
+    def __init__(self, index):
+        super().__init__(f"callable {index} raised")
+        self.index = index
+
+
 def time_paired(fns, device, min_time, warmup):
-    """Time several callables side by side: after `warmup` calls of each, rounds of one call of
-    each (the order reversed every other round) until each has at least min_time seconds of
-    calls and MIN_ROUNDS rounds, or MAX_TIME_FACTOR * min_time * len(fns) seconds have passed
-    (then after MIN_ROUNDS). Why: this machine's speed drifts by 10-20% over minutes, more than
-    the gap between an eager and a compiled step, so rows timed one after another could not
-    tell them apart; in alternation the drift hits every callable alike.
+    """Time callables side by side: after `warmup` calls of each, rounds of one call of each
+    (the order reversed every other round) until each has min_time seconds of calls and there
+    were MIN_ROUNDS rounds; after MAX_TIME_FACTOR * min_time * len(fns) seconds, MIN_ROUNDS
+    rounds suffice. Why: the machine's speed drifts over minutes by more than the gap between
+    an eager and a compiled step (PERF-NOTES.md), so rows timed one after another could not
+    tell them apart; in alternation the drift hits all alike. torch.utils.benchmark's Timer
+    times one statement at a time, so the rounds are timed here, one call per sample.
     Returns per callable: median and IQR (ms) of its calls, calls, and vs_first: the median
-    over rounds of its time / the first callable's time in the same round."""
+    over rounds of its time / the first callable's in the same round."""
     import statistics
-    for fn in fns:
+
+    def call(i):
+        try:
+            return time_once(fns[i], device)
+        except Exception as e:
+            raise PairedCallError(i) from e
+    for i in range(len(fns)):
         for _ in range(warmup):
-            fn()
+            call(i)
     times, t0, rounds = [[] for _ in fns], time.perf_counter(), 0
+    cap = MAX_TIME_FACTOR * min_time * len(fns)
     while rounds < MIN_ROUNDS or (min(sum(t) for t in times) < min_time and
-                                  time.perf_counter() - t0 < MAX_TIME_FACTOR * min_time * len(fns)):
-        order = range(len(fns)) if rounds % 2 == 0 else reversed(range(len(fns)))
-        for i in order:
-            times[i].append(time_once(fns[i], device))
+                                  time.perf_counter() - t0 < cap):
+        for i in (range(len(fns)) if rounds % 2 == 0 else reversed(range(len(fns)))):
+            times[i].append(call(i))
         rounds += 1
     out = []
     for t in times:
@@ -270,36 +287,45 @@ def error_text(e):
 
 
 def run_group(specs, min_time, warmup):
-    """Time specs that differ only in their compile mode (eager first) side by side in this
-    process: build each, its compile call (if any), then time_paired over those that built.
-    Rows get ms, iqr_ms, calls, img_s and vs_eager (time over the first spec's, per round; the
-    first spec must be eager); a spec that fails says why, the others go on."""
+    """Time specs that differ only in their compile mode, eager first, side by side in this
+    process: build each and make its compile call (if any), then time_paired over those that
+    built. Rows get ms, iqr_ms, calls, img_s and vs_eager (time over eager's, per round). All
+    of them stay in memory while timing (models, optimizer states: more at once than rows timed
+    one by one). A compile call counts whatever this process compiled before (Inductor's start-
+    up of ~9 s, paid by the first compiled row of a run). If eager fails to build, the others
+    are timed one by one (run_row); a spec that fails says why, the others go on."""
     import torch
-    assert specs[0]["compile"] is False, "run_group: the first spec is the eager one"
-    torch._dynamo.reset()                # fresh caches per group: honest compile times
+    if specs[0]["compile"] is not False:
+        raise ValueError("run_group: the first spec must be the eager one")
+    torch._dynamo.reset()                # fresh caches per group
     rows, live = [dict(s) for s in specs], []
-    for row, spec in zip(rows, specs):
+    for i, (row, spec) in enumerate(zip(rows, specs)):
         try:
             fn, row["params_m"] = make_runner(spec)
+        except Exception as e:           # noqa: BLE001 -- reported in the row, run goes on
+            row["error"] = error_text(e)
+            if i == 0:                   # nothing to pair with: time the rest on their own
+                return [row] + [run_row(s, min_time, warmup) for s in specs[1:]]
+            continue
+        try:
             if spec["compile"]:
                 row["compile_s"] = time_once(fn, spec["device"])
             live.append((row, fn))
-        except Exception as e:           # noqa: BLE001 -- reported in the row, run goes on
-            row["error"] = error_text(e)
-    if live and live[0][0] is rows[0]:   # the eager row built: time all side by side
-        try:
-            timed = time_paired([fn for _, fn in live], specs[0]["device"], min_time, warmup)
-            for (row, fn), t in zip(live, timed):
-                row.update(ms=t["ms"], iqr_ms=t["iqr_ms"], calls=t["calls"],
-                           img_s=1e3 * row["batch"] / t["ms"], vs_eager=t["vs_first"])
-                if row["device"] == "cuda":
-                    row["peak_mb"] = cuda_peak_mb(fn)
         except Exception as e:           # noqa: BLE001
-            for row, _ in live:
-                row["error"] = error_text(e)
-    else:
+            row["error"] = error_text(e)
+    try:
+        timed = time_paired([fn for _, fn in live], specs[0]["device"], min_time, warmup)
+        for (row, fn), t in zip(live, timed):
+            row.update(ms=t["ms"], iqr_ms=t["iqr_ms"], calls=t["calls"],
+                       img_s=1e3 * row["batch"] / t["ms"], vs_eager=t["vs_first"])
+            if row["device"] == "cuda":
+                row["peak_mb"] = cuda_peak_mb(fn)
+    except PairedCallError as e:
+        bad = live[e.index][0]
+        bad["error"] = error_text(e.__cause__)
         for row, _ in live:
-            row["error"] = "not timed: the eager row of its group failed"
+            row.setdefault("error", f"not timed: the {MODE_NAMES[bad['compile']]} row of its "
+                                    f"group failed while timing")
     live = fn = None
     gc.collect()
     if specs[0]["device"] == "cuda":

@@ -29,7 +29,7 @@ SHORT = dict(min_time=0.05, warmup=2)
 def test_batch_list_parses_and_rejects():
     assert bench.batch_list("1,8,32") == [1, 8, 32]
     assert bench.batch_list("4") == [4]
-    for bad in ("", "0", "1,-2", "a,b", "1,,2"):
+    for bad in ("", "0", "1,-2", "a,b", "1,,2", "1,8,1"):
         with pytest.raises(argparse.ArgumentTypeError):
             bench.batch_list(bad)
     _, args = bench.parse_args(["--batch", "1,2"])
@@ -64,6 +64,9 @@ def test_specs_cover_every_batch_and_mode():
     for bad in ("block", "model,model", "model,eager"):
         with pytest.raises(argparse.ArgumentTypeError):
             bench.compile_modes(bad)
+    _, args = bench.parse_args(["--models", "--all-models", "--no-peers"])
+    scans = [bench.label(s)["scan"] for s in bench.model_specs(args)]
+    assert scans == ["chunked", "reference"] * len(bench.OURS)
 
 
 def test_groups_are_a_models_modes():
@@ -89,10 +92,31 @@ def test_compile_blocks_row_is_ours_only_and_runs_beside_eager():
     assert blocks["compile_s"] > 0 and blocks["ms"] > 0 and blocks["vs_eager"] > 0
     assert eager["calls"] == blocks["calls"] >= bk.MIN_ROUNDS
     assert bench.label(blocks)["mode"] == "compile_blocks"
-    json.dumps([eager, blocks, bad])
-    _, args = bench.parse_args(["--models", "--all-models", "--no-peers"])
-    scans = [bench.label(s)["scan"] for s in bench.model_specs(args)]
-    assert scans == ["chunked", "reference"] * len(bench.OURS)
+    assert json.loads(json.dumps([eager, blocks, bad])) == [eager, blocks, bad]
+
+
+def test_a_group_whose_eager_row_fails_times_the_others_alone():
+    specs = [dict(TINY, overrides={"no_such_option": 1}), dict(TINY, compile="bad")]
+    eager, other = bk.run_group(specs, **SHORT)
+    assert "no_such_option" in eager["error"] and "want one of" in other["error"]
+    rows = bk.run_group([dict(TINY, overrides={"no_such_option": 1}), TINY], **SHORT)
+    assert "error" in rows[0] and "error" not in rows[1] and rows[1]["ms"] > 0
+    assert rows[1].get("vs_eager") is None                  # no eager row to compare with
+
+
+def test_time_paired_alternates_and_pairs_rounds():
+    """Fake callables: they log their calls; the clock is the real one, so the times are small
+    but positive, and the first callable's ratio to itself is exactly 1."""
+    calls = []
+    fns = [lambda i=i: calls.append(i) for i in range(3)]
+    out = bk.time_paired(fns, "cpu", min_time=0.0, warmup=1)
+    rounds = bk.MIN_ROUNDS
+    assert calls[:3] == [0, 1, 2]                               # warm-up, one each
+    timed = calls[3:]
+    assert len(timed) == 3 * rounds
+    assert timed[:6] == [0, 1, 2, 2, 1, 0]                      # order reversed every round
+    assert [o["calls"] for o in out] == [rounds] * 3 and out[0]["vs_first"] == 1
+    assert all(o["ms"] >= 0 and o["vs_first"] > 0 for o in out)
 
 
 def test_model_rows_table_and_json_shape(capsys):

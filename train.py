@@ -195,7 +195,7 @@ def main(argv=None):
                    help="train compiled: 'model' (the default when given without a value) = "
                         "torch.compile(model, fullgraph=True); 'blocks' = "
                         "vmamba_min.compile_blocks (one graph per stage, the rest eager). "
-                        "Evaluation stays eager"),
+                        "Evaluation stays eager")
     p.add_argument("--save", default=None, metavar="DIR",
                    help="every process writes DIR/rank<r>.pt: its final state dict and the "
                         "step losses (so that the processes' copies can be compared)")
@@ -216,10 +216,11 @@ def main(argv=None):
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)                      # the same initial weights in every process
     x_tr, y_tr, x_te, y_te = load_digits_split(args.res, args.seed)
-    raw = build_model(drop_path_rate=args.drop_path).to(device)
+    model_kw = {**MODEL, "drop_path_rate": args.drop_path}
+    raw = build_model(**model_kw).to(device)
     n_params = sum(p.numel() for p in raw.parameters())
     log(f"digits {args.res}x{args.res}: {len(y_tr)} train, {len(y_te)} test | VMamba "
-        f"{ {**MODEL, 'drop_path_rate': args.drop_path} } {n_params:,} params | torch {torch.__version__}, {device}, {world} "
+        f"{model_kw} {n_params:,} params | torch {torch.__version__}, {device}, {world} "
         f"process(es) x {torch.get_num_threads()} threads, batch {args.batch_size} "
         f"({local_batch} per process){f' | compiled: {args.compile}' if args.compile else ''}",
         flush=True)
@@ -277,8 +278,9 @@ def main(argv=None):
     if rank == 0:   # eager: compiled code would recompile for eval mode and each batch size
         x_te, y_te, x_tr, y_tr = (t.to(device) for t in (x_te, y_te, x_tr, y_tr))
         with torch.compiler.set_stance("force_eager"):    # compile_blocks compiled `raw` too
-            acc, acc_tr = accuracy(raw, x_te, y_te), accuracy(raw, x_tr, y_tr)
-        wall = time.perf_counter() - t_start
+            acc = accuracy(raw, x_te, y_te)
+            wall = time.perf_counter() - t_start
+            acc_tr = accuracy(raw, x_tr, y_tr)
         print(f"test accuracy {acc:.2%} ({round(acc * len(y_te))}/{len(y_te)}) | train accuracy "
               f"{acc_tr:.2%} | wall time {wall:.1f}s ({step} steps, "
               f"{step / steps_per_epoch:.3g} epochs)", flush=True)

@@ -29,6 +29,7 @@ Letters as in scan.py: B batch, K = 4 routes, D channels per route, L = H*W, N s
 import argparse
 import math
 import os
+import statistics
 import time
 
 import benchkit as bk
@@ -186,15 +187,30 @@ def naive_cell(row, run, args):
 
 def compiled_cell(row, run, chunked, ref, args):
     """torch.compile of the chunked scan (Inductor: C++ on a CPU, Triton on CUDA); a failure
-    is reported in the row, since the rest of the table still means something."""
+    is reported in the row, since the rest of the table still means something. Returns the
+    compiled callable, or None."""
     import torch
     torch._dynamo.reset()                       # fresh cache per shape: an honest compile time
     comp = torch.compile(chunked, fullgraph=True, dynamic=False)
     try:
         out = timed_cell(row, "compiled", lambda: run(comp), args)
         row["compiled_err"], row["compiled_rel"] = errors(out, ref)
+        return comp
     except Exception as e:                      # noqa: BLE001 -- reported, run goes on
         row["error"] = f"compiled: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
+        return None
+
+
+def backward_ratio(row, runs, fns, args):
+    """fwd+bwd over fwd of the same scan, timed side by side (benchkit.time_paired: one call of
+    each per round), median of the per-round ratios: the cells above are timed one after
+    another, and the machine's speed drifts between them. fns: {"eager": fn, "compiled": ..}."""
+    calls = [(k, p) for k in fns for p in ("fwd", "fwd+bwd")]
+    out = bk.time_paired([lambda k=k, p=p: runs[p](fns[k]) for k, p in calls], args.device,
+                         args.min_time, args.warmup)
+    t = {c: o["times_s"] for c, o in zip(calls, out)}
+    for k in fns:
+        row[f"{k}_bx"] = statistics.median(b / a for a, b in zip(t[k, "fwd"], t[k, "fwd+bwd"]))
 
 
 def scan_shape_rows(gen, stage, args):
@@ -203,8 +219,9 @@ def scan_shape_rows(gen, stage, args):
     inputs, shape = scan_inputs(gen, stage, SCAN_BATCH, args.device, getattr(torch, args.dtype))
     kw = {} if args.chunk is None else {"chunk_size": args.chunk}
     chunked = lambda *a, **k: scan.selective_scan(*a, **k, **kw)   # noqa: E731
-    rows = []
-    for pass_, run in scan_passes(inputs, shape, args.device).items():
+    rows, fns = [], {"eager": chunked}
+    runs = scan_passes(inputs, shape, args.device)
+    for pass_, run in runs.items():
         row = {"scan": gen, "stage": stage, "shape": "x".join(map(str, shape)), "pass": pass_}
         naive = pass_ == "fwd" or args.naive_bwd
         bk.log(f"{gen} stage {stage} {pass_}: {'naive loop (one call), ' if naive else ''}"
@@ -215,19 +232,23 @@ def scan_shape_rows(gen, stage, args):
         if ref is None:                         # no naive gradient: compare with eager
             ref, row["err_vs"] = eager, "eager"
         if args.compile:
-            compiled_cell(row, run, chunked, ref, args)
+            comp = compiled_cell(row, run, chunked, ref, args)
+            fns["compiled"] = comp if comp and fns.get("compiled", True) else None
         for k in ("eager", "compiled"):
             if row.get("naive_ms") and row.get(f"{k}_ms"):
                 row[f"{k}_x"] = row["naive_ms"] / row[f"{k}_ms"]
         rows.append(row)
+    bk.log(f"{gen} stage {stage}: fwd+bwd / fwd side by side")
+    backward_ratio(rows[-1], runs, {k: f for k, f in fns.items() if f}, args)
     return rows
 
 
 SCAN_COLS = [("scan", "scan", "{}"), ("stage", "stage", "{}"), ("shape", "B x K*D x L x N", "{}"),
              ("pass", "pass", "{}"), ("naive_ms", "naive ms", "{:.1f}"),
              ("eager_ms", "chunked ms", "{:.1f}"), ("eager_iqr_ms", "iqr", "{:.1f}"),
-             ("eager_x", "x", "{:.1f}x"), ("compiled_ms", "compiled ms", "{:.1f}"),
-             ("compiled_iqr_ms", "iqr", "{:.1f}"), ("compiled_x", "x", "{:.1f}x"),
+             ("eager_x", "x", "{:.1f}x"), ("eager_bx", "bwd x", "{:.2f}"),
+             ("compiled_ms", "compiled ms", "{:.1f}"), ("compiled_iqr_ms", "iqr", "{:.1f}"),
+             ("compiled_x", "x", "{:.1f}x"), ("compiled_bx", "bwd x", "{:.2f}"),
              ("compile_s", "compile s", "{:.1f}"), ("err_vs", "err vs", "{}"),
              ("eager_err", "max|err| chunked", "{:.1e}"), ("eager_rel", "rel", "{:.1e}"),
              ("compiled_err", "max|err| compiled", "{:.1e}"), ("compiled_rel", "rel", "{:.1e}"),
@@ -337,7 +358,9 @@ def print_results(result, args):
                            "timed call (it is slow); x: speed-up over naive",
                            "fwd: under no_grad; fwd+bwd: backward of <y, g> into all 7 inputs; "
                            "inputs at official init (delta_bias, A = -(1..N)), softplus on",
-                           "err: fwd rows compare y, fwd+bwd rows du; rel = max|err| / max|ref|"])
+                           "err: fwd rows compare y, fwd+bwd rows du; rel = max|err| / max|ref|",
+                           "bwd x: fwd+bwd time / fwd time of the same scan, timed side by side "
+                           "(one call of each per round), median over rounds"])
     notes = ["ms/batch: median (iqr) over >= --min-time s after warm-up, in one process; a "
              f"model's eager and compiled rows side by side (one call of each per round, >= "
              f"{bk.MIN_ROUNDS} rounds), lone rows one after another (torch.utils.benchmark)",

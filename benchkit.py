@@ -158,8 +158,9 @@ def time_paired(fns, device, min_time, warmup):
     an eager and a compiled step (PERF-NOTES.md), so rows timed one after another could not
     tell them apart; in alternation the drift hits all alike. torch.utils.benchmark's Timer
     times one statement at a time, so the rounds are timed here, one call per sample.
-    Returns per callable: median and IQR (ms) of its calls, calls, and vs_first: the median
-    over rounds of its time / the first callable's in the same round."""
+    Returns per callable: median and IQR (ms) of its calls, calls, times_s (each call's
+    seconds, round by round) and vs_first: the median over rounds of its time / the first
+    callable's in the same round."""
     import statistics
 
     def call(i):
@@ -181,7 +182,7 @@ def time_paired(fns, device, min_time, warmup):
     for t in times:
         q = statistics.quantiles(t, n=4) if len(t) >= 4 else None     # no spread from 1-3
         out.append({"ms": 1e3 * statistics.median(t), "iqr_ms": 1e3 * (q[2] - q[0]) if q else None,
-                    "calls": len(t),
+                    "calls": len(t), "times_s": t,
                     "vs_first": statistics.median(a / b for a, b in zip(t, times[0]))})
     return out
 

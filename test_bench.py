@@ -146,6 +146,7 @@ def test_scan_rows_shape():
     assert rows[0]["eager_rel"] < 1e-5                 # chunked vs naive, float32
     assert "naive_ms" not in rows[1] and rows[1]["err_vs"] == "eager"
     assert rows[1]["eager_ms"] > 0 and "compiled_ms" not in rows[1]
+    assert rows[1]["eager_bx"] > 0 and "compiled_bx" not in rows[1] and "eager_bx" not in rows[0]
     json.dumps(rows)
 
 

@@ -12,6 +12,12 @@ Profiles (pick one with the environment variable HYPOTHESIS_PROFILE):
 All profiles use deadline=None: the first call of a torch op (and any torch.compile) is slow and
 would trip Hypothesis' per-example deadline without saying anything about the code under test.
 
+Device: VMAMBA_TEST_DEVICE=cuda runs the numeric tests of the scan (against the float64
+reference, gradients, gradcheck, goldens, compiled = Triton), of the model (official fixtures,
+compiled vs eager, gradients, checkpointing) and all of test_compile.py on the GPU; the rest
+stays on the CPU. TF32 is switched off there: the tolerances are float32's (test_scan.py).
+`VMAMBA_TEST_DEVICE=cuda python -m pytest -q test_scan.py test_model.py test_compile.py`
+
 Slow tests (`@pytest.mark.slow`, e.g. the L = 4096 scan) are skipped unless asked for with
 `-m slow` (or any -m expression naming `slow`) or the thorough profile is active.
 """
@@ -25,12 +31,25 @@ settings.register_profile("default", max_examples=10, **_COMMON)
 settings.register_profile("ci", max_examples=10, derandomize=True, print_blob=True, **_COMMON)
 settings.register_profile("thorough", max_examples=200, **_COMMON)
 
+DEVICE = os.environ.get("VMAMBA_TEST_DEVICE", "cpu")
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "default")
 settings.load_profile(PROFILE)
 
 
+def pytest_configure(config):
+    if DEVICE not in ("cpu", "cuda"):
+        raise pytest.UsageError(f"VMAMBA_TEST_DEVICE={DEVICE!r}: use cpu or cuda")
+    if DEVICE == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise pytest.UsageError("VMAMBA_TEST_DEVICE=cuda, but torch.cuda.is_available() is "
+                                    f"False (torch {torch.__version__})")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
 def pytest_report_header(config):
-    return f"hypothesis profile: {PROFILE}"
+    return f"hypothesis profile: {PROFILE}; device for the numeric tests: {DEVICE}"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from torch._dynamo.utils import counters
 
+from conftest import DEVICE
 from vmamba_min import VSSM, VSSMConfig, compile_blocks
 
 # Tolerances. Compiled code sums in other orders than eager (fused reductions, the loop
@@ -43,6 +44,7 @@ class _Both(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.v0, self.v2 = VSSM(small(0)), VSSM(small(2))
+        self.to(DEVICE)
 
     def forward(self, x):
         return self.v0(x), self.v2(x)
@@ -57,7 +59,7 @@ def test_plain_compile_inference_equals_eager_at_two_batches_and_sizes():
     model = _Both().eval()
     compiled = torch.compile(model)
     for batch, H, W in ((1, 24, 20), (3, 32, 28)):
-        x = torch.randn(batch, 3, H, W, generator=torch.Generator().manual_seed(batch))
+        x = torch.randn(batch, 3, H, W, generator=torch.Generator().manual_seed(batch)).to(DEVICE)
         with torch.no_grad():
             got, want = compiled(x), model(x)
         for g, w in zip(got, want):
@@ -81,8 +83,8 @@ def _train_compiled_and_eager(shapes, compile_fn=torch.compile):
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, twin)]
     g = torch.Generator().manual_seed(1)
     for step, (batch, H, W) in enumerate(shapes):
-        x = torch.randn(batch, 3, H, W, generator=g)
-        y = torch.randint(0, 5, (batch,), generator=g)
+        x = torch.randn(batch, 3, H, W, generator=g).to(DEVICE)
+        y = torch.randint(0, 5, (batch,), generator=g).to(DEVICE)
         losses = []
         for fn, opt in ((eager, opts[0]), (compiled, opts[1])):
             opt.zero_grad()
@@ -122,7 +124,7 @@ def test_compile_blocks_inference_equals_eager_with_one_graph_per_stage():
     counters.clear()
     model = _Both().eval()
     twin = compile_blocks(copy.deepcopy(model))
-    x = torch.randn(2, 3, 24, 20, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, 24, 20, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     with torch.no_grad():
         for g, w in zip(twin(x), model(x)):
             torch.testing.assert_close(g, w, rtol=0, atol=LOGIT_ATOL)
@@ -138,8 +140,8 @@ def test_compile_blocks_training():
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    model = compile_blocks(VSSM(replace(small(2), drop_path_rate=0.3, depths=(1, 3))).train())
-    model(torch.randn(2, 3, 24, 20)).sum().backward()
+    model = VSSM(replace(small(2), drop_path_rate=0.3, depths=(1, 3))).train().to(DEVICE)
+    compile_blocks(model)(torch.randn(2, 3, 24, 20, device=DEVICE)).sum().backward()
     assert _unique_graphs() == 2
 
 

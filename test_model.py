@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 import vmamba_min as vm
+from conftest import DEVICE
 from vmamba_min import (CONFIGS, VSSM, Backbone, VSSMConfig, build, convert_official_state_dict,
                         from_official_kwargs)
 
@@ -56,7 +57,7 @@ def resolved(cfg):
 def fixture_model(fx, spelling="state_dict"):
     model = VSSM(from_official_kwargs(fx["kwargs"])).eval()
     model.load_state_dict(convert_official_state_dict(fx[spelling]), strict=True)
-    return model
+    return model.to(DEVICE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +69,7 @@ def test_fixture_logits(name, spelling):
     fx = load_fixture(name)
     model = fixture_model(fx, spelling)
     with torch.no_grad():
-        logits = model(fx["input"])
+        logits = model(fx["input"].to(DEVICE)).cpu()
     assert logits.shape == fx["logits"].shape
     err = (logits - fx["logits"]).abs().max().item()
     assert err < ATOL, f"{name} ({spelling}): max abs logit error {err:.3g}"
@@ -89,13 +90,13 @@ def test_fixture_first_selective_scan_call(name, monkeypatch):
         return out
     monkeypatch.setattr(vm, "selective_scan", recording_scan)
     with torch.no_grad():
-        model(fx["input"])
+        model(fx["input"].to(DEVICE))
     (u, delta, A, B, C, D, delta_bias), kwargs, out = calls[0]
     assert kwargs["delta_softplus"] is ref["delta_softplus"] is True
     for key, got in dict(u=u, delta=delta, A=A, B=B, C=C, D=D, delta_bias=delta_bias,
                          out=out).items():
         assert got.shape == ref[key].shape, key
-        err = (got - ref[key]).abs().max().item()
+        err = (got.cpu() - ref[key]).abs().max().item()
         assert err < ATOL, f"{name}: scan argument {key} max abs error {err:.3g}"
 
 
@@ -125,7 +126,7 @@ def test_fixture_features(name):
         layer.downsample.register_forward_hook(
             lambda m, a, o, i=i: hook(m, a, o, f"layers.{i}.downsample"))
     with torch.no_grad():
-        feats = model.forward_features(fx["input"])
+        feats = model.forward_features(fx["input"].to(DEVICE))
         got["classifier.norm"] = model.norm(feats)
         got["classifier.flatten"] = model.forward_head(feats, pre_logits=True)
     assert set(got) == set(fx["features"]), set(fx["features"]) ^ set(got)
@@ -135,7 +136,7 @@ def test_fixture_features(name):
         if channel_first and ref.dim() == 4:
             ref = ref.permute(0, 2, 3, 1)                    # (B, H, W, C)
         assert got[key].shape == ref.shape, key
-        err = (got[key] - ref).abs().max().item()
+        err = (got[key].cpu() - ref).abs().max().item()
         assert err < ATOL, f"{name}: feature {key} max abs error {err:.3g}"
 
 
@@ -147,11 +148,11 @@ def test_fixture_backbone(name):
     backbone = Backbone(from_official_kwargs(kwargs), out_indices).eval()
     backbone.load_state_dict(convert_official_state_dict(fx["state_dict"]), strict=True)
     with torch.no_grad():
-        outs = backbone(load_fixture(name)["input"])
+        outs = backbone.to(DEVICE)(load_fixture(name)["input"].to(DEVICE))
     assert len(outs) == len(fx["outputs"])
     for i, (o, ref) in enumerate(zip(outs, fx["outputs"])):
         assert o.shape == ref.shape and o.is_contiguous()
-        err = (o - ref).abs().max().item()
+        err = (o.cpu() - ref).abs().max().item()
         assert err < ATOL, f"{name}: backbone output {i} max abs error {err:.3g}"
 
 
@@ -242,11 +243,11 @@ def test_from_official_kwargs_rejects_what_it_does_not_support():
 @pytest.mark.parametrize("generation", [0, 2])
 def test_reference_and_chunked_scan_give_the_same_model(generation):
     torch.manual_seed(0)
-    x = torch.randn(2, 3, 40, 32)
+    x = torch.randn(2, 3, 40, 32, device=DEVICE)
     outs = []
     for scan, chunk in (("reference", 64), ("chunked", 64), ("chunked", 7)):
         torch.manual_seed(1)                                 # same weights each time
-        model = VSSM(tiny(generation, scan=scan, chunk_size=chunk)).eval()
+        model = VSSM(tiny(generation, scan=scan, chunk_size=chunk)).eval().to(DEVICE)
         with torch.no_grad():
             outs.append(model(x))
     # Different float32 summation orders of the same recurrence: logits of size ~1 differ by
@@ -265,6 +266,7 @@ class _Both(nn.Module):
         # (and the padding of the last chunk, L = 35) are still exercised.
         self.v0 = VSSM(tiny(0, depths=(1, 1), chunk_size=4)).eval()
         self.v2 = VSSM(tiny(2, depths=(1, 1), chunk_size=4)).eval()
+        self.to(DEVICE)
 
     def forward(self, x):
         return self.v0(x), self.v2(x)
@@ -277,13 +279,13 @@ def compiled_pair():
     # One compile thread: on 2 cores the worker pool's start-up cost more than it saved
     # (measured 227 s vs 123 s wall on the shared CI-size machine).
     with torch.no_grad(), torch._inductor.config.patch(compile_threads=1):
-        compiled(torch.randn(2, 3, 20, 28))                  # compile here, once per module
+        compiled(torch.randn(2, 3, 20, 28, device=DEVICE))   # compile here, once per module
     return model, compiled
 
 
 def test_compiled_matches_eager(compiled_pair):
     model, compiled = compiled_pair
-    x = torch.randn(2, 3, 20, 28)                            # odd, non-square maps: 5x7, 3x4...
+    x = torch.randn(2, 3, 20, 28, device=DEVICE)             # odd, non-square maps: 5x7, 3x4...
     with torch.no_grad():
         eager, comp = model(x), compiled(x)
     # Inductor fuses and reorders float32 sums (and vectorises exp); ~1e-7 is typical on
@@ -321,10 +323,10 @@ def test_patch_merging_pads_bottom_right_with_zeros():
 @pytest.mark.parametrize("generation", [0, 2])
 def test_gradients_reach_every_parameter(generation):
     torch.manual_seed(0)
-    model = VSSM(tiny(generation, drop_path_rate=0.0)).train()
+    model = VSSM(tiny(generation, drop_path_rate=0.0)).train().to(DEVICE)
     # 48x40 leaves the last stage a 2x2 map: on a 1x1 map (L = 1) the state starts and ends
     # after one step, so A_logs has no effect and its gradient is truly 0.
-    model(torch.randn(2, 3, 48, 40)).square().sum().backward()
+    model(torch.randn(2, 3, 48, 40, device=DEVICE)).square().sum().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
         assert torch.isfinite(p.grad).all(), name
@@ -333,8 +335,8 @@ def test_gradients_reach_every_parameter(generation):
 @pytest.mark.parametrize("generation", [0, 2])
 def test_gradient_checkpointing_changes_nothing(generation):
     torch.manual_seed(0)
-    model = VSSM(tiny(generation, drop_path_rate=0.3)).train()    # drop path on: RNG replays
-    x = torch.randn(2, 3, 32, 32)
+    model = VSSM(tiny(generation, drop_path_rate=0.3)).train().to(DEVICE)  # drop path: RNG replays
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
     results = []
     for enable in (False, True):
         model.set_grad_checkpointing(enable)

@@ -21,6 +21,7 @@ from hypothesis import assume, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
+from conftest import DEVICE
 from scan import cross_merge, cross_scan, selective_scan, selective_scan_ref
 
 THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
@@ -147,17 +148,18 @@ def run(fn, inputs, softplus, dtype, gy=None, gh=None, **kw):
     """y, last state and (if gy is given) the gradient of every input, all under `dtype`.
 
     The same upstream gradients gy (on y) and gh (on the last state) are pushed through every
-    implementation.
+    implementation. Runs on DEVICE (conftest.py); the results come back to the CPU.
     """
-    xs = {k: None if v is None else v.detach().to(dtype).clone().requires_grad_(gy is not None)
+    xs = {k: None if v is None else
+          v.detach().to(DEVICE, dtype).clone().requires_grad_(gy is not None)
           for k, v in inputs.items()}
     y, h = fn(xs["u"], xs["delta"], xs["A"], xs["B"], xs["C"], xs["D"], xs["delta_bias"],
               softplus, h0=xs["h0"], return_last_state=True, **kw)
     out = {"y": y, "h": h}
     if gy is not None:
-        torch.autograd.backward([y, h], [gy.to(y.dtype), gh.to(h.dtype)])
+        torch.autograd.backward([y, h], [gy.to(y), gh.to(h)])
         out.update({k: x.grad for k, x in xs.items() if x is not None})
-    return out
+    return {k: v.cpu() for k, v in out.items()}
 
 
 def magnitudes(inputs, softplus, gy=None, gh=None, exact=None):
@@ -510,7 +512,7 @@ def test_gradcheck(fn, with_h0, N):
             torch.randn(KD, generator=g, dtype=torch.float64)]                    # delta_bias
     if with_h0:
         args.append(torch.randn(Bb, KD, N, generator=g, dtype=torch.float64))
-    args = [a.requires_grad_() for a in args]
+    args = [a.to(DEVICE).requires_grad_() for a in args]
     kw = {"chunk_size": 3} if fn is selective_scan else {}      # 3 chunks, the last partial
 
     def f(*a):

@@ -93,9 +93,11 @@ SHORT = ["--res", "16", "--batch-size", "32", "--max-steps", "20"]
 def run_train(tmp_path, *args, nproc=1):
     launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if nproc > 1:                   # the CPU (gloo) path, also on a machine with fewer GPUs
+        env["CUDA_VISIBLE_DEVICES"] = ""
     out = subprocess.run(launch + ["train.py", *SHORT, "--save", str(tmp_path), *args], cwd=HERE,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                         text=True, timeout=600)   # a hang guard only
+                         env=env, capture_output=True, text=True, timeout=600)   # a hang guard
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout, [torch.load(tmp_path / f"rank{r}.pt") for r in range(nproc)]
 
@@ -127,6 +129,17 @@ def test_torchrun_two_processes_stay_in_sync(tmp_path):
     torch.manual_seed(0)
     init = train.build_model().state_dict()
     assert not torch.equal(init["head.weight"], r0["state_dict"]["head.weight"])
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    """Seen on a one-GPU machine: the second torchrun process asked for cuda:1 and died in
+    torch.cuda.set_device ("invalid device ordinal") before saying what to change."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for k, v in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2").items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(RuntimeError, match=r"1 GPU\(s\).*nproc_per_node.*CUDA_VISIBLE_DEVICES"):
+        train.setup_processes()
 
 
 @pytest.mark.slow

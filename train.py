@@ -165,9 +165,16 @@ class Progress:
 # ---------------------------------------------------------------------------------------------
 def setup_processes():
     """(rank, world_size, device). Under torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK)
-    joins the process group: NCCL on GPUs, gloo on CPUs. Alone: no torch.distributed at all."""
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) \
-        if torch.cuda.is_available() else torch.device("cpu")
+    joins the process group: NCCL on GPUs (one per process), gloo on CPUs. Alone: no
+    torch.distributed at all."""
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda" and local >= torch.cuda.device_count():
+        raise RuntimeError(
+            f"train.py: this is local process {local}, but the machine has "
+            f"{torch.cuda.device_count()} GPU(s) and each process needs one of its own: start at "
+            f"most that many per node (torchrun --nproc_per_node), or hide the GPUs "
+            f"(CUDA_VISIBLE_DEVICES=) to train on the CPU with gloo")
     if "RANK" not in os.environ:
         return 0, 1, device
     if device.type == "cuda":

@@ -398,6 +398,20 @@ def _carry(t):
     return t.clone(memory_format=torch.contiguous_format)
 
 
+def _zeros_from(t):
+    """Zeros shaped like t, for a loop's initial carry. Compiled, they are computed from t
+    (t - t) instead of being a constant: torch 2.13's Inductor lowers the `scan` operator to a
+    while-loop that hands the initial carries' buffers to the first step without a copy, and
+    the step may update a carry's buffer in place; zeros_like is a constant that Inductor shares
+    between all loops of a graph (the forward's too), so one loop's updates became the next
+    loop's start. Seen: three chained scans of one shape in one compiled graph gave dL/dA off by
+    640% (test_scan.py: test_chained_compiled_scans_match_eager). t must be finite (a state or
+    gradient that is not is already non-finite in the result)."""
+    if not torch.compiler.is_compiling():
+        return torch.zeros_like(t)
+    return t - t
+
+
 def _scan_chunks(dt, x, Bt, Ct, Ak):
     """Forward step 2: T steps of h = exp(delta' A) h + x B, y = C . h, over all chunks at once.
 
@@ -408,7 +422,10 @@ def _scan_chunks(dt, x, Bt, Ct, Ak):
         h = torch.exp(dt_t[..., None] * A_t) * h + x_t[..., None] * B_t
         return _carry(h), (h * C_t).sum(-1)                  # (b, K, D, M)
 
-    h = x.new_zeros(x.shape[1:] + (Ak.shape[-1],))           # (b, K, D, M, N)
+    if torch.compiler.is_compiling():                        # (b, K, D, M, N)
+        h = _zeros_from(x[0, ..., None] * Bt[0])
+    else:
+        h = x.new_zeros(x.shape[1:] + (Ak.shape[-1],))
     return _loop(step, h, (dt, x, Bt, Ct, _per_step(Ak, dt.shape[0])))
 
 
@@ -443,7 +460,7 @@ def _adjoint_chunks(dt, x, Bt, Ct, gyt, h_prev, Ak, g_out):
         return (_carry(a * g), _carry(dA + dt_t[..., None] * p)), outs
 
     g_out = _carry(g_out)
-    (g_first, dA), outs = _loop(step, (g_out, torch.zeros_like(g_out)),
+    (g_first, dA), outs = _loop(step, (g_out, _zeros_from(g_out)),
                                 (dt, x, Bt, Ct, gyt, h_prev, _per_step(Ak, dt.shape[0])),
                                 reverse=True)
     return g_first, dA, outs

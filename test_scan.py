@@ -660,6 +660,40 @@ def test_compiled_backward_matches_eager_and_reference(compiled_scan, shape, dat
                       elementwise=k in ("y", "h"))
 
 
+def test_chained_compiled_scans_match_eager():
+    """Three scans of one shape in one compiled graph, forward and backward. Inductor's lowering of
+    the loop operator updated a constant initial carry (zeros shared by all loops of the graph)
+    in place, so each loop started where another had stopped: dL/dA was off by up to 640%
+    (scan._zeros_from). One compile (~30 s); the shapes of COMPILE_SHAPES[0]."""
+    Bb, K, Dk, N, L, T, _, _ = COMPILE_SHAPES[0]
+    g = torch.Generator().manual_seed(7)
+    problems = [compile_problem_at(g, Bb, K, Dk, N, L) for _ in range(3)]
+
+    def three(*flat):
+        return [selective_scan(*flat[7 * i:7 * i + 7], True, chunk_size=T) for i in range(3)]
+
+    xs = [v.clone().to(DEVICE).requires_grad_() for p in problems for v in p[0].values()]
+    ys = torch.compile(three, fullgraph=True, dynamic=False)(*xs)
+    torch.autograd.backward(ys, [p[1].to(DEVICE) for p in problems])
+    for i, (inputs, gy) in enumerate(problems):
+        inputs = {**inputs, "h0": None}
+        exact = run(selective_scan_ref, inputs, True, torch.float64, gy, torch.zeros(Bb, K * Dk, N))
+        S = magnitudes(inputs, True, gy, torch.zeros(Bb, K * Dk, N), exact)
+        got = {"y": ys[i].detach().cpu()}
+        got.update({k: x.grad.cpu() for k, x in zip(inputs, xs[7 * i:7 * i + 7])})
+        check_against_exact(got, exact, S, L, torch.float32, f"compiled scan {i} of 3")
+
+
+def compile_problem_at(g, Bb, K, Dk, N, L):
+    """The seven inputs of one scan (softplus, D and delta_bias on) and an upstream gradient."""
+    KD = K * Dk
+    inputs = dict(u=torch.randn(Bb, KD, L, generator=g), delta=torch.randn(Bb, KD, L, generator=g),
+                  A=-2 * torch.rand(KD, N, generator=g), B=torch.randn(Bb, K, N, L, generator=g),
+                  C=torch.randn(Bb, K, N, L, generator=g), D=torch.randn(KD, generator=g),
+                  delta_bias=torch.randn(KD, generator=g))
+    return inputs, torch.randn(Bb, KD, L, generator=g)
+
+
 def saved_for_backward(fn, inputs):
     """Sizes (numel) of the distinct tensors autograd keeps between forward and backward."""
     saved = {}

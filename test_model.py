@@ -283,6 +283,7 @@ def compiled_pair():
     return model, compiled
 
 
+@pytest.mark.slow      # ~55 s cold; test_compile.py's inference test covers it (no graph breaks)
 def test_compiled_matches_eager(compiled_pair):
     model, compiled = compiled_pair
     x = torch.randn(2, 3, 20, 28, device=DEVICE)             # odd, non-square maps: 5x7, 3x4...

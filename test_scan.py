@@ -661,16 +661,17 @@ def test_compiled_backward_matches_eager_and_reference(compiled_scan, shape, dat
 
 
 def test_chained_compiled_scans_match_eager():
-    """Three scans of one shape in one compiled graph, forward and backward. Inductor's lowering of
+    """Two scans of one shape in one compiled graph, forward and backward. Inductor's lowering of
     the loop operator updated a constant initial carry (zeros shared by all loops of the graph)
     in place, so each loop started where another had stopped: dL/dA was off by up to 640%
-    (scan._zeros_from). One compile (~30 s); the shapes of COMPILE_SHAPES[0]."""
+    (scan._zeros_from; two scans fail on the code before it as three did). One compile (~25 s);
+    the shapes of COMPILE_SHAPES[0]."""
     Bb, K, Dk, N, L, T, _, _ = COMPILE_SHAPES[0]
     g = torch.Generator().manual_seed(7)
-    problems = [compile_problem_at(g, Bb, K, Dk, N, L) for _ in range(3)]
+    problems = [compile_problem_at(g, Bb, K, Dk, N, L) for _ in range(2)]
 
     def three(*flat):
-        return [selective_scan(*flat[7 * i:7 * i + 7], True, chunk_size=T) for i in range(3)]
+        return [selective_scan(*flat[7 * i:7 * i + 7], True, chunk_size=T) for i in range(2)]
 
     xs = [v.clone().to(DEVICE).requires_grad_() for p in problems for v in p[0].values()]
     ys = torch.compile(three, fullgraph=True, dynamic=False)(*xs)
@@ -681,7 +682,7 @@ def test_chained_compiled_scans_match_eager():
         S = magnitudes(inputs, True, gy, torch.zeros(Bb, K * Dk, N), exact)
         got = {"y": ys[i].detach().cpu()}
         got.update({k: x.grad.cpu() for k, x in zip(inputs, xs[7 * i:7 * i + 7])})
-        check_against_exact(got, exact, S, L, torch.float32, f"compiled scan {i} of 3")
+        check_against_exact(got, exact, S, L, torch.float32, f"compiled scan {i} of 2")
 
 
 def compile_problem_at(g, Bb, K, Dk, N, L):

@@ -1,7 +1,7 @@
 """torch.compile of whole models, against eager: inference written the way users write it
-(`torch.compile(model)`, and with fullgraph=True; batch 1, then a larger batch at another image
-size), and training (several chained scans in one compiled graph, forward + backward + two
-optimizer steps; at a second image size in a slow test).
+(`torch.compile(model)`, no graph breaks; batch 1, then a larger batch at another image size),
+and training under fullgraph=True at batch 2 (several chained scans in one compiled graph,
+forward + backward + two optimizer steps; at a second image size in a slow test).
 
 The training test is the one that catches pytorch#153679 (chained `scan` operators got wrong
 gradients under Inductor in torch 2.13): every parameter gradient is compared, at two steps.
@@ -54,8 +54,8 @@ def test_plain_compile_inference_equals_eager_at_two_batches_and_sizes():
     """torch.compile(model) as most users write it (fullgraph=False), called at batch 1 and then
     at batch 3 and another image size: the second call recompiles with a dynamic batch and the
     new, static, H and W (symbolic H, W made Inductor fail before `run_stages` kept them
-    static). No graph breaks either: what fullgraph=True would demand (test_model.py's compiled
-    pair checks that directly, in the slow set)."""
+    static). No graph breaks either (fullgraph=True: the training test below, and
+    test_model.py's compiled pair in the slow set)."""
     torch._dynamo.reset()
     counters.clear()
     model = _Both().eval()
@@ -104,9 +104,11 @@ def _train_compiled_and_eager(shapes, compile_fn=torch.compile):
 
 
 def test_compiled_training_equals_eager_two_steps():
-    """Losses and every parameter gradient of a compiled model (both generations in one graph)
-    equal eager's, twice in a row (the second step runs on weights the optimizer changed)."""
-    _train_compiled_and_eager([(2, 24, 20), (2, 24, 20)])
+    """Losses and every parameter gradient of a compiled model (both generations in one graph,
+    fullgraph=True: a graph break fails) equal eager's, twice in a row (the second step runs on
+    weights the optimizer changed)."""
+    _train_compiled_and_eager([(2, 24, 20), (2, 24, 20)],
+                              compile_fn=lambda m: torch.compile(m, fullgraph=True))
 
 
 @pytest.mark.slow

@@ -13,10 +13,22 @@ Two implementations of one signature:
   selective_scan      a chunked scan, exact at any chunk size, that torch.compile fuses.
 """
 import torch
+import torch._functorch.config
 import torch.nn.functional as F
 from torch._higher_order_ops import scan as _hop_scan
 
 __all__ = ["selective_scan_ref", "selective_scan", "cross_scan", "cross_merge", "allow_compile"]
+
+# Compiled training, torch 2.13 and 2.14.1: Inductor gives the backward graph's "donated
+# buffers" (saved tensors it may overwrite once read) by their position among the graph's
+# inputs, and applied the same positions to the inputs of the loops lowered from the `scan`
+# operator (pytorch#193960, fixed upstream after 2.14.1). A loop body then updated a carry in
+# place in its initial buffer, which Inductor recycled after the loop while the result still
+# lived there: chained compiled scans got wrong gradients (dL/dA off by up to 640%; test_scan.py:
+# test_chained_compiled_scans_match_eager). Which inputs were hit depended on the graph, so no
+# rewrite of the loops can rule it out. Off for the whole process: compiled backward graphs then
+# keep their saved tensors instead of reusing that memory.
+torch._functorch.config.donated_buffer = False
 
 
 def allow_compile():
@@ -212,13 +224,15 @@ class _ChunkedScan(torch.autograd.Function):
        the forward recurrence run backwards with the same decays: it is chunked the same way.
     2. Each chunk's adjoint from zero, as it leaves the chunk's first step:
            G_m = sum_{t in m} exp(A s_t) C_t dy_t        (s_t: delta' summed up to t in m)
+       where exp(A s_t) is the product of the chunk's decays a up to step t.
     3. Chain the chunks right to left, g_out_m = G_{m+1} + exp(A S_{m+1}) g_out_{m+1},
        g_out_{M-1} = dh_L: the adjoint arriving at chunk m's last step from the chunks after it.
     4. Recompute inside every chunk, from the saved entry state, the state before each step,
-       h_{t-1}.
+       h_{t-1}, and with it dC_t = dy_t h_t (summed over the group). This pass also gives G
+       (step 2 needs only the decays, which it computes anyway), so it runs before step 3.
     5. Run step 1 backwards through every chunk from g_out_m and read the gradients off it:
            du_t  = delta'_t <B_t, g_t> + D dy_t      dB_t = x_t g_t   (summed over the group)
-           ddelta'_t = u_t <B_t, g_t> + <A, a_t h_{t-1} g_t>          dC_t = dy_t h_t   (idem)
+           ddelta'_t = u_t <B_t, g_t> + <A, a_t h_{t-1} g_t>
            dA   = sum_t delta'_t a_t h_{t-1} g_t     dD = sum_t dy_t u_t     dh0 = a_0 g_0
     6. Through the softplus: d(delta + bias) = ddelta' * sigmoid(delta + bias), and
        sigmoid(z) = 1 - exp(-softplus(z)), so delta' alone is enough (no need to keep z).
@@ -226,10 +240,6 @@ class _ChunkedScan(torch.autograd.Function):
     and the chunk-entry states (batch, K*D, M, N): N/T times the size of u (1/4 at N = 16, T = 64).
     Backward alone holds h_{t-1} for every step (step 4), one (batch, K*D, L, N) tensor, while it
     runs.
-    The backward writes exp(A s_t) with its factors in another order than the forward: under
-    torch.compile, identical expressions are merged across forward and backward, and the
-    partitioner then kept that (batch, K*D, L, N) tensor alive between them (measured: 147 MB
-    saved for one stage-1 v0 call instead of recomputing it).
     """
 
     @staticmethod
@@ -324,22 +334,17 @@ def _chunked_backward(dt, x, Bt, Ct, Ak, h_in, gyt, gh):
     """Backward steps 2-5 (see _ChunkedScan). gyt (T, b, K, D, M); gh (b, K, D, 1, N) or None.
     Returns <B_t, g_t> and <A, a_t h_{t-1} g_t> (T, b, K, D, M), dB and dC (T, b, K, M, N),
     dA (K, D, N) and dh0 (b, K, D, N)."""
-    s = dt.cumsum(0)                                         # (T, b, K, D, M)
-    gyn = gyt[..., None]                                     # (T, b, K, D, M, 1)
-    # 2.-3. the adjoint arriving at each chunk's last step from the chunks to its right
+    # 4. and 2. one pass forward through every chunk: h_{t-1}, dC_t and G_m
+    h_prev, dC, G = _states_before(dt, x, Bt, Ct, gyt, Ak, h_in)
+    # 3. the adjoint arriving at each chunk's last step from the chunks to its right
     last = torch.zeros_like(h_in[..., :1, :]) if gh is None else gh        # (b, K, D, 1, N)
     if h_in.shape[-2] > 1:
-        G = _in_slices(lambda sl: (Ct[sl] * gyn[sl] * torch.exp(Ak * s[sl, ..., None])).sum(0),
-                       s.shape[0], sum)                              # (b, K, D, M, N)
-        Gr, Sr = G.flip(-2)[..., :-1, :], s[-1].flip(-1)[..., :-1]          # chunks M-1..1
+        Gr, Sr = G.flip(-2)[..., :-1, :], dt.sum(0).flip(-1)[..., :-1]     # chunks M-1..1
         g_out = torch.cat([_chain_chunks(Gr, Sr, Ak, gh).flip(-2), last], dim=-2)
     else:
         g_out = last                                                        # (b, K, D, M, N)
-    # 4. the state before every step, from the saved chunk-entry states
-    h_prev = _states_before(dt, x, Bt, Ak, h_in)             # T x (b, K, D, M, N)
     # 5. the adjoint recurrence inside every chunk, right to left
-    g_first, dA, outs = _adjoint_chunks(dt, x, Bt, Ct, gyt, h_prev, Ak, g_out)
-    gBg, dd, dB, dC = outs
+    g_first, dA, (gBg, dd, dB) = _adjoint_chunks(dt, x, Bt, Ct, gyt, h_prev, Ak, g_out)
     return gBg, dd, dB, dC, dA.sum((0, 3)), g_first[..., 0, :]
 
 
@@ -398,20 +403,6 @@ def _carry(t):
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def _zeros_from(t):
-    """Zeros shaped like t, for a loop's initial carry. Compiled, they are computed from t
-    (t - t) instead of being a constant: torch 2.13's Inductor lowers the `scan` operator to a
-    while-loop that hands the initial carries' buffers to the first step without a copy, and
-    the step may update a carry's buffer in place; zeros_like is a constant that Inductor shares
-    between all loops of a graph (the forward's too), so one loop's updates became the next
-    loop's start. Seen: three chained scans of one shape in one compiled graph gave dL/dA off by
-    640% (test_scan.py: test_chained_compiled_scans_match_eager). t must be finite (a state or
-    gradient that is not is already non-finite in the result)."""
-    if not torch.compiler.is_compiling():
-        return torch.zeros_like(t)
-    return t - t
-
-
 def _scan_chunks(dt, x, Bt, Ct, Ak):
     """Forward step 2: T steps of h = exp(delta' A) h + x B, y = C . h, over all chunks at once.
 
@@ -422,45 +413,50 @@ def _scan_chunks(dt, x, Bt, Ct, Ak):
         h = torch.exp(dt_t[..., None] * A_t) * h + x_t[..., None] * B_t
         return _carry(h), (h * C_t).sum(-1)                  # (b, K, D, M)
 
-    if torch.compiler.is_compiling():                        # (b, K, D, M, N)
-        h = _zeros_from(x[0, ..., None] * Bt[0])
-    else:
-        h = x.new_zeros(x.shape[1:] + (Ak.shape[-1],))
+    h = x.new_zeros(x.shape[1:] + (Ak.shape[-1],))          # (b, K, D, M, N)
     return _loop(step, h, (dt, x, Bt, Ct, _per_step(Ak, dt.shape[0])))
 
 
-def _states_before(dt, x, Bt, Ak, h_in):
-    """Backward step 4: h_{t-1} for every step of every chunk, (T, b, K, D, M, N), from the
-    chunk-entry states. The only (L, N)-sized tensor of the scan; it lives during backward."""
-    def step(h, inputs):
-        dt_t, x_t, B_t, A_t = inputs
+def _states_before(dt, x, Bt, Ct, gyt, Ak, h_in):
+    """Backward steps 4 and 2 in one pass forward through every chunk, from its saved entry
+    state. Returns h_{t-1} for every step (T, b, K, D, M, N), the only (L, N)-sized tensor of
+    the scan (it lives during backward); dC_t = dy_t h_t summed over the group (T, b, K, M, N);
+    and G (b, K, D, M, N), with exp(A s_t) carried as the running product of the decays a_t:
+    a multiply where a separate pass over G took an exp per element (every factor <= 1)."""
+    def step(carry, inputs):
+        h, P, G = carry
+        dt_t, x_t, B_t, C_t, gy_t, A_t = inputs
+        a = torch.exp(dt_t[..., None] * A_t)                 # (b, K, D, M, N)
+        gy_n = gy_t[..., None]
         # (plain ops, not addcmul, for a carry: with N = 1 addcmul's output strides of the
         # size-1 dim differed from the initial carry's, which the loop operator rejects)
-        h_next = torch.exp(dt_t[..., None] * A_t) * h + x_t[..., None] * B_t
-        return _carry(h_next), (h.clone() if torch.compiler.is_compiling() else h)
+        h_next = a * h + x_t[..., None] * B_t                # h_t
+        P = a * P                                            # exp(A s_t)
+        G = G + P * C_t * gy_n
+        h_out = h.clone() if torch.compiler.is_compiling() else h
+        return (_carry(h_next), _carry(P), _carry(G)), (h_out, (h_next * gy_n).sum(2))
 
-    return _loop(step, _carry(h_in), (dt, x, Bt, _per_step(Ak, dt.shape[0])))[1]
+    start = (_carry(h_in), torch.ones_like(h_in), torch.zeros_like(h_in))
+    (_, _, G), (h_prev, dC) = _loop(step, start, (dt, x, Bt, Ct, gyt, _per_step(Ak, dt.shape[0])))
+    return h_prev, dC, G
 
 
 def _adjoint_chunks(dt, x, Bt, Ct, gyt, h_prev, Ak, g_out):
     """Backward step 5: g_t = C_t dy_t + a_{t+1} g_{t+1} from each chunk's last step to its
     first, all chunks at once, starting from g_out (b, K, D, M, N). Carries a_t g_t and the dA
-    sum; outputs per step <B_t, g_t>, <A, a_t h_{t-1} g_t> (b, K, D, M) and the group sums
-    x_t g_t, dy_t h_t (b, K, M, N)."""
+    sum; outputs per step <B_t, g_t>, <A, a_t h_{t-1} g_t> (b, K, D, M) and the group sum
+    x_t g_t (b, K, M, N)."""
     def step(carry, inputs):
         g_next, dA = carry
         dt_t, x_t, B_t, C_t, gy_t, hp_t, A_t = inputs
         a = torch.exp(dt_t[..., None] * A_t)                 # (b, K, D, M, N)
         g = torch.addcmul(g_next, C_t, gy_t[..., None])      # dL/dh_t
-        ah = a * hp_t                                        # a_t h_{t-1}
-        h = torch.addcmul(ah, x_t[..., None], B_t)           # h_t
-        p = g * ah
-        outs = ((g * B_t).sum(-1), (p * A_t).sum(-1),
-                (g * x_t[..., None]).sum(2), (h * gy_t[..., None]).sum(2))
+        p = g * (a * hp_t)                                   # g_t a_t h_{t-1}
+        outs = ((g * B_t).sum(-1), (p * A_t).sum(-1), (g * x_t[..., None]).sum(2))
         return (_carry(a * g), _carry(dA + dt_t[..., None] * p)), outs
 
     g_out = _carry(g_out)
-    (g_first, dA), outs = _loop(step, (g_out, _zeros_from(g_out)),
+    (g_first, dA), outs = _loop(step, (g_out, torch.zeros_like(g_out)),
                                 (dt, x, Bt, Ct, gyt, h_prev, _per_step(Ak, dt.shape[0])),
                                 reverse=True)
     return g_first, dA, outs

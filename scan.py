@@ -413,7 +413,7 @@ def _scan_chunks(dt, x, Bt, Ct, Ak):
         h = torch.exp(dt_t[..., None] * A_t) * h + x_t[..., None] * B_t
         return _carry(h), (h * C_t).sum(-1)                  # (b, K, D, M)
 
-    h = x.new_zeros(x.shape[1:] + (Ak.shape[-1],))          # (b, K, D, M, N)
+    h = x.new_zeros(x.shape[1:] + (Ak.shape[-1],))           # (b, K, D, M, N)
     return _loop(step, h, (dt, x, Bt, Ct, _per_step(Ak, dt.shape[0])))
 
 

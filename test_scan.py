@@ -670,11 +670,11 @@ def test_chained_compiled_scans_match_eager():
     g = torch.Generator().manual_seed(7)
     problems = [compile_problem_at(g, Bb, K, Dk, N, L) for _ in range(2)]
 
-    def three(*flat):
+    def two_scans(*flat):
         return [selective_scan(*flat[7 * i:7 * i + 7], True, chunk_size=T) for i in range(2)]
 
     xs = [v.clone().to(DEVICE).requires_grad_() for p in problems for v in p[0].values()]
-    ys = torch.compile(three, fullgraph=True, dynamic=False)(*xs)
+    ys = torch.compile(two_scans, fullgraph=True, dynamic=False)(*xs)
     torch.autograd.backward(ys, [p[1].to(DEVICE) for p in problems])
     for i, (inputs, gy) in enumerate(problems):
         inputs = {**inputs, "h0": None}

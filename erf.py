@@ -6,8 +6,9 @@
 
 The ERF (Luo et al. 2016; RepLKNet) of a stage is |d(sum_c y_centre) / d image|, averaged over
 random inputs: how far one output pixel sees. The twins change only each block's mixer (the
-scan removed; Swin-style windows), so a difference in reach is the mixer's. README's ERF section
-explains the printed numbers and what was measured. Letters as in vmamba_min.py.
+scan removed; Swin-style windows), so a difference in reach is the mixer's. `summarize` defines
+the printed numbers; `main` adds "beyond", the mass on pixels the conv twin cannot reach.
+Letters as in vmamba_min.py, except B for the batch (no scan matrices here).
 """
 import argparse
 import os
@@ -27,8 +28,9 @@ from vmamba_min import SS2D, build, convert_official_state_dict
 MODEL = "vmamba_tiny_s1l8"
 RES = 128
 N_INPUTS = 8
-STAGE = 1           # at 128 px the conv twin's reach (README) ends inside the image only up
-                    # to stage 1; use --stage 3 (the last) at 1024 px
+STAGE = 1           # the conv twin's receptive field is 63 px wide after stage 1, 335 px after
+                    # stage 2: at 128 px only stage 1 leaves pixels beyond its reach; use
+                    # --stage 3 (the last, 495 px) at 1024 px
 SEED = 0
 BASELINES = ("conv", "window")
 OUT_DIR = "bench_out"
@@ -137,7 +139,7 @@ def erf_map(model, res, n, stage, seed=SEED):
 
 
 def summarize(m):
-    """The printed numbers, as fractions of the res*res pixels (README's ERF section):
+    """The printed numbers, as fractions of the res*res pixels:
     reach (gradient non-zero), >1%max and >1e-4 (above that share of the maximum), A50 and A90
     (the fewest pixels, largest first, holding 50% / 90% of the gradient mass), outside (mass
     outside the central square of side res/2)."""

@@ -176,12 +176,12 @@ def test_onnx_dynamic_batch(generation, tmp_path):
     # non-strict export attempt fails on the scan operator ("always_classified is unsupported")
     # and it falls back to a strict export, which takes twice as long.
     torch.onnx.export(export(model), dynamo=True).save(str(tmp_path / "vmamba.onnx"))
-    session = onnxruntime.InferenceSession(str(tmp_path / "vmamba.onnx"),
+    ort_run = onnxruntime.InferenceSession(str(tmp_path / "vmamba.onnx"),
                                            providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    name = ort_run.get_inputs()[0].name
     # Tolerance as in check_exported: onnxruntime's kernels sum in their own order (observed
     # differences about 2e-8 on logits of size 1).
-    check_exported(model, lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0]))
+    check_exported(model, lambda x: torch.from_numpy(ort_run.run(None, {name: x.numpy()})[0]))
 
 
 def test_flops_refuses_ops_outside_the_convention():

@@ -3,11 +3,10 @@
 and training under fullgraph=True at batch 2 (several chained scans in one compiled graph,
 forward + backward + two optimizer steps; at a second image size in a slow test).
 
-The training test compares every parameter gradient, at two steps, as the issue asking for it
-wanted against pytorch#153679 (chained `scan` operators got wrong gradients under Inductor in
-torch 2.13). It does not catch the compiled-gradient bug that this code did have (Inductor's
-donated buffers, scan.py): with donation turned back on it still passed (2026-11-26);
-test_scan.py's test_chained_compiled_scans_match_eager fails then.
+The training test compares every parameter gradient, at two steps, against pytorch#153679
+(chained `scan` operators got wrong gradients under Inductor in torch 2.13). It does not catch
+Inductor's donated-buffer bug (scan.py): with donation turned on it still passes;
+test_scan.py's test_chained_compiled_scans_match_eager is the guard for that one.
 Compiling is slow on a 2-core CPU (tens of seconds per model), so the models are tiny: width 8,
 two stages of 1 and 2 blocks, chunk length 4 so that chunk boundaries, the padded last chunk and
 the chunk-to-chunk chain are all exercised (stage 0 has L = 30: 8 chunks, the last half empty).
@@ -30,7 +29,7 @@ from vmamba_min import VSSM, VSSMConfig, compile_blocks
 # the sum of magnitudes, which for these sizes (n < 2e3 terms per output) and mild cancellation
 # gives about 1e-5 relative in the worst case; LOGIT_ATOL and GRAD_RTOL sit above that and far
 # below real defects: the wrong-gradient bug of #153679 is off by tens of percent (0.57 relative
-# seen for dL/dA), the miscompiles of PERF-NOTES by 6-76% on outputs.
+# seen for dL/dA), the miscompiles in docs/design.md by 6-76% on outputs.
 LOGIT_ATOL = 1e-5
 GRAD_RTOL = 1e-4
 
@@ -56,7 +55,7 @@ class _Both(nn.Module):
 def test_plain_compile_inference_equals_eager_at_two_batches_and_sizes():
     """torch.compile(model) as most users write it (fullgraph=False), called at batch 1 and then
     at batch 3 and another image size: the second call recompiles with a dynamic batch and the
-    new, static, H and W (symbolic H, W made Inductor fail before `run_stages` kept them
+    new, static, H and W (with H, W symbolic, Inductor failed: `run_stages` keeps them
     static). No graph breaks either (fullgraph=True: the training test below, and
     test_model.py's compiled pair in the slow set)."""
     torch._dynamo.reset()

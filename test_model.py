@@ -277,7 +277,7 @@ def compiled_pair():
     model = _Both()
     compiled = torch.compile(model, fullgraph=True)          # fullgraph: a graph break fails
     # One compile thread: on 2 cores the worker pool's start-up cost more than it saved
-    # (measured 227 s vs 123 s wall on the shared CI-size machine).
+    # (docs/design.md).
     with torch.no_grad(), torch._inductor.config.patch(compile_threads=1):
         compiled(torch.randn(2, 3, 20, 28, device=DEVICE))   # compile here, once per module
     return model, compiled
@@ -290,7 +290,7 @@ def test_compiled_matches_eager(compiled_pair):
     with torch.no_grad():
         eager, comp = model(x), compiled(x)
     # Inductor fuses and reorders float32 sums (and vectorises exp); ~1e-7 is typical on
-    # logits of size ~1. 1e-5 keeps 10x margin; the miscompiles seen here (PERF-NOTES.md) were
+    # logits of size ~1. 1e-5 keeps 10x margin; the miscompiles in docs/design.md were
     # off by 6-76%.
     for e, c in zip(eager, comp):
         torch.testing.assert_close(c, e, rtol=0, atol=1e-5)
@@ -461,7 +461,7 @@ def test_bad_checkpoints_name_the_offending_keys():
 
 
 # ---------------------------------------------------------------------------------------------
-# Review items (issue 10): each with the test that would have caught it
+# Review findings: each with the test that catches it
 # ---------------------------------------------------------------------------------------------
 def test_replace_generation_takes_the_new_generations_defaults():
     """d_state and mlp_ratio stay None ("the generation's") in the config, so replacing the

@@ -1,7 +1,7 @@
 """Tests of scan.py: the chunked selective scan against the reference loop, the cross-scan pair,
 the official goldens, gradients, compiled code, dtypes and error messages.
 
-Letters as in scan.py: B batch, K groups (scan routes), D channels per group, N state size,
+Letters as in scan.py: b batch (Bb in code), K groups (scan routes), D channels per group, N state size,
 L sequence length, T chunk length.
 
 Every numeric comparison is against `selective_scan_ref` run in float64 on the same inputs (the
@@ -582,7 +582,7 @@ def test_float64_u_computes_in_float64():
 
 # ---------------------------------------------------------------------------------------------
 # 9. torch.compile (Inductor, CPU). Miscompiles of scans have been seen on this CPU (outputs off
-# by 6-76%, PERF-NOTES.md), so compiled results are checked against the float64 reference, not
+# by 6-76%, docs/design.md), so compiled results are checked against the float64 reference, not
 # only against eager. Each distinct (shape, flags, grad mode) costs a compile of about a minute
 # on 2 cores: the default profile compiles one shape forward and forward+backward (L = 10 is
 # not a multiple of T = 4: three chunks, the last padded, two carry levels); the thorough
@@ -663,9 +663,8 @@ def test_compiled_backward_matches_eager_and_reference(compiled_scan, shape, dat
 def test_chained_compiled_scans_match_eager():
     """Two scans of one shape in one compiled graph, forward and backward: the case in which
     torch 2.13's Inductor overwrote the backward loops' inputs (scan.py's note on donated
-    buffers). It fails whenever donation is on: dL/dA error/S 3.05 (bound 4e-6) on the scan
-    code of commit 918eb9f^, dL/du of the first scan error/S 0.57 on this one. One compile
-    (~25 s); the shapes of COMPILE_SHAPES[0]."""
+    buffers). It fails whenever donation is on, by orders of magnitude over the bound
+    (docs/design.md). One compile (~25 s); the shapes of COMPILE_SHAPES[0]."""
     Bb, K, Dk, N, L, T, _, _ = COMPILE_SHAPES[0]
     g = torch.Generator().manual_seed(7)
     problems = [compile_problem_at(g, Bb, K, Dk, N, L) for _ in range(2)]

@@ -1,7 +1,8 @@
 """Tests of vmamba_min.register_timm(): the nine releases through timm.create_model, the
 official evaluation transform from their pretrained_cfg, features_only, and official checkpoint
 files through pretrained=True. Skipped (with the reason) where timm is not installed; run them
-with timm's environment, e.g. `/work/venv-timm/bin/python -m pytest -q test_timm.py`.
+with timm's environment, e.g. a venv made with `pip install -e ".[peers]"`:
+`../venv-timm/bin/python -m pytest -q test_timm.py`.
 
 Tolerance: the golden comparisons reuse test_model's ATOL (1e-4; derivation there).
 """

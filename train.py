@@ -8,7 +8,7 @@ The digits ship with scikit-learn, so nothing is downloaded; the model is a gene
 at width 32, depths (1, 1, 2, 1). --batch-size is the GLOBAL batch: under torchrun each of the
 world_size processes takes batch/world_size samples of every step's batch, so the optimisation
 (samples per step, steps, lr) is the same for any number of processes. Rank 0 prints, shows the
-progress bar and evaluates. README's training section has the measurements.
+progress bar and evaluates. For a model this small compiling does not pay (docs/design.md).
 Letters as in vmamba_min.py: B batch, H = W = res.
 """
 import argparse

@@ -114,9 +114,9 @@ def _softplus(z):
 
     Eager: F.softplus. Under torch.compile: the same function with log in place of log1p,
     log1p(w) = log(u) - (u - 1 - w) / u with u = 1 + w (the second term restores what rounding
-    1 + w lost; about 1 ulp). Why: with torch 2.14.1+cu130 on a CPU, Inductor's log1p took
-    12.2 ms for the 1.2M values of a stage-1 v2 scan, this form 2.2 ms (torch 2.13.0+cpu: 1.8 ms
-    either way). Eager stays with F.softplus: 1.8 ms against 6.7 ms for this form on 2.13.
+    1 + w lost; about 1 ulp). Why: some torch builds (2.14.1+cu130 on a CPU) have a log1p
+    several times slower than log, inside Inductor's kernels too; in eager mode F.softplus is
+    the faster of the two (figures in docs/design.md).
     """
     if not torch.compiler.is_compiling():
         return F.softplus(z)
@@ -173,7 +173,7 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fa
     N = 1 (the v2 models) takes its own path, `_ScanState1`: the state of a channel is one
     number, so the per-step states are no bigger than u and may be kept; the scan becomes the
     plain recurrence h_t = a_t h_{t-1} + x_t, in chunks, with T unrolled steps instead of a loop
-    operator (measured below). Everything else in this docstring is the N > 1 path.
+    operator (why: `_ScanState1`). Everything else in this docstring is the N > 1 path.
 
     Forward:
     1. Cut the sequence into M chunks of T steps, padding with delta' = 0 (decay 1, input 0:
@@ -197,6 +197,9 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fa
         raise ValueError(f"selective_scan: chunk_size must be None or an int >= 1, got "
                          f"{chunk_size!r}")
     _check_inputs(u, delta, A, B, C, D, delta_bias, h0)
+    if _use_assoc(u, A):                # the one place that picks the associative scan
+        return scan_assoc.selective_scan_assoc(u, delta, A, B, C, D, delta_bias, delta_softplus,
+                                               h0=h0, return_last_state=return_last_state)
     N = A.shape[1]
     if chunk_size is None:
         chunk_size = 64 if N >= 8 else 32 if N > 1 else 8
@@ -211,6 +214,25 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fa
     scan = _ScanState1.apply if N == 1 else _ChunkedScan.apply
     y, h_last = scan(u, delta, A, B, C, D, delta_bias, h0, delta_softplus, min(chunk_size, L))
     return (y, h_last) if return_last_state else y
+
+
+def _use_assoc(u, A):
+    """Whether selective_scan hands the call to scan_assoc.selective_scan_assoc: on CUDA under
+    torch.compile, where Inductor makes the associative scan one Triton kernel but lowers the
+    `scan` loops below to a host-side loop of per-step kernels. Not in eager mode: there torch's
+    associative_scan runs a generic log-depth recursion (a few kernels per level) behind a Dynamo
+    trace per new shape; and not on a CPU, where Inductor has no scan codegen at all. Not with
+    symbolic sizes (dynamic=True, or Dynamo's automatic dynamic after a new shape): torch 2.11's
+    Inductor rejects the size symbols Dynamo lifts into the combine function ("Unable to
+    generate code for associative_scan op, because there are lifted arguments", pytorch#181584).
+    (To force it anywhere: call selective_scan_assoc, or VSSMConfig(scan="assoc").)"""
+    return u.is_cuda and torch.compiler.is_compiling() and _static_sizes(u, A)
+
+
+def _static_sizes(*tensors):
+    """Whether every size is a plain int while Dynamo traces. (Dynamo answers isinstance(n, int)
+    with True for a symbolic size too; n.__class__ tells them apart.)"""
+    return all(n.__class__ is int for t in tensors for n in t.shape)
 
 
 class _ChunkedScan(torch.autograd.Function):
@@ -424,7 +446,7 @@ def _states_before(dt, x, Bt, Ct, gyt, Ak, h_in):
     of the scan (it lives during backward; the adjoint needs h_{t-1} only in that product, and
     the decay a_t for its carry anyway); dC_t = dy_t h_t summed over the group (T, b, K, M, N);
     and G (b, K, D, M, N), with exp(A s_t) carried as the running product of the decays a_t:
-    a multiply where a separate pass over G took an exp per element (every factor <= 1)."""
+    a multiply per element instead of an exp (every factor <= 1)."""
     def step(carry, inputs):
         h, P, G = carry
         dt_t, x_t, B_t, C_t, gy_t, A_t = inputs
@@ -453,9 +475,8 @@ def _adjoint_chunks(dt, x, Bt, Ct, gyt, ah, Ak, g_out):
     g_t a_t h_{t-1} is not named but written into each of its two uses. Then the carries and
     both sums over N run in one loop over the state. With the product named once, Inductor
     stored it and summed it in a loop of its own; with the outputs first, it kept the carries'
-    loop apart from the sums' (reads of the same inputs, not fused). Measured with the state
-    pass's a_t h_{t-1} (commit ad194f1 against fbbd830, v0 stage 1, torch 2.13, AMD EPYC, 90 s
-    alternating): compiled fwd+bwd 114.1 against 120.5 ms; eager 368.7 against 353.4 ms."""
+    loop apart from the sums' (reads of the same inputs, not fused). Each loop fewer saves a
+    read of the whole state per step (compiled fwd+bwd about 5% faster: docs/design.md)."""
     def step(carry, inputs):
         g_next, dA = carry
         dt_t, x_t, B_t, C_t, gy_t, ah_t, A_t = inputs
@@ -501,10 +522,8 @@ class _ScanState1(torch.autograd.Function):
     x_t = delta'_t B_t u_t; y_t = C_t h_t + D u_t: elementwise work around a first-order linear
     recurrence (`_linear_scan`).
     Why not the N > 1 code: its `scan` operator loop costs a host-side step per time step,
-    which is most of the work when a step is one multiply-add per channel (stage 1 of
-    VMamba-T v2, forward, both paths in one process, torch 2.13, AMD EPYC, 2 threads, the first
-    version of this path, commit 726ab2f: compiled 16.2 ms there, 8.1-9.8 ms here; eager
-    20.6-24.4 ms there, 16.4-17.5 ms here).
+    which is most of the work when a step is one multiply-add per channel (compiled, this path
+    takes about half the general path's time at stage 1 of VMamba-T v2: docs/design.md).
 
     Backward, per channel, with upstream dy_t and dh_L (last state):
     1. The adjoint g_t = dL/dh_t obeys g_t = C_t dy_t + a_{t+1} g_{t+1} (g_{L-1} = C_{L-1}
@@ -516,8 +535,8 @@ class _ScanState1(torch.autograd.Function):
     4. dC_t = dy_t h_t (summed over the group), dD = sum_t dy_t u_t.
     5. Through the softplus as in `_ChunkedScan` (step 6): sigmoid(z) = 1 - exp(-delta').
     Saved: u, delta' and the states h, each the size of u (a is recomputed: one exp). Autograd
-    through the same elementwise code kept about five such tensors: one vmamba_tiny_s1l8
-    forward (batch 1, training) saved 491 MB that way, 322 MB this way (saved_tensors_hooks).
+    through the same elementwise code kept about five such tensors (this way a vmamba_tiny_s1l8
+    forward saves a third less for backward: docs/design.md).
     """
 
     @staticmethod
@@ -579,14 +598,13 @@ def _linear_scan(a, x, h0, T, reverse=False):
        there).
     4. Fix-up: h_t = E_t + P_t * (state entering the chunk), stacked along the last dim.
     Unrolled steps, not the `scan` operator: Inductor fuses the T steps into one pass over
-    (P, M) (1.7 ms for stage 1 of VMamba-T v2 at T = 8, against 5.0 ms for a log-step scan
-    inside the chunks). Only products of decays in [0, 1]; nothing is divided.
+    (P, M), about 3x faster than a log-step scan inside the chunks (docs/design.md). Only
+    products of decays in [0, 1]; nothing is divided.
     Layout: the result is stacked along the last dim, (P, M, T), so it comes out in the input's
     order and Inductor's fused consumers of it read contiguously and vectorise. Stacked
-    time-major, (T, P, M), and permuted back, the compiled backward of `_ScanState1` (stage 1 of
-    VMamba-T v2, torch 2.13, kernel profile) ran its main loop scalar over the permuted index:
-    19.6-21.2 ms, against 4.6 ms stacked last. reverse=True saves flipping the decays, the input
-    and the result (three copies).
+    time-major, (T, P, M), and permuted back, the compiled backward of `_ScanState1` ran its main
+    loop scalar over the permuted index, about 4x slower (docs/design.md). reverse=True saves
+    flipping the decays, the input and the result (three copies).
     """
     shape, L = a.shape[:-1], a.shape[-1]
     if L <= T or T == 1:
@@ -648,3 +666,8 @@ def cross_merge(ys):
     rows = ys[:, 0]                                          # (b, D, L)
     cols = ys[:, 1].view(batch, D, W, H).transpose(2, 3)     # (b, D, H, W)
     return rows + cols.reshape(batch, D, H * W)              # (b, D, L)
+
+
+# Last, and as a module: scan_assoc imports this file's input checks, so either file may be
+# imported first (selective_scan looks up scan_assoc.selective_scan_assoc when it calls it).
+import scan_assoc  # noqa: E402

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from scan import allow_compile, cross_merge, cross_scan, selective_scan, selective_scan_ref
+from scan_assoc import selective_scan_assoc
 
 __all__ = ["VSSMConfig", "VSSM", "Backbone", "CONFIGS", "build", "from_official_kwargs",
            "convert_official_state_dict", "load_official_checkpoint", "register_timm",
@@ -57,7 +58,8 @@ class VSSMConfig:
     num_classes: int = 1000
     drop_path_rate: float = 0.1
     grad_checkpointing: bool = False
-    scan: str = "chunked"             # "chunked" (scan.selective_scan) or "reference" (the loop)
+    scan: str = "chunked"             # "chunked" (scan.selective_scan: picks its path itself),
+                                      # "reference" (the loop) or "assoc" (forced: scan_assoc)
     chunk_size: Optional[int] = None  # chunk length of the chunked scan (speed only); None:
                                       # scan.py's choice by state size
 
@@ -88,8 +90,8 @@ class VSSMConfig:
              f"mlp_ratio must be None or >= 0, got {self.mlp_ratio!r}")
         need(0 <= self.drop_path_rate < 1, f"drop_path_rate must be in [0, 1), got "
              f"{self.drop_path_rate!r}")
-        need(self.scan in ("chunked", "reference"),
-             f"scan must be 'chunked' or 'reference', got {self.scan!r}")
+        need(self.scan in ("chunked", "reference", "assoc"),
+             f"scan must be 'chunked', 'reference' or 'assoc', got {self.scan!r}")
 
     @property
     def n_state(self) -> int:
@@ -204,6 +206,8 @@ class SS2D(nn.Module):
         # inputs to float32 and keep the state h in float32, as the official kernels do.
         if self.scan == "reference":
             y = selective_scan_ref(*scan_args, delta_softplus=True)       # (b, K*D, L)
+        elif self.scan == "assoc":
+            y = selective_scan_assoc(*scan_args, delta_softplus=True)
         else:
             y = selective_scan(*scan_args, delta_softplus=True, chunk_size=self.chunk_size)
         y = cross_merge(y.view(batch, K, D, H, W))           # (b, D, L)
@@ -758,7 +762,8 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     """Per-block ("regional") compilation: torch.compile every VSS block of model in place
     (nn.Module.compile), the stem, downsampling and head stay eager. Blocks of one stage share
     one compiled graph, so Inductor compiles four blocks instead of tracing all of them into
-    one graph; README Results has the compile times and speeds against torch.compile(model).
+    one graph: it compiles in about a third of torch.compile(model)'s time and runs about as
+    fast (docs/design.md).
     dynamic=False unless given: with a block's sizes left symbolic, Inductor (torch 2.13)
     failed on the second stage's block in training. Each DropPath gets its rate as a tensor
     (see DropPath: its masks then come from another random stream than eager's). Returns

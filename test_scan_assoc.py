@@ -1,0 +1,329 @@
+"""Tests of scan_assoc.py: the selective scan as an associative scan, against the float64
+reference loop (values and every gradient), its errors, what it keeps for backward, the dispatch
+in scan.selective_scan, the model's scan="assoc", and (on CUDA) the compiled Triton path.
+
+Letters as in scan.py: b batch (Bb in code), K groups, D channels per group, N state size,
+L sequence length.
+
+On a CPU the scan runs combine_mode="generic" (the operator's log-depth recursion, eager); with
+VMAMBA_TEST_DEVICE=cuda the default "pointwise" (eager: the same recursion behind a Dynamo trace)
+and the compiled path (torch.compile: one Triton kernel per scan) are tested as well.
+
+Tolerances: test_scan.py's table, rtol(L) * S with S the same scan of |.|. Why it applies: the associative scan sums the same terms (products of decays a_t in [0, 1] times an
+input), only in another order. The generic recursion gives each term at most one multiply and
+one add per level, 2 * ceil(log2 L) levels, and each decay product at most that many
+multiplies; Triton's tl.associative_scan is a tree inside a block and a sequential carry across
+blocks: at most O(L) roundings of factors <= 1, as the loop. No division anywhere. So the bound
+that the float32 reference loop meets (test_scan.py checks that) holds here too, plus one term
+(`with_exponents`): the rounding of the exponents, which that table leaves out and which the
+float32 reference loop shows as much as this scan.
+"""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import scan
+import vmamba_min as vm
+from conftest import DEVICE
+from scan import selective_scan, selective_scan_ref
+from scan_assoc import selective_scan_assoc
+from test_scan import (BAD, EPS, N_EXAMPLES, PATHS, call, check_against_exact, compile_problem,
+                       edge_problem, good_args, magnitudes, rtol, run, saved_for_backward,
+                       scan_problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# The exponent term of the tolerance.
+#
+# A decay a_t = exp(x_t), x_t = delta'_t A, is computed from a rounded exponent: delta' carries
+# 1-2 ulp after the bias and the softplus, the product 1 more, so x_t is off by a few eps * |x_t|
+# and a_t by that much relatively. A term that went through decays with exponents summing to X
+# is off by about 4 eps |X| relatively (the constant of test_scan.py's test_zero_input). Fresh
+# terms (X = 0) swamp this almost always, but some quantities are made of decayed terms only:
+# dh0 = a_0 g_0 and dA = sum_t delta'_t a_t h_{t-1} g_t at any L, and at L = 1..2 with
+# |delta' A| ~ 100 (h0 given) there is nothing else. Seen there: dh0 and dA off by 1.5x
+# rtol(L) * S, in the float32 reference loop and in this scan alike (the same bits at L = 1);
+# with the term below, 0.15x.
+# The bound becomes rtol(L) * S + 4 eps * S_X, S_X = sum over terms of |term| * |X|. Every
+# exponent is proportional to A, so S_X = -dS/de with A scaled by (1 + e): a float64 finite
+# difference of the |.|-problem (S decreases as A grows more negative; e = 1e-6 leaves float64
+# noise of ~1e-10 S, nothing next to 4 eps32). Checked as S + (4 eps / rtol) * S_X against rtol.
+# ---------------------------------------------------------------------------------------------
+def with_exponents(inputs, softplus, gy, gh, exact, S, dtype, L, e=1e-6):
+    scaled = dict(inputs, A=inputs["A"].double() * (1 + e))
+    S_e = magnitudes(scaled, softplus, gy, gh, exact)
+    c = 4 * EPS[dtype] / rtol(L, dtype)
+    return {k: S[k] + c * ((S[k] - S_e[k]).clamp(min=0) / e) for k in S}
+
+
+def check(fn, inputs, softplus, L, gy, gh, label, dtypes=(torch.float32, torch.float64)):
+    """fn's values and gradients under each dtype against the float64 reference."""
+    exact = run(selective_scan_ref, inputs, softplus, torch.float64, gy, gh)
+    S = magnitudes(inputs, softplus, gy, gh, exact)
+    for dtype in dtypes:
+        res = run(fn, inputs, softplus, dtype, gy, gh)
+        for k, v in res.items():
+            assert torch.isfinite(v).all(), f"{label}: non-finite {k}"
+        check_against_exact(res, exact, with_exponents(inputs, softplus, gy, gh, exact, S,
+                                                       dtype, L), L, dtype, f"{label} {dtype}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Values and gradients against the reference, N = 1 and N > 1, odd lengths, h0, last state.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", list(PATHS))
+@settings(max_examples=2 * N_EXAMPLES)
+@given(data=st.data())
+def test_assoc_matches_reference_float32_and_float64(path, data):
+    p = data.draw(scan_problems(**PATHS[path]), label="problem")
+    check(selective_scan_assoc, p["inputs"], p["softplus"], p["L"], p["gy"], p["gh"], "assoc")
+
+
+# Lengths around powers of two (the recursion halves L: odd counts take the other branch at
+# each level) and the domain's corners (delta' in {0, 1e-4, .., 20}, A in {0, .., -100}).
+@pytest.mark.parametrize("N", [1, 4])
+@pytest.mark.parametrize("L", [1, 2, 3, 63, 64, 65, 129])
+def test_domain_edges_and_odd_lengths(N, L):
+    g = torch.Generator().manual_seed(L * 10 + N)
+    Bb, K, Dk = 1, 2, 2
+    inputs = edge_problem(g, Bb, K, Dk, N, L)
+    gy, gh = torch.randn(Bb, K * Dk, L, generator=g), torch.randn(Bb, K * Dk, N, generator=g)
+    check(selective_scan_assoc, inputs, False, L, gy, gh, f"edges L={L} N={N}",
+          dtypes=(torch.float32,))
+
+
+@pytest.mark.parametrize("N", [1, 3])
+def test_gradcheck(N):
+    """Finite differences in float64, every input with a gradient (h0, the last state too)."""
+    g = torch.Generator().manual_seed(N)
+    Bb, K, Dk, L = 1, 2, 2, 7
+    KD = K * Dk
+    f64 = dict(generator=g, dtype=torch.float64)
+    args = [torch.randn(Bb, KD, L, **f64), torch.randn(Bb, KD, L, **f64),       # u, raw delta
+            -torch.rand(KD, N, **f64) * 2, torch.randn(Bb, K, N, L, **f64),      # A, B
+            torch.randn(Bb, K, N, L, **f64), torch.randn(KD, **f64),             # C, D
+            torch.randn(KD, **f64), torch.randn(Bb, KD, N, **f64)]               # bias, h0
+    args = [a.to(DEVICE).requires_grad_() for a in args]
+
+    def f(*a):
+        return selective_scan_assoc(*a[:7], True, h0=a[7], return_last_state=True)
+
+    assert torch.autograd.gradcheck(f, args)
+
+
+@pytest.mark.parametrize("stored", ["channel tensors time-major", "B and C time-major"])
+@pytest.mark.parametrize("N", [1, 4])
+def test_permuted_memory_layouts(N, stored):
+    """Some inputs and upstream gradients stored time-major, the others contiguous: strides the
+    scan must not assume (an elementwise result of two layouts takes one of them), against the
+    reference as above."""
+    g = torch.Generator().manual_seed(N)
+    Bb, K, Dk, L = 2, 2, 3, 9
+    KD = K * Dk
+    channels = stored.startswith("channel")
+
+    def draw(shape, time_major):     # randn(shape), stored with the last dim outermost or not
+        if not time_major:
+            return torch.randn(shape, generator=g)
+        return torch.randn((shape[-1],) + shape[:-1], generator=g).movedim(0, -1)
+
+    inputs = dict(u=draw((Bb, KD, L), channels), delta=draw((Bb, KD, L), channels),
+                  A=-torch.rand(KD, N, generator=g), B=draw((Bb, K, N, L), not channels),
+                  C=draw((Bb, K, N, L), not channels), D=torch.randn(KD, generator=g),
+                  delta_bias=torch.randn(KD, generator=g), h0=draw((Bb, KD, N), channels))
+    check(selective_scan_assoc, inputs, True, L, draw((Bb, KD, L), channels),
+          draw((Bb, KD, N), channels), f"{stored} N={N}")
+
+
+def test_dtypes_shapes_and_empty_sequence():
+    g = torch.Generator().manual_seed(0)
+    u, delta = torch.randn(2, 6, 5, generator=g), torch.rand(2, 6, 5, generator=g)
+    A, Bm, Cm = (-torch.rand(6, 3, generator=g), torch.randn(2, 3, 3, 5, generator=g),
+                 torch.randn(2, 3, 3, 5, generator=g))
+    for dtype, want in ((torch.bfloat16, torch.float32), (torch.float32, torch.float32),
+                        (torch.float64, torch.float64)):
+        y, h = selective_scan_assoc(u.to(dtype), delta, A, Bm, Cm, return_last_state=True)
+        assert y.shape == (2, 6, 5) and y.dtype == want
+        assert h.shape == (2, 6, 3) and h.dtype == want
+        assert selective_scan_assoc(u.to(dtype), delta, A, Bm, Cm).shape == (2, 6, 5)
+    # L = 0 (the operator rejects an empty scan dim): as the reference, y empty and h = h0.
+    h0 = torch.randn(2, 6, 3, generator=g)
+    empty = (u[..., :0], delta[..., :0], A, Bm[..., :0], Cm[..., :0])
+    for fn in (selective_scan_ref, selective_scan_assoc):
+        y, h = fn(*empty, h0=h0, return_last_state=True)
+        assert y.shape == (2, 6, 0) and torch.equal(h, h0), fn.__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Errors: the same messages as the other two scans (one shared check in scan.py).
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_raises_naming_the_argument(case):
+    name, bad, pattern = BAD[case]
+    a = good_args()
+    a[name] = bad
+    with pytest.raises(ValueError, match=pattern) as info:
+        call(selective_scan_assoc, a)
+    msg = str(info.value)
+    assert msg.startswith("selective_scan:") and "u=(" in msg and "B=(" in msg, msg
+
+
+def test_bad_combine_mode_and_groups_raise():
+    with pytest.raises(ValueError, match=r"combine_mode must be None, 'pointwise' or 'generic', "
+                                         r"got 'tree'"):
+        call(selective_scan_assoc, good_args(), combine_mode="tree")
+    a = good_args()                       # K*D = 6 channels; B, C with K = 4 groups
+    a["B"], a["C"] = torch.zeros(2, 4, 4, 5), torch.zeros(2, 4, 4, 5)
+    with pytest.raises(ValueError, match=r"K\*D = 6 \(u\.shape\[1\]\) is not divisible by "
+                                         r"K = 4 \(B\.shape\[1\]\)"):
+        call(selective_scan_assoc, a)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. What backward keeps: for N > 1 never the (b, K*D, N, L) state (it is recomputed).
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("N", [1, 8])
+def test_backward_keeps_no_state_for_N_above_1(N):
+    Bb, K, Dk, L = 1, 2, 4, 50
+    KD = K * Dk
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(u=torch.randn(Bb, KD, L, generator=g), delta=torch.randn(Bb, KD, L, generator=g),
+                  A=-torch.rand(KD, N, generator=g), B=torch.randn(Bb, K, N, L, generator=g),
+                  C=torch.randn(Bb, K, N, L, generator=g), D=torch.randn(KD, generator=g),
+                  delta_bias=torch.randn(KD, generator=g))
+    inputs = {k: v.to(DEVICE).requires_grad_() for k, v in inputs.items()}
+    sizes, y = saved_for_backward(lambda chunk_size, **kw: selective_scan_assoc(**kw), inputs)
+    state = Bb * KD * N * L
+    if N == 1:                    # the states h, the size of u, are kept (one scan less)
+        assert state in sizes, sorted(sizes)
+    else:                         # B and C are K / (K*D) = a quarter of it here
+        assert max(sizes) < state / 2, sorted(sizes)
+    io = sum(t.numel() for t in inputs.values()) + y.numel()
+    assert sum(sizes) <= 2 * io, (sum(sizes), io, sorted(sizes))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The dispatch in scan.selective_scan, and the model's scan="assoc".
+# ---------------------------------------------------------------------------------------------
+def test_dispatch_predicate():
+    """Eager never takes the associative scan (its operator runs a generic recursion there);
+    a compiled call takes it exactly on CUDA, and only with static sizes."""
+    u, A = torch.zeros(2, 4, 5, device=DEVICE), torch.zeros(4, 3, device=DEVICE)
+    assert not scan._use_assoc(u, A)
+
+    def picked(dynamic):
+        torch._dynamo.reset()
+        f = torch.compile(lambda t, a: t + 1 if scan._use_assoc(t, a) else t - 1,
+                          backend="eager", fullgraph=True, dynamic=dynamic)
+        return bool((f(u, A) == u + 1).all())
+
+    assert picked(dynamic=False) == (DEVICE == "cuda")
+    assert not picked(dynamic=True)
+
+
+def test_static_sizes_sees_symbolic_sizes_under_dynamo():
+    """The part of the predicate that keeps symbolic sizes away from torch 2.11's lowering
+    (scan._use_assoc), device-free: Dynamo passes a symbolic size off as an int to isinstance."""
+    x = torch.zeros(2, 4, 5)
+    for dynamic, want in ((False, True), (True, False)):
+        torch._dynamo.reset()
+        f = torch.compile(lambda t: t + 1 if scan._static_sizes(t) else t - 1, backend="eager",
+                          fullgraph=True, dynamic=dynamic)
+        assert torch.equal(f(x), x + 1 if want else x - 1), f"dynamic={dynamic}"
+    assert scan._static_sizes(x)                                           # eager: ints
+
+
+def test_selective_scan_hands_over_when_the_predicate_says_so(monkeypatch):
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return selective_scan_assoc(*args, **kwargs)
+
+    monkeypatch.setattr(scan.scan_assoc, "selective_scan_assoc", recording)
+    monkeypatch.setattr(scan, "_use_assoc", lambda u, A: True)
+    a = {k: v.to(DEVICE) for k, v in good_args().items()}
+    y, h = call(selective_scan, a, chunk_size=2, return_last_state=True)
+    assert len(calls) == 1 and calls[0]["return_last_state"], calls
+    want = call(selective_scan_assoc, a, return_last_state=True)
+    assert torch.equal(y, want[0]) and torch.equal(h, want[1])
+
+
+@pytest.mark.parametrize("generation", [0, 2])          # N = 16 and N = 1
+def test_model_with_assoc_scan_matches_chunked(generation):
+    x = torch.randn(2, 3, 28, 36, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    outs, grads = [], []
+    for which in ("chunked", "assoc"):
+        torch.manual_seed(1)                             # same weights each time
+        cfg = vm.VSSMConfig(generation=generation, dim=24, depths=(1, 1), num_classes=10,
+                            drop_path_rate=0.0, scan=which)
+        model = vm.VSSM(cfg).to(DEVICE)
+        out = model(x)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append(model.layers[0].blocks[0].self_attention.A_logs.grad)
+    # As test_model.py: two float32 summation orders of one recurrence move logits of size ~1
+    # by ~1e-6; 1e-5 keeps 10x margin, a real bug moves them by 0.05 or more.
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
+    # dL/dA of the first block sums b * K*D * N * L terms through the whole network: norm-wise,
+    # both within a few eps * sqrt(L) of the truth as the scan is; 1e-5 relative is rtol(L)
+    # at the first stage's L = 63 (8.5e-6) rounded up, far below any real bug (O(1)).
+    err = (grads[1] - grads[0]).norm() / grads[0].norm()
+    assert err <= 1e-5, f"relative error of dL/dA_logs {float(err):.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. torch.compile. On CUDA: combine_mode="pointwise", one Triton kernel per scan, the path that
+# selective_scan takes there. On a CPU, Inductor has no scan codegen: "generic" is traced into
+# its slices (2 fused C++ kernels for the forward at L = 11) and a compile takes 15-35 s on
+# 2 cores (torch 2.13), so the CPU runs these only with -m slow.
+# ---------------------------------------------------------------------------------------------
+COMPILE = [] if DEVICE == "cuda" else [pytest.mark.slow]
+#                (B, K, D, N, L, T (unused), softplus+D+delta_bias, h0)
+COMPILE_SHAPES = [(1, 2, 2, 3, 11, 0, True, True), (2, 2, 2, 1, 11, 0, True, False),
+                  (2, 1, 3, 2, 9, 0, False, False)]
+
+
+@pytest.fixture(scope="module")
+def compiled_assoc():
+    fn = torch.compile(selective_scan_assoc, fullgraph=True, dynamic=False)
+    yield fn
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("shape", [pytest.param(s, marks=COMPILE) for s in COMPILE_SHAPES],
+                         ids=lambda s: "B{}K{}D{}N{}L{}".format(*s))
+@settings(max_examples=max(2, N_EXAMPLES // 5))
+@given(data=st.data())
+def test_compiled_matches_reference(compiled_assoc, shape, data):
+    inputs, sp, L, _, gy, gh = compile_problem(data, shape)
+    check(compiled_assoc, inputs, sp, L, gy, gh, "compiled assoc fwd+bwd", (torch.float32,))
+    with torch.no_grad():
+        check(compiled_assoc, inputs, sp, L, None, None, "compiled assoc fwd", (torch.float32,))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="selective_scan takes the associative scan only on "
+                                             "CUDA under torch.compile")
+def test_compiled_selective_scan_takes_assoc_on_cuda(monkeypatch):
+    """torch.compile(selective_scan) on CUDA traces selective_scan_assoc (and no `scan` loop),
+    and its values and gradients meet the reference's bound."""
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(1)
+        return selective_scan_assoc(*args, **kwargs)
+
+    monkeypatch.setattr(scan.scan_assoc, "selective_scan_assoc", recording)
+    g = torch.Generator().manual_seed(3)
+    Bb, K, Dk, N, L = 2, 2, 2, 4, 37
+    KD = K * Dk
+    inputs = dict(u=torch.randn(Bb, KD, L, generator=g), delta=torch.randn(Bb, KD, L, generator=g),
+                  A=-torch.rand(KD, N, generator=g), B=torch.randn(Bb, K, N, L, generator=g),
+                  C=torch.randn(Bb, K, N, L, generator=g), D=torch.randn(KD, generator=g),
+                  delta_bias=torch.randn(KD, generator=g), h0=torch.randn(Bb, KD, N, generator=g))
+    gy, gh = torch.randn(Bb, KD, L, generator=g), torch.randn(Bb, KD, N, generator=g)
+    torch._dynamo.reset()
+    compiled = torch.compile(selective_scan, fullgraph=True, dynamic=False)
+    check(compiled, inputs, True, L, gy, gh, "compiled selective_scan on CUDA", (torch.float32,))
+    assert calls, "the compiled selective_scan did not trace selective_scan_assoc"

@@ -47,6 +47,9 @@ FIXTURES = Path(__file__).parent / "fixtures"
 #
 #     rtol(L, dtype) = 8 * eps(dtype) * (1 + sqrt(L))
 #
+# plus, where decayed terms can dominate, 4 eps * S_X for the rounding of the exponents
+# delta' * A (`with_exponents` below: derivation and measurements there).
+#
 # Gradients: the same bound, norm-wise, with S the gradient of the |.|-problem above under the
 # upstream gradients |gy|, |gh|. Every term of the gradients of u, A, B, C, D and h0 is then
 # dominated term by term (A enters only through exp(delta' A), whose derivative delta' exp(.)
@@ -180,6 +183,33 @@ def magnitudes(inputs, softplus, gy=None, gh=None, exact=None):
     return S
 
 
+# The exponent term of the tolerance.
+#
+# A decay a_t = exp(x_t), x_t = delta'_t A, is computed from a rounded exponent: delta' carries
+# 1-2 ulp after the bias and the softplus, the product 1 more, so x_t is off by a few eps * |x_t|
+# and a_t by that much relatively. A term that went through decays with exponents summing to X
+# is off by about 4 eps |X| relatively (the constant of test_zero_input). Fresh terms (X = 0)
+# swamp this almost always, but some quantities are made of decayed terms only:
+# dh0 = a_0 g_0 and dA = sum_t delta'_t a_t h_{t-1} g_t at any L, and at L = 1..2 with
+# |delta' A| ~ 30-300 (h0 given, A near -100: inside scan_problems' domain) there is nothing
+# else. Seen there: dh0 and dA off by up to 58 eps * S > rtol(1) = 16 eps, in the float32
+# reference loop, the chunked scan and the associative scan alike (the same bits at L = 1);
+# Hypothesis' own draws of scan_problems hit it (L = 1, A = [-100, -100], delta' = 0.69: dA off
+# by 20 eps * S); of 800 draws at L = 1..2, A = -100, delta' up to 5, h0 given, 100 failed.
+# With the term below all pass, the worst at 0.7x the bound.
+# The bound becomes rtol(L) * S + 4 eps * S_X, S_X = sum over terms of |term| * |X|. Every
+# exponent is proportional to A, so S_X = -dS/de with A scaled by (1 + e): a float64 finite
+# difference of the |.|-problem (S decreases as A grows more negative; e = 1e-6 leaves float64
+# noise of ~1e-10 S, nothing next to 4 eps32). Returned as S + (4 eps / rtol) * S_X, to be
+# checked against rtol(L). 4 eps / rtol(L) = 1 / (2 (1 + sqrt L)) whatever the dtype, so one
+# call serves float32 and float64 alike. S of delta and delta_bias (|g64| itself) is unchanged.
+def with_exponents(inputs, softplus, gy, gh, exact, S, dtype, L, e=1e-6):
+    scaled = dict(inputs, A=inputs["A"].double() * (1 + e))
+    S_e = magnitudes(scaled, softplus, gy, gh, exact)
+    c = 4 * EPS[dtype] / rtol(L, dtype)
+    return {k: S[k] + c * ((S[k] - S_e[k]).clamp(min=0) / e) for k in S}
+
+
 def assert_within(got, exact, S, tol, what, elementwise):
     """|got - exact| <= tol * S (+ TINY), elementwise or in the 2-norm; returns the error / S."""
     assert got.shape == exact.shape, f"{what}: shape {tuple(got.shape)} != {tuple(exact.shape)}"
@@ -229,7 +259,8 @@ def test_chunked_matches_reference_float32_and_float64(path, data):
     inputs, sp, L, gy, gh = p["inputs"], p["softplus"], p["L"], p["gy"], p["gh"]
 
     exact = run(selective_scan_ref, inputs, sp, torch.float64, gy, gh)
-    S = magnitudes(inputs, sp, gy, gh, exact)
+    S = with_exponents(inputs, sp, gy, gh, exact, magnitudes(inputs, sp, gy, gh, exact),
+                       torch.float32, L)       # the same for float64 (with_exponents says why)
     # The bound is fair: the float32 reference loop itself meets it.
     check_against_exact(run(selective_scan_ref, inputs, sp, torch.float32, gy, gh),
                         exact, S, L, torch.float32, "float32 ref")
@@ -539,7 +570,8 @@ def test_low_precision_inputs_give_float32(data):
     # The question is how the scan computes, not how bf16 represents: the reference sees the
     # same (rounded) values, upcast, so the float32 bound applies unchanged.
     exact = run(selective_scan_ref, low, sp, torch.float64, gy, gh)
-    S = magnitudes(low, sp, gy, gh, exact)
+    S = with_exponents(low, sp, gy, gh, exact, magnitudes(low, sp, gy, gh, exact),
+                       torch.float32, L)
     T = data.draw(st.integers(1, 40), label="chunk_size")
     for fn, kw in ((selective_scan, {"chunk_size": T}), (selective_scan_ref, {})):
         xs = {k: None if v is None else v.clone().requires_grad_() for k, v in low.items()}

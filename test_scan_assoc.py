@@ -14,9 +14,9 @@ input), only in another order. The generic recursion gives each term at most one
 one add per level, 2 * ceil(log2 L) levels, and each decay product at most that many
 multiplies; Triton's tl.associative_scan is a tree inside a block and a sequential carry across
 blocks: at most O(L) roundings of factors <= 1, as the loop. No division anywhere. So the bound
-that the float32 reference loop meets (test_scan.py checks that) holds here too, plus one term
-(`with_exponents`): the rounding of the exponents, which that table leaves out and which the
-float32 reference loop shows as much as this scan.
+that the float32 reference loop meets (test_scan.py checks that) holds here too, including its term
+for the rounding of the exponents (`with_exponents`), which the float32 reference loop shows as
+much as this scan.
 """
 import pytest
 import torch
@@ -28,33 +28,9 @@ import vmamba_min as vm
 from conftest import DEVICE
 from scan import selective_scan, selective_scan_ref
 from scan_assoc import selective_scan_assoc
-from test_scan import (BAD, EPS, N_EXAMPLES, PATHS, call, check_against_exact, compile_problem,
-                       edge_problem, good_args, magnitudes, rtol, run, saved_for_backward,
-                       scan_problems)
-
-
-# ---------------------------------------------------------------------------------------------
-# The exponent term of the tolerance.
-#
-# A decay a_t = exp(x_t), x_t = delta'_t A, is computed from a rounded exponent: delta' carries
-# 1-2 ulp after the bias and the softplus, the product 1 more, so x_t is off by a few eps * |x_t|
-# and a_t by that much relatively. A term that went through decays with exponents summing to X
-# is off by about 4 eps |X| relatively (the constant of test_scan.py's test_zero_input). Fresh
-# terms (X = 0) swamp this almost always, but some quantities are made of decayed terms only:
-# dh0 = a_0 g_0 and dA = sum_t delta'_t a_t h_{t-1} g_t at any L, and at L = 1..2 with
-# |delta' A| ~ 100 (h0 given) there is nothing else. Seen there: dh0 and dA off by 1.5x
-# rtol(L) * S, in the float32 reference loop and in this scan alike (the same bits at L = 1);
-# with the term below, 0.15x.
-# The bound becomes rtol(L) * S + 4 eps * S_X, S_X = sum over terms of |term| * |X|. Every
-# exponent is proportional to A, so S_X = -dS/de with A scaled by (1 + e): a float64 finite
-# difference of the |.|-problem (S decreases as A grows more negative; e = 1e-6 leaves float64
-# noise of ~1e-10 S, nothing next to 4 eps32). Checked as S + (4 eps / rtol) * S_X against rtol.
-# ---------------------------------------------------------------------------------------------
-def with_exponents(inputs, softplus, gy, gh, exact, S, dtype, L, e=1e-6):
-    scaled = dict(inputs, A=inputs["A"].double() * (1 + e))
-    S_e = magnitudes(scaled, softplus, gy, gh, exact)
-    c = 4 * EPS[dtype] / rtol(L, dtype)
-    return {k: S[k] + c * ((S[k] - S_e[k]).clamp(min=0) / e) for k in S}
+from test_scan import (BAD, N_EXAMPLES, PATHS, call, check_against_exact, compile_problem,
+                       edge_problem, good_args, magnitudes, run, saved_for_backward,
+                       scan_problems, with_exponents)
 
 
 def check(fn, inputs, softplus, L, gy, gh, label, dtypes=(torch.float32, torch.float64)):

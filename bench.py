@@ -1,42 +1,45 @@
 """bench.py: our selective scan and VMamba models next to timm's peers, in plain PyTorch.
 
-    python bench.py                    scan table + model table (about 2 minutes on 2 CPU cores)
+    python bench.py                    scan tables + model table (about 2.5 minutes on 2 CPU cores)
     python bench.py --models --batch 1,8,32   only the model table (--scan: only the scans)
+    python bench.py --train            training step table (forward, backward, fused AdamW step)
+    python bench.py --scaling          the paper's resolution study (scaling.py's functions)
     python bench.py --compile-models   add compiled rows: torch.compile(model) and, for ours,
                                        vmamba_min.compile_blocks (minutes per model on a CPU)
     python bench.py --compile-models blocks   only the compile_blocks rows (model: only the other)
-    python bench.py --train            training step table (forward, backward, fused AdamW step)
+    python bench.py --compile-models --compile-mode default,max-autotune-no-cudagraphs
+                                       compiled rows per torch.compile mode, tagged in the label
+    python bench.py --dtype float32,bfloat16   rows per dtype (bfloat16: autocast)
+    python bench.py --report ...       also docs/results-<cpu|cuda>.md/.json and charts (report.py)
     python bench.py --json             one JSON object (every row) instead of tables
-    python bench.py --device cuda --batch 1,128 --compile-models   the whole table on a GPU
-    python scaling.py (input-size study) and python flops.py (params, GFLOPs) are their own tools
+    python bench.py --device cuda --batch 1,128 --compile-models --train --report   on a GPU
 
-Scan table: naive loop (scan.selective_scan_ref) vs chunked scan (scan.selective_scan), eager and
-compiled, at VMamba-T's stage shapes (batch 1), fwd and fwd+bwd, errors against the naive loop.
-Model table: ours (vmamba_tiny_s1l8, vanilla_vmamba_tiny) and, when timm is importable, four
-peers, all in THIS process, same batch, resolution and dtype. Compiled rows (opt-in): "compiled"
-is torch.compile(model), "compile_blocks" vmamba_min.compile_blocks(model) (ours only: one
-compiled graph per stage, the rest eager); a compiled row's first call is reported apart as
-"compile s". Without compiled rows each model is timed on its own: medians (with IQR) of
-torch.utils.benchmark runs of at least --min-time seconds after --warmup calls. With them, a
-model's eager and compiled versions are timed side by side, one call of each per round
-(benchkit.time_paired: the machine's speed drifts more than their gap), and "t/eager" is the
-median of the per-round time ratios. Peak memory is measured after all timing, on the CPU in
-one fresh child process per row (benchkit.py says why: the measurement switches malloc for
-good), on CUDA with max_memory_allocated.
+Scan tables: naive loop (scan.selective_scan_ref) against the chunked scan (scan.selective_scan),
+eager and compiled, at VMamba-T's stage shapes (batch 1), fwd and fwd+bwd; a timing table and a
+table of compile times and errors against the naive loop. Model tables: ours (vmamba_tiny_s1l8,
+vanilla_vmamba_tiny) and, when timm is importable, four peers, all in THIS process, same batch,
+resolution and dtype; inference and (--train) training step. A model's eager and compiled rows
+are timed side by side, one call of each per round (benchkit.time_paired: the machine's speed
+drifts more than their gap), and "t/eager" is the median of the per-round time ratios; a lone
+row runs under torch.utils.benchmark. A compiled row's first call is reported apart as "compile
+s". Peak memory: on the CPU in a fresh child process per row (benchkit.py says why), on CUDA
+with max_memory_allocated in this process. Tables fit 120 columns.
 
 Letters as in scan.py: B batch, K = 4 routes, D channels per route, L = H*W, N state size.
 """
 import argparse
 import math
-import os
 import statistics
 import time
+import traceback
 
 import benchkit as bk
+import report
+import scaling
 
 # -------------------------------------------------------------------------------- constants
 DEVICE = "cpu"
-DTYPE = "float32"             # float32 | bfloat16 (bf16: scan inputs cast, models autocast)
+DTYPE = "float32"             # a list such as float32,bfloat16 (bf16: scan inputs cast, autocast)
 BATCH = "1"                   # model and training tables: a list such as 1,8,32
 RES = 224
 MIN_TIME = 2.0                # seconds of timed calls per cell, at least (see benchkit)
@@ -48,9 +51,11 @@ SCAN_BATCH = 1
 COMPILE = True
 COMPILE_MODELS = ""           # compiled model rows: none unless --compile-models is given ...
 ALL_COMPILE_MODES = "model,blocks"   # ... and then these, unless it names some
+COMPILE_MODE = "default"      # torch.compile mode of the compiled model rows (a list)
 OURS = ("vmamba_tiny_s1l8", "vanilla_vmamba_tiny")
 PEERS = ("swin_tiny_patch4_window7_224", "convnext_tiny", "deit_small_patch16_224", "resnet50")
-OUT_DIR = "bench_out"
+OUT_DIR = "bench_out"         # charts of a run without --report
+REPORT_DIR = "docs"
 # VMamba-T at 224x224: stage s (1..4) sees an (56 / 2^(s-1))^2 map with width C = 96 * 2^(s-1).
 # v0 = vanilla_vmamba_tiny (D = 2C, N = 16), v2 = vmamba_tiny_s1l8 (D = C, N = 1); K = 4.
 SCAN_GENS = {"v0": dict(ssm_ratio=2, N=16), "v2": dict(ssm_ratio=1, N=1)}
@@ -68,6 +73,17 @@ def batch_list(text):
     return out
 
 
+def name_list(choices, what):
+    """argparse type: a comma list of distinct names out of choices."""
+    def parse(text):
+        out = [t for t in text.split(",") if t]
+        if not out or any(t not in choices for t in out) or len(set(out)) != len(out):
+            raise argparse.ArgumentTypeError(f"want {what} out of {', '.join(choices)}, "
+                                             f"got {text!r}")
+        return out
+    return parse
+
+
 def compile_modes(text):
     """argparse type: 'model,blocks' -> ["model", "blocks"]; '' -> [] (no compiled rows)."""
     out = [t for t in text.split(",") if t]
@@ -77,15 +93,22 @@ def compile_modes(text):
     return out
 
 
+dtype_list = name_list(("float32", "bfloat16"), "dtypes")
+inductor_modes = name_list(tuple(bk.INDUCTOR_MODES), "torch.compile modes")
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    what = p.add_argument_group("what to run (default: scan table and model table)")
-    what.add_argument("--scan", action="store_true", help="the scan table")
-    what.add_argument("--models", action="store_true", help="the model table")
+    what = p.add_argument_group("what to run (default: scan tables and model table)")
+    what.add_argument("--scan", action="store_true", help="the scan tables")
+    what.add_argument("--models", action="store_true", help="the model table (inference)")
     what.add_argument("--train", action="store_true", help="the training step table")
+    what.add_argument("--scaling", action="store_true",
+                      help="the resolution study: VMamba-T, DeiT-S, Swin-T from 224 px up")
     p.add_argument("--device", default=DEVICE, choices=("cpu", "cuda"))
-    p.add_argument("--dtype", default=DTYPE, choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", type=dtype_list, default=dtype_list(DTYPE),
+                   help="float32, bfloat16 (autocast) or both: float32,bfloat16")
     p.add_argument("--batch", type=batch_list, default=batch_list(BATCH),
                    help=f"model/train tables: batch sizes, e.g. 1,8,32 (default {BATCH})")
     p.add_argument("--res", type=int, default=RES, help="model/train tables: image size")
@@ -101,13 +124,23 @@ def build_parser():
                    help="add compiled rows to the model/train tables: 'model' = "
                         "torch.compile(model), 'blocks' = vmamba_min.compile_blocks (ours "
                         "only); no value: both")
+    p.add_argument("--compile-mode", type=inductor_modes, metavar="MODES",
+                   help=f"torch.compile mode(s) of the compiled model rows, out of "
+                        f"{', '.join(bk.INDUCTOR_MODES)} (the last two: CUDA graphs, CUDA "
+                        f"only); a list gives rows per mode (default {COMPILE_MODE})")
+    p.add_argument("--scaling-res", type=batch_list, metavar="SIZES",
+                   help="--scaling: image sizes (default: scaling.py's, by device)")
     p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
-                   help="timm's models in the model table (when timm is importable)")
+                   help="timm's models in the model, train and scaling tables (if importable)")
     p.add_argument("--all-models", action="store_true", help="also our models with the loop scan")
     p.add_argument("--only", type=lambda t: t.split(","), metavar="NAMES",
                    help="model/train tables: these models instead of the default list "
                         "(any of ours, any timm name), e.g. vanilla_vmamba_tiny")
     p.add_argument("--json", action="store_true", help="print one JSON object, no tables")
+    p.add_argument("--report", action="store_true",
+                   help="write results-<device>.md, .json and charts (report.py) to --report-dir")
+    p.add_argument("--report-dir", default=REPORT_DIR, metavar="DIR",
+                   help=f"where --report writes (default {REPORT_DIR})")
     p.add_argument("--no-malloc-fix", action="store_true", help="keep glibc's malloc (erratic)")
     return p
 
@@ -115,12 +148,20 @@ def build_parser():
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not (args.scan or args.models or args.train):
+    if not (args.scan or args.models or args.train or args.scaling):
         args.scan = args.models = True
+    if args.compile_mode is None:
+        args.compile_mode = inductor_modes(COMPILE_MODE)
+    elif not args.compile_models:
+        parser.error("--compile-mode: it sets the mode of compiled model rows; add "
+                     "--compile-models")
+    graphs = [m for m in args.compile_mode if m in bk.CUDA_GRAPH_MODES]
+    if graphs and args.device != "cuda":
+        parser.error(f"--compile-mode {','.join(graphs)}: CUDA graphs need --device cuda")
     return parser, args
 
 
-# -------------------------------------------------------------------------------- scan table
+# -------------------------------------------------------------------------------- scan tables
 def scan_inputs(gen, stage, batch, device, dtype, seed=0):
     """Inputs shaped and scaled as in VMamba-T's SS2D at official initialisation."""
     import torch
@@ -213,18 +254,19 @@ def backward_ratio(row, runs, fns, args):
         row[f"{k}_bx"] = statistics.median(b / a for a, b in zip(t[k, "fwd"], t[k, "fwd+bwd"]))
 
 
-def scan_shape_rows(gen, stage, args):
+def scan_shape_rows(gen, stage, args, dtype="float32"):
     import torch
     import scan
-    inputs, shape = scan_inputs(gen, stage, SCAN_BATCH, args.device, getattr(torch, args.dtype))
+    inputs, shape = scan_inputs(gen, stage, SCAN_BATCH, args.device, getattr(torch, dtype))
     kw = {} if args.chunk is None else {"chunk_size": args.chunk}
     chunked = lambda *a, **k: scan.selective_scan(*a, **k, **kw)   # noqa: E731
     rows, fns = [], {"eager": chunked}
     runs = scan_passes(inputs, shape, args.device)
     for pass_, run in runs.items():
-        row = {"scan": gen, "stage": stage, "shape": "x".join(map(str, shape)), "pass": pass_}
+        row = {"scan": gen, "stage": stage, "shape": "x".join(map(str, shape)), "pass": pass_,
+               "dtype": dtype}
         naive = pass_ == "fwd" or args.naive_bwd
-        bk.log(f"{gen} stage {stage} {pass_}: {'naive loop (one call), ' if naive else ''}"
+        bk.log(f"{gen} stage {stage} {pass_} {dtype}: {'naive loop (one call), ' if naive else ''}"
                f"chunked eager{', compiled (first call compiles)' if args.compile else ''}")
         ref = naive_cell(row, run, args) if naive else None
         eager = timed_cell(row, "eager", lambda: run(chunked), args)
@@ -243,56 +285,77 @@ def scan_shape_rows(gen, stage, args):
     return rows
 
 
-SCAN_COLS = [("scan", "scan", "{}"), ("stage", "stage", "{}"), ("shape", "B x K*D x L x N", "{}"),
-             ("pass", "pass", "{}"), ("naive_ms", "naive ms", "{:.1f}"),
-             ("eager_ms", "chunked ms", "{:.1f}"), ("eager_iqr_ms", "iqr", "{:.1f}"),
-             ("eager_x", "x", "{:.1f}x"), ("eager_bx", "bwd x", "{:.2f}"),
-             ("compiled_ms", "compiled ms", "{:.1f}"), ("compiled_iqr_ms", "iqr", "{:.1f}"),
-             ("compiled_x", "x", "{:.1f}x"), ("compiled_bx", "bwd x", "{:.2f}"),
-             ("compile_s", "compile s", "{:.1f}"), ("err_vs", "err vs", "{}"),
-             ("eager_err", "max|err| chunked", "{:.1e}"), ("eager_rel", "rel", "{:.1e}"),
-             ("compiled_err", "max|err| compiled", "{:.1e}"), ("compiled_rel", "rel", "{:.1e}"),
-             ("error", "error", "{}")]
+SCAN_TIME_COLS = [
+    ("scan", "scan", "{}"), ("stage", "stage", "{}"), ("shape", "shape", "{}"),
+    ("pass", "pass", "{}"), ("naive_ms", "naive ms", "{:.1f}"), ("eager_ms", "eager ms", "{:.1f}"),
+    ("eager_iqr_ms", "iqr", "{:.1f}"), ("eager_x", "x", "{:.1f}x"), ("eager_bx", "bwd x", "{:.2f}"),
+    ("compiled_ms", "compiled ms", "{:.1f}"), ("compiled_iqr_ms", "iqr", "{:.1f}"),
+    ("compiled_x", "x", "{:.1f}x"), ("compiled_bx", "bwd x", "{:.2f}")]
+SCAN_ACCURACY_COLS = [
+    ("scan", "scan", "{}"), ("stage", "stage", "{}"), ("pass", "pass", "{}"),
+    ("compile_s", "compile s", "{:.1f}"), ("err_vs", "err vs", "{}"),
+    ("eager_err", "max|err| eager", "{:.1e}"), ("eager_rel", "rel", "{:.1e}"),
+    ("compiled_err", "max|err| compiled", "{:.1e}"), ("compiled_rel", "rel", "{:.1e}")]
+SCAN_TIME_NOTES = [
+    "shape: B x K*D x L x N; eager, compiled: the chunked scan (scan.selective_scan), eager and "
+    "under torch.compile; naive: the loop (scan.selective_scan_ref), ONE timed call (it is slow)",
+    "ms: median (iqr) over >= --min-time s after warm-up; x: speed-up over naive; bwd x: fwd+bwd "
+    "time / fwd time of the same scan, timed side by side (one call of each per round), median "
+    "over rounds",
+    "fwd: under no_grad; fwd+bwd: backward of <y, g> into all 7 inputs; inputs at official init "
+    "(delta_bias, A = -(1..N)), softplus on"]
+SCAN_ACCURACY_NOTES = [
+    "compile s: first call of the compiled scan (fresh Dynamo cache per shape; Inductor's disk "
+    "cache counts)",
+    "err: fwd rows compare y, fwd+bwd rows du, against the naive loop or, where it was not run, "
+    "eager (err vs); rel = max|err| / max|ref|"]
 
 
 def scan_table(args):
-    return [r for s in args.stages.split(",") for g in SCAN_GENS
-            for r in scan_shape_rows(g, int(s), args)]
+    return [r for dtype in args.dtype for s in args.stages.split(",") for g in SCAN_GENS
+            for r in scan_shape_rows(g, int(s), args, dtype)]
 
 
 # -------------------------------------------------------------------------------- model tables
 def model_specs(args, train=False):
-    """Every row of the model (or training) table, in timing order: per batch, ours then peers."""
-    base = dict(res=args.res, device=args.device, dtype=args.dtype, train=train)
+    """Every row of the model (or training) table, in timing order: per dtype and batch, ours
+    then peers, each model's eager row followed by its compiled rows (kinds x torch.compile
+    modes)."""
+    base = dict(res=args.res, device=args.device, train=train)
     ours_kw = {} if args.chunk is None else {"chunk_size": args.chunk}
-    peers = PEERS if (args.peers and not train and bk.timm_available()) else ()
-    specs = []
+    peers = PEERS if (args.peers and bk.timm_available()) else ()
     names = args.only or OURS + peers
-    for batch in args.batch:
-        for model in names:
-            modes = [False] + [m for m in args.compile_models
-                               if m != "blocks" or bk.is_ours(model)]
-            for compile_ in modes:
-                kw = ours_kw if bk.is_ours(model) else {}
-                specs.append(dict(base, model=model, batch=batch, compile=compile_, overrides=kw))
-            if bk.is_ours(model) and args.all_models and not train:
-                specs.append(dict(base, model=model, batch=batch, compile=False,
-                                  overrides=dict(ours_kw, scan="reference")))
+    compiled = [(kind, mode) for kind in args.compile_models for mode in args.compile_mode]
+    specs = []
+    for dtype in args.dtype:
+        for batch in args.batch:
+            for model in names:
+                ours = bk.is_ours(model)
+                row = dict(base, model=model, batch=batch, dtype=dtype,
+                           overrides=ours_kw if ours else {})
+                specs.append(dict(row, compile=False, compile_mode=None))
+                specs += [dict(row, compile=kind, compile_mode=mode) for kind, mode in compiled
+                          if kind != "blocks" or ours]
+                if ours and args.all_models and not train:
+                    specs.append(dict(row, compile=False, compile_mode=None,
+                                      overrides=dict(ours_kw, scan="reference")))
     return specs
 
 
 def label(r):
-    """Row labels: who wrote the model, which scan, eager / compiled / compile_blocks."""
+    """Row labels: who wrote the model, which scan, eager / compiled[tag] / compile_blocks[tag]
+    (the loop-scan rows of --all-models: "loop scan", eager)."""
     scan_ = r.get("overrides", {}).get("scan", "chunked") if bk.is_ours(r["model"]) else "-"
     return {"source": "ours" if bk.is_ours(r["model"]) else "timm", "scan": scan_,
-            "mode": bk.MODE_NAMES[r["compile"]]}
+            "mode": "loop scan" if scan_ == "reference" else bk.mode_label(r)}
 
 
 def groups(specs):
-    """Consecutive specs of one model, batch and overrides (eager, then its compiled modes)."""
+    """Consecutive specs of one model, batch, dtype and overrides (eager, then compiled)."""
     out = []
+    keys = ("model", "batch", "dtype", "overrides")
     for s in specs:
-        if out and all(out[-1][0][k] == s[k] for k in ("model", "batch", "overrides")):
+        if out and all(out[-1][0][k] == s[k] for k in keys):
             out[-1].append(s)
         else:
             out.append([s])
@@ -306,95 +369,135 @@ def model_rows(specs, args):
     for group in groups(specs):
         s = group[0]
         bk.log(f"rows {len(rows) + 1}-{len(rows) + len(group)}/{len(specs)}: {s['model']} batch "
-               f"{s['batch']} {', '.join(label(g)['mode'] for g in group)}")
+               f"{s['batch']} {s['dtype']} {', '.join(label(g)['mode'] for g in group)}")
         timed = (bk.run_group(group, args.min_time, args.warmup) if len(group) > 1 else
                  [bk.run_row(s, args.min_time, args.warmup)])
         rows += [{**r, **label(r)} for r in timed]
     return bk.add_memory(rows)
 
 
-MODEL_COLS = [("model", "model", "{}"), ("source", "by", "{}"), ("scan", "scan", "{}"),
-              ("mode", "mode", "{}"), ("batch", "batch", "{}"), ("res", "res", "{}"),
+MODEL_COLS = [("model", "model", "{}"), ("mode", "mode", "{}"), ("batch", "batch", "{}"),
               ("ms", "ms/batch", "{:.1f}"), ("iqr_ms", "iqr", "{:.1f}"),
-              ("img_s", "img/s", "{:.2f}"), ("vs_eager", "t/eager", "{:.2f}"),
-              ("calls", "calls", "{}"),
-              ("peak_mb", "peak MB", "{:.0f}"), ("compile_s", "compile s", "{:.1f}"),
-              ("params_m", "params M", "{:.1f}"), ("error", "error", "{}")]
+              ("img_s", "img/s", bk.img_s), ("vs_eager", "t/eager", "{:.2f}"),
+              ("calls", "calls", "{}"), ("peak_mb", "peak MB", "{:.0f}"),
+              ("compile_s", "compile s", "{:.1f}")]
+TAG_MEANING = {"max-autotune-no-cudagraphs": "", "reduce-overhead": " (CUDA graphs)",
+               "max-autotune": " (CUDA graphs)"}
 
 
-def plot_models(rows, path, title):
-    """Bar chart of img/s per model (and mode), one bar per batch; None without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    ok = [r for r in rows if r.get("img_s")]
-    names = list(dict.fromkeys(f"{r['model']} {r['mode']}" for r in ok))
-    batches = sorted({r["batch"] for r in ok})
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
-    width = 0.8 / max(1, len(batches))
-    for j, b in enumerate(batches):
-        ys = {f"{r['model']} {r['mode']}": r["img_s"] for r in ok if r["batch"] == b}
-        ax.bar([i + j * width for i in range(len(names))], [ys.get(n, 0) for n in names],
-               width, label=f"batch {b}")
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, fontsize=7,
-                  rotation=30, ha="right")
-    ax.set(ylabel="images / s", title=title)
-    ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
-
-
-# -------------------------------------------------------------------------------- main
-def print_results(result, args):
-    if "scan" in result:
-        bk.print_table("selective scan: naive loop vs chunked (eager, torch.compile)",
-                       result["scan"], SCAN_COLS, notes=[
-                           "ms: median (iqr) over >= --min-time s after warm-up; naive: ONE "
-                           "timed call (it is slow); x: speed-up over naive",
-                           "fwd: under no_grad; fwd+bwd: backward of <y, g> into all 7 inputs; "
-                           "inputs at official init (delta_bias, A = -(1..N)), softplus on",
-                           "err: fwd rows compare y, fwd+bwd rows du; rel = max|err| / max|ref|",
-                           "bwd x: fwd+bwd time / fwd time of the same scan, timed side by side "
-                           "(one call of each per round), median over rounds"])
+def model_notes(rows):
     notes = ["ms/batch: median (iqr) over >= --min-time s after warm-up, in one process; a "
              f"model's eager and compiled rows side by side (one call of each per round, >= "
              f"{bk.MIN_ROUNDS} rounds), lone rows one after another (torch.utils.benchmark)",
              "t/eager: median over rounds of the row's time / its eager row's in the same round "
-             "(< 1: faster); compile s: first call (Inductor's disk cache and whatever the run "
-             "compiled before count: its first compiled row pays Inductor's start-up)",
+             "(< 1: faster)",
              "peak MB: extra memory of one call over what is resident before it (CPU: rise of "
-             "peak RSS in a child process per row; CUDA: max_memory_allocated)"]
+             "peak RSS in a child process per row; CUDA: max_memory_allocated, a CUDA graph's "
+             "pool not counted)"]
+    if any(r["compile"] for r in rows):
+        modes = dict.fromkeys(r.get("compile_mode") or "default" for r in rows if r["compile"])
+        tags = [f"[{bk.INDUCTOR_MODES[m]}] mode={m}{TAG_MEANING[m]}" for m in modes
+                if bk.INDUCTOR_MODES.get(m)]
+        kinds = {r["compile"] for r in rows}
+        what = (["compiled: torch.compile(model)"] if "model" in kinds else []) + \
+            (["compile_blocks: vmamba_min.compile_blocks (each block compiled, ours only)"]
+             if "blocks" in kinds else [])
+        notes.append("; ".join(what + (tags or ["torch.compile's default mode"])))
+        notes.append("compile s: first call (Inductor's disk cache and what the run compiled "
+                     "before count: the run's first compiled row pays Inductor's start-up)")
+    if any(r.get("scan") == "reference" for r in rows):
+        notes.append("loop scan: our model, eager, with the naive loop scan (--all-models)")
+    params = {r["model"]: r["params_m"] for r in rows if r.get("params_m")}
+    if params:
+        notes.append("params M: " + ", ".join(f"{m} {p:.1f}" for m, p in params.items()))
+    return notes
+
+
+def dtype_title(dtype):
+    return "float32" if dtype == "float32" else f"{dtype} autocast"
+
+
+# -------------------------------------------------------------------------------- main
+def render(result):
+    """Every table as printed: [(name, text)], name one of scan, scan_accuracy, models, train,
+    scaling, summary."""
+    out, res = [], result["config"]["res"]
+    for dtype in dict.fromkeys(r["dtype"] for r in result.get("scan", [])):
+        rows = [r for r in result["scan"] if r["dtype"] == dtype]
+        compiled = any("compile_s" in r or "compiled" in r.get("error", "") for r in rows)
+        out.append(("scan", bk.format_table(
+            f"selective scan ({dtype}): naive loop vs chunked" +
+            (", eager and torch.compile" if compiled else "") + ", ms",
+            rows, SCAN_TIME_COLS, SCAN_TIME_NOTES, error_col="compiled_ms",
+            optional=("compiled_ms", "compiled_iqr_ms", "compiled_x", "compiled_bx"))))
+        out.append(("scan_accuracy", bk.format_table(
+            f"selective scan ({dtype}): {'compile time and ' if compiled else ''}errors", rows,
+            SCAN_ACCURACY_COLS,
+            SCAN_ACCURACY_NOTES, error_col="compiled_err",
+            optional=("compile_s", "compiled_err", "compiled_rel"))))
     for key, title in (("models", "models: inference (no_grad)"),
                        ("train", "training step: forward + cross-entropy + backward"
                                  " + fused AdamW")):
-        if key in result:
-            bk.print_table(f"{title}, {args.res}x{args.res}", result[key], MODEL_COLS, notes)
-    if result.get("peers_note"):
-        print(f"  {result['peers_note']}")
-    if "plot" in result:
-        print(f"  wrote {result['plot']}" if result["plot"] else
-              "  no bar chart: matplotlib is not installed (pip install -e \".[plot]\")")
+        for dtype in dict.fromkeys(r["dtype"] for r in result.get(key, [])):
+            rows = [r for r in result[key] if r["dtype"] == dtype]
+            out.append((key, bk.format_table(
+                f"{title}, {res}x{res}, {dtype_title(dtype)}", rows, MODEL_COLS,
+                model_notes(rows), optional=("iqr_ms", "vs_eager", "compile_s"),
+                error_col="ms")))
+    if "scaling" in result:
+        out.append(("scaling", scaling.format_study(result["scaling"])))
+    out += [("summary", t) for t in report.format_summary(result.get("summary", []))]
+    return out
 
 
-def run_all(args):
-    result = {"header": bk.header(args.device, args.dtype)}
+def print_results(result):
+    for _, text in render(result):
+        print("\n" + text)
+    for note in result.get("notes", []):
+        print(*bk.wrap(note), sep="\n")
+    for name, path in result.get("charts", {}).items():
+        print(f"  wrote {path}" if path else f"  no {name} chart: {report.MATPLOTLIB_HINT}")
+
+
+def run_all(args, t0=None):
+    """Every table asked for, in order. A table that raises is a note and the others still run;
+    with --report the page is rewritten after each table (marked partial until the end), so a
+    run killed at a time limit leaves what it measured."""
+    t0 = time.perf_counter() if t0 is None else t0
+    result = {"header": bk.header(args.device, args.dtype),
+              "config": {k: getattr(args, k) for k in (
+                  "device", "dtype", "batch", "res", "min_time", "warmup", "stages", "chunk",
+                  "compile", "compile_models", "compile_mode", "peers", "only", "all_models",
+                  "scaling_res")},
+              "notes": []}
     if not args.json:
         bk.print_header(result["header"])
-    if args.scan:
-        result["scan"] = scan_table(args)
-    if args.models:
-        result["models"] = model_rows(model_specs(args), args)
-        if args.peers and not bk.timm_available():
-            result["peers_note"] = bk.PEERS_HINT
-        result["plot"] = plot_models(result["models"], os.path.join(OUT_DIR, "models.png"),
-                                     f"{result['header']['device']}, {args.dtype}, {args.res} px")
-    if args.train:
-        result["train"] = model_rows(model_specs(args, train=True), args)
+    if args.peers and not bk.timm_available() and (args.models or args.train):
+        result["notes"].append(bk.PEERS_HINT)
+    scaling_res = args.scaling_res or scaling.res_list(scaling.RES[args.device])
+    tables = [("scan", args.scan, lambda: scan_table(args)),
+              ("models", args.models, lambda: model_rows(model_specs(args), args)),
+              ("train", args.train, lambda: model_rows(model_specs(args, train=True), args)),
+              ("scaling", args.scaling, lambda: scaling.study(
+                  scaling_res, scaling.BATCH, args.device, args.dtype[0], args.min_time,
+                  args.warmup, peers=args.peers))]
+    todo = [name for name, wanted, _ in tables if wanted]
+    for name, wanted, run in tables:
+        if not wanted:
+            continue
+        try:
+            result[name] = run()
+        except Exception as e:           # noqa: BLE001 -- the other tables still mean something
+            traceback.print_exc()
+            result["notes"].append(f"the {name} table failed: {bk.error_text(e)}")
+        todo.remove(name)
+        result["summary"] = report.summarize(result)
+        result["wall_s"] = time.perf_counter() - t0
+        if args.report and todo:
+            result["partial"] = f"partial: the run has yet to do {', '.join(todo)}"
+            report.write(result, render(result), args.report_dir, args.device)
+    result.pop("partial", None)
+    result["summary"] = report.summarize(result)
     return result
 
 
@@ -405,14 +508,21 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device cuda: torch.cuda.is_available() is False on this machine "
                      f"(torch {torch.__version__}); use --device cpu")
+    bk.quiet_torch(args.device)
     t0 = time.perf_counter()
-    result = run_all(args)
+    result = run_all(args, t0)
     result["wall_s"] = time.perf_counter() - t0
+    if args.report:
+        written = report.write(result, render(result), args.report_dir, args.device)
+        result["notes"].append("wrote " + ", ".join(written["paths"]))
+        result["charts"] = {k: v for k, v in written["charts"].items() if v is None}
+    elif not args.json:
+        result["charts"] = report.make_charts(result, OUT_DIR)
     if args.json:
         import json
-        print(json.dumps(result, indent=1))
+        print(json.dumps(report.clean(result), indent=1))
     else:
-        print_results(result, args)
+        print_results(result)
         print(f"\ntotal {result['wall_s']:.0f} s")
 
 

@@ -1,21 +1,24 @@
 """benchkit.py: the plumbing that bench.py and scaling.py share, so that they hold only their study.
 
     malloc        re-execute the calling script with MALLOC_FIX before torch is loaded
-    header        torch version, device (CPU model name, cores), threads, dtype, malloc, load
+    header        what a result needs to be read later: CPU or GPU, cores, threads, torch, timm,
+                  git commit, date (UTC), command line, malloc, load
     rows          one configuration ("spec": model, batch, res, dtype, eager / torch.compile /
-                  compile_blocks, inference or training step) built the same way in every
-                  process that touches it
+                  compile_blocks and the torch.compile mode, inference or training step) built
+                  the same way in every process that touches it
     timing        one row: torch.utils.benchmark's adaptive_autorange, at least --min-time
                   seconds and until IQR/median < 5% (at most MAX_TIME_FACTOR * min-time), after
-                  warm-up; a model's eager and compiled rows: time_paired, side by side
-    memory        peak memory of one call, on the CPU in a fresh child process per row
-    tables        fixed-width text tables
+                  warm-up; a model's eager and compiled rows: time_paired, side by side. CUDA is
+                  synchronised around every timed call.
+    memory        peak memory of one call: on the CPU in a fresh child process per row, on CUDA
+                  with max_memory_allocated in the timing process
+    tables        fixed-width text tables that fit TABLE_WIDTH columns (notes wrapped, errors as
+                  numbered notes)
 
-Why memory lives in a child: an honest CPU peak needs glibc to give freed blocks back to the OS
-(mallopt), and that switch cannot be undone; a process that measured memory runs eager models
-2x slower afterwards (PERF-NOTES.md). So no timing process ever calls mallopt: peak_rss_mb()
-refuses to run outside a child started by measure_memory(). On CUDA, max_memory_allocated
-disturbs nothing and is read in the timing process after the row is timed.
+Why memory lives in a child on the CPU: an honest peak needs glibc to give freed blocks back to
+the OS (mallopt), and that switch cannot be undone; a process that measured memory runs eager
+models 2x slower afterwards (PERF-NOTES.md). So no timing process ever calls mallopt:
+peak_rss_mb() refuses to run outside a child started by measure_memory().
 
 torch is imported inside the functions: glibc reads the malloc variables when a process starts,
 so the calling script re-executes itself before it pays for importing torch.
@@ -28,8 +31,10 @@ import argparse
 import gc
 import json
 import os
+import shlex
 import subprocess
 import sys
+import textwrap
 import time
 
 # -------------------------------------------------------------------------------- constants
@@ -48,6 +53,16 @@ TIMM_SIZED = ("deit", "swin", "vit")      # timm models that take img_size at cr
 # vmamba_min.compile_blocks, one compiled graph per stage, stem/downsampling/head eager)
 COMPILE_MODES = (False, "model", "blocks")
 MODE_NAMES = {False: "eager", "model": "compiled", "blocks": "compile_blocks"}   # row labels
+# spec["compile_mode"]: torch.compile's mode for the compiled rows; the row label carries the tag
+# ("compiled[at]"), and tables list what each tag means. The last two capture CUDA graphs.
+INDUCTOR_MODES = {"default": "", "max-autotune-no-cudagraphs": "at", "reduce-overhead": "cg",
+                  "max-autotune": "at+cg"}
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+TABLE_WIDTH = 120             # tables and their notes fit a terminal this wide
+# environment variables that change a result: recorded in the header when set
+ENV_KEYS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "TORCHINDUCTOR_CACHE_DIR",
+            "TORCHINDUCTOR_MAX_AUTOTUNE", "TORCH_COMPILE_DEBUG", "PYTORCH_CUDA_ALLOC_CONF")
+HERE = os.path.dirname(os.path.abspath(__file__))
 PEERS_HINT = ('timm peers skipped: timm is not importable here; install it in a separate venv '
               'with pip install -e ".[peers]" (README, "Peers (timm)")')
 
@@ -58,7 +73,16 @@ def reexec_with_malloc_fix(opt_out=False):
     if opt_out or any(k in os.environ for k in MALLOC_FIX):
         return
     env = {**os.environ, **MALLOC_FIX, REEXEC_MARK: "1"}
-    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+    os.execve(sys.executable, [sys.executable] + interpreter_flags() + sys.argv, env)
+
+
+def interpreter_flags():
+    """-W, -X, -O ... of this interpreter, so that the re-executed script warns (or fails on a
+    warning) as the command asked."""
+    try:
+        return subprocess._args_from_interpreter_flags()   # what multiprocessing uses
+    except AttributeError:
+        return [f"-W{w}" for w in sys.warnoptions]
 
 
 def cpu_name():
@@ -92,34 +116,128 @@ def malloc_note():
     return " ".join(f"{k}={os.environ[k]}" for k in MALLOC_FIX) + f", {how}"
 
 
+def timm_version():
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+        return version("timm")
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def git_commit():
+    """Short hash of HEAD, "(dirty)" if the tree differs from it (results files aside)."""
+    def git(*a):
+        return subprocess.run(["git", "-C", HERE, *a], capture_output=True, text=True,
+                              timeout=30, check=True).stdout.strip()
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", ".", ":(exclude)docs/results-*")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    return f"{head} (dirty)" if dirty else head
+
+
 def header(device, dtype):
+    """What a figure needs to be read later. dtype: a name or a list of names."""
     import torch
-    dev = (f"cuda ({torch.cuda.get_device_name()})" if device == "cuda"
-           else f"cpu ({cpu_name()}, {os.cpu_count()} cores)")
-    return {"torch": torch.__version__, "device": dev, "threads": torch.get_num_threads(),
-            "dtype": dtype, "malloc": malloc_note(), "load": load_note(),
-            "date": time.strftime("%Y-%m-%d %H:%M"), "python": sys.version.split()[0]}
+    head = {"torch": torch.__version__, "timm": timm_version(), "python": sys.version.split()[0],
+            "git": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads()}
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        head.update(gpu=f"{props.name}, {props.total_memory / 2 ** 30:.0f} GiB, "
+                        f"capability {props.major}.{props.minor}",
+                    cuda=torch.version.cuda,
+                    tf32=f"matmul {torch.backends.cuda.matmul.allow_tf32}, "
+                         f"cudnn {torch.backends.cudnn.allow_tf32}")
+        dev = f"cuda ({props.name})"
+    else:
+        dev = f"cpu ({head['cpu']}, {head['cores']} cores)"
+    head.update(device=dev, dtype=dtype if isinstance(dtype, str) else ",".join(dtype),
+                malloc=malloc_note(), load=load_note(),
+                command=shlex.join(["python"] + sys.argv), interpreter=sys.executable,
+                env={k: os.environ[k] for k in ENV_KEYS if k in os.environ})
+    return head
+
+
+def header_lines(head):
+    """The header as lines of at most TABLE_WIDTH characters."""
+    where = (f"gpu {head['gpu']}, CUDA {head['cuda']}, TF32 {head['tf32']}; host "
+             if "gpu" in head else "")
+    text = [f"torch {head['torch']} | timm {head['timm']} | python {head['python']} | "
+            f"commit {head['git']} | {head['date']}",
+            f"device {where}{head['cpu']}, {head['cores']} cores, {head['threads']} torch "
+            f"threads | dtype {head['dtype']}",
+            f"malloc: {head['malloc']}", f"load average: {head['load']}",
+            f"command: {head['command']}"]
+    if head.get("env"):
+        text.append("env: " + " ".join(f"{k}={v}" for k, v in head["env"].items()))
+    return [ln for t in text for ln in wrap(t, indent="")]
 
 
 def print_header(head):
-    print(" | ".join(f"{k} {v}" for k, v in head.items() if k not in ("malloc", "load")))
-    print(f"malloc: {head['malloc']}\nload average: {head['load']}")
+    print("\n".join(header_lines(head)))
 
 
-def print_table(title, rows, cols, notes=()):
-    """rows: list of dicts; cols: list of (key, heading, format); None prints as '-'."""
+def wrap(text, indent="  "):
+    """A note as lines of at most TABLE_WIDTH characters, continuation lines indented more."""
+    return textwrap.wrap(text, TABLE_WIDTH, initial_indent=indent,
+                         subsequent_indent=indent + "  ", break_on_hyphens=False) or [indent]
+
+
+def format_table(title, rows, cols, notes=(), optional=(), error_col=None):
+    """A fixed-width table as text. rows: dicts; cols: (key, heading, format) with format a
+    str.format pattern or a function; None prints as '-'. Columns in `optional` are left out
+    when no row has a value. A row's "error" becomes a numbered note, its number shown in the
+    error_col cell. Notes are wrapped to TABLE_WIDTH."""
     def fmt(v, f):
-        return "-" if v is None else v if isinstance(v, str) else f.format(v)
-    cells = [[h for _, h, _ in cols]] + [[fmt(r.get(k), f) for k, _, f in cols] for r in rows]
+        return "-" if v is None else v if isinstance(v, str) else f(v) if callable(f) \
+            else f.format(v)
+    cols = [c for c in cols if c[0] not in optional or any(r.get(c[0]) is not None
+                                                           for r in rows)]
+    errors = list(dict.fromkeys(r["error"] for r in rows if error_col and r.get("error")))
+    text = [any(isinstance(r.get(k), str) for r in rows) and
+            all(isinstance(r.get(k), str) or r.get(k) is None for r in rows) for k, _, _ in cols]
+    cells = [[h for _, h, _ in cols]]
+    for r in rows:
+        line = [fmt(r.get(k), f) for k, _, f in cols]
+        if error_col and r.get("error"):
+            i = [k for k, _, _ in cols].index(error_col)
+            mark = f"[{errors.index(r['error']) + 1}]"
+            line[i] = mark if line[i] == "-" else f"{line[i]} {mark}"
+        cells.append(line)
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    print(f"\n{title}")
+    out = [title]
     for j, row in enumerate(cells):
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                        for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+        out.append("  ".join(c.ljust(w) if text[i] else c.rjust(w)     # words left, numbers right
+                             for i, (c, w) in enumerate(zip(row, widths))).rstrip())
         if j == 0:
-            print("  ".join("-" * w for w in widths))
-    for n in notes:
-        print(f"  {n}")
+            out.append("  ".join("-" * w for w in widths))
+    notes = list(notes) + [f"[{i + 1}] {e}" for i, e in enumerate(errors)]
+    out += [ln for n in notes for ln in wrap(n)]
+    return "\n".join(out)
+
+
+def img_s(v):
+    """Images per second with 3 or 4 significant digits."""
+    return f"{v:.0f}" if v >= 1000 else f"{v:.1f}" if v >= 100 else f"{v:.2f}"
+
+
+def print_table(title, rows, cols, notes=(), optional=(), error_col=None):
+    print("\n" + format_table(title, rows, cols, notes, optional, error_col))
+
+
+def quiet_torch(device):
+    """Two messages of torch's that say nothing about a benchmark's figures. On CUDA, Inductor
+    advises TF32 for float32 matmuls: this benchmark keeps torch's default, which the header
+    records. On a CPU, a CUDA build of torch (timm's venv) warns at every compile that it found
+    no CUDA runtime: the C++ kernels it compiles do not need one."""
+    if device == "cuda":
+        import warnings
+        warnings.filterwarnings("ignore", message=".*TensorFloat32 tensor cores")
+    else:
+        import logging
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def log(msg):
@@ -190,15 +308,20 @@ def time_paired(fns, device, min_time, warmup):
 def time_steady(fn, device, min_time, warmup):
     """Median and IQR (ms) of fn after `warmup` calls, over at least min_time seconds.
 
-    torch.utils.benchmark synchronises CUDA around each block; num_threads is passed because
-    Timer would otherwise time with a single thread.
+    On CUDA the clock synchronises the device before each reading (torch.utils.benchmark's
+    default clock does too in recent torch; here it does not depend on the version);
+    num_threads is passed because Timer would otherwise time with a single thread.
     """
     import torch
     from torch.utils.benchmark import Timer
     for _ in range(warmup):
         fn()
     sync(device)
-    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+
+    def clock():
+        sync(device)
+        return time.perf_counter()
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads(), timer=clock)
     m = timer.adaptive_autorange(IQR_THRESHOLD, min_run_time=min_time,
                                  max_run_time=MAX_TIME_FACTOR * min_time)
     iqr = 1e3 * m.iqr if len(m.raw_times) >= 4 else None    # no spread from 1-3 samples
@@ -208,6 +331,13 @@ def time_steady(fn, device, min_time, warmup):
 # -------------------------------------------------------------------------------- rows
 def is_ours(name):
     return name.startswith(OURS_PREFIXES)
+
+
+def mode_label(spec):
+    """The row's mode: eager, compiled or compile_blocks, with its torch.compile mode's tag
+    unless that is the default, e.g. compiled[cg]."""
+    tag = INDUCTOR_MODES.get(spec.get("compile_mode") or "default", "?") if spec["compile"] else ""
+    return MODE_NAMES[spec["compile"]] + (f"[{tag}]" if tag else "")
 
 
 def timm_available():
@@ -232,7 +362,8 @@ def make_model(spec):
 def make_runner(spec):
     """A no-argument callable for spec: one inference forward (no_grad) or one training step
     (forward, cross-entropy on random labels, backward, fused AdamW step, zero_grad), and the
-    params."""
+    params. spec["compile_mode"] is torch.compile's mode (default if absent); with CUDA graphs
+    every call starts a new graph step, since no output is kept between calls."""
     import torch
     import torch.nn.functional as F
     device, dtype = spec["device"], getattr(torch, spec["dtype"])
@@ -243,18 +374,28 @@ def make_runner(spec):
     if mode == "blocks" and not is_ours(spec["model"]):
         raise ValueError(f"compile 'blocks' is vmamba_min.compile_blocks: ours only, "
                          f"not {spec['model']}")
+    inductor_mode = spec.get("compile_mode") or "default"
+    if inductor_mode not in INDUCTOR_MODES:
+        raise ValueError(f"compile_mode: want one of {tuple(INDUCTOR_MODES)}, got "
+                         f"{inductor_mode!r}")
+    cuda_graphs = bool(mode) and inductor_mode in CUDA_GRAPH_MODES
+    if cuda_graphs and device != "cuda":
+        raise ValueError(f"compile_mode {inductor_mode!r} captures CUDA graphs: CUDA only")
+    kw = {} if inductor_mode == "default" else {"mode": inductor_mode}
     model = make_model(spec).to(device).train(spec["train"])
     fwd = model
     if mode == "model":
-        fwd = torch.compile(model, dynamic=False)
+        fwd = torch.compile(model, dynamic=False, **kw)
     elif mode == "blocks":
         import vmamba_min
-        vmamba_min.compile_blocks(model)  # in place: the blocks compile on the first call
+        vmamba_min.compile_blocks(model, **kw)  # in place: the blocks compile on the first call
+    step_begin = torch.compiler.cudagraph_mark_step_begin if cuda_graphs else lambda: None
     x = torch.randn(spec["batch"], 3, spec["res"], spec["res"], device=device)
     amp = lambda: torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)  # noqa
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
     if not spec["train"]:
         def infer():
+            step_begin()
             with torch.no_grad(), amp():
                 return fwd(x)
         return infer, params_m
@@ -264,6 +405,7 @@ def make_runner(spec):
     opt = torch.optim.AdamW(model.parameters(), fused=True)
 
     def step():
+        step_begin()
         with amp():
             loss = F.cross_entropy(fwd(x), labels)
         loss.backward()
@@ -273,14 +415,20 @@ def make_runner(spec):
 
 
 def cuda_peak_mb(fn):
-    """Extra CUDA memory one call needs on top of what is allocated before it."""
+    """Extra CUDA memory one call needs on top of what is allocated before it (a CUDA graph's
+    pool was allocated at capture: not counted). None if the call fails (out of memory): the
+    row's timing stands."""
     import torch
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    try:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    except Exception as e:               # noqa: BLE001
+        log(f"peak memory call failed: {error_text(e)}")
+        return None
 
 
 def error_text(e):
@@ -325,7 +473,7 @@ def run_group(specs, min_time, warmup):
         bad = live[e.index][0]
         bad["error"] = error_text(e.__cause__)
         for row, _ in live:
-            row.setdefault("error", f"not timed: the {MODE_NAMES[bad['compile']]} row of its "
+            row.setdefault("error", f"not timed: the {mode_label(bad)} row of its "
                                     f"group failed while timing")
     live = fn = None
     gc.collect()
@@ -409,7 +557,8 @@ def memory_child(spec):
 def measure_memory(spec):
     """Peak MB of one call of spec's runner, measured in a fresh process (see the docstring)."""
     env = {**os.environ, MEMORY_CHILD_MARK: "1"}
-    cmd = [sys.executable, os.path.abspath(__file__), "--memory", json.dumps(spec)]
+    cmd = [sys.executable, *interpreter_flags(), os.path.abspath(__file__), "--memory",
+           json.dumps(spec)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
     if proc.returncode != 0:
         log(f"memory child for {spec['model']} exited with {proc.returncode}")
@@ -432,7 +581,7 @@ def add_memory(rows):
     for r in rows:
         if r["device"] == "cpu" and "error" not in r:
             spec = {k: r[k] for k in ("model", "res", "batch", "device", "dtype", "compile",
-                                      "train", "overrides") if k in r}
+                                      "compile_mode", "train", "overrides") if k in r}
             log(f"memory: {r['model']} batch {r['batch']} (child process)")
             r["peak_mb"] = measure_memory(spec)
     return rows
@@ -459,7 +608,9 @@ def main():
     p.add_argument("--memory", help=argparse.SUPPRESS)   # internal: the memory child
     args = p.parse_args()
     if args.memory:
-        print(json.dumps(memory_child(json.loads(args.memory))))
+        spec = json.loads(args.memory)
+        quiet_torch(spec["device"])
+        print(json.dumps(memory_child(spec)))
     elif args.check:
         reexec_with_malloc_fix()
         import torch

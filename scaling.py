@@ -1,25 +1,25 @@
 """scaling.py: how time and memory grow with the image size, VMamba-T against timm's DeiT-S and
-Swin-T (inference, batch 1 by default).
+Swin-T (inference, batch 1 by default): the paper's resolution study.
 
     python scaling.py                       224..640 px on a CPU, 224..1024 px on CUDA, eager
     python scaling.py --res 224,512,1024    other sizes
     python scaling.py --compile             compiled models (minutes per size on a CPU)
     python scaling.py --json                one JSON object instead of the table
+    python bench.py --scaling --report      the same study inside bench.py's results page
 
 The paper's claim is linear cost in the number of tokens L = (res / patch)^2 for VMamba against
-quadratic for global attention. DeiT-S (deit_small_patch16_224, global attention) is the ViT the
-paper sets next to VMamba-T; Swin-T (swin_tiny_patch4_window7_224, windowed attention, linear)
-is the hierarchical peer. Both come from timm with random weights, created at each size
-(img_size=res); a size a model rejects is a row that says why. Without timm only VMamba runs.
-Timing and memory as in bench.py (benchkit.py): rows timed one after another in this process,
-median over at least --min-time seconds; peak memory in a child process per row (CPU).
-Output: the table, the exponent p in time ~ L^p between the smallest and the largest size that
-ran (1: linear, 2: quadratic), bench_out/scaling.csv and, with matplotlib, scaling.png.
+quadratic for global attention. DeiT-S (global attention) is the ViT the paper sets next to
+VMamba-T; Swin-T (windowed attention, linear) the hierarchical peer. Both come from timm with
+random weights, created at each size; a size a model rejects is a row that says why. Without timm
+only VMamba runs. study() does the measuring (rows timed one after another, benchkit.run_row;
+peak memory as in bench.py), format_study() the table and the exponent p in time ~ L^p between
+the smallest and the largest size that ran (1: linear, 2: quadratic), plot() the log-log chart.
 """
 import argparse
 import csv
 import math
 import os
+import re
 import time
 
 import benchkit as bk
@@ -31,8 +31,17 @@ BATCH = 1
 MIN_TIME = 1.0                # seconds of timed calls per row, at least
 WARMUP = 2
 OUT_DIR = "bench_out"
-CSV_KEYS = ("model", "res", "batch", "mode", "ms", "iqr_ms", "img_s", "peak_mb", "compile_s",
-            "error")
+PATCH = {"vmamba_": 4}        # pixels per token side at the first stage; timm names say patchN
+CSV_KEYS = ("model", "res", "tokens", "batch", "mode", "ms", "iqr_ms", "img_s", "peak_mb",
+            "compile_s", "error")
+
+
+def res_list(text):
+    """'224,512' -> [224, 512]; ValueError on anything else."""
+    out = [int(r) for r in text.split(",")]
+    if not out or min(out) < 1:
+        raise ValueError(text)
+    return out
 
 
 def parse_args(argv=None):
@@ -50,17 +59,38 @@ def parse_args(argv=None):
     p.add_argument("--no-malloc-fix", action="store_true")
     args = p.parse_args(argv)
     try:
-        args.res = [int(r) for r in (args.res or RES[args.device]).split(",")]
+        args.res = res_list(args.res or RES[args.device])
     except ValueError:
         p.error(f"--res: want sizes such as 224,512, got {args.res!r}")
     return p, args
 
 
-def specs(args):
-    models = MODELS if bk.timm_available() else MODELS[:1]
-    mode = "model" if args.compile else False            # torch.compile(model) for every model
-    return [dict(model=m, res=r, batch=args.batch, device=args.device, dtype=args.dtype,
-                 compile=mode, train=False) for m in models for r in args.res]
+# -------------------------------------------------------------------------------- measuring
+def tokens(model, res):
+    """L: tokens of the first stage, (res // patch)^2."""
+    m = re.search(r"patch(\d+)", model)
+    patch = int(m.group(1)) if m else next(v for k, v in PATCH.items() if model.startswith(k))
+    return (res // patch) ** 2
+
+
+def specs(res, batch=BATCH, device="cpu", dtype="float32", compile_=False, peers=True):
+    models = MODELS if peers and bk.timm_available() else MODELS[:1]
+    mode = "model" if compile_ else False                 # torch.compile(model) for every model
+    return [dict(model=m, res=r, batch=batch, device=device, dtype=dtype, compile=mode,
+                 train=False) for m in models for r in res]
+
+
+def study(res, batch=BATCH, device="cpu", dtype="float32", min_time=MIN_TIME, warmup=WARMUP,
+          compile_=False, peers=True):
+    """Time every model at every size, then memory; returns {"rows", "growth", ...}."""
+    rows = []
+    for spec in specs(res, batch, device, dtype, compile_, peers):
+        bk.log(f"scaling: {spec['model']} {spec['res']}x{spec['res']}")
+        rows.append({**bk.run_row(spec, min_time, warmup), "mode": bk.mode_label(spec),
+                     "tokens": tokens(spec["model"], spec["res"])})
+    rows = bk.add_memory(rows)
+    return {"rows": rows, "growth": growth(rows), "compiled": compile_, "batch": batch,
+            "dtype": dtype, "peers_missing": peers and not bk.timm_available()}
 
 
 def growth(rows):
@@ -80,8 +110,32 @@ def growth(rows):
     return out
 
 
+# -------------------------------------------------------------------------------- output
+COLS = [("model", "model", "{}"), ("res", "res", "{}"), ("tokens", "tokens L", "{}"),
+        ("ms", "ms/batch", "{:.1f}"), ("iqr_ms", "iqr", "{:.1f}"), ("img_s", "img/s", "{:.2f}"),
+        ("peak_mb", "peak MB", "{:.0f}"), ("compile_s", "compile s", "{:.1f}")]
+
+
+def format_study(result):
+    """The table and one exponent line per model, as text."""
+    title = (f"input scaling: {'compiled' if result['compiled'] else 'eager'} inference, batch "
+             f"{result['batch']}, {result['dtype']}")
+    notes = [f"{m}: {g['from_res']} -> {g['to_res']} px (tokens x{g['L_ratio']:.1f}): time "
+             f"L^{g['time_exponent']:.2f}" +
+             (f", memory L^{g['mem_exponent']:.2f}" if "mem_exponent" in g else "")
+             for m, g in result["growth"].items()]
+    notes += ["exponent p in cost ~ L^p: 1 = linear in tokens, 2 = quadratic; tokens L = "
+              "(res / patch)^2 at the first stage (patch 4 for VMamba-T and Swin-T, 16 for "
+              "DeiT-S); peak MB: extra memory of one forward (CPU: rise of peak RSS in a child "
+              "process per row; CUDA: max_memory_allocated)"]
+    if result.get("peers_missing"):
+        notes.append(bk.PEERS_HINT)
+    return bk.format_table(title, result["rows"], COLS, notes, optional=("compile_s", "iqr_ms"),
+                           error_col="ms")
+
+
 def write_csv(rows, path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, CSV_KEYS, extrasaction="ignore")
         w.writeheader()
@@ -89,8 +143,9 @@ def write_csv(rows, path):
     return path
 
 
-def plot(rows, path):
-    """Time and memory against size, log-log; None without matplotlib."""
+def plot(rows, path, title=None):
+    """Time and memory against tokens L, log-log, with L^1 and L^2 guides; None without
+    matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -98,37 +153,28 @@ def plot(rows, path):
     except ImportError:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for model in dict.fromkeys(r["model"] for r in rows):
-        ok = [r for r in rows if r["model"] == model and r.get("ms")]
-        axes[0].plot([r["res"] for r in ok], [r["ms"] for r in ok], "o-", label=model)
-        mem = [r for r in ok if r.get("peak_mb")]
-        axes[1].plot([r["res"] for r in mem], [r["peak_mb"] for r in mem], "o-", label=model)
-    for ax, ylabel in zip(axes, ("ms per batch", "peak MB (one forward)")):
-        ax.set(xscale="log", yscale="log", xlabel="image size (px)", ylabel=ylabel)
+    for i, key in enumerate(("ms", "peak_mb")):
+        ax, lo = axes[i], None
+        for model in dict.fromkeys(r["model"] for r in rows):
+            ok = [r for r in rows if r["model"] == model and r.get(key)]
+            if ok:
+                ax.plot([r["tokens"] for r in ok], [r[key] for r in ok], "o-", label=model)
+                lo = min(lo or ok[0], ok[0], key=lambda r: r["tokens"])
+        xs = sorted({r["tokens"] for r in rows if r.get(key)})
+        if lo and len(xs) > 1:                 # guides through the leftmost point
+            for p, style in ((1, ":"), (2, "--")):
+                ax.plot(xs, [lo[key] * (x / lo["tokens"]) ** p for x in xs], style,
+                        color="grey", lw=0.8, label=f"~ L^{p}")
+        ax.set(xscale="log", yscale="log", xlabel="tokens L (first stage)",
+               ylabel="ms per batch" if key == "ms" else "peak MB (one forward)")
         ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     return path
-
-
-MODEL_COLS = [("model", "model", "{}"), ("res", "res", "{}"), ("batch", "batch", "{}"),
-              ("ms", "ms/batch", "{:.1f}"), ("iqr_ms", "iqr", "{:.1f}"),
-              ("img_s", "img/s", "{:.2f}"), ("peak_mb", "peak MB", "{:.0f}"),
-              ("compile_s", "compile s", "{:.1f}"), ("error", "error", "{}")]
-
-
-def report(result):
-    bk.print_table(f"input scaling, {'compiled' if result['compiled'] else 'eager'}",
-                   result["rows"], MODEL_COLS)
-    for m, g in result["growth"].items():
-        mem = f", memory L^{g['mem_exponent']:.2f}" if "mem_exponent" in g else ""
-        print(f"  {m}: {g['from_res']} -> {g['to_res']} px (tokens x{g['L_ratio']:.1f}): "
-              f"time L^{g['time_exponent']:.2f}{mem}")
-    print("  exponent p in cost ~ L^p: 1 = linear in tokens, 2 = quadratic")
-    if not bk.timm_available():
-        print(f"  {bk.PEERS_HINT}")
-    print(f"  wrote {result['csv']}" + (f" and {result['plot']}" if result["plot"] else
-                                       " (no PNG: matplotlib is not installed)"))
 
 
 def main(argv=None):
@@ -137,24 +183,22 @@ def main(argv=None):
     import torch
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False on this machine")
+    bk.quiet_torch(args.device)
     t0 = time.perf_counter()
-    result = {"header": bk.header(args.device, args.dtype), "compiled": args.compile}
-    rows = []
-    for spec in specs(args):
-        bk.log(f"scaling: {spec['model']} {spec['res']}x{spec['res']}")
-        rows.append({**bk.run_row(spec, args.min_time, args.warmup),
-                     "mode": "compiled" if args.compile else "eager"})
-    result["rows"] = bk.add_memory(rows)
-    result["growth"] = growth(rows)
-    result["csv"] = write_csv(rows, os.path.join(OUT_DIR, "scaling.csv"))
-    result["plot"] = plot(rows, os.path.join(OUT_DIR, "scaling.png"))
+    result = {"header": bk.header(args.device, args.dtype)}
+    result.update(study(args.res, args.batch, args.device, args.dtype, args.min_time,
+                        args.warmup, args.compile))
+    result["csv"] = write_csv(result["rows"], os.path.join(OUT_DIR, "scaling.csv"))
+    result["plot"] = plot(result["rows"], os.path.join(OUT_DIR, "scaling.png"))
     result["wall_s"] = time.perf_counter() - t0
     if args.json:
         import json
         print(json.dumps(result, indent=1))
     else:
         bk.print_header(result["header"])
-        report(result)
+        print("\n" + format_study(result))
+        print(f"  wrote {result['csv']}" + (f" and {result['plot']}" if result["plot"] else
+                                           " (no PNG: matplotlib is not installed)"))
         print(f"\ntotal {result['wall_s']:.0f} s")
 
 

@@ -1,6 +1,8 @@
-"""Tests of bench.py and benchkit.py that need no timing figures: argument parsing, the CUDA usage
-error, the shape of table and JSON rows (tiny model, short --min-time), the peers' rows (only
-where timm is importable), and that measuring memory leaves the timing process's malloc alone.
+"""Tests of bench.py, benchkit.py, scaling.py and report.py that need no timing figures: argument
+parsing, the CUDA usage error, the shape of table and JSON rows (tiny model, short --min-time),
+the peers' rows (only where timm is importable), that measuring memory leaves the timing
+process's malloc alone, that printed tables fit 120 columns, that a run warns of nothing, and
+the results page (summary ratios, one page per platform, charts optional).
 
 The malloc test asks glibc (mallinfo2) whether a block larger than the whole heap is served by
 mmap: never under bench's MALLOC_FIX (MALLOC_MMAP_MAX_=0), always after the give-back switch that
@@ -18,6 +20,7 @@ import pytest
 
 import bench
 import benchkit as bk
+import report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # A VMamba small enough for seconds: one block per stage, width 16, 64 x 64 images.
@@ -57,7 +60,7 @@ def test_specs_cover_every_batch_and_mode():
     assert [bench.label(s)["mode"] for s in specs[:3]] == ["eager", "compiled", "compile_blocks"]
     train = bench.model_specs(args, train=True)
     assert all(s["train"] for s in train) and {s["model"] for s in train} == set(bench.OURS)
-    _, args = bench.parse_args(["--train", "--compile-models", "blocks"])
+    _, args = bench.parse_args(["--train", "--compile-models", "blocks", "--no-peers"])
     assert [s["compile"] for s in bench.model_specs(args, train=True)] == [False, "blocks"] * 2
     _, args = bench.parse_args(["--models"])
     assert args.compile_models == [] and {s["compile"] for s in bench.model_specs(args)} == {False}
@@ -74,7 +77,7 @@ def test_groups_are_a_models_modes():
                                 "--no-peers", "--all-models"])
     groups = bench.groups(bench.model_specs(args))
     assert [[bench.label(s)["mode"] for s in g] for g in groups] == [
-        ["eager", "compile_blocks"], ["eager"]] * 4           # the loop-scan row stands alone
+        ["eager", "compile_blocks"], ["loop scan"]] * 4       # the loop-scan row stands alone
     assert [(g[0]["model"], g[0]["batch"]) for g in groups[::2]] == [
         (m, b) for b in (1, 8) for m in bench.OURS]
 
@@ -128,12 +131,14 @@ def test_model_rows_table_and_json_shape(capsys):
         assert r["img_s"] == pytest.approx(1e3 * r["batch"] / r["ms"])
         assert r["params_m"] > 0 and r["mode"] == "eager" and r["source"] == "ours"
     assert "no_such_option" in rows[2]["error"]          # a failing row says why, run goes on
-    result = json.loads(json.dumps({"models": rows[:1], "train": rows[1:]}))
-    bench.print_results(result, bench.parse_args(["--res", "64"])[1])
+    result = json.loads(json.dumps({"models": rows[:1], "train": rows[1:],
+                                    "config": {"res": 64}}))
+    bench.print_results(result)
     out = capsys.readouterr().out
     lines = [ln for ln in out.splitlines() if ln.startswith("vmamba_tiny_s1l8")]
-    assert len(lines) == 3 and "ValueError" in lines[-1]
-    assert "models: inference" in out and "training step" in out
+    assert len(lines) == 3 and lines[-1].split()[3] == "[1]"   # the error's note number
+    assert "[1] ValueError" in out and "no_such_option" in out
+    assert "models: inference (no_grad), 64x64, float32" in out and "training step" in out
 
 
 def test_scan_rows_shape():
@@ -223,3 +228,195 @@ def test_scaling_growth_exponent_and_res_parsing():
     with pytest.raises(SystemExit) as e:
         scaling.parse_args(["--res", "224,big"])
     assert e.value.code == 2
+
+
+def test_compile_mode_and_dtype_lists():
+    _, args = bench.parse_args(["--models", "--no-peers", "--dtype", "float32,bfloat16",
+                                "--compile-models", "model", "--compile-mode",
+                                "default,max-autotune-no-cudagraphs"])
+    specs = bench.model_specs(args)
+    assert [(s["dtype"], bench.label(s)["mode"]) for s in specs[:3]] == [
+        ("float32", "eager"), ("float32", "compiled"), ("float32", "compiled[at]")]
+    assert {s["dtype"] for s in specs} == {"float32", "bfloat16"}
+    assert [len(g) for g in bench.groups(specs)] == [3] * 4      # per dtype, batch and model
+    for argv in (["--compile-models", "--compile-mode", "reduce-overhead"],   # CUDA graphs: CUDA
+                 ["--compile-mode", "max-autotune-no-cudagraphs"],           # no compiled rows
+                 ["--compile-models", "--compile-mode", "fast"], ["--dtype", "float16"]):
+        with pytest.raises(SystemExit) as e:
+            bench.parse_args(argv)
+        assert e.value.code == 2
+    spec = dict(TINY, compile="model", compile_mode="reduce-overhead")
+    assert "CUDA only" in bk.run_row(spec, **SHORT)["error"]
+
+
+def test_train_table_has_the_peers(monkeypatch):
+    monkeypatch.setattr(bk, "timm_available", lambda: True)
+    _, args = bench.parse_args(["--train", "--compile-models", "model"])
+    models = [s["model"] for s in bench.model_specs(args, train=True)]
+    assert models == [m for m in bench.OURS + bench.PEERS for _ in range(2)]
+
+
+def test_scaling_tokens():
+    import scaling
+    assert scaling.tokens("vmamba_tiny_s1l8", 224) == 56 ** 2
+    assert scaling.tokens("swin_tiny_patch4_window7_224", 448) == 112 ** 2
+    assert scaling.tokens("deit_small_patch16_224", 224) == 14 ** 2
+
+
+def test_reexec_keeps_interpreter_flags():
+    code = "import benchkit; print(benchkit.interpreter_flags())"
+    out = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], cwd=HERE,
+                         capture_output=True, text=True, check=True).stdout
+    assert "-Werror::UserWarning" in out
+
+
+# -------------------------------------------------------------------------------- fake results
+def _model_rows(train, dtype, device="cuda"):
+    """Rows as bench.py makes them, with figures as wide as a GPU at batch 128 gives."""
+    rows = []
+    for i, model in enumerate(bench.OURS + bench.PEERS):
+        for compile_, mode in [(False, None), ("model", "default"), ("model", "max-autotune"),
+                               ("blocks", "max-autotune")]:
+            if compile_ == "blocks" and not bk.is_ours(model):
+                continue
+            spec = dict(model=model, res=224, batch=128, device=device, dtype=dtype,
+                        compile=compile_, compile_mode=mode, train=train, overrides={})
+            r = dict(spec, ms=25352.8 / (i + 1), iqr_ms=131.9, calls=1000, peak_mb=19157.0,
+                     params_m=28.3, vs_eager=0.43 if compile_ else 1.0)
+            r["img_s"] = 1e3 * 128 / r["ms"] * (2 if compile_ == "model" else 1)
+            if compile_:
+                r["compile_s"] = 267.5
+            rows.append({**r, **bench.label(spec)})
+    rows.append({**dict(rows[0], ms=None, img_s=None, peak_mb=None, compile="model",
+                        compile_mode="max-autotune-no-cudagraphs", compile_s=None,
+                        error="OutOfMemoryError: CUDA out of memory. Tried to allocate 19.62 GiB."
+                              " GPU 0 has a total capacity of 139.81 GiB of which 2.2 GiB is "
+                              "free. Including non-PyTorch memory, this process has 137 GiB"),
+                 "mode": "compiled[at]"})
+    return rows
+
+
+def fake_result():
+    scan_rows = []
+    for gen, shape in (("v0", "1x768x3136x16"), ("v2", "1x384x3136x1")):
+        for pass_ in ("fwd", "fwd+bwd"):
+            scan_rows.append(dict(scan=gen, stage=1, shape=shape, pass_=pass_, dtype="float32",
+                                  naive_ms=10054.3 if pass_ == "fwd" else None, eager_ms=1330.9,
+                                  eager_iqr_ms=15.3, eager_x=127.7, eager_bx=2.72,
+                                  compiled_ms=1108.7, compiled_iqr_ms=3.6, compiled_x=123.8,
+                                  compiled_bx=2.63, compile_s=114.5, err_vs="naive",
+                                  eager_err=9.5e-07, eager_rel=1.2e-07, compiled_err=1.4e-06,
+                                  compiled_rel=1.7e-07))
+    for r in scan_rows:
+        r["pass"] = r.pop("pass_")
+    scan_rows[-1].update(compiled_ms=None, compiled_err=None, compiled_rel=None,
+                         error="compiled: BackendCompilerFailed: backend='inductor' raised: "
+                               "CppCompileError: C++ compile error " + "x" * 100)
+    scal = [dict(model=m, res=r, tokens=(r // 4) ** 2, batch=1, ms=1530.4, iqr_ms=61.4,
+                 img_s=0.87, peak_mb=19157.0, mode="eager", dtype="float32")
+            for m in ("vmamba_tiny_s1l8", "swin_tiny_patch4_window7_224") for r in (224, 1024)]
+    scal.append(dict(model="deit_small_patch16_224", res=1024, tokens=4096, batch=1, mode="eager",
+                     dtype="float32", error="RuntimeError: " + "too big " * 30))
+    import scaling
+    result = {"header": bk.header("cpu", ["float32", "bfloat16"]), "config": {"res": 224},
+              "scan": scan_rows, "wall_s": 12.0,
+              "models": _model_rows(False, "float32") + _model_rows(False, "bfloat16"),
+              "train": _model_rows(True, "float32"),
+              "scaling": {"rows": scal, "growth": scaling.growth(scal), "compiled": False,
+                          "batch": 1, "dtype": "float32", "peers_missing": False},
+              "notes": [bk.PEERS_HINT]}
+    result["summary"] = report.summarize(result)
+    return result
+
+
+def test_printed_tables_and_notes_fit_120_columns(capsys):
+    bench.print_results(fake_result())
+    bk.print_header(fake_result()["header"])
+    out = capsys.readouterr().out
+    assert "compile_blocks[at+cg]" in out and "[1] OutOfMemoryError" in out
+    assert "selective scan (float32): compile time and errors" in out
+    assert "input scaling" in out and "summary, training step (float32)" in out
+    too_wide = [ln for ln in out.splitlines() if len(ln) > bk.TABLE_WIDTH]
+    assert not too_wide, "\n".join(too_wide)
+
+
+def test_summary_ratios_against_swin():
+    rows = []
+    for model, eager, comp, blocks in (("vmamba_tiny_s1l8", 6.0, 9.0, 9.5),
+                                       ("swin_tiny_patch4_window7_224", 12.0, 13.0, None)):
+        for compile_, img_s in ((False, eager), ("model", comp), ("blocks", blocks)):
+            if img_s is not None:
+                spec = dict(model=model, batch=1, dtype="float32", compile=compile_,
+                            compile_mode="default" if compile_ else None, overrides={})
+                rows.append({**spec, **bench.label(spec), "img_s": img_s, "peak_mb": 50.0,
+                             "compile_s": 30.0 if compile_ else None})
+    [s] = report.summarize({"models": rows})
+    assert s["model"] == "vmamba_tiny_s1l8" and s["kind"] == "inference"
+    assert s["eager_x"] == pytest.approx(0.5)                # eager against eager
+    assert s["compiled"] == "compile_blocks"                 # our best compiled row ...
+    assert s["compiled_x"] == pytest.approx(9.5 / 13.0)      # ... against Swin-T's best
+    assert s["reference"]["compiled"] == "compiled"
+    assert s["compile_s_by_mode"] == {"compiled": 30.0, "compile_blocks": 30.0}
+
+
+def test_report_one_page_per_platform(tmp_path, monkeypatch):
+    result = fake_result()
+    sections = bench.render(result)
+    (tmp_path / "results-cpu-scan.png").write_text("")      # not a chart name: left alone
+    (tmp_path / "results-cpu-train.png").write_text("stale")
+    del result["train"]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)     # no matplotlib: charts skipped
+    cuda = report.write(result, sections, str(tmp_path), "cuda")["paths"]
+    written = report.write(result, sections, str(tmp_path), "cpu")
+    assert all(os.path.exists(p) for p in cuda + written["paths"])   # the CUDA page stays
+    assert written["charts"] == {"models": None, "scaling": None}    # skipped, and said so
+    assert not (tmp_path / "results-cpu-train.png").exists()  # stale: another run's chart
+    assert (tmp_path / "results-cpu-scan.png").exists()
+    md = (tmp_path / "results-cpu.md").read_text()
+    assert "do not edit" in md.splitlines()[0] and "Incomplete" not in md
+    head = result["header"]
+    for field in ("torch", "timm", "git", "date", "command", "malloc", "cpu"):
+        assert str(head[field]).replace("|", "\\|") in md, field
+    assert "UTC" in head["date"] and f"{head['cores']} cores" in md
+    assert "chart `models` skipped: matplotlib is not installed" in md
+    assert "```text\nsummary, inference (float32)" in md and "## Rows (JSON)" in md
+    page = json.loads((tmp_path / "results-cpu.json").read_text())
+    assert page["header"]["git"] == head["git"] and page["summary"] == json.loads(
+        json.dumps(result["summary"]))
+    rows_block = md.split("```json\n")[1].split("\n```")[0]
+    assert len(json.loads(rows_block)["models"]) == len(result["models"])
+    result["header"].update(gpu="NVIDIA H200, 140 GiB, capability 9.0", cuda="13.0",
+                            tf32="matmul False, cudnn True")      # what a CUDA run adds
+    report.write(result, sections, str(tmp_path), "cuda")
+    assert "| GPU | NVIDIA H200, 140 GiB" in (tmp_path / "results-cuda.md").read_text()
+    assert all(len(ln) <= bk.TABLE_WIDTH for ln in bk.header_lines(result["header"]))
+
+
+def test_a_tiny_run_warns_of_nothing():
+    """Warnings as errors around what a default run does with a model, a training step, the
+    scan rows and the tables."""
+    import warnings
+    _, args = bench.parse_args(["--scan", "--no-compile", "--min-time", "0.01"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = [bk.run_row(TINY, **SHORT), bk.run_row(dict(TINY, train=True), **SHORT)]
+        assert all("error" not in r for r in rows), rows
+        scan_rows = bench.scan_shape_rows("v2", 4, args)
+        bench.render({"config": {"res": 64}, "scan": scan_rows,
+                      "models": [{**r, **bench.label(r)} for r in rows]})
+
+
+def test_a_failing_table_is_a_note_and_the_page_follows_the_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "scan_table", lambda args: 1 / 0)
+    monkeypatch.setattr(bench, "model_rows",
+                        lambda specs, args: _model_rows(False, "float32", "cpu")[:2])
+    pages, write = [], report.write
+    monkeypatch.setattr(report, "write", lambda result, *a: pages.append(
+        result.get("partial")) or write(result, *a))
+    _, args = bench.parse_args(["--scan", "--models", "--no-peers", "--report", "--report-dir",
+                                str(tmp_path)])
+    result = bench.run_all(args)
+    assert "the scan table failed: ZeroDivisionError" in result["notes"][0]
+    assert pages == ["partial: the run has yet to do models"]   # after the first table
+    assert "Incomplete" in (tmp_path / "results-cpu.md").read_text()
+    assert "partial" not in result and result["summary"][0]["model"] == "vmamba_tiny_s1l8"

@@ -1,103 +1,1408 @@
-"""gpu_check.py: a short check for a machine with a GPU (about two minutes on an H200).
+"""gpu_check.py: the one prepared GPU run, about 9 minutes on one H100/H200 with every compile.
 
-The chunked scan on CUDA against the same scan in float64 on CUDA, eager and compiled (Triton),
-output and all seven gradients, at the stage-1 shapes of v0 and v2, with CUDA-event timings;
-then both models' eager inference at batch 1 and 128 (ms, img/s, peak memory). Prints one JSON
-line per result and appends them to $OUT/gpu.jsonl (or ./gpu.jsonl). `bench.py --device cuda`
-is the full comparison; this is the quick one.
+    OUT=DIR python gpu_check.py                 all phases, files into $OUT (or --out DIR)
+    python gpu_check.py --phases models,profile  a second run of some phases
+    python gpu_check.py --device cpu --dry-run  the same code paths at tiny shapes (CPU, ~3 min;
+                                                aot_eager for most compiles: see make_plan)
+
+Phases, the most valuable first. Each ends at a mark, a fraction of --budget-s (480 s) from the
+start (PHASE_END), and starts no item (one scan path at one shape, one model row) that its
+estimate (EST_S, then what the run measured) says would not finish by then: a skipped item
+says so in gpu.json, and what a phase leaves goes to the next. A phase that fails records why
+(type and first line) and the next one runs. Ends on an H100/H200, in seconds from the start:
+  1 card     versions, commit, device copy bandwidth (a 2 GiB clone, CUDA events), matmul
+             TFLOP/s                                                                 [by 19]
+  2 scan     stage-1 scans of VMamba-T, v2 (b x 384 x 3136, N = 1) and v0 (b x 768 x 3136,
+             N = 16), in scan_cells' order: chunked eager / compiled, assoc compiled / eager,
+             big batch first; fwd and fwd+bwd ms, their ratio, "x floor" (ms over the bytes the
+             call must move / the measured copy bandwidth), errors of y and all 7 gradients
+             against the same scan in float64 on the device                          [by 158]
+  3 models   batch 128, 224 px, in model_plan's order: vmamba_tiny_s1l8, Swin-T (timm),
+             vanilla_vmamba_tiny; inference eager / compiled / compile_blocks, fp32 / bf16
+             autocast; training steps (fwd + CE + bwd + fused AdamW); "floor" (s1l8 with its
+             scan replaced by elementwise work on the same inputs) and "chunked" (compiled with
+             the chunked scan forced) variants; img/s, compile s, peak GB, ratio to Swin-T's
+             best row of the same kind                                              [by 384]
+  4 profile  torch.profiler, top 30 ops by self device time: compiled s1l8 inference and one
+             training step (eager if it was not compiled in time) -> profile.txt     [by 413]
+  5 tests    the CUDA test subset, pytest in a subprocess per set (TEST_SETS)        [by 466]
+  6 report   bench.py --report, if bench.py has it and time is left                  [by 480]
+The parent kills the run at --hard-s (budget + HARD_GRACE_S = 540 s), for a compile that ran
+long. Timing: CUDA events around each call, recorded back to back and read after one
+synchronize; median of >= REPS_MIN calls after WARMUP calls (and after the compile call). Scans
+run with TF32 off (the error check needs float32); models with torch's defaults (matmul TF32
+off, cuDNN TF32 on), recorded in the header.
+
+Files in the output folder (at most 5): gpu.json (every figure, rewritten after each one),
+gpu.log (all output, compiler and pytest included), profile.txt, kernels.tar.gz (the .py files
+Inductor generated: per graph a wrapper that launches the Triton kernels, plus their sources;
+INDEX.txt inside maps each compiled row to its wrappers) and report.tar.gz (phase 6).
+How: this process (the parent, no torch) starts itself again as the child that runs the phases,
+tees its output into gpu.log, ends it at the hard stop (or on SIGTERM / SIGINT), then packs the
+kernels and prints the summary: a run that hangs or is killed still leaves everything measured
+so far, and gpu.json names the item it was on. Without .git in the copy, GPU_CHECK_COMMIT=<hash>
+names the commit (the header has a hash of every .py file in any case).
+
+Letters as in scan.py: b batch, K = 4 routes, D channels per route, L = H*W, N state size.
 """
+import argparse
+import gc
+import io
 import json
+import math
 import os
+import re
+import select
+import shutil
+import signal
+import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
+import textwrap
 import time
+import traceback
+from dataclasses import dataclass, field
 
-import torch
+# -------------------------------------------------------------------------------- constants
+BUDGET_S = 480                # global deadline: nothing new starts after it
+HARD_GRACE_S = 60             # the parent kills the child at budget + this (a compile overran)
+PHASES = ("card", "scan", "models", "profile", "tests", "report")
+# where each phase must end, as a fraction of the budget; time a phase leaves goes to the next
+PHASE_END = {"card": 0.04, "scan": 0.33, "models": 0.80, "profile": 0.86, "tests": 0.97,
+             "report": 1.0}
+DRY_BUDGET_S = 180
+DRY_PHASE_END = {"card": 0.05, "scan": 0.40, "models": 0.72, "profile": 0.77, "tests": 0.83,
+                 "report": 1.0}
+K = 4                         # scan routes
+# Stage 1 of VMamba-T at 224 px: L = 56 * 56; K*D = 4 * 96 (v2: D = C) or 4 * 192 (v0: D = 2C).
+SCAN_SHAPES = {"v2": (384, 3136, 1), "v0": (768, 3136, 16)}      # (K*D, L, N)
+# v0 at batch 128: one (b, K*D, L, N) float32 state is 19.7 GB; the chunked backward holds one
+# while it runs, the assoc path several, the float64 reference twice that: batch 32 (4.9 GB).
+V0_BATCH = 32
+SCAN_BIG = (("v2", 128), ("v0", V0_BATCH))          # (gen, batch); the order: scan_cells
+SCAN_SMALL = (("v2", 1), ("v0", 1))
+SCAN_ARGS = ("u", "delta", "A", "B", "C", "D", "delta_bias")
+# float64 reference (and eager assoc) only up to this many state elements b*K*D*L*N: v2 at 128
+# (154M) and v0 at batch 1 (39M) are checked, v0 at batch 32 (1.2G) is not (seconds per call).
+ERR_MAX_ELEMS = 2e8
+MODEL_BATCH, RES = 128, 224
+OURS, VANILLA = "vmamba_tiny_s1l8", "vanilla_vmamba_tiny"
+SWIN = "swin_tiny_patch4_window7_224"
+COPY_BYTES = 2 << 30          # bandwidth: clone of a 2 GiB tensor
+MATMUL_N = 8192
+# Warm-up: WARMUP calls and at least WARM_S seconds (on the shared 2-core CPU the first calls
+# after a pause ran up to 30x slower for ~0.5 s; cheap insurance). Timed calls: at least
+# REPS_MIN, at most REPS_MAX, more than REPS_MIN only while under CELL_S seconds.
+WARMUP, WARM_S, REPS_MIN, REPS_MAX, CELL_S = 2, 0.3, 5, 50, 1.5
+# first guesses of the seconds one item takes (build, compile call, timed calls), replaced by
+# what the run measures; a compiled scan item is two compiles (fwd and fwd+bwd graphs)
+EST_S = {"scan compiled": 40, "scan eager": 6, "model eager": 12, "model compiled": 75,
+         "model blocks": 45, "train eager": 15, "train compiled": 150}
+# a model's compiled training row, guessed from its compiled inference row: on 2 CPU cores the
+# compile tests took 390 s (training) and 156 s (inference)
+TRAIN_OVER_INFER = 2.5
+PROFILE_ROWS = 30
+# (label, pytest arguments), most valuable first; each set may use all the time left in the
+# phase (a set cut off reports what passed until then). On 2 CPU cores the compile tests took
+# 156 s (inference), 390 s (training), 110 s (blocks) and test_scan.py ~200 s.
+TEST_SETS = (
+    ("compile-infer",
+     ["test_compile.py::test_plain_compile_inference_equals_eager_at_two_batches_and_sizes"]),
+    ("assoc", ["test_scan_assoc.py"]),
+    ("compile-train", ["test_compile.py::test_compiled_training_equals_eager_two_steps"]),
+    ("scan", ["test_scan.py"]),
+    ("compile-blocks",
+     ["test_compile.py::test_compile_blocks_inference_equals_eager_with_one_graph_per_stage"]),
+)
+TEST_MIN_S = 15               # a test set starts only with this much of the phase left
+PYTEST_FLAGS = ["-x", "-q", "-p", "no:cacheprovider"]
+KERNEL_TAR_MAX = 120 << 20    # uncompressed bytes of generated code packed (text: ~10x smaller)
+LOG_MAX = 15 << 20            # gpu.log stops growing here (a file comes back only up to 16 MiB)
+PAPER = {"note": "paper Table 1/6 (official CUDA kernels, one A100, fp32, batch 128), img/s "
+                 "inference / training", OURS: (1686, 571), VANILLA: (638, 195), SWIN: (1244, 987)}
 
-import scan
-import vmamba_min
 
-if not torch.cuda.is_available():
-    sys.exit("gpu_check.py: needs CUDA (torch.cuda.is_available() is False)")
-out = open(os.path.join(os.environ.get("OUT", "."), "gpu.jsonl"), "a")
-DEV = "cuda"
+@dataclass
+class Plan:
+    """Sizes of a run: the real one, or the dry run's tiny ones (same code paths)."""
+    scan_shapes: dict = field(default_factory=lambda: dict(SCAN_SHAPES))
+    scan_cells: tuple = ()    # (gen, batch, path), most valuable first (see scan_cells)
+    batch: int = MODEL_BATCH
+    res: int = RES
+    ours_overrides: dict = field(default_factory=dict)
+    copy_bytes: int = COPY_BYTES
+    matmul_n: int = MATMUL_N
+    reps: tuple = (WARMUP, WARM_S, REPS_MIN, REPS_MAX, CELL_S)
+    est: dict = field(default_factory=lambda: dict(EST_S))
+    tests: tuple = TEST_SETS
+    rows: tuple = ()          # model rows, most valuable first (see model_plan)
+    model_backend: str = "inductor"               # torch.compile backend of the model rows
+    scan_backends: dict = field(default_factory=dict)   # path -> backend, if not inductor
+    phase_end: dict = field(default_factory=lambda: dict(PHASE_END))
 
 
-def emit(**kw):
-    print(kw, flush=True)
-    out.write(json.dumps(kw) + "\n")
-    out.flush()
+def model_plan(dry):
+    """The model rows in the order they run. variant: None (the model as it is: compiled on
+    CUDA its scans dispatch to scan_assoc), "floor" (the scan replaced by elementwise work:
+    floor_scan) or "chunked" (compiled with the chunked scan forced: scan._use_assoc off)."""
+    def row(model, mode="eager", dtype="float32", train=False, variant=None):
+        return dict(model=model, mode=mode, dtype=dtype, train=train, variant=variant)
+    if dry:
+        return (row(OURS), row(SWIN), row(OURS, train=True), row(OURS, "compiled"),
+                row(OURS, "compiled", train=True), row(OURS, "compiled", variant="floor"),
+                row(OURS, "compiled", variant="chunked"), row(OURS, dtype="bfloat16"),
+                row(OURS, "blocks"))
+    bf = "bfloat16"
+    return (row(OURS), row(SWIN), row(OURS, train=True), row(SWIN, train=True),
+            row(OURS, "compiled"), row(OURS, "compiled", train=True),
+            row(SWIN, "compiled"), row(SWIN, "compiled", train=True),
+            row(OURS, "compiled", variant="floor"), row(OURS, "compiled", variant="chunked"),
+            row(OURS, dtype=bf), row(SWIN, dtype=bf),
+            row(OURS, "compiled", bf), row(SWIN, "compiled", bf),
+            row(OURS, "compiled", bf, train=True), row(SWIN, "compiled", bf, train=True),
+            row(OURS, "blocks"), row(OURS, "blocks", bf),
+            row(VANILLA), row(VANILLA, dtype=bf), row(VANILLA, "compiled"),
+            row(VANILLA, "compiled", bf), row(VANILLA, "blocks"),
+            row(OURS, "compiled", train=True, variant="floor"),
+            row(OURS, "compiled", train=True, variant="chunked"),
+            row(VANILLA, "compiled", train=True), row(VANILLA, "compiled", bf, train=True))
 
 
-def event_ms(fn, n=20):
-    """Mean ms per call over n calls after 2 warm-ups, timed with CUDA events."""
-    fn(), fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(n):
+def make_plan(args):
+    if not args.dry_run:
+        big = tuple((g, args.v0_batch if g == "v0" else b) for g, b in SCAN_BIG)
+        return Plan(scan_cells=scan_cells(big, SCAN_SMALL), rows=model_plan(False))
+    # Tiny: 8 x 8 maps, few channels, one-block stages, 1-2 timed calls. Inductor compiles the
+    # chunked scan at the first shape (its kernels fill kernels.tar.gz); the assoc scan (on a
+    # CPU its generic mode, not the GPU's pointwise one) and the models compile with aot_eager
+    # (Dynamo and AOTAutograd as on the GPU, no codegen): Inductor's C++ builds of them take
+    # minutes on a 2-core CPU, and the repository's tests cover them.
+    tiny_tests = (("scan", ["test_scan.py", "-k", "golden_selective_scan and plain"]),)
+    est = {**EST_S, "scan compiled": 30, "model compiled": 10, "model blocks": 10,
+           "train compiled": 15, ("scan compiled", "assoc compiled"): 10}
+    cells = tuple(("v2", 2, p) for p in ("chunked eager", "assoc compiled", "chunked compiled",
+                                         "assoc eager")) + \
+        (("v0", 2, "chunked eager"), ("v0", 2, "assoc eager"), ("v2", 1, "chunked eager"))
+    return Plan(scan_shapes={"v2": (8, 64, 1), "v0": (16, 64, 16)},
+                scan_cells=cells, batch=2, res=64,
+                ours_overrides=dict(depths=(1, 1, 1, 1), dim=16), copy_bytes=16 << 20,
+                matmul_n=256, reps=(1, 0.0, 2, 2, 0.0), est=est, tests=tiny_tests,
+                rows=model_plan(True), model_backend="aot_eager",
+                scan_backends={"assoc compiled": "aot_eager"}, phase_end=DRY_PHASE_END)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help="output folder (default: $OUT, else ./gpu_out)")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--dry-run", action="store_true",
+                   help="tiny shapes, tiny budget: every code path once (the CPU rehearsal)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help=f"global deadline in seconds (default {BUDGET_S}; dry run "
+                        f"{DRY_BUDGET_S})")
+    p.add_argument("--hard-s", type=float, default=None,
+                   help=f"kill the run at this many seconds (default: budget + {HARD_GRACE_S}; "
+                        f"dry run + 40)")
+    p.add_argument("--phases", default=",".join(PHASES),
+                   help=f"comma-separated subset of {','.join(PHASES)} (card always runs)")
+    p.add_argument("--v0-batch", type=int, default=V0_BATCH, help="big batch of the v0 scan")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--t0", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--work", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.budget_s is None:
+        args.budget_s = float(DRY_BUDGET_S if args.dry_run else BUDGET_S)
+    if args.hard_s is None:
+        args.hard_s = args.budget_s + (40 if args.dry_run else HARD_GRACE_S)
+    args.phases = [s for s in args.phases.split(",") if s]
+    bad = [s for s in args.phases if s not in PHASES]
+    if bad:
+        build_parser().error(f"--phases: unknown {bad}; choose from {','.join(PHASES)}")
+    if args.out is None:
+        args.out = os.environ.get("OUT") or "gpu_out"
+    return args
+
+
+# -------------------------------------------------------------------------------- small helpers
+def error_text(e):
+    first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}"
+
+
+def write_json(path, obj):
+    """Atomic: a reader (or a kill) never sees half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def code_files(root):
+    """Inductor's generated sources under its cache dir (.py: wrappers and Triton kernels; .cpp
+    on a CPU), skipping the compiled binaries under triton/."""
+    out = set()
+    for d, subdirs, files in os.walk(root):
+        subdirs[:] = [s for s in subdirs if s not in ("triton", "fxgraph", "aotautograd")]
+        out.update(os.path.relpath(os.path.join(d, f), root) for f in files
+                   if f.endswith((".py", ".cpp")))
+    return out
+
+
+def is_wrapper(path):
+    """Inductor's output code for one graph (it launches the kernels) defines call(args)
+    (call(self, args) in newer versions)."""
+    try:
+        with open(path, errors="replace") as f:
+            return re.search(r"def call\((self, )?args\)", f.read()) is not None
+    except OSError:
+        return False
+
+
+def kill_group(pid, grace=5.0):
+    """End a process group that this script started (by its leader's id)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        t_end = time.time() + grace
+        while time.time() < t_end:
+            try:
+                os.killpg(pid, 0)
+            except (ProcessLookupError, PermissionError):
+                return
+            time.sleep(0.2)
+
+
+# -------------------------------------------------------------------------------- the child's run
+class Run:
+    """The child's state: deadline, results (saved after every figure), log, kept callables."""
+
+    def __init__(self, args, plan):
+        self.args, self.plan = args, plan
+        self.t0 = args.t0 or time.time()
+        self.dev = args.device
+        self.path = os.path.join(args.out, "gpu.json")
+        self.cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
+        self.res = {"header": {}, "phases": {}, "card": {}, "scan": [], "models": [],
+                    "profile": {}, "tests": [], "report": {}, "notes": []}
+        self.keep = {}                    # compiled s1l8 callables, for the profile phase
+        self.measured = {}                # what the compile calls took, for the estimates
+
+    def now(self):
+        return time.time() - self.t0
+
+    def phase_end(self, phase):
+        return self.args.budget_s * self.plan.phase_end[phase]
+
+    def fits(self, phase, need_s):
+        return self.now() + need_s <= self.phase_end(phase)
+
+    def estimate(self, kind, who=None):
+        """Seconds one item of this kind takes: measured for `who` (a model, a scan path), else
+        the plan's guess for who, else (training) TRAIN_OVER_INFER x its inference row, else
+        the longest measured for the kind, else the plan's guess for the kind (EST_S)."""
+        for table, key in ((self.measured, (kind, who)), (self.plan.est, (kind, who))):
+            if key in table:
+                return table[key]
+        if kind == "train compiled" and ("model compiled", who) in self.measured:
+            return TRAIN_OVER_INFER * self.measured[("model compiled", who)]
+        return self.measured.get(kind, self.plan.est[kind])
+
+    def learn(self, kind, who, seconds):
+        self.measured[(kind, who)] = seconds
+        self.measured[kind] = max(seconds, self.measured.get(kind, 0.0))
+
+    def log(self, msg):
+        print(f"[gpu_check {time.strftime('%H:%M:%S')} +{self.now():5.0f}s] {msg}", flush=True)
+
+    def save(self):
+        add_swin_ratios(self.res["models"])
+        self.res["seconds_per_item"] = {k if isinstance(k, str) else " / ".join(k): v
+                                        for k, v in self.measured.items()}
+        write_json(self.path, self.res)
+
+    def begin(self, what):
+        """Log and record the item starting now (a killed run's gpu.json names it)."""
+        self.log(what)
+        self.res["current"] = {"item": what, "at_s": self.now()}
+        self.save()
+
+    def skip(self, phase, what, need_s):
+        """Log and return the note a skipped item gets."""
+        note = (f"skipped: needs ~{need_s:.0f} s, "
+                f"{max(0.0, self.phase_end(phase) - self.now()):.0f} s left in phase {phase}")
+        self.log(f"{what}: {note}")
+        return note
+
+    def sync(self):
+        if self.dev == "cuda":
+            import torch
+            torch.cuda.synchronize()
+
+    def time_once(self, fn):
+        self.sync()
+        t = time.perf_counter()
         fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n
+        self.sync()
+        return time.perf_counter() - t
 
+    def measure(self, fn):
+        """Median ms per call after warm-up: CUDA events recorded around each call back to back,
+        read after one synchronize (perf_counter on a CPU)."""
+        import torch
+        warmup, warm_s, reps_min, reps_max, cell_s = self.plan.reps
+        t_end, calls = time.perf_counter() + warm_s, 0
+        while calls < warmup or (time.perf_counter() < t_end and calls < 100):
+            fn()
+            calls += 1
+        one = self.time_once(fn)
+        n = int(min(reps_max, max(reps_min, cell_s / max(one, 1e-6))))
+        if self.dev == "cuda":
+            ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(n)]
+            for a, b in ev:
+                a.record()
+                fn()
+                b.record()
+            torch.cuda.synchronize()
+            ms = [a.elapsed_time(b) for a, b in ev]
+        else:
+            ms = [1e3 * self.time_once(fn) for _ in range(n)]
+        q = statistics.quantiles(ms, n=4) if len(ms) >= 4 else None
+        med = statistics.median(ms)
+        return {"ms": med, "min_ms": min(ms), "reps": n,
+                "iqr_rel": (q[2] - q[0]) / med if q and med else None}
 
-def scan_rows(name, KD, L, N, g):
-    a = [torch.randn(1, KD, L, generator=g), 0.1 * torch.randn(1, KD, L, generator=g),
-         -torch.arange(1, N + 1.).repeat(KD, 1), torch.randn(1, 4, N, L, generator=g),
-         torch.randn(1, 4, N, L, generator=g), torch.ones(KD), torch.full((KD,), -4.)]
-    gy = torch.randn(1, KD, L, generator=g).to(DEV)
-    ref = [t.to(DEV, torch.float64).requires_grad_() for t in a]
-    y_ref = scan.selective_scan(*ref, delta_softplus=True)
-    y_ref.backward(gy.double())
-    for mode in ("eager", "compiled"):
-        f = scan.selective_scan if mode == "eager" else \
-            torch.compile(scan.selective_scan, fullgraph=True)
-        x = [t.to(DEV).requires_grad_() for t in a]
-        t0 = time.time()
-        y = f(*x, delta_softplus=True)
-        y.backward(gy)
+    def peak_gb(self, fn):
+        """Extra device memory of one call over what is allocated before it (None on a CPU)."""
+        if self.dev != "cuda":
+            fn()
+            return None
+        import torch
         torch.cuda.synchronize()
-        first = time.time() - t0
-
-        def rel(p, q):
-            return ((p.double() - q).abs().max() / q.abs().max()).item()
-
-        def fwd():
-            with torch.no_grad():
-                f(*x, delta_softplus=True)
-
-        def fwd_bwd():
-            for t in x:
-                t.grad = None
-            f(*x, delta_softplus=True).backward(gy)
-
-        errs = [rel(y, y_ref)] + [rel(p.grad, q.grad) for p, q in zip(x, ref)]
-        fwd_bwd()
-        emit(scan=name, mode=mode, first_call_s=round(first, 1),
-             max_rel_err_y_and_grads=max(errs), fwd_ms=round(event_ms(fwd), 3),
-             fwd_bwd_ms=round(event_ms(fwd_bwd), 3))
-
-
-def model_rows(model):
-    m = vmamba_min.build(model).eval().to(DEV)
-    for batch in (1, 128):
-        x = torch.randn(batch, 3, 224, 224, device=DEV)
-
-        def run():
-            with torch.no_grad():
-                m(x)
-
         torch.cuda.reset_peak_memory_stats()
-        ms = event_ms(run, 5 if batch > 1 else 20)
-        emit(model=model, batch=batch, mode="eager", ms=round(ms, 2),
-             img_s=round(1e3 * batch / ms, 1),
-             peak_mb=round(torch.cuda.max_memory_allocated() / 2**20))
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 1e9
+
+    def free(self):
+        gc.collect()
+        if self.dev == "cuda":
+            import torch
+            torch.cuda.empty_cache()
+
+    def tracked(self, row, first_call):
+        """Run the first (compile) call, recording the generated wrappers it added and the
+        graph breaks Dynamo counted. Returns its seconds."""
+        from torch._dynamo.utils import counters
+        before = code_files(self.cache) if self.cache else set()
+        breaks = sum(counters["graph_break"].values())
+        seconds = self.time_once(first_call)
+        if self.cache:
+            new = sorted(code_files(self.cache) - before)
+            wrappers = [f for f in new if is_wrapper(os.path.join(self.cache, f))]
+            row.setdefault("code", []).extend(wrappers)
+            row["code_files"] = row.get("code_files", 0) + len(new)
+        row["graph_breaks"] = row.get("graph_breaks", 0) + \
+            sum(counters["graph_break"].values()) - breaks
+        return seconds
+
+
+def raise_recompile_limits():
+    """One process compiles the same code objects (scan.selective_scan, VSSM.forward, ...) for
+    every shape, grad mode, dtype and model: more cache entries than Dynamo's default limit of
+    8 per code object (past it, fullgraph=True fails and the rest runs eager)."""
+    import torch._dynamo
+    for name in ("recompile_limit", "cache_size_limit"):       # the name changed across versions
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
+    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 1024)
+
+
+def add_swin_ratios(rows):
+    """Each row's img/s over the best Swin-T row of its kind (inference or training)."""
+    best = {}
+    for r in rows:
+        if r.get("model") == SWIN and r.get("img_s"):
+            best[r["train"]] = max(best.get(r["train"], 0), r["img_s"])
+    for r in rows:
+        if r.get("img_s") and best.get(r["train"]):
+            r["vs_swin_best"] = r["img_s"] / best[r["train"]]
+
+
+def run_phase(run, name, fn):
+    """One phase: its own exceptions are recorded (type and first line), never raised."""
+    rec = run.res["phases"].setdefault(name, {})
+    if name not in run.args.phases and name != "card":
+        rec.update(status="not asked")
+        run.save()
+        return
+    if name != "card" and run.now() >= run.args.budget_s:
+        rec.update(status="skipped: budget spent", at_s=run.now())
+        run.log(f"phase {name}: skipped, the budget of {run.args.budget_s:.0f} s is spent")
+        run.save()
+        return
+    run.log(f"phase {name}: start (ends by +{run.phase_end(name):.0f}s)")
+    rec.update(status="running", start_s=run.now())
+    run.save()
+    try:
+        fn(run)
+        rec["status"] = "done"
+    except Exception as e:                   # noqa: BLE001 -- recorded, the next phase runs
+        rec.update(status="failed", error=error_text(e))
+        traceback.print_exc()
+    rec["wall_s"] = run.now() - rec["start_s"]
+    run.log(f"phase {name}: {rec['status']} in {rec['wall_s']:.0f} s")
+    run.free()
+    run.save()
+
+
+# -------------------------------------------------------------------------------- 1. card
+def git(*cmd, strip=True):
+    try:
+        out = subprocess.run(["git", *cmd], capture_output=True, text=True, timeout=20,
+                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout
+        return out.strip() if strip else out
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def source_hashes():
+    """sha256 (12 hex digits) of the project's .py files: ties the run to the code even where
+    the copy has no .git (then GPU_CHECK_COMMIT=<hash> in the environment names the commit)."""
+    import hashlib
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = {}
+    for f in sorted(os.listdir(here)):
+        if f.endswith(".py"):
+            with open(os.path.join(here, f), "rb") as fh:
+                out[f] = hashlib.sha256(fh.read()).hexdigest()[:12]
+    return out
+
+
+def version_of(module):
+    try:
+        return __import__(module).__version__
+    except Exception:                        # noqa: BLE001 -- absent or broken: say so
+        return None
+
+
+def phase_card(run):
+    """Header (versions, commit, settings) and card facts: copy bandwidth, matmul TFLOP/s.
+    Seconds (CUDA start-up and two short loops)."""
+    import torch
+    h = run.res["header"]
+    dirty = git("status", "--porcelain", "--untracked-files=normal", strip=False)
+    h.update(torch=torch.__version__, cuda=torch.version.cuda, triton=version_of("triton"),
+             timm=version_of("timm"), python=sys.version.split()[0], device=run.dev,
+             commit=git("rev-parse", "HEAD") or os.environ.get("GPU_CHECK_COMMIT"),
+             worktree=(dirty or "").splitlines()[:30], sources=source_hashes(),
+             command=os.environ.get("GPU_CHECK_COMMAND"),
+             env={k: v for k, v in os.environ.items()
+                  if k.startswith(("TORCHINDUCTOR", "TORCH_", "VMAMBA", "CUDA_VISIBLE", "OUT"))},
+             dry_run=run.args.dry_run, budget_s=run.args.budget_s,
+             date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    if run.dev == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device cuda, but torch.cuda.is_available() is False "
+                               f"(torch {torch.__version__})")
+        p = torch.cuda.get_device_properties(0)
+        h.update(gpu=p.name, sms=p.multi_processor_count, memory_gb=p.total_memory / 1e9,
+                 capability=f"{p.major}.{p.minor}", cudnn=torch.backends.cudnn.version())
+        try:
+            h["nvidia_smi"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,power.limit",
+                 "--format=csv,noheader"], capture_output=True, text=True, timeout=20
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    h["tf32_default"] = {"matmul": torch.backends.cuda.matmul.allow_tf32,
+                         "cudnn": torch.backends.cudnn.allow_tf32,
+                         "float32_matmul_precision": torch.get_float32_matmul_precision()}
+    run.save()
+    card = run.res["card"]
+    x = torch.empty(run.plan.copy_bytes // 4, device=run.dev).normal_()
+    t = run.measure(lambda: x.clone())
+    card["copy_gb_s"] = 2 * x.numel() * 4 / (t["ms"] * 1e6)       # read + write
+    card["copy_bytes"] = x.numel() * 4
+    del x
+    n = run.plan.matmul_n
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(n, n, device=run.dev, dtype=dtype)
+        t = run.measure(lambda: a @ a)
+        card[f"matmul_tflops_{str(dtype)[6:]}"] = 2 * n ** 3 / (t["ms"] * 1e9)
+    card["matmul_n"] = n
+    run.log(f"card: {h.get('gpu', 'cpu')} | torch {h['torch']} | triton {h['triton']} | "
+            f"timm {h['timm']} | copy {card['copy_gb_s']:.0f} GB/s | matmul fp32 "
+            f"{card['matmul_tflops_float32']:.1f} / bf16 {card['matmul_tflops_bfloat16']:.1f} "
+            f"TFLOP/s (TF32 off)")
+
+
+# -------------------------------------------------------------------------------- 2. scan
+class Patch:
+    """Swap module.name for value while a row compiles and runs: Dynamo bakes the function it
+    traced into the graph and guards on it, so the swap must last the whole row. With mark,
+    the stand-in sets self.hit when it runs (a store, not a count: Dynamo guards on values a
+    traced function reads, so `calls += 1` recompiled on every call)."""
+
+    def __init__(self, module, name, value, mark=False):
+        self.module, self.name, self.value, self.mark, self.hit = module, name, value, mark, False
+
+    def __enter__(self):
+        self.orig = getattr(self.module, self.name)
+        stand_in = self.value
+        if self.mark:
+            def stand_in(*a, **kw):
+                self.hit = True
+                return self.value(*a, **kw)
+        setattr(self.module, self.name, stand_in)
+        return self
+
+    def __exit__(self, *exc):
+        setattr(self.module, self.name, self.orig)
+
+
+def never(*args, **kwargs):
+    """Stands in for scan._use_assoc (whatever its arguments): never the associative scan."""
+    return False
+
+
+def force_chunked():
+    """scan.selective_scan with its dispatch to scan_assoc turned off (scan._use_assoc: on CUDA
+    under torch.compile), so that the chunked scan itself compiles; a no-op where there is no
+    such dispatch."""
+    import contextlib
+    import scan
+    if not hasattr(scan, "_use_assoc"):
+        return contextlib.nullcontext()
+    return Patch(scan, "_use_assoc", never)
+
+
+def compiled_scan_path(device):
+    """Which scan scan.selective_scan runs under torch.compile on this device."""
+    import scan
+    if hasattr(scan, "_use_assoc") and device == "cuda":
+        return "assoc (scan._use_assoc)"
+    return "chunked"
+
+
+def assoc_scan_fn():
+    try:
+        import scan_assoc
+        return scan_assoc.selective_scan_assoc, "scan_assoc.selective_scan_assoc"
+    except (ImportError, AttributeError) as e:
+        return None, error_text(e)
+
+
+def scan_inputs(run, KD, L, N, batch, seed=0):
+    """Inputs at VMamba-T's official init (bench.py's scan_inputs), made on the device."""
+    import torch
+    dev = run.dev
+    g = torch.Generator(device=dev).manual_seed(seed)
+
+    def randn(*s):
+        return torch.randn(*s, generator=g, device=dev)
+    dt = torch.exp(torch.rand(KD, generator=g, device=dev) * math.log(100) + math.log(1e-3))
+    dt = dt.clamp(min=1e-4)
+    inputs = [randn(batch, KD, L), 0.1 * randn(batch, KD, L),
+              -torch.arange(1, N + 1, dtype=torch.float32, device=dev).repeat(KD, 1),
+              randn(batch, K, N, L), randn(batch, K, N, L), torch.ones(KD, device=dev),
+              dt + torch.log(-torch.expm1(-dt))]                # delta_bias = softplus^-1(dt)
+    return inputs, randn(batch, KD, L)
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-300)).item()
+
+
+def scan_floor(run, inputs, gy):
+    """ms the call must take at the measured copy bandwidth. fwd: read the inputs, write y;
+    the state stays on chip (a fused kernel never writes it). fwd+bwd: that, then read the
+    inputs and dy again and write the 7 gradients (no saved state either: recomputed)."""
+    nbytes = sum(t.numel() * t.element_size() for t in inputs)
+    y = gy.numel() * 4
+    bw = run.res["card"].get("copy_gb_s")
+    fwd, fb = nbytes + y, 3 * nbytes + 2 * y
+    ms = (lambda b: b / (bw * 1e6)) if bw else (lambda b: None)
+    return {"fwd_bytes": fwd, "fwd_floor_ms": ms(fwd), "fwd_bwd_bytes": fb,
+            "fwd_bwd_floor_ms": ms(fb)}
+
+
+def scan_reference(inputs, gy, fn):
+    """The same scan in float64 on the device: y and the 7 gradients."""
+    leaves = [t.detach().double().requires_grad_() for t in inputs]
+    y = fn(*leaves, delta_softplus=True)
+    y.backward(gy.double())
+    ref = {"y": y.detach()}
+    ref.update({n: t.grad for n, t in zip(SCAN_ARGS, leaves)})
+    return ref
+
+
+def scan_cell(run, row, fn, kind, inputs, gy, ref):
+    """Time one path: fwd under no_grad, then fwd+bwd of <y, gy> into all 7 inputs; errors."""
+    import torch
+
+    def fwd():
+        with torch.no_grad():
+            return fn(*inputs, delta_softplus=True)
+    leaves = [t.detach().requires_grad_() for t in inputs]
+
+    def fwd_bwd():
+        for t in leaves:
+            t.grad = None
+        fn(*leaves, delta_softplus=True).backward(gy)
+    compiled = kind == "scan compiled"
+    first = run.tracked(row, fwd) if compiled else run.time_once(fwd)
+    row["first_fwd_s"] = first
+    if ref is not None:
+        row["err_y"] = rel_err(fwd(), ref["y"])
+    t = run.measure(fwd)
+    row.update(fwd_ms=t["ms"], fwd_reps=t["reps"], fwd_iqr_rel=t["iqr_rel"])
+    run.save()
+    first_b = run.tracked(row, fwd_bwd) if compiled else run.time_once(fwd_bwd)
+    row["first_fwd_bwd_s"] = first_b
+    if ref is not None:
+        row["err_grads"] = {n: rel_err(t.grad, ref[n]) for n, t in zip(SCAN_ARGS, leaves)}
+        row["err_max"] = max([row["err_y"]] + list(row["err_grads"].values()))
+    t = run.measure(fwd_bwd)
+    row.update(fwd_bwd_ms=t["ms"], fwd_bwd_reps=t["reps"], fwd_bwd_iqr_rel=t["iqr_rel"],
+               fwd_bwd_over_fwd=t["ms"] / row["fwd_ms"],
+               fwd_bwd_peak_gb=run.peak_gb(fwd_bwd))
+    for p in ("fwd", "fwd_bwd"):
+        if row.get(f"{p}_floor_ms"):
+            row[f"{p}_x_floor"] = row[f"{p}_ms"] / row[f"{p}_floor_ms"]
+
+
+def scan_cells(big, small):
+    """(gen, batch, path) in the order they run, the most valuable first: the big batches'
+    eager baseline and assoc compiled (what the compiled models run on CUDA), then chunked
+    compiled (what they ran before), then batch 1 (comparable with earlier GPU runs), then
+    assoc eager (a log-depth recursion of slices: slow, and only where the state is small)."""
+    return tuple([(g, b, "chunked eager") for g, b in big] +
+                 [(g, b, "assoc compiled") for g, b in big] +
+                 [(g, b, "chunked compiled") for g, b in big] +
+                 [(g, b, p) for g, b in small
+                  for p in ("chunked eager", "assoc compiled", "chunked compiled")] +
+                 [(g, b, "assoc eager") for g, b in big + small])
+
+
+def phase_scan(run):
+    """Stage-1 scans in scan_cells' order: per path fwd and fwd+bwd ms, ratio, x floor, errors
+    against float64. Compiles dominate (two per compiled path and shape): ~150 s."""
+    import contextlib
+    import torch
+    import scan
+    torch.backends.cuda.matmul.allow_tf32 = False       # float32 for the error check
+    torch.backends.cudnn.allow_tf32 = False
+    raise_recompile_limits()
+    chunked = scan.selective_scan            # eager: always the chunked scan
+    assoc, assoc_name = assoc_scan_fn()
+    run.res["scan_notes"] = {
+        "chunked": "scan.selective_scan (compiled: with scan._use_assoc off, if it exists)",
+        "assoc": assoc_name, "tf32": "off", "ms": "median per call, CUDA events",
+        "reference": "scan.selective_scan in float64, eager, on the device",
+        "floor": "bytes the call must move (scan_floor) / measured copy bandwidth; a memory "
+                 "floor only: at N = 16 the exps may bound first (PERF-NOTES.md)",
+        "v0 batch": f"{run.args.v0_batch}: at 128 one (b, K*D, L, N) float32 state is "
+                    f"19.7 GB (see V0_BATCH)", "backends": run.plan.scan_backends or "inductor"}
+
+    def compiled(name, fn):
+        backend = run.plan.scan_backends.get(name, "inductor")
+        return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
+    # path -> (function, kind, what it runs under)
+    paths = {"chunked eager": (chunked, "scan eager", contextlib.nullcontext),
+             "chunked compiled": (compiled("chunked compiled", chunked), "scan compiled",
+                                  force_chunked)}
+    if assoc is not None:
+        paths.update({"assoc compiled": (compiled("assoc compiled", assoc), "scan compiled",
+                                         contextlib.nullcontext),
+                      "assoc eager": (assoc, "scan eager", contextlib.nullcontext)})
+    else:
+        run.res["notes"].append(f"assoc paths skipped: {assoc_name}")
+    shapes = {}                              # (gen, batch) -> inputs, gy, floor, ref: made once
+    for gen, batch, name in run.plan.scan_cells:
+        KD, L, N = run.plan.scan_shapes[gen]
+        elems = batch * KD * L * N
+        row = dict(gen=gen, batch=batch, shape=f"{batch}x{KD}x{L}x{N}", path=name)
+        what = f"scan {gen} {row['shape']} {name}"
+        if name not in paths:
+            row["skipped"] = assoc_name
+        elif name == "assoc eager" and elems > ERR_MAX_ELEMS:
+            row["skipped"] = (f"eager assoc materialises the state: only up to "
+                              f"{ERR_MAX_ELEMS:.0e} state elements")
+        elif not run.fits("scan", run.estimate(paths[name][1], name)):
+            row["skipped"] = run.skip("scan", what, run.estimate(paths[name][1], name))
+        else:
+            fn, kind, context = paths[name]
+            if (gen, batch) not in shapes:
+                shapes[(gen, batch)] = scan_shape(run, gen, batch, chunked)
+            inputs, gy, floor, ref = shapes[(gen, batch)]
+            row.update(floor)
+            run.begin(what)
+            t = time.time()
+            try:
+                with context():
+                    scan_cell(run, row, fn, kind, inputs, gy, ref)
+            except Exception as e:           # noqa: BLE001 -- recorded in the row
+                row["error"] = error_text(e)
+                traceback.print_exc()
+            if "error" not in row:
+                run.learn(kind, name, time.time() - t)
+            run.free()
+            run.log("  " + scan_line(row))
+        run.res["scan"].append(row)
+        run.save()
+
+
+def scan_shape(run, gen, batch, chunked):
+    """Inputs, upstream gradient, memory floor and (small enough shapes) the float64 reference
+    of one scan shape."""
+    KD, L, N = run.plan.scan_shapes[gen]
+    checked = batch * KD * L * N <= ERR_MAX_ELEMS
+    run.log(f"scan {gen} batch {batch}: inputs{', float64 reference' if checked else ''}")
+    inputs, gy = scan_inputs(run, KD, L, N, batch)
+    ref = None
+    try:
+        ref = scan_reference(inputs, gy, chunked) if checked else None
+    except Exception as e:                   # noqa: BLE001 -- the timings still mean something
+        run.res["notes"].append(f"{gen} batch {batch}: no reference ({error_text(e)})")
+        run.free()
+    return inputs, gy, scan_floor(run, inputs, gy), ref
+
+
+def scan_line(r):
+    def f(k, fmt):
+        return "-" if r.get(k) is None else fmt.format(r[k])
+    return (f"fwd {f('fwd_ms', '{:.3f}')} ms ({f('fwd_x_floor', '{:.1f}')}x floor) | fwd+bwd "
+            f"{f('fwd_bwd_ms', '{:.3f}')} ms ({f('fwd_bwd_x_floor', '{:.1f}')}x floor, "
+            f"{f('fwd_bwd_over_fwd', '{:.2f}')}x fwd) | first calls {f('first_fwd_s', '{:.1f}')}"
+            f" + {f('first_fwd_bwd_s', '{:.1f}')} s | max rel err {f('err_max', '{:.1e}')}"
+            + (f" | {r['error']}" if r.get("error") else ""))
+
+
+# -------------------------------------------------------------------------------- 3. models
+def floor_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, *,
+               chunk_size=None, h0=None, return_last_state=False):
+    """Stand-in for the selective scan with no recurrence: reads the same inputs, writes y of
+    the same shape and dtype (float32) with elementwise work, y = u delta' <B_t, 1> <C_t, 1>
+    exp(delta' A[:, 0]) + D u. What the model costs apart from the scan's recurrence."""
+    import torch.nn.functional as F
+    if return_last_state or h0 is not None:
+        raise ValueError("floor_scan: no state, so no h0 and no return_last_state")
+    batch, KD, L = u.shape
+    groups = B.shape[1]
+    u, delta = u.float(), delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    bc = B.float().sum(2, keepdim=True) * C.float().sum(2, keepdim=True)    # (b, K, 1, L)
+    bc = bc.expand(batch, groups, KD // groups, L).reshape(batch, KD, L)    # (b, K*D, L)
+    y = u * delta * bc * (delta * A.float()[:, :1]).exp()
+    return y if D is None else y + D.float()[:, None] * u
+
+
+def variant_patch(variant):
+    """The patch a model variant runs under: vmamba_min imports selective_scan by name, so the
+    floor swaps that name for floor_scan; "chunked" turns off the dispatch to scan_assoc."""
+    import contextlib
+    import vmamba_min
+    if variant == "floor":
+        return Patch(vmamba_min, "selective_scan", floor_scan, mark=True)
+    return force_chunked() if variant == "chunked" else contextlib.nullcontext()
+
+
+def row_name(spec):
+    short = {OURS: "s1l8", VANILLA: "vanilla", SWIN: "swin-t"}[spec["model"]]
+    return (f"{short}{'-' + spec['variant'] if spec['variant'] else ''} {spec['mode']} "
+            f"{'bf16' if spec['dtype'] == 'bfloat16' else 'fp32'} "
+            f"{'train' if spec['train'] else 'infer'}")
+
+
+def build_runner(run, spec):
+    """A no-argument callable: one inference forward (no_grad) or one training step (forward,
+    cross-entropy on random labels, backward, fused AdamW step), on a model built for spec."""
+    import torch
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    if spec["model"] == SWIN:
+        import timm
+        kw = {"img_size": run.plan.res} if run.plan.res != 224 else {}
+        model = timm.create_model(SWIN, pretrained=False, **kw)
+    else:
+        import vmamba_min
+        model = vmamba_min.build(spec["model"], **run.plan.ours_overrides)
+    model = model.to(run.dev).train(spec["train"])
+    fwd = model
+    if spec["mode"] == "compiled":
+        fwd = torch.compile(model, dynamic=False, backend=run.plan.model_backend)
+    elif spec["mode"] == "blocks":
+        import vmamba_min
+        vmamba_min.compile_blocks(model, backend=run.plan.model_backend)
+    batch, res = run.plan.batch, run.plan.res
+    x = torch.randn(batch, 3, res, res, device=run.dev)
+    dtype = getattr(torch, spec["dtype"])
+
+    def amp():
+        return torch.autocast(run.dev, dtype=dtype, enabled=dtype != torch.float32)
+    if not spec["train"]:
+        def infer():
+            with torch.no_grad(), amp():
+                return fwd(x)
+        return infer
+    labels = torch.randint(0, 1000, (batch,), device=run.dev)
+    opt = torch.optim.AdamW(model.parameters(), fused=True)
+
+    def step():
+        with amp():
+            loss = F.cross_entropy(fwd(x), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def model_row(run, spec, row):
+    """Build, first (compile) call, timed calls, peak memory: into row. Returns the callable."""
+    fn = build_runner(run, spec)
+    first = run.tracked(row, fn) if spec["mode"] != "eager" else run.time_once(fn)
+    row["compile_s" if spec["mode"] != "eager" else "first_call_s"] = first
+    t = run.measure(fn)
+    row.update(ms=t["ms"], reps=t["reps"], iqr_rel=t["iqr_rel"],
+               img_s=1e3 * run.plan.batch / t["ms"], peak_gb=run.peak_gb(fn))
+    return fn
+
+
+def phase_models(run):
+    """Model rows in model_plan's order, each skipped if its estimate does not fit: img/s,
+    compile s, peak GB, ratio to Swin-T. Compiles dominate: ~225 s, the eager rows and the
+    first compiled ones (s1l8 inference and training)."""
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = run.res["header"]["tf32_default"]["matmul"]
+    torch.backends.cudnn.allow_tf32 = run.res["header"]["tf32_default"]["cudnn"]
+    raise_recompile_limits()
+    try:
+        import timm  # noqa: F401
+        have_timm = True
+    except ImportError as e:
+        have_timm = False
+        run.res["notes"].append(f"Swin-T rows skipped: timm not importable ({error_text(e)})")
+    run.res["models_notes"] = {
+        "batch": run.plan.batch, "res": run.plan.res, "tf32": "torch defaults (header)",
+        "ms": "median per batch, CUDA events", "peak_gb": "extra over what was allocated before "
+        "the call", "compile_s": "first call (compile + one run)",
+        "floor": "s1l8 with vmamba_min.selective_scan replaced by elementwise work (floor_scan)",
+        "chunked": "compiled with scan._use_assoc off: the chunked scan, not scan_assoc",
+        "backend": run.plan.model_backend, "paper": PAPER}
+    for spec in run.plan.rows:
+        name = row_name(spec)
+        row = dict(spec, name=name, batch=run.plan.batch, res=run.plan.res)
+        if spec["model"] != SWIN and spec["variant"] != "floor":
+            row["scan_path"] = ("chunked" if spec["mode"] == "eager" or spec["variant"] else
+                                compiled_scan_path(run.dev))
+        kind = f"{'train' if spec['train'] else 'model'} {spec['mode']}"
+        if spec["model"] == SWIN and not have_timm:
+            row["skipped"] = "timm not importable"
+        elif spec["model"] == SWIN and spec["mode"] == "blocks":
+            row["skipped"] = "compile_blocks is ours only"
+        elif not run.fits("models", run.estimate(kind, spec["model"])):
+            row["skipped"] = run.skip("models", name, run.estimate(kind, spec["model"]))
+        else:
+            run.begin(f"model {name}")
+            t = time.time()
+            try:
+                if spec["variant"]:
+                    with variant_patch(spec["variant"]) as patch:
+                        model_row(run, spec, row)
+                    if spec["variant"] == "floor" and not patch.hit:
+                        row["error"] = "the patch missed: vmamba_min.selective_scan never called"
+                else:
+                    fn = model_row(run, spec, row)
+                    if spec["model"] == OURS and spec["mode"] == "compiled" and \
+                            spec["dtype"] == "float32":
+                        run.keep["train" if spec["train"] else "infer"] = fn
+                    fn = None
+            except Exception as e:           # noqa: BLE001 -- recorded in the row
+                row["error"] = error_text(e)
+                traceback.print_exc()
+            if "error" not in row:       # a quick failure says nothing about the next row
+                run.learn(kind, spec["model"], time.time() - t)
+            run.free()
+            run.log("  " + model_line(row))
+        run.res["models"].append(row)
+        run.save()
+
+
+def model_line(r):
+    def f(k, fmt):
+        return "-" if r.get(k) is None else fmt.format(r[k])
+    return (f"{r['name']}: {f('img_s', '{:.0f}')} img/s ({f('ms', '{:.1f}')} ms/batch), "
+            f"compile {f('compile_s', '{:.0f}')} s, peak {f('peak_gb', '{:.1f}')} GB"
+            + (f" | {r['error']}" if r.get("error") else ""))
+
+
+# -------------------------------------------------------------------------------- 4. profile
+def profile_table(prof, dev):
+    """Top PROFILE_ROWS ops by self device time (self CPU time on a CPU); the sort key's name
+    changed across torch versions, so the first one that works is used."""
+    keys = (("self_device_time_total", "self_cuda_time_total") if dev == "cuda"
+            else ("self_cpu_time_total",))
+    for key in keys:
+        try:
+            return key, prof.key_averages().table(sort_by=key, row_limit=PROFILE_ROWS,
+                                                  max_name_column_width=70)
+        except (AttributeError, KeyError, ValueError, RuntimeError):
+            continue
+    return None, prof.key_averages().table(row_limit=PROFILE_ROWS)
+
+
+KERNEL_KINDS = (("triton", ("triton",)),           # Inductor's generated kernels
+                ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "wgmma", "s1688", "s884")),
+                ("conv", ("conv", "winograd", "implicit")),
+                ("copy", ("memcpy", "memset", "copy")))
+
+
+def kernel_groups(prof, dev, calls):
+    """Self time per call (ms) by kind of kernel: Inductor's Triton kernels, GEMMs, convs,
+    copies, the rest. On CUDA only the device's own events (kernels, copies) count: the CPU op
+    that launched a kernel reports the same time again as its self device time."""
+    groups = {}
+    for e in prof.key_averages():
+        if dev == "cuda":
+            if not str(getattr(e, "device_type", "")).endswith("CUDA"):
+                continue
+            us = getattr(e, "self_device_time_total", None)
+            if us is None:
+                us = getattr(e, "self_cuda_time_total", 0)
+        else:
+            us = e.self_cpu_time_total
+        if not us:
+            continue
+        name = e.key.lower()
+        kind = next((k for k, marks in KERNEL_KINDS if any(m in name for m in marks)), "other")
+        groups[kind] = groups.get(kind, 0.0) + us / 1e3 / calls
+    return groups
+
+
+def phase_profile(run):
+    """torch.profiler over the compiled s1l8 calls kept from phase 3, else compiled here if the
+    estimate fits, else the eager model (said in the file): 3 inference calls, 2 training
+    steps. ~30 s with both kept."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if run.dev == "cuda" else [])
+    out = [f"torch.profiler, {OURS}, batch {run.plan.batch}, {run.plan.res} px, fp32 (TF32 "
+           f"defaults), {run.res['header'].get('gpu', run.dev)}, torch "
+           f"{run.res['header'].get('torch')}; compiled: torch.compile(model), its scans "
+           f"{compiled_scan_path(run.dev)}\n"]
+    for what, calls in (("infer", 3), ("train", 2)):
+        fn, mode = run.keep.get(what), "compiled"
+        run.begin(f"profile {what}")
+        if fn is None:
+            kind = "model compiled" if what == "infer" else "train compiled"
+            if not run.fits("profile", run.estimate(kind, OURS)):
+                run.skip("profile", f"compiled {what}", run.estimate(kind, OURS))
+                mode = "eager (no time to compile)"
+            spec = dict(model=OURS, mode="compiled" if mode == "compiled" else "eager",
+                        dtype="float32", train=what == "train", variant=None)
+            fn = build_runner(run, spec)
+            fn()
+        fn()
+        run.sync()
+        with profile(activities=acts) as prof:
+            for _ in range(calls):
+                fn()
+            run.sync()
+        key, table = profile_table(prof, run.dev)
+        task = ("inference, no_grad" if what == "infer" else
+                "training steps: fwd + CE + bwd + fused AdamW")
+        out.append(f"\n=== {what}, {mode}: {calls} calls ({task}), top {PROFILE_ROWS} by {key} "
+                   f"===\n{table}\n")
+        groups = kernel_groups(prof, run.dev, calls)
+        run.res["profile"][what] = {"mode": mode, "calls": calls, "sort": key,
+                                    "ms_per_call_by_kind": groups}
+        out.append("device time per call by kind of kernel (ms): "
+                   + ", ".join(f"{k} {v:.2f}" for k, v in sorted(groups.items())) + "\n")
+        with open(os.path.join(run.args.out, "profile.txt"), "w") as f:
+            f.write("".join(out))
+        run.save()
+        del prof
+        fn = None
+        run.free()
+    run.keep.clear()
+
+
+# -------------------------------------------------------------------------------- 5. tests
+def run_logged(run, cmd, timeout, env, cwd):
+    """Run cmd in its own process group with a timeout, its output through this process's
+    (into gpu.log); the group's id goes to the work folder so the parent can end it too.
+    Returns (exit code or None if timed out, the output's last 60 lines)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                            cwd=cwd, preexec_fn=os.setsid)   # its own process group
+    with open(os.path.join(run.args.work, "groups.txt"), "a") as f:
+        f.write(f"{proc.pid}\n")
+    tail, t_end, buf = [], time.time() + timeout, b""
+    fd = proc.stdout.fileno()
+    while True:
+        left = t_end - time.time()
+        if left <= 0:
+            kill_group(proc.pid)
+            proc.wait()
+            return None, tail + ([buf.decode(errors="replace")] if buf else [])
+        r, _, _ = select.select([fd], [], [], min(left, 1.0))
+        if r:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            tail = (tail + [ln.decode(errors="replace") for ln in lines])[-60:]
+        elif proc.poll() is not None:
+            break
+    proc.wait()
+    if buf:
+        tail.append(buf.decode(errors="replace"))
+    kill_group(proc.pid, grace=1.0)          # what it left behind (compile workers)
+    return proc.returncode, tail
+
+
+def pytest_summary(tail):
+    """Counts from pytest's last line; without one (cut off), from -q's progress characters."""
+    counts = {}
+    for line in reversed(tail):
+        found = re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)",
+                           line)
+        if found:
+            counts = {k.rstrip("s") if k.startswith("error") else k: int(n) for n, k in found}
+            break
+    if not counts:
+        marks = "".join(ln.split("[")[0].strip() for ln in tail
+                        if re.fullmatch(r"[.sFExX]+\s*(\[\s*\d+%\])?", ln.strip()))
+        names = {".": "passed", "F": "failed", "E": "error", "s": "skipped", "x": "xfailed",
+                 "X": "xpassed"}
+        for ch in marks:
+            counts[names[ch]] = counts.get(names[ch], 0) + 1
+        counts["cut_off"] = True
+    bad = [ln.strip()[:200] for ln in tail if ln.startswith(("FAILED", "ERROR"))]
+    return counts, bad
+
+
+def existing_test(here, target):
+    """file::test_name as given while the file still defines the test, else the whole file (a
+    renamed test would make pytest stop with "not found")."""
+    path, _, name = target.partition("::")
+    if not name:
+        return target
+    with open(os.path.join(here, path)) as f:
+        return target if f"def {name}(" in f.read() else path
+
+
+def phase_tests(run):
+    """pytest in a subprocess per test set (VMAMBA_TEST_DEVICE, -x), most valuable first, each
+    with what is left of the phase; the summary into gpu.json, the output into gpu.log. ~70 s:
+    the first one or two sets (the rest: `VMAMBA_TEST_DEVICE=cuda python -m pytest ...`)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, VMAMBA_TEST_DEVICE=run.dev,
+               TORCHINDUCTOR_CACHE_DIR=os.path.join(run.args.work, "inductor_tests"))
+    sets = [(label, [existing_test(here, t) for t in a]) for label, a in run.plan.tests
+            if os.path.exists(os.path.join(here, a[0].split("::")[0]))]
+    for label, a in run.plan.tests:
+        if label not in dict(sets):
+            run.res["tests"].append({"set": label, "skipped": f"{a[0]} does not exist"})
+    for label, targets in sets:
+        share = run.phase_end("tests") - run.now()
+        rec = {"set": label, "args": targets, "timeout_s": share}
+        if share < TEST_MIN_S:
+            rec["skipped"] = run.skip("tests", f"pytest {label}", TEST_MIN_S)
+            run.res["tests"].append(rec)
+            continue
+        cmd = [sys.executable, "-m", "pytest", *PYTEST_FLAGS, *targets]
+        run.begin(f"tests {label}: {' '.join(cmd[1:])} (timeout {share:.0f} s)")
+        t = time.time()
+        code, tail = run_logged(run, cmd, share, env, here)
+        counts, bad = pytest_summary(tail)
+        rec.update(exit_code=code, timed_out=code is None, wall_s=time.time() - t,
+                   counts=counts, failed=bad, last_line=tail[-1] if tail else "")
+        run.res["tests"].append(rec)
+        run.save()
+
+
+# -------------------------------------------------------------------------------- 6. report
+def phase_report(run):
+    """bench.py --report into a folder of the work dir, with what is left of the budget; the
+    files go into one tar in the output folder (the parent packs it)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        helptext = subprocess.run([sys.executable, "bench.py", "--help"], cwd=here, timeout=60,
+                                  capture_output=True, text=True).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        run.res["report"]["skipped"] = f"bench.py --help: {error_text(e)}"
+        return
+    if "--report" not in helptext:
+        run.res["report"]["skipped"] = "bench.py has no --report"
+        return
+    left = run.phase_end("report") - run.now()
+    if left < 30:
+        run.res["report"]["skipped"] = run.skip("report", "bench.py --report", 30)
+        return
+    report = os.path.join(run.args.work, "report")
+    cmd = [sys.executable, "bench.py", "--report", "--report-dir", report, "--device", run.dev,
+           "--batch", str(run.plan.batch), "--res", str(run.plan.res), "--min-time",
+           "0.1" if run.args.dry_run else "0.5", "--warmup", "1"]
+    if run.args.dry_run:
+        cmd += ["--models", "--only", OURS, "--no-peers"]
+    else:
+        cmd += ["--scan", "--models", "--train"]
+        if "--compile-models" in helptext:
+            cmd += ["--compile-models", "model"]
+    cmd = [c for c in cmd if not c.startswith("--") or c in helptext]
+    run.begin(f"report: {' '.join(cmd[1:])} (timeout {left:.0f} s)")
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(run.args.work, "inductor_report"))
+    code, tail = run_logged(run, cmd, left, env, here)
+    run.res["report"].update(cmd=" ".join(cmd[1:]), exit_code=code, timed_out=code is None,
+                             last_line=tail[-1] if tail else "", dir=report)
+
+
+def child(args):
+    plan = make_plan(args)
+    run = Run(args, plan)
+    run.log(f"child: phases {','.join(args.phases)}, budget {args.budget_s:.0f} s, "
+            f"out {args.out}, Inductor cache {run.cache or '(default)'}")
+    run.save()
+    for name, fn in (("card", phase_card), ("scan", phase_scan), ("models", phase_models),
+                     ("profile", phase_profile), ("tests", phase_tests),
+                     ("report", phase_report)):
+        run_phase(run, name, fn)
+        if name == "card" and run.res["phases"]["card"]["status"] != "done":
+            run.log("card failed: no device to measure on, stopping")
+            break
+    run.log("child: done")
+
+
+# -------------------------------------------------------------------------------- the parent
+def pack_kernels(cache, out, res):
+    """kernels.tar.gz: the generated .py (and .cpp) files of the child's Inductor cache, the
+    newest first up to KERNEL_TAR_MAX bytes, and INDEX.txt: compiled row -> wrapper files."""
+    files = sorted(code_files(cache), key=lambda f: -os.path.getmtime(os.path.join(cache, f)))
+    rows = [r for r in res.get("scan", []) + res.get("models", []) if r.get("code")]
+    index = ["Inductor output code of each compiled row (wrapper modules: `def call(args)` "
+             "launches the kernels; the kernels' sources are the other .py files)\n"]
+    for r in rows:
+        label = r.get("name") or f"scan {r['gen']} {r['shape']} {r['path']}"
+        index.append(f"{label}: {r.get('code_files', 0)} new files; wrappers:\n" +
+                     "".join(f"    {w}\n" for w in r["code"]))
+    limit = KERNEL_TAR_MAX
+    path = os.path.join(out, "kernels.tar.gz")
+    while True:
+        total, packed = 0, []
+        with tarfile.open(path, "w:gz") as tar:
+            data = "".join(index).encode()
+            info = tarfile.TarInfo("kernels/INDEX.txt")
+            info.size, info.mtime = len(data), time.time()
+            tar.addfile(info, io.BytesIO(data))
+            for f in files:
+                size = os.path.getsize(os.path.join(cache, f))
+                if total + size > limit:
+                    continue
+                tar.add(os.path.join(cache, f), arcname=os.path.join("kernels", f))
+                total += size
+                packed.append(f)
+        if os.path.getsize(path) <= 15 << 20 or limit < 1 << 20:
+            return {"files": len(packed), "of": len(files), "bytes": total,
+                    "gz_bytes": os.path.getsize(path)}
+        limit //= 2
+
+
+def pack_report(work, out):
+    report = os.path.join(work, "report")
+    if not os.path.isdir(report) or not os.listdir(report):
+        return None
+    path = os.path.join(out, "report.tar.gz")
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(report, arcname="report")
+    return path
+
+
+def table(rows, cols):
+    """Fixed-width text: cols = [(key or callable, heading, format)]; None prints '-'."""
+    def cell(r, k, fmt):
+        v = k(r) if callable(k) else r.get(k)
+        return "-" if v is None else v if isinstance(v, str) else fmt.format(v)
+    cells = [[h for _, h, _ in cols]] + [[cell(r, k, f) for k, h, f in cols] for r in rows]
+    w = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    last = len(cols) - 1                 # the first and last columns are text: left-aligned
+    lines = ["  ".join(c.ljust(x) if i in (0, last) else c.rjust(x) for i, (c, x) in
+                       enumerate(zip(row, w))).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * x for x in w))
+    return "\n".join(lines)
+
+
+def summary(res):
+    """The final summary, at most 120 columns."""
+    h, c = res.get("header", {}), res.get("card", {})
+    out = [f"gpu_check: {h.get('gpu', h.get('device'))} | torch {h.get('torch')} | triton "
+           f"{h.get('triton')} | timm {h.get('timm')} | commit {str(h.get('commit'))[:10]}"
+           f"{' (+ uncommitted changes)' if h.get('worktree') else ''}"]
+    if c.get("copy_gb_s"):
+        out.append(f"copy bandwidth {c['copy_gb_s']:.0f} GB/s; matmul "
+                   f"{c['matmul_tflops_float32']:.1f} TFLOP/s fp32 (TF32 off), "
+                   f"{c['matmul_tflops_bfloat16']:.1f} bf16")
+
+    def note(r):
+        text = r.get("error") or r.get("skipped") or ""
+        return text[:30]
+    if res.get("scan"):
+        out += ["", "scans (stage 1; ms: median; xfl: x the memory floor; f+b/f: fwd+bwd over fwd;"
+                " err: max rel vs float64)",
+                table(res["scan"], [
+                    ("gen", "gen", "{}"), ("batch", "b", "{}"), ("path", "path", "{}"),
+                    ("fwd_ms", "fwd ms", "{:.3f}"), ("fwd_x_floor", "xfl", "{:.1f}"),
+                    ("fwd_bwd_ms", "f+b ms", "{:.3f}"), ("fwd_bwd_x_floor", "xfl", "{:.1f}"),
+                    ("fwd_bwd_over_fwd", "f+b/f", "{:.2f}"),
+                    (lambda r: (r["first_fwd_s"] + r["first_fwd_bwd_s"])
+                     if r.get("first_fwd_bwd_s") is not None else None, "1st s", "{:.0f}"),
+                    ("err_max", "err", "{:.0e}"), (note, "note", "{}")])]
+    if res.get("models"):
+        out += ["", f"models (batch {res['models'][0].get('batch')}, {res['models'][0].get('res')} "
+                "px; vs swin: img/s over Swin-T's best row of the same kind)",
+                table(res["models"], [
+                    ("name", "row", "{}"), ("img_s", "img/s", "{:.0f}"), ("ms", "ms", "{:.1f}"),
+                    ("vs_swin_best", "vs swin", "{:.2f}"), ("compile_s", "compile s", "{:.0f}"),
+                    ("peak_gb", "peak GB", "{:.1f}"), ("graph_breaks", "breaks", "{}"),
+                    (note, "note", "{}")])]
+    if res.get("profile"):
+        for k, v in res["profile"].items():
+            if isinstance(v, dict):
+                out.append(f"profile {k} {v['mode']}: ms per call by kind: " + ", ".join(
+                    f"{a} {b:.1f}" for a, b in sorted(v["ms_per_call_by_kind"].items())))
+    for t in res.get("tests", []):
+        failed = " ".join(t.get("failed", []))[:80]
+        out.append(f"tests {t['set']}: " + (t.get("skipped") or (
+            f"{t.get('counts')} exit {t.get('exit_code')}"
+            f"{' TIMED OUT' if t.get('timed_out') else ''} {failed}").rstrip()))
+    if res.get("report"):
+        r = res["report"]
+        out.append(f"report: {r.get('skipped') or ('exit %s' % r.get('exit_code'))}")
+    out += ["", "phases: " + ", ".join(f"{k} {v.get('status')} ({v.get('wall_s', 0):.0f} s)"
+                                       for k, v in res.get("phases", {}).items())]
+    out += [f"note: {n}" for n in res.get("notes", [])]
+    return "\n".join(line if "\n" in line or len(line) <= 120 else     # tables stay as they are
+                     textwrap.fill(line, 120, subsequent_indent="    ") for line in out)
+
+
+def parent(args):
+    """Start the child, tee its output into gpu.log, end it at the hard deadline, then pack
+    the kernels and the report, finish gpu.json and print the summary."""
+    t0 = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="gpu_check_")
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               GPU_CHECK_COMMAND=" ".join(["python", "gpu_check.py", *sys.argv[1:]]))
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(work, "inductor"))
+    cache = env["TORCHINDUCTOR_CACHE_DIR"]
+    hard = args.hard_s
+    cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--child", "--t0",
+           str(t0), "--work", work, "--out", args.out]
+    log = open(os.path.join(args.out, "gpu.log"), "wb")
+
+    def say(text):
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+        log.write((text + "\n").encode())
+        log.flush()
+    say(f"[gpu_check] parent: budget {args.budget_s:.0f} s, hard stop at {hard:.0f} s, "
+        f"out {os.path.abspath(args.out)}, work {work}")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                            preexec_fn=os.setsid)   # its own process group
+    def stop(signum, frame):              # the child has a process group of its own: end it too
+        raise InterruptedError(f"signal {signum}")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    fd, killed, quiet_since = proc.stdout.fileno(), None, None
+    try:
+        while True:
+            left = t0 + hard - time.time()
+            if left <= 0:
+                killed = f"the hard stop at {hard:.0f} s"
+                say(f"[gpu_check] parent: {killed}: ending the child")
+                break
+            r, _, _ = select.select([fd], [], [], min(left, 1.0))
+            if r:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+                if log.tell() < LOG_MAX:
+                    log.write(chunk)
+                    log.flush()
+                quiet_since = None
+            elif proc.poll() is not None:      # exited, but a grandchild holds the pipe
+                quiet_since = quiet_since or time.time()
+                if time.time() - quiet_since > 3:
+                    break
+    except InterruptedError as e:
+        killed = str(e)
+        say(f"[gpu_check] parent: {killed}: ending the child, packing what there is")
+    groups = [proc.pid]
+    try:
+        with open(os.path.join(work, "groups.txt")) as f:
+            groups += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    for g in groups:
+        kill_group(g, grace=3.0)
+    code = proc.wait()
+    path = os.path.join(args.out, "gpu.json")
+    try:
+        with open(path) as f:
+            res = json.load(f)
+    except (OSError, ValueError) as e:
+        res = {"notes": [f"no readable gpu.json from the child ({error_text(e)})"]}
+    res["run"] = {"child_exit": code, "ended_by": killed, "hard_stop_s": hard,
+                  "wall_s": time.time() - t0, "inductor_cache": cache}
+    for name, rec in res.get("phases", {}).items():
+        if rec.get("status") == "running":
+            rec["status"] = f"ended by {killed}" if killed else "died"
+            cur = res.get("current") or {}
+            res.setdefault("notes", []).append(
+                f"phase {name} {rec['status']} during {cur.get('item')} (started at "
+                f"+{cur.get('at_s', 0):.0f} s)")
+    try:
+        res["kernels"] = pack_kernels(cache, args.out, res)
+    except Exception as e:                   # noqa: BLE001
+        res["kernels"] = {"error": error_text(e)}
+    res["report_tar"] = pack_report(work, args.out)
+    shutil.rmtree(work, ignore_errors=True)   # caches and the report folder: packed above
+    res["run"]["wall_s"] = time.time() - t0
+    write_json(path, res)
+    say("\n" + summary(res))
+    say(f"\nfiles: {', '.join(sorted(os.listdir(args.out)))} in {os.path.abspath(args.out)}; "
+        f"{res['run']['wall_s']:.0f} s")
+    log.close()
+    return 0 if code == 0 and not killed else 1
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.child:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        child(args)
+        return 0
+    return parent(args)
 
 
 if __name__ == "__main__":
-    emit(torch=torch.__version__, gpu=torch.cuda.get_device_name())
-    gen = torch.Generator().manual_seed(0)
-    for name, shape in {"v0": (768, 3136, 16), "v2": (384, 3136, 1)}.items():
-        scan_rows(name, *shape, gen)
-    for model in ("vmamba_tiny_s1l8", "vanilla_vmamba_tiny"):
-        model_rows(model)
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""gpu_check.py's cheap parts on the CPU (a few seconds): arguments, the card phase, one eager
+scan cell at a tiny shape against float64, the floor model's stand-in scan, the patches, the
+pytest summary parser and the summary table's width. The whole dry run (compiles included,
+~3 minutes) is `python gpu_check.py --device cpu --dry-run`."""
+import json
+
+import pytest
+import torch
+
+import gpu_check as gc
+import scan
+
+
+def dry_run(tmp_path, *extra):
+    args = gc.parse_args(["--device", "cpu", "--dry-run", "--out", str(tmp_path),
+                          "--phases", "card,scan", *extra])
+    args.work = str(tmp_path)
+    return gc.Run(args, gc.make_plan(args))
+
+
+def test_arguments():
+    args = gc.parse_args(["--out", "x"])
+    assert args.budget_s == gc.BUDGET_S and args.device == "cuda" and args.phases == list(gc.PHASES)
+    assert gc.parse_args(["--dry-run", "--out", "x"]).budget_s == gc.DRY_BUDGET_S
+    with pytest.raises(SystemExit):
+        gc.parse_args(["--phases", "scan,nonsense"])
+    plan = gc.make_plan(gc.parse_args(["--v0-batch", "16", "--out", "x"]))
+    assert ("v0", 16, "assoc compiled") in plan.scan_cells and plan.model_backend == "inductor"
+    assert len(set(plan.scan_cells)) == len(plan.scan_cells) == 16   # 4 shapes x 4 paths
+    ends = [plan.phase_end[p] for p in gc.PHASES]
+    assert ends == sorted(ends) and ends[-1] == 1.0
+
+
+def test_card_and_one_eager_scan_cell(tmp_path):
+    run = dry_run(tmp_path)
+    gc.phase_card(run)
+    assert run.res["card"]["copy_gb_s"] > 0
+    KD, L, N = run.plan.scan_shapes["v0"]
+    inputs, gy = gc.scan_inputs(run, KD, L, N, 1)
+    ref = gc.scan_reference(inputs, gy, scan.selective_scan)
+    row = dict(path="chunked eager", **gc.scan_floor(run, inputs, gy))
+    gc.scan_cell(run, row, scan.selective_scan, "scan eager", inputs, gy, ref)
+    assert set(row["err_grads"]) == set(gc.SCAN_ARGS)
+    assert row["err_max"] < 1e-5             # float32 against float64 at L = 64
+    assert row["fwd_ms"] > 0 and row["fwd_bwd_over_fwd"] > 0 and row["fwd_x_floor"] > 0
+    run.save()
+    saved = json.loads((tmp_path / "gpu.json").read_text())
+    assert saved["card"]["copy_gb_s"] == run.res["card"]["copy_gb_s"]
+
+
+def test_floor_scan_has_the_scans_shape_and_gradients():
+    g = torch.Generator().manual_seed(0)
+    b, K, Dk, N, L = 2, 4, 3, 2, 5
+    args = [torch.randn(b, K * Dk, L, generator=g), torch.randn(b, K * Dk, L, generator=g),
+            -torch.rand(K * Dk, N, generator=g), torch.randn(b, K, N, L, generator=g),
+            torch.randn(b, K, N, L, generator=g), torch.randn(K * Dk, generator=g),
+            torch.randn(K * Dk, generator=g)]
+    args = [a.requires_grad_() for a in args]
+    y = gc.floor_scan(*[a.bfloat16() if i < 2 else a for i, a in enumerate(args)],
+                      delta_softplus=True, chunk_size=8)
+    assert y.shape == (b, K * Dk, L) and y.dtype == torch.float32
+    y.sum().backward()
+    assert all(a.grad is not None for a in args)
+
+
+def test_patches_swap_and_restore():
+    import vmamba_min
+    orig = vmamba_min.selective_scan
+    with gc.variant_patch("floor") as p:
+        assert vmamba_min.selective_scan is not orig
+        vmamba_min.selective_scan(torch.randn(1, 4, 3), torch.randn(1, 4, 3), -torch.ones(4, 1),
+                                  torch.randn(1, 4, 1, 3), torch.randn(1, 4, 1, 3))
+        assert p.hit
+    assert vmamba_min.selective_scan is orig
+    if hasattr(scan, "_use_assoc"):
+        before = scan._use_assoc
+        with gc.force_chunked():
+            assert scan._use_assoc is gc.never
+        assert scan._use_assoc is before
+
+
+def test_pytest_summary_with_and_without_the_last_line():
+    counts, bad = gc.pytest_summary(["..F", "FAILED test_x.py::test_y - assert 0",
+                                     "1 failed, 2 passed, 3 deselected in 4.0s"])
+    assert counts == {"failed": 1, "passed": 2, "deselected": 3}
+    assert bad == ["FAILED test_x.py::test_y - assert 0"]
+    counts, _ = gc.pytest_summary(["....s.                      [ 40%]", ".."])
+    assert counts == {"passed": 7, "skipped": 1, "cut_off": True}
+
+
+def test_summary_fits_120_columns():
+    res = {"header": {"gpu": "H200", "torch": "2.11", "commit": "abc", "worktree": ["M x"]},
+           "card": {"copy_gb_s": 4000.0, "matmul_tflops_float32": 50.0,
+                    "matmul_tflops_bfloat16": 700.0},
+           "scan": [dict(gen="v2", batch=128, path="chunked compiled", fwd_ms=1.2,
+                         fwd_x_floor=3.0, fwd_bwd_ms=5.0, fwd_bwd_x_floor=4.0,
+                         fwd_bwd_over_fwd=4.1, first_fwd_s=10.0, first_fwd_bwd_s=20.0,
+                         err_max=1e-7),
+                    dict(gen="v0", batch=32, path="assoc compiled", skipped="x" * 200)],
+           "models": [dict(name="s1l8-chunked compiled bf16 train", img_s=900.0, ms=1400.0,
+                           train=True, compile_s=80.0, peak_gb=30.0, graph_breaks=0,
+                           batch=128, res=224, error="E" * 300)],
+           "tests": [dict(set="assoc", counts={"passed": 3}, exit_code=0, failed=[])],
+           "phases": {"card": {"status": "done", "wall_s": 3.0}}, "notes": ["n" * 300]}
+    gc.add_swin_ratios(res["models"])
+    text = gc.summary(res)
+    assert max(len(line) for line in text.splitlines()) <= 120
+    lines = text.splitlines()
+    assert any(ln.startswith("gen ") and "fwd ms" in ln and ln.endswith("note") for ln in lines)
+    assert any(ln.startswith("s1l8-chunked compiled bf16 train ") for ln in lines)

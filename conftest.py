@@ -18,10 +18,6 @@ compiled vs eager, gradients, checkpointing) and all of test_compile.py on the G
 stays on the CPU. TF32 is switched off there: the tolerances are float32's (test_scan.py).
 `VMAMBA_TEST_DEVICE=cuda python -m pytest -q test_scan.py test_model.py test_compile.py`
 
-Compile threads: on a machine with 4 cores or fewer, Inductor compiles in this process
-(compile_threads = 1): on 2 cores its worker pool's start-up cost more than it saved
-(docs/design.md), and the compiled tests are most of CI's time.
-
 Slow tests (`@pytest.mark.slow`, e.g. the L = 4096 scan) are skipped unless asked for with
 `-m slow` (or any -m expression naming `slow`) or the thorough profile is active.
 """
@@ -43,9 +39,6 @@ settings.load_profile(PROFILE)
 def pytest_configure(config):
     if DEVICE not in ("cpu", "cuda"):
         raise pytest.UsageError(f"VMAMBA_TEST_DEVICE={DEVICE!r}: use cpu or cuda")
-    if (os.cpu_count() or 1) <= 4:
-        import torch._inductor.config
-        torch._inductor.config.compile_threads = 1
     if DEVICE == "cuda":
         import torch
         if not torch.cuda.is_available():

@@ -221,18 +221,29 @@ def _use_assoc(u, A):
     torch.compile, where Inductor makes the associative scan one Triton kernel but lowers the
     `scan` loops below to a host-side loop of per-step kernels. Not in eager mode: there torch's
     associative_scan runs a generic log-depth recursion (a few kernels per level) behind a Dynamo
-    trace per new shape; and not on a CPU, where Inductor has no scan codegen at all. Not with
-    symbolic sizes (dynamic=True, or Dynamo's automatic dynamic after a new shape): torch 2.11's
-    Inductor rejects the size symbols Dynamo lifts into the combine function ("Unable to
-    generate code for associative_scan op, because there are lifted arguments", pytorch#181584).
+    trace per new shape; and not on a CPU, where Inductor has no scan codegen at all.
+    Symbolic sizes (dynamic=True, or Dynamo's automatic dynamic after a new shape): Dynamo lifts
+    them into the combine function; Inductor before torch 2.13 rejects that ("Unable to generate
+    code for associative_scan op, because there are lifted arguments", pytorch#181584), 2.13
+    accepts unused ones. Traced code cannot tell a symbolic size from an int the same way on
+    every release (Dynamo's answer to n.__class__ changed between 2.11, 2.13 and 2.14), so on
+    torch < 2.13 the associative scan is taken only where no size can be symbolic:
+    torch.compile(..., dynamic=False) (`_sizes_static_by_config`).
     (To force it anywhere: call selective_scan_assoc, or VSSMConfig(scan="assoc").)"""
-    return u.is_cuda and torch.compiler.is_compiling() and _static_sizes(u, A)
+    return (u.is_cuda and torch.compiler.is_compiling()
+            and (_LOWERS_SYMBOLIC_SIZES or _sizes_static_by_config()))
 
 
-def _static_sizes(*tensors):
-    """Whether every size is a plain int while Dynamo traces. (Dynamo answers isinstance(n, int)
-    with True for a symbolic size too; n.__class__ tells them apart.)"""
-    return all(n.__class__ is int for t in tensors for n in t.shape)
+# Inductor lowers an associative_scan whose combine function was given unused size symbols
+# (torch >= 2.13; 2.11 raises, see _use_assoc).
+_LOWERS_SYMBOLIC_SIZES = torch.torch_version.TorchVersion(torch.__version__) >= (2, 13)
+
+
+def _sizes_static_by_config():
+    """Whether Dynamo keeps every size an int: torch.compile(dynamic=False) sets these two
+    options while it traces (read from traced code, they are constants of the trace)."""
+    config = torch._dynamo.config
+    return config.assume_static_by_default and not config.automatic_dynamic_shapes
 
 
 class _ChunkedScan(torch.autograd.Function):

@@ -182,32 +182,40 @@ def test_backward_keeps_no_state_for_N_above_1(N):
 # ---------------------------------------------------------------------------------------------
 # 4. The dispatch in scan.selective_scan, and the model's scan="assoc".
 # ---------------------------------------------------------------------------------------------
-def test_dispatch_predicate():
-    """Eager never takes the associative scan (its operator runs a generic recursion there);
-    a compiled call takes it exactly on CUDA, and only with static sizes."""
+def picked(u, A, dynamic):
+    """What scan._use_assoc answers in code torch.compile traces (two calls: the second shape
+    makes a dynamic=None compile symbolic)."""
+    torch._dynamo.reset()
+    f = torch.compile(lambda t, a: t + 1 if scan._use_assoc(t, a) else t - 1,
+                      backend="eager", fullgraph=True, dynamic=dynamic)
+    first = bool((f(u, A) == u + 1).all())
+    u2 = u.new_zeros(u.shape[0] + 1, *u.shape[1:])
+    return first, bool((f(u2, A) == u2 + 1).all())
+
+
+@pytest.mark.parametrize("lowers_symbolic", [False, True])
+def test_dispatch_predicate(monkeypatch, lowers_symbolic):
+    """Eager never takes the associative scan (its operator runs a generic recursion there); a
+    compiled call takes it exactly on CUDA: on torch >= 2.13 at any sizes, before it only under
+    dynamic=False (2.11's Inductor rejects symbolic sizes in the operator)."""
+    monkeypatch.setattr(scan, "_LOWERS_SYMBOLIC_SIZES", lowers_symbolic)
     u, A = torch.zeros(2, 4, 5, device=DEVICE), torch.zeros(4, 3, device=DEVICE)
     assert not scan._use_assoc(u, A)
-
-    def picked(dynamic):
-        torch._dynamo.reset()
-        f = torch.compile(lambda t, a: t + 1 if scan._use_assoc(t, a) else t - 1,
-                          backend="eager", fullgraph=True, dynamic=dynamic)
-        return bool((f(u, A) == u + 1).all())
-
-    assert picked(dynamic=False) == (DEVICE == "cuda")
-    assert not picked(dynamic=True)
+    cuda = DEVICE == "cuda"
+    assert picked(u, A, dynamic=False) == (cuda, cuda)
+    for dynamic in (True, None):
+        assert picked(u, A, dynamic) == (cuda and lowers_symbolic,) * 2, dynamic
 
 
-def test_static_sizes_sees_symbolic_sizes_under_dynamo():
-    """The part of the predicate that keeps symbolic sizes away from torch 2.11's lowering
-    (scan._use_assoc), device-free: Dynamo passes a symbolic size off as an int to isinstance."""
+def test_sizes_static_by_config_is_true_only_under_dynamic_false():
+    """The device-free half of the predicate, read in traced code: True for dynamic=False, False
+    for dynamic=True and for the default (whose second shape compiles with symbolic sizes)."""
     x = torch.zeros(2, 4, 5)
-    for dynamic, want in ((False, True), (True, False)):
+    for dynamic, want in ((False, True), (True, False), (None, False)):
         torch._dynamo.reset()
-        f = torch.compile(lambda t: t + 1 if scan._static_sizes(t) else t - 1, backend="eager",
-                          fullgraph=True, dynamic=dynamic)
+        f = torch.compile(lambda t: t + 1 if scan._sizes_static_by_config() else t - 1,
+                          backend="eager", fullgraph=True, dynamic=dynamic)
         assert torch.equal(f(x), x + 1 if want else x - 1), f"dynamic={dynamic}"
-    assert scan._static_sizes(x)                                           # eager: ints
 
 
 def test_selective_scan_hands_over_when_the_predicate_says_so(monkeypatch):

@@ -200,7 +200,7 @@ def main(argv=None):
                    help="stop after this many steps (0: all epochs); the schedule ends there")
     p.add_argument("--compile", nargs="?", const="model", choices=("model", "blocks"),
                    help="train compiled: 'model' (the default when given without a value) = "
-                        "torch.compile(model, fullgraph=True); 'blocks' = "
+                        "torch.compile(model, fullgraph=True, dynamic=False); 'blocks' = "
                         "vmamba_min.compile_blocks (one graph per stage, the rest eager). "
                         "Evaluation stays eager")
     p.add_argument("--save", default=None, metavar="DIR",
@@ -235,7 +235,7 @@ def main(argv=None):
     opt = build_optimizer(raw, args.lr)
     model = raw
     if args.compile == "model":
-        model = torch.compile(raw, fullgraph=True)
+        model = torch.compile(raw, fullgraph=True, dynamic=False)   # every step: one shape
     elif args.compile == "blocks":
         compile_blocks(raw)        # in place; `raw` then runs its blocks compiled
     if world > 1:   # averages the gradients over the processes in backward

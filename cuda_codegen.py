@@ -84,9 +84,13 @@ def fake_cuda(props=H100):
         mock.patch("torch._subclasses.fake_tensor.init_gpu_context", lambda device: None),
         mock.patch("torch.utils._triton.triton_backend", backend),
     ]
+    import torch.utils._triton as tu
     with contextlib.ExitStack() as stack:
         for p in patches:
             stack.enter_context(p)
+        # has_triton() is cached per process: a call made before (no CUDA) would answer False
+        tu.has_triton.cache_clear()
+        stack.callback(tu.has_triton.cache_clear)
         yield
 
 

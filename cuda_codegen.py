@@ -142,7 +142,8 @@ def generate(fn, args, dynamic=False):
         try:
             compiled(*args)
         except Exception as e:   # noqa: BLE001 -- after the last graph: the stand-in ran
-            if not graphs or "never run" not in str(e) and "NoneType" not in str(e):
+            # (torch 2.14's runtime wrapper fails first on the stand-in's missing outputs)
+            if not graphs or ("never run" not in str(e) and "NoneType" not in str(e)):
                 raise
     return graphs
 

@@ -1043,6 +1043,30 @@ def phase_profile(run):
 
 
 # -------------------------------------------------------------------------------- 5. tests
+def pump(proc, deadline, write):
+    """Copy proc's piped output to this process's stdout and to write(chunk) until the output
+    ends (True) or the deadline passes (False). A process that exited while a grandchild (a
+    compile worker) still holds the pipe counts as ended after 3 s of quiet."""
+    fd, quiet_since = proc.stdout.fileno(), None
+    while True:
+        left = deadline - time.time()
+        if left <= 0:
+            return False
+        r, _, _ = select.select([fd], [], [], min(left, 1.0))
+        if r:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return True
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+            write(chunk)
+            quiet_since = None
+        elif proc.poll() is not None:
+            quiet_since = quiet_since or time.time()
+            if time.time() - quiet_since > 3:
+                return True
+
+
 def run_logged(run, cmd, timeout, env, cwd):
     """Run cmd in its own process group with a timeout, its output through this process's
     (into gpu.log); the group's id goes to the work folder so the parent can end it too.
@@ -1051,26 +1075,17 @@ def run_logged(run, cmd, timeout, env, cwd):
                             cwd=cwd, preexec_fn=os.setsid)   # its own process group
     with open(os.path.join(run.args.work, "groups.txt"), "a") as f:
         f.write(f"{proc.pid}\n")
-    tail, t_end, buf = [], time.time() + timeout, b""
-    fd = proc.stdout.fileno()
-    while True:
-        left = t_end - time.time()
-        if left <= 0:
-            kill_group(proc.pid)
-            proc.wait()
-            return None, tail + ([buf.decode(errors="replace")] if buf else [])
-        r, _, _ = select.select([fd], [], [], min(left, 1.0))
-        if r:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            tail = (tail + [ln.decode(errors="replace") for ln in lines])[-60:]
-        elif proc.poll() is not None:
-            break
+    tail, buf = [], b""
+
+    def keep_tail(chunk):
+        nonlocal tail, buf
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        tail = (tail + [ln.decode(errors="replace") for ln in lines])[-60:]
+    if not pump(proc, time.time() + timeout, keep_tail):
+        kill_group(proc.pid)
+        proc.wait()
+        return None, tail + ([buf.decode(errors="replace")] if buf else [])
     proc.wait()
     if buf:
         tail.append(buf.decode(errors="replace"))
@@ -1330,29 +1345,16 @@ def parent(args):
         raise InterruptedError(f"signal {signum}")
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
-    fd, killed, quiet_since = proc.stdout.fileno(), None, None
+    killed = None
+
+    def to_log(chunk):
+        if log.tell() < LOG_MAX:
+            log.write(chunk)
+            log.flush()
     try:
-        while True:
-            left = t0 + hard - time.time()
-            if left <= 0:
-                killed = f"the hard stop at {hard:.0f} s"
-                say(f"[gpu_check] parent: {killed}: ending the child")
-                break
-            r, _, _ = select.select([fd], [], [], min(left, 1.0))
-            if r:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    break
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-                if log.tell() < LOG_MAX:
-                    log.write(chunk)
-                    log.flush()
-                quiet_since = None
-            elif proc.poll() is not None:      # exited, but a grandchild holds the pipe
-                quiet_since = quiet_since or time.time()
-                if time.time() - quiet_since > 3:
-                    break
+        if not pump(proc, t0 + hard, to_log):
+            killed = f"the hard stop at {hard:.0f} s"
+            say(f"[gpu_check] parent: {killed}: ending the child")
     except InterruptedError as e:
         killed = str(e)
         say(f"[gpu_check] parent: {killed}: ending the child, packing what there is")

@@ -23,6 +23,7 @@ from hypothesis.control import currently_in_test_context
 
 from conftest import DEVICE
 from scan import cross_merge, cross_scan, selective_scan, selective_scan_ref
+from scan_assoc import selective_scan_assoc
 
 THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
 N_EXAMPLES = settings().max_examples                 # the active profile's (see conftest.py)
@@ -836,7 +837,7 @@ BAD = {  # name -> (replacement, pattern the message must match)
 }
 
 
-@pytest.mark.parametrize("fn", [selective_scan_ref, selective_scan])
+@pytest.mark.parametrize("fn", [selective_scan_ref, selective_scan, selective_scan_assoc])
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_raises_naming_the_argument(fn, case):
     name, bad, pattern = BAD[case]

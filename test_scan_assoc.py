@@ -28,7 +28,7 @@ import vmamba_min as vm
 from conftest import DEVICE
 from scan import selective_scan, selective_scan_ref
 from scan_assoc import selective_scan_assoc
-from test_scan import (BAD, N_EXAMPLES, PATHS, call, check_against_exact, compile_problem,
+from test_scan import (N_EXAMPLES, PATHS, call, check_against_exact, compile_problem,
                        edge_problem, good_args, magnitudes, run, saved_for_backward,
                        scan_problems, with_exponents)
 
@@ -132,19 +132,9 @@ def test_dtypes_shapes_and_empty_sequence():
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Errors: the same messages as the other two scans (one shared check in scan.py).
+# 2. Errors: bad arguments give the other scans' messages (test_scan.py's
+#    test_bad_input_raises_naming_the_argument runs this scan too); its own options.
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_raises_naming_the_argument(case):
-    name, bad, pattern = BAD[case]
-    a = good_args()
-    a[name] = bad
-    with pytest.raises(ValueError, match=pattern) as info:
-        call(selective_scan_assoc, a)
-    msg = str(info.value)
-    assert msg.startswith("selective_scan:") and "u=(" in msg and "B=(" in msg, msg
-
-
 def test_bad_combine_mode_and_groups_raise():
     with pytest.raises(ValueError, match=r"combine_mode must be None, 'pointwise' or 'generic', "
                                          r"got 'tree'"):

@@ -336,7 +336,9 @@ class _Layout:
         return self._tm(t).view(self.T, self.batch, self.K, self.Dk, self.M)
 
     def unchan(self, t):                                      # (T, b, K, D, M) -> (batch, K*D, L)
-        t = t.permute(1, 2, 3, 4, 0).reshape(self.batch, self.KD, self.M * self.T)
+        # Copied to (b, K*D, M*T) order: with M = 1 a reshape would be a view with time-major
+        # strides, whose symbolic form (min(...)) torch 2.11's export cannot prove guards on.
+        t = t.permute(1, 2, 3, 4, 0).contiguous().view(self.batch, self.KD, self.M * self.T)
         return t[..., :self.L]
 
     def group(self, t):                                       # (b, K, N, L) -> (T, b, K, 1, M, N)

@@ -17,24 +17,27 @@ kernels per level, plus a Dynamo trace per new shape. So scan.selective_scan sen
 only on CUDA under torch.compile (`scan._use_assoc`). combine_mode="generic" runs that same
 recursion anywhere (a CPU included): it is how CI tests the math.
 
-Layout: a and x as (b, K*D, N, L), the scan dim last and contiguous, all rows scanned at once
-(N = 1, the v2 models: (b, K*D, 1, L), the size of u). h0 is folded into the first input,
-x_0 += a_0 h0, so the scan itself always starts from zero.
+One state index at a time: for each n the decays a_t[n] and inputs x_t[n] are (b, K*D, L)
+tensors, scanned on their own, and C_t[n] h_t[n] is added into y. Under torch.compile on CUDA
+Inductor fuses the N scans, the softplus and exp before them and the sum into y into one Triton
+kernel that reads u, delta, B, C once and writes y once: the (b, K*D, N, L) state never
+reaches memory (`python cuda_codegen.py scan --gen v0` shows the kernel and its bytes).
+h0 is folded into the first input, x_0 += a_0 h0, so every scan starts from zero.
 
-Backward (`_AssocScan.backward`), per channel and state index, upstream dy_t and dh_L:
+Backward (`_grads`, per state index n, upstream dy_t and dh_L):
 1. The adjoint g_t = dL/dh_t obeys g_t = C_t dy_t + a_{t+1} g_{t+1}, g_{L-1} = C_{L-1} dy_{L-1}
    + dh_L: the same combine scanned right to left, with the decays shifted by one (a_{t+1};
    the last one is never read and is set to 1).
 2. dL/dx_t = g_t and dL/da_t = g_t h_{t-1} (h_{-1} = h0 or 0), so dh0 = a_0 g_0.
-3. Through x_t = delta'_t B_t u_t: du_t = delta'_t <B_t, g_t> + D dy_t, dB_t = delta'_t u_t g_t
-   (summed over the group's channels); through a_t = exp(delta'_t A):
-   ddelta'_t = u_t <B_t, g_t> + <A, a_t h_{t-1} g_t>,  dA = sum_t delta'_t a_t h_{t-1} g_t.
+3. Through x_t = delta'_t B_t u_t: du_t = delta'_t sum_n B_t g_t + D dy_t, dB_t = delta'_t u_t
+   g_t (summed over the group's channels); through a_t = exp(delta'_t A):
+   ddelta'_t = u_t sum_n B_t g_t + sum_n A a_t h_{t-1} g_t,  dA = sum_t delta'_t a_t h_{t-1} g_t.
 4. dC_t = dy_t h_t (summed over the group), dD = sum_t dy_t u_t.
 5. Through the softplus: d(delta + bias) = ddelta' sigmoid(delta + bias), sigmoid(z) =
    1 - exp(-softplus(z)): delta' alone is enough.
-Saved: the inputs and delta'; for N = 1 also the states h (the size of u). For N > 1 the state
-(b, K*D, N, L) is NOT saved: backward recomputes it with the forward scan (N times the size of
-u, for one more scan). Stability: only products of decays in [0, 1]; nothing is divided by one.
+Saved: the inputs and delta'; for N = 1 also the states h (the size of u). For N > 1 the states
+are NOT saved: backward recomputes each h[n] with its forward scan (N times the size of u, for
+one more scan). Stability: only products of decays in [0, 1]; nothing is divided by one.
 """
 import torch
 import torch.nn.functional as F
@@ -86,72 +89,93 @@ def _recurrence(a, x, mode, reverse=False):
     return associative_scan(_combine, (a, x), dim=-1, reverse=reverse, combine_mode=mode)[1]
 
 
-def _decays(dt, A):
-    """a_t = exp(delta'_t A): (b, K*D, L) and (K*D, N) -> (b, K*D, N, L)."""
-    return torch.exp(dt[:, :, None, :] * A[:, :, None])
+def _decay(dt, A, n):
+    """a_t[n] = exp(delta'_t A[:, n]): (b, K*D, L)."""
+    return torch.exp(dt * A[:, n, None])
 
 
-def _inputs(u, dt, B, a, h0):
-    """x_t = delta'_t B_t u_t (b, K*D, N, L), with h0 folded into x_0 (+= a_0 h0)."""
-    batch, KD, L = u.shape
-    K, N = B.shape[1], B.shape[2]
-    x = ((dt * u).view(batch, K, KD // K, 1, L) * B[:, :, None])             # (b, K, D, N, L)
-    x = x.reshape(batch, KD, N, L)                                           # (b, K*D, N, L)
+def _per_group(t, K):
+    """(b, K*D, L) -> (b, K, D, L): a channel's route group as its own dim (a view)."""
+    return t.view(t.shape[0], K, t.shape[1] // K, t.shape[2])
+
+
+def _merged(t):
+    """(b, K, D, L) -> (b, K*D, L); a reshape: elementwise results follow their inputs'
+    strides, and u or dy may come permuted."""
+    return t.reshape(t.shape[0], t.shape[1] * t.shape[2], t.shape[3])
+
+
+def _state(dtu, a, B, n, h0, mode):
+    """h[n] (b, K*D, L): the recurrence with x_t = delta'_t u_t B_t[n], h0[n] folded into x_0."""
+    K = B.shape[1]
+    x = _merged(_per_group(dtu, K) * B[:, :, None, n])
     if h0 is not None:
-        x = torch.cat([x[..., :1] + a[..., :1] * h0[..., None], x[..., 1:]], dim=-1)
-    return x
+        x = torch.cat([x[..., :1] + a[..., :1] * h0[:, :, n, None], x[..., 1:]], dim=-1)
+    return _recurrence(a, x, mode)
+
+
+def _grads(u, dt, A, B, C, D, h0, hs, gy, gh, softplus, has_bias, mode):
+    """Gradients of the scan (steps 1-5 of the module docstring) with respect to u, delta (+
+    bias), A, B, C, D, delta_bias and h0. hs: the saved states (b, K*D, N, L), or None to
+    recompute them. gy, gh: upstream gradients of y and the last state (either may be None)."""
+    batch, KD, L = u.shape
+    K, N = B.shape[1], A.shape[1]
+    if gy is None:
+        gy = torch.zeros_like(u)
+    dtu = dt * u
+    gBsum = torch.zeros_like(u)                               # sum_n B_t[n] g_t[n]
+    gAsum = torch.zeros_like(u)                               # sum_n A[n] a_t h_{t-1} g_t
+    dA, dB, dC, dh0 = [], [], [], []
+    for n in range(N):
+        a = _decay(dt, A, n)
+        h = _state(dtu, a, B, n, h0, mode) if hs is None else hs[:, :, n]
+        g_in = _merged(C[:, :, None, n] * _per_group(gy, K))              # C_t dy_t
+        if gh is not None:                                    # + dh_L at the end
+            g_in = torch.cat([g_in[..., :-1], g_in[..., -1:] + gh[:, :, n, None]], dim=-1)
+        a_next = F.pad(a[..., 1:], (0, 1), value=1.0)        # a_{t+1}; the last is never read
+        g = _recurrence(a_next, g_in, mode, reverse=True)                        # step 1
+        start = h.new_zeros(batch, KD, 1) if h0 is None else h0[:, :, n, None]
+        dah = g * a * torch.cat([start, h[..., :-1]], dim=-1)   # a_t h_{t-1} g_t    step 2
+        gBsum = gBsum + _merged(_per_group(g, K) * B[:, :, None, n])
+        gAsum = gAsum + A[:, n, None] * dah
+        dA.append((dah * dt).sum((0, 2)))                                         # step 3
+        dB.append(_per_group(g * dtu, K).sum(2))
+        dC.append(_per_group(h * gy, K).sum(2))                                   # step 4
+        if h0 is not None:
+            dh0.append(a[..., 0] * g[..., 0])
+    du = dt * gBsum if D is None else dt * gBsum + D[:, None] * gy
+    ddt = u * gBsum + gAsum
+    dz = ddt * -torch.expm1(-dt) if softplus else ddt                             # step 5
+    return (du, dz, torch.stack(dA, 1), torch.stack(dB, 2), torch.stack(dC, 2),
+            None if D is None else (gy * u).sum((0, 2)), dz.sum((0, 2)) if has_bias else None,
+            torch.stack(dh0, 2) if h0 is not None else None)
 
 
 class _AssocScan(torch.autograd.Function):
     """The scan as one autograd node: the operator's own autograd would materialise an L x L
-    tensor per row. Backward: steps 1-5 of the module docstring. (Splitting K*D into (K, D) is
-    a view of any tensor; merging it back is a reshape: elementwise results follow their
-    inputs' strides, and u or dy may come permuted.)"""
+    tensor per row. Forward: one scan per state index, each added into y (module docstring)."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, delta_bias, h0, softplus, mode):
-        batch, KD, L = u.shape
         K, N = B.shape[1], A.shape[1]
         if delta_bias is not None:
             delta = delta + delta_bias[:, None]
         dt = _softplus(delta) if softplus else delta         # delta' (b, K*D, L)
-        a = _decays(dt, A)                                    # (b, K*D, N, L)
-        h = _recurrence(a, _inputs(u, dt, B, a, h0), mode)    # (b, K*D, N, L)
-        y = (h.view(batch, K, KD // K, N, L) * C[:, :, None]).sum(3).reshape(batch, KD, L)
-        if D is not None:
-            y = y + D[:, None] * u
-        keep = h if N == 1 else None          # N > 1: recomputed in backward, never stored
+        dtu = dt * u
+        y = u.new_zeros(u.shape) if D is None else D[:, None] * u
+        hs = []
+        for n in range(N):
+            h = _state(dtu, _decay(dt, A, n), B, n, h0, mode)                   # (b, K*D, L)
+            y = y + _merged(_per_group(h, K) * C[:, :, None, n])
+            hs.append(h)
+        keep = hs[0][:, :, None] if N == 1 else None   # N > 1: recomputed in backward
         ctx.save_for_backward(u, dt, A, B, C, D, h0, keep)
         ctx.softplus, ctx.has_bias, ctx.mode = softplus, delta_bias is not None, mode
         ctx.set_materialize_grads(False)
-        return y, h[..., -1]                                  # (b, K*D, L), (b, K*D, N)
+        return y, torch.stack([h[..., -1] for h in hs], dim=-1)     # (b, K*D, L), (b, K*D, N)
 
     @staticmethod
     def backward(ctx, gy, gh):
-        u, dt, A, B, C, D, h0, h = ctx.saved_tensors
-        batch, KD, L = u.shape
-        K, N = B.shape[1], A.shape[1]
-        group = (batch, K, KD // K, N, L)
-        a = _decays(dt, A)                                    # recomputed: one exp
-        if h is None:                                         # the forward scan, again
-            h = _recurrence(a, _inputs(u, dt, B, a, h0), ctx.mode)
-        if gy is None:
-            gy = torch.zeros_like(u)
-        g_in = (C[:, :, None] * gy.view(batch, K, KD // K, 1, L)).reshape(batch, KD, N, L)
-        if gh is not None:                                    # C_t dy_t, + dh_L at the end
-            g_in = torch.cat([g_in[..., :-1], g_in[..., -1:] + gh[..., None]], dim=-1)
-        a_next = F.pad(a[..., 1:], (0, 1), value=1.0)        # a_{t+1}; the last is never read
-        g = _recurrence(a_next, g_in, ctx.mode, reverse=True)                    # step 1
-        start = h.new_zeros(batch, KD, N, 1) if h0 is None else h0[..., None]
-        dah = g * a * torch.cat([start, h[..., :-1]], dim=-1)   # a_t h_{t-1} g_t   step 2
-        gB = (g.view(group) * B[:, :, None]).sum(3).reshape(batch, KD, L)   # <B_t, g_t>
-        du = dt * gB if D is None else dt * gB + D[:, None] * gy          # step 3
-        ddt = u * gB + (A[:, :, None] * dah).sum(2)
-        dB = (g * (dt * u)[:, :, None]).view(group).sum(2)                # (b, K, N, L)
-        dA = (dah * dt[:, :, None]).sum((0, 3))                           # (K*D, N)
-        dC = (h * gy[:, :, None]).view(group).sum(2)                      # step 4
-        dD = None if D is None else (gy * u).sum((0, 2))
-        dz = ddt * -torch.expm1(-dt) if ctx.softplus else ddt             # step 5
-        dbias = dz.sum((0, 2)) if ctx.has_bias else None
-        dh0 = None if h0 is None else a[..., 0] * g[..., 0]
-        return du, dz, dA, dB, dC, dD, dbias, dh0, None, None
+        u, dt, A, B, C, D, h0, hs = ctx.saved_tensors
+        return _grads(u, dt, A, B, C, D, h0, hs, gy, gh, ctx.softplus, ctx.has_bias,
+                      ctx.mode) + (None, None)

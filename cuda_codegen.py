@@ -1,6 +1,6 @@
 """The Triton code torch.compile would generate for a CUDA GPU, on a machine without one.
 
-    python cuda_codegen.py scan  --gen v2 --batch 128 [--path assoc|chunked]
+    python cuda_codegen.py scan  --gen v2 --batch 128 [--path assoc|chunked] [--backward]
     python cuda_codegen.py model --name vmamba_tiny_s1l8 --batch 128 [--dtype bfloat16] [--chunked]
     (--out DIR writes each graph's generated module; --dynamic compiles with symbolic sizes)
 
@@ -12,7 +12,8 @@ the library calls (matmuls, convolutions) and host-side loops, and the bytes the
 read and write by Inductor's own per-kernel estimate. For a scan it also prints the memory
 floor: the bytes the call must move at all (inputs and y), so that bytes / floor bounds what the
 generated code can reach on a memory-bound card. Forward (inference) graphs only: tracing a
-backward runs the autograd engine, which opens a real CUDA context.
+backward runs the autograd engine, which opens a real CUDA context; `scan --backward` compiles
+the associative scan's backward function as a forward graph of its own instead.
 
 Why: the GPU is lent rarely and briefly. This shows on the CPU whether a change fuses as meant
 (one kernel for the associative scan? a while loop left?) before a GPU run measures it.
@@ -159,6 +160,23 @@ def scan_case(gen, batch):
     return args, floor
 
 
+def grads_case(gen, batch):
+    """The stage-1 scan's backward (scan_assoc._grads) as a graph of its own: fake saved inputs
+    (u, delta', A, B, C, D) and upstream dy, its memory floor (read those, write the gradients of
+    u, delta, B and C; the vectors are negligible), and the function. torch.compile of a
+    training step puts the same operations in its backward graph."""
+    import scan_assoc
+    KD, L, N = SCAN_SHAPES[gen]
+    shapes = [(batch, KD, L), (batch, KD, L), (KD, N), (batch, K, N, L), (batch, K, N, L), (KD,),
+              (batch, KD, L)]
+    args = [torch.empty(s, device="cuda") for s in shapes]
+    floor = (sum(math.prod(s) for s in shapes) + 2 * batch * KD * L + 2 * batch * K * N * L) * 4
+
+    def grads(u, dt, A, B, C, D, gy):
+        return scan_assoc._grads(u, dt, A, B, C, D, None, gy, None, True, True, "pointwise")
+    return grads, args, floor
+
+
 def scan_fn(path):
     """The scan function of a path: scan_assoc's, or scan.selective_scan (the chunked scan
     while chunked_only() is in force)."""
@@ -226,9 +244,14 @@ def main(argv=None):
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--chunked", action="store_true",
                    help="model: the chunked scan (scan._use_assoc off)")
+    p.add_argument("--backward", action="store_true",
+                   help="scan: the associative scan's backward (scan_assoc._grads) instead")
     p.add_argument("--dynamic", action="store_true", help="torch.compile(dynamic=True)")
     p.add_argument("--out", help="folder for each graph's generated module")
     args = p.parse_args(argv)
+    if args.backward and (args.what != "scan" or args.path != "assoc"):
+        p.error("--backward is for `scan` with --path assoc (the chunked scan's backward and a "
+                "model's need a real CUDA context to trace)")
     why = usable()
     if why:
         sys.exit(f"cuda_codegen: {why}")
@@ -236,7 +259,10 @@ def main(argv=None):
     floor = None
     model = build_model(args.name) if args.what == "model" else None
     with fake_cuda(), FakeTensorMode(allow_non_fake_inputs=True):
-        if args.what == "scan":
+        if args.what == "scan" and args.backward:
+            fn, inputs, floor = grads_case(args.gen, args.batch)
+            what = f"scan {args.gen} assoc backward, batch {args.batch}"
+        elif args.what == "scan":
             fn = scan_fn(args.path)
             inputs, floor = scan_case(args.gen, args.batch)
             what = f"scan {args.gen} {args.path}, batch {args.batch}"

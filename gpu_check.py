@@ -13,7 +13,8 @@ says so in gpu.json, and what a phase leaves goes to the next. A phase that fail
   1 card     versions, commit, device copy bandwidth (a 2 GiB clone, CUDA events), matmul
              TFLOP/s                                                                 [by 19]
   2 scan     stage-1 scans of VMamba-T, v2 (b x 384 x 3136, N = 1) and v0 (b x 768 x 3136,
-             N = 16), in scan_cells' order: chunked eager / compiled, assoc compiled / eager,
+             N = 16), in scan_cells' order: chunked eager / compiled, assoc compiled (v2 also
+             with GROUP_SUM = "reduce") / eager,
              big batch first; fwd and fwd+bwd ms, their ratio, "x floor" (ms over the bytes the
              call must move / the measured copy bandwidth), errors of y and all 7 gradients
              against the same scan in float64 on the device                          [by 158]
@@ -182,7 +183,8 @@ def make_plan(args):
     tiny_tests = (("scan", ["test_scan.py", "-k", "golden_selective_scan and plain"]),)
     est = {**EST_S, "scan compiled": 30, "model compiled": 10, "model blocks": 10,
            "train compiled": 15, ("scan compiled", "assoc compiled"): 10}
-    cells = tuple(("v2", 2, p) for p in ("chunked eager", "assoc compiled", "chunked compiled",
+    cells = tuple(("v2", 2, p) for p in ("chunked eager", "assoc compiled",
+                                         "assoc compiled, reduce", "chunked compiled",
                                          "assoc eager")) + \
         (("v0", 2, "chunked eager"), ("v0", 2, "assoc eager"), ("v2", 1, "chunked eager"))
     return Plan(scan_shapes={"v2": (8, 64, 1), "v0": (16, 64, 16)},
@@ -578,6 +580,16 @@ def never(*args, **kwargs):
     return False
 
 
+def group_sums_by_reduction():
+    """scan_assoc's backward with dB and dC summed by a reduction kernel instead of atomic adds
+    (scan_assoc.GROUP_SUM = "reduce"); a no-op where scan_assoc has no such setting."""
+    import contextlib
+    import scan_assoc
+    if not hasattr(scan_assoc, "GROUP_SUM"):
+        return contextlib.nullcontext()
+    return Patch(scan_assoc, "GROUP_SUM", "reduce")
+
+
 def force_chunked():
     """scan.selective_scan with its dispatch to scan_assoc turned off (scan._use_assoc: on CUDA
     under torch.compile), so that the chunked scan itself compiles; a no-op where there is no
@@ -687,10 +699,12 @@ def scan_cell(run, row, fn, kind, inputs, gy, ref):
 def scan_cells(big, small):
     """(gen, batch, path) in the order they run, the most valuable first: the big batches'
     eager baseline and assoc compiled (what the compiled models run on CUDA), then chunked
-    compiled (what they ran before), then batch 1 (comparable with earlier GPU runs), then
+    compiled (what they ran before), the v2 assoc scan with its group sums as a reduction
+    kernel instead of atomic adds (scan_assoc.GROUP_SUM: which is faster), then batch 1 (comparable with earlier GPU runs), then
     assoc eager (a log-depth recursion of slices: slow, and only where the state is small)."""
     return tuple([(g, b, "chunked eager") for g, b in big] +
                  [(g, b, "assoc compiled") for g, b in big] +
+                 [(g, b, "assoc compiled, reduce") for g, b in big if g == "v2"] +
                  [(g, b, "chunked compiled") for g, b in big] +
                  [(g, b, p) for g, b in small
                   for p in ("chunked eager", "assoc compiled", "chunked compiled")] +
@@ -711,6 +725,8 @@ def phase_scan(run):
     run.res["scan_notes"] = {
         "chunked": "scan.selective_scan (compiled: with scan._use_assoc off, if it exists)",
         "assoc": assoc_name, "tf32": "off", "ms": "median per call, CUDA events",
+        "assoc compiled, reduce": "the same with scan_assoc.GROUP_SUM = 'reduce' (dB, dC summed "
+                                  "by a reduction kernel; default: atomic adds)",
         "reference": "scan.selective_scan in float64, eager, on the device",
         "floor": "bytes the call must move (scan_floor) / measured copy bandwidth; a memory "
                  "floor only: at N = 16 the exps may bound first (PERF-NOTES.md)",
@@ -727,6 +743,8 @@ def phase_scan(run):
     if assoc is not None:
         paths.update({"assoc compiled": (compiled("assoc compiled", assoc), "scan compiled",
                                          contextlib.nullcontext),
+                      "assoc compiled, reduce": (compiled("assoc compiled", assoc),
+                                                 "scan compiled", group_sums_by_reduction),
                       "assoc eager": (assoc, "scan eager", contextlib.nullcontext)})
     else:
         run.res["notes"].append(f"assoc paths skipped: {assoc_name}")

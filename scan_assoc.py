@@ -35,9 +35,12 @@ Backward (`_grads`, per state index n, upstream dy_t and dh_L):
 4. dC_t = dy_t h_t (summed over the group), dD = sum_t dy_t u_t.
 5. Through the softplus: d(delta + bias) = ddelta' sigmoid(delta + bias), sigmoid(z) =
    1 - exp(-softplus(z)): delta' alone is enough.
-Saved: the inputs and delta'; for N = 1 also the states h (the size of u). For N > 1 the states
-are NOT saved: backward recomputes each h[n] with its forward scan (N times the size of u, for
-one more scan). Stability: only products of decays in [0, 1]; nothing is divided by one.
+Saved: the inputs and delta', never a state. Backward recomputes h_{t-1} by scanning the inputs
+shifted right by one step (so h_{t-1} and g_t are produced at the same index t, and Inductor
+fuses everything that uses them into that scan's kernel), and h_t = a_t h_{t-1} + x_t from it.
+Sums over b and L are taken over L first, the part that fuses. Stability: only products of
+decays in [0, 1]; nothing is divided by one, and a_t h_{t-1} is never recovered as h_t - x_t
+(that difference loses the digits of a small a_t h_{t-1}).
 """
 import torch
 import torch.nn.functional as F
@@ -60,6 +63,8 @@ def selective_scan_assoc(u, delta, A, B, C, D=None, delta_bias=None, delta_softp
         raise ValueError(f"selective_scan: combine_mode must be None, 'pointwise' or 'generic', "
                          f"got {combine_mode!r}")
     _check_inputs(u, delta, A, B, C, D, delta_bias, h0)
+    if GROUP_SUM not in ("atomic", "reduce"):
+        raise ValueError(f"scan_assoc.GROUP_SUM must be 'atomic' or 'reduce', got {GROUP_SUM!r}")
     if combine_mode is None:
         combine_mode = "pointwise" if u.is_cuda else "generic"
     dt = _compute_dtype(u)
@@ -105,20 +110,51 @@ def _merged(t):
     return t.reshape(t.shape[0], t.shape[1] * t.shape[2], t.shape[3])
 
 
-def _state(dtu, a, B, n, h0, mode):
-    """h[n] (b, K*D, L): the recurrence with x_t = delta'_t u_t B_t[n], h0[n] folded into x_0."""
-    K = B.shape[1]
-    x = _merged(_per_group(dtu, K) * B[:, :, None, n])
+def _input(dtu, B, n):
+    """x_t[n] = delta'_t u_t B_t[n]: (b, K*D, L), from dtu = delta' u (b, K*D, L)."""
+    return _merged(_per_group(dtu, B.shape[1]) * B[:, :, None, n])
+
+
+def _state(x, a, h0, n, mode):
+    """h[n] (b, K*D, L): the recurrence of x[n] and a[n], h0[n] folded into x_0."""
     if h0 is not None:
         x = torch.cat([x[..., :1] + a[..., :1] * h0[:, :, n, None], x[..., 1:]], dim=-1)
     return _recurrence(a, x, mode)
 
 
-def _grads(u, dt, A, B, C, D, h0, hs, gy, gh, softplus, has_bias, mode):
+# dB and dC sum a product over each route's D channels, (b, K*D, L) -> (b, K, L):
+#   "atomic"  index_add_: under torch.compile on CUDA, Inductor turns it into atomic adds inside
+#             the kernel of the scan that made the product, so g and h never go to memory
+#             (N = 1: backward moves about 9 times the bytes of u instead of 15, by Inductor's
+#             estimate; cuda_codegen.py scan --backward). Float atomics add in any order:
+#             torch.use_deterministic_algorithms(True) makes Inductor use aten's deterministic
+#             index_put instead.
+#   "reduce"  a sum over the channel dim: a kernel of its own that reads g and h back.
+GROUP_SUM = "atomic"
+
+
+def _group_sum(t, K):
+    """sum over each group's channels: (b, K*D, L) -> (b, K, L), as GROUP_SUM says."""
+    if GROUP_SUM == "reduce":
+        return _per_group(t, K).sum(2)
+    group = torch.arange(t.shape[1], device=t.device) // (t.shape[1] // K)
+    return t.new_zeros(t.shape[0], K, t.shape[2]).index_add_(1, group, t)
+
+
+def _state_before(x, a, h0, n, mode):
+    """h[n] one step back, h_{t-1} (h_{-1} = h0[n] or 0): the recurrence of the inputs shifted
+    right by one. Scanned directly, so that h_{t-1} and g_t meet at the same index t (a
+    shifted read of a scan's own result would keep Inductor from fusing its users)."""
+    start = x.new_zeros(x.shape[:-1] + (1,)) if h0 is None else h0[:, :, n, None]
+    x_prev = torch.cat([start, x[..., :-1]], dim=-1)                     # x_{t-1}, h0 at 0
+    a_prev = F.pad(a[..., :-1], (1, 0), value=1.0)        # a_{t-1}; the first is never read
+    return _recurrence(a_prev, x_prev, mode)
+
+
+def _grads(u, dt, A, B, C, D, h0, gy, gh, softplus, has_bias, mode):
     """Gradients of the scan (steps 1-5 of the module docstring) with respect to u, delta (+
-    bias), A, B, C, D, delta_bias and h0. hs: the saved states (b, K*D, N, L), or None to
-    recompute them. gy, gh: upstream gradients of y and the last state (either may be None)."""
-    batch, KD, L = u.shape
+    bias), A, B, C, D, delta_bias and h0, from the inputs and delta' (the states are recomputed).
+    gy, gh: upstream gradients of y and the last state (either may be None)."""
     K, N = B.shape[1], A.shape[1]
     if gy is None:
         gy = torch.zeros_like(u)
@@ -127,27 +163,28 @@ def _grads(u, dt, A, B, C, D, h0, hs, gy, gh, softplus, has_bias, mode):
     gAsum = torch.zeros_like(u)                               # sum_n A[n] a_t h_{t-1} g_t
     dA, dB, dC, dh0 = [], [], [], []
     for n in range(N):
-        a = _decay(dt, A, n)
-        h = _state(dtu, a, B, n, h0, mode) if hs is None else hs[:, :, n]
+        a, x = _decay(dt, A, n), _input(dtu, B, n)
+        h_prev = _state_before(x, a, h0, n, mode)    # recomputed: the states one step back,
+        h = a * h_prev + x                             # and the states from them
         g_in = _merged(C[:, :, None, n] * _per_group(gy, K))              # C_t dy_t
         if gh is not None:                                    # + dh_L at the end
             g_in = torch.cat([g_in[..., :-1], g_in[..., -1:] + gh[:, :, n, None]], dim=-1)
         a_next = F.pad(a[..., 1:], (0, 1), value=1.0)        # a_{t+1}; the last is never read
         g = _recurrence(a_next, g_in, mode, reverse=True)                        # step 1
-        start = h.new_zeros(batch, KD, 1) if h0 is None else h0[:, :, n, None]
-        dah = g * a * torch.cat([start, h[..., :-1]], dim=-1)   # a_t h_{t-1} g_t    step 2
+        dah = g * a * h_prev                                  # a_t h_{t-1} g_t    step 2
         gBsum = gBsum + _merged(_per_group(g, K) * B[:, :, None, n])
         gAsum = gAsum + A[:, n, None] * dah
-        dA.append((dah * dt).sum((0, 2)))                                         # step 3
-        dB.append(_per_group(g * dtu, K).sum(2))
-        dC.append(_per_group(h * gy, K).sum(2))                                   # step 4
+        dA.append((dah * dt).sum(-1))                         # (b, K*D)           step 3
+        dB.append(_group_sum(g * dtu, K))
+        dC.append(_group_sum(h * gy, K))                                          # step 4
         if h0 is not None:
             dh0.append(a[..., 0] * g[..., 0])
     du = dt * gBsum if D is None else dt * gBsum + D[:, None] * gy
     ddt = u * gBsum + gAsum
     dz = ddt * -torch.expm1(-dt) if softplus else ddt                             # step 5
-    return (du, dz, torch.stack(dA, 1), torch.stack(dB, 2), torch.stack(dC, 2),
-            None if D is None else (gy * u).sum((0, 2)), dz.sum((0, 2)) if has_bias else None,
+    return (du, dz, torch.stack(dA, -1).sum(0), torch.stack(dB, 2), torch.stack(dC, 2),
+            None if D is None else (gy * u).sum(-1).sum(0),
+            dz.sum(-1).sum(0) if has_bias else None,
             torch.stack(dh0, 2) if h0 is not None else None)
 
 
@@ -163,19 +200,18 @@ class _AssocScan(torch.autograd.Function):
         dt = _softplus(delta) if softplus else delta         # delta' (b, K*D, L)
         dtu = dt * u
         y = u.new_zeros(u.shape) if D is None else D[:, None] * u
-        hs = []
+        last = []
         for n in range(N):
-            h = _state(dtu, _decay(dt, A, n), B, n, h0, mode)                   # (b, K*D, L)
+            h = _state(_input(dtu, B, n), _decay(dt, A, n), h0, n, mode)        # (b, K*D, L)
             y = y + _merged(_per_group(h, K) * C[:, :, None, n])
-            hs.append(h)
-        keep = hs[0][:, :, None] if N == 1 else None   # N > 1: recomputed in backward
-        ctx.save_for_backward(u, dt, A, B, C, D, h0, keep)
+            last.append(h[..., -1])
+        ctx.save_for_backward(u, dt, A, B, C, D, h0)          # no state: recomputed
         ctx.softplus, ctx.has_bias, ctx.mode = softplus, delta_bias is not None, mode
         ctx.set_materialize_grads(False)
-        return y, torch.stack([h[..., -1] for h in hs], dim=-1)     # (b, K*D, L), (b, K*D, N)
+        return y, torch.stack(last, dim=-1)                   # (b, K*D, L), (b, K*D, N)
 
     @staticmethod
     def backward(ctx, gy, gh):
-        u, dt, A, B, C, D, h0, hs = ctx.saved_tensors
-        return _grads(u, dt, A, B, C, D, h0, hs, gy, gh, ctx.softplus, ctx.has_bias,
+        u, dt, A, B, C, D, h0 = ctx.saved_tensors
+        return _grads(u, dt, A, B, C, D, h0, gy, gh, ctx.softplus, ctx.has_bias,
                       ctx.mode) + (None, None)

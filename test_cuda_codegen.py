@@ -3,6 +3,9 @@ associative scan is one Triton kernel that moves no more than the call's inputs 
 the compiled model keeps no host-side loop. Needs a CUDA build of torch with Triton (skipped on
 the CPU wheel CI installs; run it with pip's default torch, e.g. 2.11.0 as on the GPU machines).
 """
+import math
+import re
+
 import pytest
 import torch
 
@@ -59,3 +62,41 @@ def test_compiled_model_takes_the_associative_scan(generation):
     (graph,) = graphs_of(make)
     s = cg.summarize(graph["code"])
     assert s["associative_scans"] >= 2 and s["host_loops"] == 0, s
+
+
+def launches(code):
+    """(kernel name, elements it iterates over) per Triton launch of a generated module: the
+    launch's trailing integer arguments are its sizes (xnumel[, r0_numel])."""
+    call = code[code.find("def call("):]
+    out = []
+    for name, args in re.findall(r"(triton_\w+)\.run\((.*?)stream=", call):
+        sizes = re.findall(r"(?<![\w.])(\d+)(?=, )", args)
+        out.append((name, math.prod(int(n) for n in sizes[-2:] if n)))
+    return out
+
+
+@pytest.mark.parametrize("N", [1, 16])
+def test_assoc_backward_is_two_passes(N):
+    """The scan's backward (scan_assoc._grads, compiled as a graph of its own) at a small shape:
+    no host loop, 2N scans (the adjoints g right to left, the states h_{t-1} left to right), dB
+    and dC as atomic adds (GROUP_SUM = "atomic"). N = 1: only the two scan kernels run over
+    (b, K*D, L); everything else in the backward fused into them (the other launches zero dB
+    and dC and sum the per-row partial sums of dA, dD, dbias over the batch)."""
+    shapes = dict(cg.SCAN_SHAPES)
+    try:
+        cg.SCAN_SHAPES.update(v2=(8, 64, 1), v0=(8, 64, 16))
+        gen = "v2" if N == 1 else "v0"
+        (graph,) = graphs_of(lambda: cg.grads_case(gen, 2)[:2])
+        s = cg.summarize(graph["code"])
+        assert (s["associative_scans"], s["host_loops"]) == (2 * N, 0), s
+        assert "tl.atomic_add" in graph["code"]
+        if N == 1:
+            KD, L, _ = cg.SCAN_SHAPES[gen]
+            big = [name for name, n in launches(graph["code"]) if n >= 2 * KD * L]
+            assert len(big) == 2, launches(graph["code"])
+            for name in big:
+                kernel = graph["code"][graph["code"].find(f"def {name}("):]
+                assert "tl.associative_scan(" in kernel[:kernel.find("'''")], name
+    finally:
+        cg.SCAN_SHAPES.clear()
+        cg.SCAN_SHAPES.update(shapes)

@@ -26,7 +26,8 @@ def test_arguments():
         gc.parse_args(["--phases", "scan,nonsense"])
     plan = gc.make_plan(gc.parse_args(["--v0-batch", "16", "--out", "x"]))
     assert ("v0", 16, "assoc compiled") in plan.scan_cells and plan.model_backend == "inductor"
-    assert len(set(plan.scan_cells)) == len(plan.scan_cells) == 16   # 4 shapes x 4 paths
+    assert ('v2', 128, 'assoc compiled, reduce') in plan.scan_cells
+    assert len(set(plan.scan_cells)) == len(plan.scan_cells) == 17   # 4 shapes x 4 paths, + 1
     ends = [plan.phase_end[p] for p in gc.PHASES]
     assert ends == sorted(ends) and ends[-1] == 1.0
 

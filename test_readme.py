@@ -79,3 +79,21 @@ def test_readme_results_come_from_the_reports():
     missing = [f for f in figures if not re.search(rf"(?<![\w.]){re.escape(f)}(?![\w.])",
                                                    reports)]
     assert not missing, f"README quotes figures its reports do not hold: {missing}"
+
+
+def test_installed_modules_import_only_installed_modules():
+    """`pip install .` ships pyproject's py-modules only: a module of this repository that one of
+    them imports must be among them, or `import vmamba_min` fails outside the checkout (the
+    tests run inside it, where every file is importable)."""
+    import ast
+    import tomllib
+    shipped = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+                  ["py-modules"])
+    local = {p.stem for p in ROOT.glob("*.py")}
+    for name in sorted(shipped):
+        tree = ast.parse((ROOT / f"{name}.py").read_text())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                    for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree)
+                     if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+        assert imported & local <= shipped, (name, sorted(imported & local - shipped))

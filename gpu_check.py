@@ -80,7 +80,8 @@ K = 4                         # scan routes
 # Stage 1 of VMamba-T at 224 px: L = 56 * 56; K*D = 4 * 96 (v2: D = C) or 4 * 192 (v0: D = 2C).
 SCAN_SHAPES = {"v2": (384, 3136, 1), "v0": (768, 3136, 16)}      # (K*D, L, N)
 # v0 at batch 128: one (b, K*D, L, N) float32 state is 19.7 GB; the chunked backward holds one
-# while it runs, the assoc path several, the float64 reference twice that: batch 32 (4.9 GB).
+# while it runs, the assoc backward two (g and h of every state index), the float64 reference
+# twice that: batch 32 (4.9 GB).
 V0_BATCH = 32
 SCAN_BIG = (("v2", 128), ("v0", V0_BATCH))          # (gen, batch); the order: scan_cells
 SCAN_SMALL = (("v2", 1), ("v0", 1))
@@ -698,10 +699,11 @@ def scan_cell(run, row, fn, kind, inputs, gy, ref):
 
 def scan_cells(big, small):
     """(gen, batch, path) in the order they run, the most valuable first: the big batches'
-    eager baseline and assoc compiled (what the compiled models run on CUDA), then chunked
-    compiled (what they ran before), the v2 assoc scan with its group sums as a reduction
-    kernel instead of atomic adds (scan_assoc.GROUP_SUM: which is faster), then batch 1 (comparable with earlier GPU runs), then
-    assoc eager (a log-depth recursion of slices: slow, and only where the state is small)."""
+    eager baseline and assoc compiled (what the compiled models run on CUDA), the v2 assoc
+    scan with its group sums as a reduction kernel instead of atomic adds (it decides
+    scan_assoc.GROUP_SUM's default), chunked compiled (what they ran before), then batch 1
+    (comparable with earlier GPU runs), then assoc eager (a log-depth recursion of slices:
+    slow, and only where the state is small)."""
     return tuple([(g, b, "chunked eager") for g, b in big] +
                  [(g, b, "assoc compiled") for g, b in big] +
                  [(g, b, "assoc compiled, reduce") for g, b in big if g == "v2"] +
@@ -726,7 +728,8 @@ def phase_scan(run):
         "chunked": "scan.selective_scan (compiled: with scan._use_assoc off, if it exists)",
         "assoc": assoc_name, "tf32": "off", "ms": "median per call, CUDA events",
         "assoc compiled, reduce": "the same with scan_assoc.GROUP_SUM = 'reduce' (dB, dC summed "
-                                  "by a reduction kernel; default: atomic adds)",
+                                  "by a reduction kernel; default: atomic adds); its first "
+                                  "calls include a Dynamo recompile of the same function",
         "reference": "scan.selective_scan in float64, eager, on the device",
         "floor": "bytes the call must move (scan_floor) / measured copy bandwidth; a memory "
                  "floor only: at N = 16 the exps may bound first (PERF-NOTES.md)",
@@ -757,8 +760,8 @@ def phase_scan(run):
         if name not in paths:
             row["skipped"] = assoc_name
         elif name == "assoc eager" and elems > ERR_MAX_ELEMS:
-            row["skipped"] = (f"eager assoc materialises the state: only up to "
-                              f"{ERR_MAX_ELEMS:.0e} state elements")
+            row["skipped"] = (f"eager assoc keeps g and h of every state index for its "
+                              f"backward: only up to {ERR_MAX_ELEMS:.0e} state elements")
         elif not run.fits("scan", run.estimate(paths[name][1], name)):
             row["skipped"] = run.skip("scan", what, run.estimate(paths[name][1], name))
         else:

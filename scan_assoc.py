@@ -20,7 +20,7 @@ recursion anywhere (a CPU included): it is how CI tests the math.
 One state index at a time: for each n the decays a_t[n] and inputs x_t[n] are (b, K*D, L)
 tensors, scanned on their own, and C_t[n] h_t[n] is added into y. Under torch.compile on CUDA
 Inductor fuses the N scans, the softplus and exp before them and the sum into y into one Triton
-kernel that reads u, delta, B, C once and writes y once: the (b, K*D, N, L) state never
+kernel that reads u, delta, B, C once and writes y (and the last state) once: the state never
 reaches memory (`python cuda_codegen.py scan --gen v0` shows the kernel and its bytes).
 h0 is folded into the first input, x_0 += a_0 h0, so every scan starts from zero.
 
@@ -122,20 +122,24 @@ def _state(x, a, h0, n, mode):
     return _recurrence(a, x, mode)
 
 
-# dB and dC sum a product over each route's D channels, (b, K*D, L) -> (b, K, L):
+# dB and dC sum a product over each route's D channels, (b, K*D, L) -> (b, K, L). For N = 1:
 #   "atomic"  index_add_: under torch.compile on CUDA, Inductor turns it into atomic adds inside
-#             the kernel of the scan that made the product, so g and h never go to memory
-#             (N = 1: backward moves about 9 times the bytes of u instead of 15, by Inductor's
-#             estimate; cuda_codegen.py scan --backward). Float atomics add in any order:
-#             torch.use_deterministic_algorithms(True) makes Inductor use aten's deterministic
-#             index_put instead.
+#             the kernel of the second scan (h_{t-1}), so h never goes to memory and g (written
+#             by the first scan, right to left) is read back once, by that kernel. Float atomics
+#             add in any order: torch.use_deterministic_algorithms(True) makes Inductor use
+#             aten's deterministic index_put instead.
 #   "reduce"  a sum over the channel dim: a kernel of its own that reads g and h back.
+# Which is faster on a card is for a GPU run to say (gpu_check.py times both). N > 1 always
+# reduces: there the N scans and 2N atomic index_adds exceed Inductor's fusion-size limit, the
+# adds land in a kernel of their own, and it moves more than the reduction.
 GROUP_SUM = "atomic"
 
 
-def _group_sum(t, K):
+def _group_sum(t, K, N):
     """sum over each group's channels: (b, K*D, L) -> (b, K, L), as GROUP_SUM says."""
-    if GROUP_SUM == "reduce":
+    if GROUP_SUM not in ("atomic", "reduce"):
+        raise ValueError(f"scan_assoc.GROUP_SUM must be 'atomic' or 'reduce', got {GROUP_SUM!r}")
+    if GROUP_SUM == "reduce" or N > 1:
         return _per_group(t, K).sum(2)
     group = torch.arange(t.shape[1], device=t.device) // (t.shape[1] // K)
     return t.new_zeros(t.shape[0], K, t.shape[2]).index_add_(1, group, t)
@@ -175,8 +179,8 @@ def _grads(u, dt, A, B, C, D, h0, gy, gh, softplus, has_bias, mode):
         gBsum = gBsum + _merged(_per_group(g, K) * B[:, :, None, n])
         gAsum = gAsum + A[:, n, None] * dah
         dA.append((dah * dt).sum(-1))                         # (b, K*D)           step 3
-        dB.append(_group_sum(g * dtu, K))
-        dC.append(_group_sum(h * gy, K))                                          # step 4
+        dB.append(_group_sum(g * dtu, K, N))
+        dC.append(_group_sum(h * gy, K, N))                                          # step 4
         if h0 is not None:
             dh0.append(a[..., 0] * g[..., 0])
     du = dt * gBsum if D is None else dt * gBsum + D[:, None] * gy

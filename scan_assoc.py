@@ -131,7 +131,10 @@ def _state(x, a, h0, n, mode):
 #   "reduce"  a sum over the channel dim: a kernel of its own that reads g and h back.
 # Which is faster on a card is for a GPU run to say (gpu_check.py times both). N > 1 always
 # reduces: there the N scans and 2N atomic index_adds exceed Inductor's fusion-size limit, the
-# adds land in a kernel of their own, and it moves more than the reduction.
+# adds land in a kernel of their own, and it moves more than the reduction. So does code that
+# torch.compile compiles for a CPU: Inductor's C++ backend (torch 2.13.0) vectorised this
+# index_add with a wrong index and wrote past the end of dB (heap corruption, "free(): invalid
+# next size"; test_compiled_matches_reference at B2K2D2N1L11). Eager CPU code adds correctly.
 GROUP_SUM = "atomic"
 
 
@@ -139,7 +142,7 @@ def _group_sum(t, K, N):
     """sum over each group's channels: (b, K*D, L) -> (b, K, L), as GROUP_SUM says."""
     if GROUP_SUM not in ("atomic", "reduce"):
         raise ValueError(f"scan_assoc.GROUP_SUM must be 'atomic' or 'reduce', got {GROUP_SUM!r}")
-    if GROUP_SUM == "reduce" or N > 1:
+    if GROUP_SUM == "reduce" or N > 1 or (not t.is_cuda and torch.compiler.is_compiling()):
         return _per_group(t, K).sum(2)
     group = torch.arange(t.shape[1], device=t.device) // (t.shape[1] // K)
     return t.new_zeros(t.shape[0], K, t.shape[2]).index_add_(1, group, t)

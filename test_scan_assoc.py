@@ -70,11 +70,11 @@ def test_domain_edges_and_odd_lengths(N, L):
           dtypes=(torch.float32,))
 
 
-@pytest.mark.parametrize("group_sum", ["atomic", "reduce"])
-@pytest.mark.parametrize("N", [1, 3])
+@pytest.mark.parametrize("N, group_sum", [(1, "atomic"), (1, "reduce"), (3, "atomic")])
 def test_gradcheck(N, group_sum, monkeypatch):
     """Finite differences in float64, every input with a gradient (h0, the last state too), with
-    dB and dC summed over channels either way (scan_assoc.GROUP_SUM)."""
+    dB and dC summed over channels either way for N = 1 (scan_assoc.GROUP_SUM; N > 1 always
+    reduces)."""
     monkeypatch.setattr(scan_assoc, "GROUP_SUM", group_sum)
     g = torch.Generator().manual_seed(N)
     Bb, K, Dk, L = 1, 2, 2, 7
@@ -282,6 +282,30 @@ def test_compiled_matches_reference(compiled_assoc, shape, data):
     check(compiled_assoc, inputs, sp, L, gy, gh, "compiled assoc fwd+bwd", (torch.float32,))
     with torch.no_grad():
         check(compiled_assoc, inputs, sp, L, None, None, "compiled assoc fwd", (torch.float32,))
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+@pytest.mark.parametrize("generation", [pytest.param(g, marks=COMPILE) for g in (0, 2)])
+def test_compiled_model_with_assoc_scan_matches_eager(generation, fullgraph):
+    """torch.compile(model) with scan="assoc", batch 2, with and without fullgraph: logits and
+    dL/dA_logs of the first block against the same model in eager mode (tolerances as in
+    test_model_with_assoc_scan_matches_chunked: two float32 summation orders)."""
+    x = torch.randn(2, 3, 28, 36, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    torch.manual_seed(1)
+    cfg = vm.VSSMConfig(generation=generation, dim=24, depths=(1, 1), num_classes=10,
+                        drop_path_rate=0.0, scan="assoc")
+    model = vm.VSSM(cfg).to(DEVICE)
+    outs, grads = [], []
+    torch._dynamo.reset()
+    for run in (model, torch.compile(model, fullgraph=fullgraph, dynamic=False)):
+        model.zero_grad()
+        out = run(x)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append(model.layers[0].blocks[0].self_attention.A_logs.grad.clone())
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
+    err = (grads[1] - grads[0]).norm() / grads[0].norm()
+    assert err <= 1e-5, f"relative error of dL/dA_logs {float(err):.3g}"
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="selective_scan takes the associative scan only on "

@@ -75,7 +75,11 @@ def fake_cuda(props=H100):
         mock.patch.object(CudaInterface, "get_compute_capability", staticmethod(lambda *a: cc)),
         mock.patch.object(CudaInterface, "current_device", staticmethod(lambda: 0)),
         mock.patch.object(CudaInterface, "device_count", staticmethod(lambda: 1)),
+        mock.patch.object(CudaInterface, "is_bf16_supported", staticmethod(lambda *a, **k: True)),
         mock.patch("torch.cuda.device_count", lambda: 1),
+        # autocast("cuda") turns itself off without a driver, and asks about bf16
+        mock.patch("torch.cuda.amp.common.amp_definitely_not_available", lambda: False),
+        mock.patch("torch.cuda.is_bf16_supported", lambda *a, **k: True),
         mock.patch("torch.cuda.current_device", lambda: 0),
         mock.patch("torch.cuda.get_device_properties", lambda *a, **k: props),
         mock.patch("torch.cuda.get_device_capability", lambda *a, **k: (props.major, props.minor)),

@@ -17,7 +17,8 @@ import torch._functorch.config
 import torch.nn.functional as F
 from torch._higher_order_ops import scan as _hop_scan
 
-__all__ = ["selective_scan_ref", "selective_scan", "cross_scan", "cross_merge", "allow_compile"]
+__all__ = ["selective_scan_ref", "selective_scan", "cross_scan", "route_each", "cross_merge",
+           "allow_compile"]
 
 # Compiled training, torch 2.13 and 2.14.1: Inductor gives the backward graph's "donated
 # buffers" (saved tensors it may overwrite once read) by their position among the graph's
@@ -663,6 +664,16 @@ def cross_scan(x):
     cols = x.transpose(2, 3).flatten(2)                      # (b, D, L)  column-major
     fwd = torch.stack([rows, cols], dim=1)                   # (b, 2, D, L)
     return torch.cat([fwd, fwd.flip(-1)], dim=1)             # (b, 4, D, L)
+
+
+def route_each(t):
+    """(b, 4, C, H, W) -> (b, 4, C, L): map k read along route k (cross_scan's routes; cross_scan
+    reads one map along all four). SS2D uses it for per-route maps computed on the grid."""
+    if t.dim() != 5 or t.shape[1] != 4:
+        raise ValueError(f"route_each: t must be (b, 4, C, H, W), got shape {tuple(t.shape)}")
+    rows, cols = t[:, 0].flatten(2), t[:, 1].transpose(2, 3).flatten(2)
+    rows_reversed, cols_reversed = t[:, 2].flatten(2), t[:, 3].transpose(2, 3).flatten(2)
+    return torch.stack([rows, cols, rows_reversed.flip(-1), cols_reversed.flip(-1)], dim=1)
 
 
 def cross_merge(ys):

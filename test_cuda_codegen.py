@@ -46,11 +46,14 @@ def test_assoc_scan_is_one_kernel_at_the_memory_floor():
         cg.SCAN_SHAPES.update(shapes)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("generation", [0, 2])
-def test_compiled_model_takes_the_associative_scan(generation):
+def test_compiled_model_takes_the_associative_scan(generation, dtype):
     """A small model of each generation under torch.compile(dynamic=False): every SS2D scan is an
     associative-scan kernel (one per block's shape), no host-side loop is left (the chunked
-    scan's `scan` operator would leave one per block for N > 1)."""
+    scan's `scan` operator would leave one per block for N > 1). Under bf16 autocast the code
+    computes in bf16 (autocast("cuda") turns itself off where no driver is found unless
+    cuda_codegen says otherwise)."""
     import vmamba_min as vm
     torch.manual_seed(0)
     cfg = vm.VSSMConfig(generation=generation, dim=16, depths=(1, 1), num_classes=10,
@@ -58,10 +61,11 @@ def test_compiled_model_takes_the_associative_scan(generation):
     model = vm.VSSM(cfg)
 
     def make():
-        return cg.model_case(model, 2, 32, "float32")
+        return cg.model_case(model, 2, 32, dtype)
     (graph,) = graphs_of(make)
     s = cg.summarize(graph["code"])
     assert s["associative_scans"] >= 2 and s["host_loops"] == 0, s
+    assert ("torch.bfloat16" in graph["code"]) == (dtype == "bfloat16")
 
 
 def launches(code):

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 import vmamba_min as vm
+from scan import cross_merge, cross_scan, selective_scan_ref
 from conftest import DEVICE
 from vmamba_min import (CONFIGS, VSSM, Backbone, VSSMConfig, build, convert_official_state_dict,
                         from_official_kwargs)
@@ -78,7 +79,9 @@ def test_fixture_logits(name, spelling):
 @pytest.mark.parametrize("name", MODEL_FIXTURES)
 def test_fixture_first_selective_scan_call(name, monkeypatch):
     """The arguments SS2D hands the scan in layers.0.blocks.0, and what the scan returns, are
-    the official ones (u, delta before bias/softplus, A = -exp(A_logs), B, C, D, delta_bias)."""
+    the official ones (u, delta before bias/softplus, A = -exp(A_logs), B, C, delta_bias), but
+    for the skip term D: SS2D adds it after the merge (SS2D.ssm), so the scan gets D = None and
+    returns the official output less D u."""
     fx = load_fixture(name)
     ref = fx["first_selective_scan_call"]
     model = fixture_model(fx)
@@ -93,8 +96,10 @@ def test_fixture_first_selective_scan_call(name, monkeypatch):
         model(fx["input"].to(DEVICE))
     (u, delta, A, B, C, D, delta_bias), kwargs, out = calls[0]
     assert kwargs["delta_softplus"] is ref["delta_softplus"] is True
-    for key, got in dict(u=u, delta=delta, A=A, B=B, C=C, D=D, delta_bias=delta_bias,
-                         out=out).items():
+    assert D is None
+    skip = ref["D"][:, None] * ref["u"]
+    for key, got in dict(u=u, delta=delta, A=A, B=B, C=C, delta_bias=delta_bias,
+                         out=out.cpu() + skip).items():
         assert got.shape == ref[key].shape, key
         err = (got.cpu() - ref[key]).abs().max().item()
         assert err < ATOL, f"{name}: scan argument {key} max abs error {err:.3g}"
@@ -254,6 +259,33 @@ def test_reference_and_chunked_scan_give_the_same_model(generation):
     # ~1e-6 (as the official layouts do); 1e-5 leaves 10x margin and catches any real bug.
     for out in outs[1:]:
         torch.testing.assert_close(out, outs[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("generation", [0, 2])
+def test_ss2d_equals_the_per_route_formulation(generation):
+    """SS2D.ssm projects the map before routing it and adds the skip term after the merge; the
+    paper's order (route copies of u, x_proj and dt_proj per route, D inside each route's scan)
+    gives the same output. float64: equal up to summation order (~1e-15 relative)."""
+    torch.manual_seed(0)
+    ss2d = VSSM(tiny(generation)).layers[0].blocks[0].self_attention.double()
+    with torch.no_grad():
+        ss2d.Ds.uniform_(-1, 2)                              # four different D_k per channel
+    batch, D, H, W = 2, ss2d.d_inner, 5, 7
+    x = torch.randn(batch, D, H, W, dtype=torch.float64)
+    R, N = ss2d.dt_rank, ss2d.d_state
+    xs = cross_scan(x)                                       # (b, K, D, L)
+    x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, ss2d.x_proj_weight)
+    dts, Bs, Cs = x_dbl.split([R, N, N], dim=2)
+    dts = torch.einsum("bkrl,kdr->bkdl", dts, ss2d.dt_projs_weight)
+    # A and delta_bias rounded to float32 as SS2D rounds them for any model (it keeps the
+    # scan's parameters in float32, as the official code does).
+    y = selective_scan_ref(xs.reshape(batch, 4 * D, H * W), dts.reshape(batch, 4 * D, H * W),
+                           -torch.exp(ss2d.A_logs.float()), Bs, Cs, ss2d.Ds,
+                           ss2d.dt_projs_bias.float().reshape(-1), delta_softplus=True)
+    want = cross_merge(y.view(batch, 4, D, H, W)).transpose(1, 2).reshape(batch, H, W, D)
+    with torch.no_grad():
+        got = ss2d.ssm(x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 class _Both(nn.Module):

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
 from conftest import DEVICE
-from scan import cross_merge, cross_scan, selective_scan, selective_scan_ref
+from scan import cross_merge, cross_scan, route_each, selective_scan, selective_scan_ref
 from scan_assoc import selective_scan_assoc
 
 THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
@@ -493,6 +493,14 @@ def test_cross_scan_routes_on_a_labelled_map():
     assert torch.equal(xs[2], xs[0].flip(0)) and torch.equal(xs[3], xs[1].flip(0))
 
 
+def test_route_each_reads_map_k_along_route_k():
+    x = torch.arange(2 * 4 * 3 * 3 * 5).view(2, 4, 3, 3, 5).float()   # 4 different maps
+    got = route_each(x)
+    assert got.shape == (2, 4, 3, 15)
+    for k in range(4):
+        assert torch.equal(got[:, k], cross_scan(x[:, k])[:, k])
+
+
 def test_cross_scan_merge_errors():
     with pytest.raises(ValueError, match=r"cross_scan: x must be .*\(2, 3, 4\)"):
         cross_scan(torch.zeros(2, 3, 4))
@@ -500,6 +508,8 @@ def test_cross_scan_merge_errors():
         cross_merge(torch.zeros(1, 3, 2, 2, 2))
     with pytest.raises(ValueError, match=r"cross_merge: ys must be"):
         cross_merge(torch.zeros(1, 4, 2, 4))
+    with pytest.raises(ValueError, match=r"route_each: t must be .*\(1, 3, 2, 2, 2\)"):
+        route_each(torch.zeros(1, 3, 2, 2, 2))
 
 
 # ---------------------------------------------------------------------------------------------

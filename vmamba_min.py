@@ -32,7 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from scan import allow_compile, cross_merge, cross_scan, selective_scan, selective_scan_ref
+from scan import (allow_compile, cross_merge, cross_scan, route_each, selective_scan,
+                  selective_scan_ref)
 from scan_assoc import selective_scan_assoc
 
 __all__ = ["VSSMConfig", "VSSM", "Backbone", "CONFIGS", "build", "from_official_kwargs",
@@ -192,16 +193,25 @@ class SS2D(nn.Module):
         return self.out_proj(y)                              # (b, H, W, C)
 
     def ssm(self, x):                                        # (b, D, H, W)
-        """Cross-scan, the selective scan along each route, cross-merge."""
+        """Cross-scan, the selective scan along each route, cross-merge.
+
+        Two per-token steps of each route are taken before the routes split or after they
+        merge, exactly (a route only reorders the tokens): x_proj is applied to the map once
+        and its R+2N output channels are put in route order (not the D input channels, copied
+        into each route); the skip term D_k u of each route, merged, is u times the sum of the
+        four D_k, so the scans run without D and the merged output adds it. Under
+        torch.compile this spares the memory traffic of D-channel route copies: the
+        projection reads the map itself, and the merge reads the scans' outputs, not u."""
         batch, D, H, W = x.shape
         R, N, L = self.dt_rank, self.d_state, H * W
-        xs = cross_scan(x)                                   # (b, K, D, L)
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)   # (b, K, R+2N, L)
+        x_dbl = torch.matmul(self.x_proj_weight.reshape(K * (R + 2 * N), D),
+                             x.flatten(2))                   # (b, K*(R+2N), L)
+        x_dbl = route_each(x_dbl.view(batch, K, R + 2 * N, H, W))  # (b, K, R+2N, L)
         dts, Bs, Cs = x_dbl.split([R, N, N], dim=2)          # (b, K, R|N|N, L)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)  # (b, K, D, L)
-        scan_args = (xs.reshape(batch, K * D, L), dts.reshape(batch, K * D, L),  # (b, K*D, L)
+        dts = torch.matmul(self.dt_projs_weight, dts)        # (b, K, D, L)
+        scan_args = (cross_scan(x).reshape(batch, K * D, L), dts.reshape(batch, K * D, L),
                      -torch.exp(self.A_logs.float()), Bs.contiguous(), Cs.contiguous(),
-                     self.Ds.float(), self.dt_projs_bias.float().reshape(K * D))
+                     None, self.dt_projs_bias.float().reshape(K * D))   # D: added below
         # Under bf16 autocast the projections above run in bf16, but both scans cast their
         # inputs to float32 and keep the state h in float32, as the official kernels do.
         if self.scan == "reference":
@@ -211,6 +221,7 @@ class SS2D(nn.Module):
         else:
             y = selective_scan(*scan_args, delta_softplus=True, chunk_size=self.chunk_size)
         y = cross_merge(y.view(batch, K, D, H, W))           # (b, D, L)
+        y = y + x.flatten(2).to(y.dtype) * self.Ds.to(y.dtype).view(K, D, 1).sum(0)  # sum_k D_k u
         # The scans return float32. Back to the parameters' dtype: a model converted with
         # .to(torch.bfloat16) (or .half()) needs it for out_norm; under autocast the
         # parameters stay float32, so out_norm still sees the full-precision scan output.

@@ -126,8 +126,8 @@ def _counting_scan(calls):
     """Swap the scans that vmamba_min calls for the counting op; `calls` collects one entry
     per call, so that a scan which escaped the swap is noticed."""
     def stub(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, **kw):
-        if D is None:
-            raise NotImplementedError("flops: the formula here is the one with the D skip")
+        # The formula is the official one with the D skip, which SS2D.ssm adds after the merge
+        # (the scan gets D = None there): counted here, with the scan, as officially.
         calls.append(u.shape)
         return _scan_op(u, A)
 

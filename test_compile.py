@@ -8,8 +8,9 @@ The training test compares every parameter gradient, at two steps, against pytor
 Inductor's donated-buffer bug (scan.py): with donation turned on it still passes;
 test_scan.py's test_chained_compiled_scans_match_eager is the guard for that one.
 Compiling is slow on a 2-core CPU (tens of seconds per model), so the models are tiny: width 8,
-two stages of 1 and 2 blocks (1 and 1 for training), chunk length 4 so that chunk boundaries, the padded last chunk and
-the chunk-to-chunk chain are all exercised (stage 0 has L = 30: 8 chunks, the last half empty).
+two stages of 1 and 2 blocks (1 and 1 for training), chunk length 4 so that chunk boundaries,
+the padded last chunk and the chunk-to-chunk chain are all exercised (stage 0 has L = 30: 8
+chunks, the last half empty).
 """
 import copy
 from dataclasses import replace

@@ -2,6 +2,7 @@
 
     python cuda_codegen.py scan  --gen v2 --batch 128 [--path assoc|chunked] [--backward]
     python cuda_codegen.py model --name vmamba_tiny_s1l8 --batch 128 [--dtype bfloat16] [--chunked]
+    python cuda_codegen.py model --name vmamba_tiny_s1l8 --batch 128 --train   (fp32 only)
     (--out DIR writes each graph's generated module; --dynamic compiles with symbolic sizes)
 
 Nothing runs and nothing is timed. Inputs and weights are fake CUDA tensors (shapes only), the
@@ -11,9 +12,17 @@ and load them is replaced by one that keeps the source. For each graph it prints
 kernels the graph launches, the library calls (matmuls, convolutions) and host-side loops, and
 the bytes the fused kernels read and write by Inductor's own per-kernel estimate. For a scan it also prints the memory
 floor: the bytes the call must move at all (inputs and y), so that bytes / floor bounds what the
-generated code can reach on a memory-bound card. Forward (inference) graphs only: tracing a
-backward runs the autograd engine, which opens a real CUDA context; `scan --backward` compiles
-the associative scan's backward function as a forward graph of its own instead.
+generated code can reach on a memory-bound card.
+
+A backward cannot be traced on fake CUDA tensors: the autograd engine asks the driver about the
+device. `model --train` therefore traces the training step (forward, cross-entropy, backward) on
+fake CPU tensors, with the code paths the model takes on CUDA (the associative scan in
+pointwise mode, its atomic group sums), lets Inductor partition it into forward and backward
+graphs as it would, moves each graph to the fake card (device arguments, and every value's
+size, stride and dtype as traced), and generates its Triton code there. Drop-path is off (its
+random masks lower per device) and the optimizer step is not counted; bf16 autocast is refused
+(autocast casts other ops on a CPU than on CUDA). `scan --backward` compiles the associative
+scan's backward function as a forward graph of its own.
 
 Why: the GPU is lent rarely and briefly. This shows on the CPU whether a change fuses as meant
 (one kernel for the associative scan? a while loop left?) before a GPU run measures it.
@@ -197,14 +206,14 @@ def chunked_only():
     return mock.patch.object(scan, "_use_assoc", lambda u, A: False)
 
 
-def build_model(name):
+def build_model(name, **overrides):
     """A model by name (ours, or timm's), built on the CPU: outside the fake mode, since
     building reads values (DropPath's rates)."""
     import vmamba_min
     if name.startswith(("swin", "deit", "convnext")):
         import timm
-        return timm.create_model(name, pretrained=False)
-    return vmamba_min.build(name)
+        return timm.create_model(name, pretrained=False, **overrides)
+    return vmamba_min.build(name, **overrides)
 
 
 def model_case(model, batch, res, dtype):
@@ -217,6 +226,89 @@ def model_case(model, batch, res, dtype):
         with torch.no_grad(), torch.autocast("cuda", dtype=cast, enabled=cast != torch.float32):
             return model(x)
     return fn, [x]
+
+
+def _pointwise_scan(combine_fn, xs, dim, reverse=False, combine_mode=None):
+    """torch's associative_scan in pointwise mode on any device: its front end refuses CPU
+    tensors for that mode, but the operator it calls traces the same on any device. Stands in
+    for scan_assoc.associative_scan while a CUDA graph is traced on the CPU."""
+    import functools
+    import torch.utils._pytree as pytree
+    from torch._higher_order_ops.associative_scan import associative_scan_op, wrap_combine_fn_flat
+    leaves, spec = pytree.tree_flatten(xs)
+    leaves = [torch.movedim(t, dim, 0) for t in leaves]          # the operator scans dim 0
+    leaves = [t.flip([0]) for t in leaves] if reverse else leaves
+    flat = functools.partial(wrap_combine_fn_flat, combine_fn=combine_fn, spec=spec,
+                             num_leaves=len(leaves))
+    out = associative_scan_op(flat, leaves, additional_inputs=())
+    out = [t.flip([0]) for t in out] if reverse else out
+    return pytree.tree_unflatten([torch.movedim(t, 0, dim) for t in out], spec)
+
+
+def _to_fake_cuda(gm, inputs):
+    """Move a graph traced on fake CPU tensors to the fake card: device arguments, and every
+    node's value as a fake CUDA tensor of the traced size, stride and dtype (not recomputed:
+    some meta kernels choose other strides on CUDA, and the graph's views were decided on the
+    traced ones). Returns the graph's inputs, moved."""
+    from torch._guards import detect_fake_mode
+    import torch.utils._pytree as pytree
+    mode, cuda = detect_fake_mode(inputs), torch.device("cuda", 0)
+
+    def move(a):
+        if isinstance(a, torch.device) and a.type == "cpu":
+            return cuda
+        if isinstance(a, torch.Tensor):
+            with mode:
+                return torch.empty_strided(a.size(), a.stride(), dtype=a.dtype, device=cuda)
+        return a
+    for m in gm.modules():
+        if isinstance(m, torch.fx.GraphModule):
+            for node in m.graph.nodes:
+                node.args = torch.fx.node.map_aggregate(node.args, move)
+                node.kwargs = torch.fx.node.map_aggregate(node.kwargs, move)
+                if "val" in node.meta:
+                    node.meta["val"] = pytree.tree_map(move, node.meta["val"])
+            m.recompile()
+    return [move(t) for t in inputs]
+
+
+def generate_training(model, batch, res, chunked=False):
+    """The training step's forward and backward graphs for the fake card (module docstring):
+    Dynamo, AOTAutograd and Inductor's partitioner run on fake CPU tensors, and the inner
+    compile of each graph moves it to the card first. Returns the captured graphs."""
+    import scan
+    import scan_assoc
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def inner(gm, example_inputs, **kwargs):
+        return compile_fx_inner(gm, _to_fake_cuda(gm, example_inputs), **kwargs)
+
+    def step(x, labels):
+        return torch.nn.functional.cross_entropy(model(x), labels)
+    on_cuda = [chunked_only()] if chunked else [
+        mock.patch.object(scan, "_use_assoc", lambda u, A: True),
+        mock.patch.object(scan_assoc, "associative_scan", _pointwise_scan),
+        mock.patch.object(scan_assoc, "_adds_atomically",     # index_add_, as on CUDA
+                          lambda t, N: scan_assoc.GROUP_SUM == "atomic" and N == 1)]
+    torch._dynamo.reset()
+    model.train()
+    with contextlib.ExitStack() as stack:
+        for p in on_cuda:
+            stack.enter_context(p)
+        graphs = stack.enter_context(capture_graphs())
+        stack.enter_context(torch._functorch.config.patch(force_non_lazy_backward_lowering=True))
+        stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+        x = torch.empty(batch, 3, res, res)
+        labels = torch.zeros(batch, dtype=torch.long)
+        compiled = torch.compile(step, fullgraph=True, dynamic=False,
+                                 backend=lambda gm, ins: compile_fx(gm, ins, inner_compile=inner))
+        try:
+            compiled(x, labels)
+        except Exception as e:   # noqa: BLE001 -- after both graphs: the stand-in ran
+            if len(graphs) < 2 or "never run" not in str(e):
+                raise
+    return graphs
 
 
 def report(graphs, floor=None):
@@ -237,6 +329,28 @@ def report(graphs, floor=None):
     return "\n".join(lines)
 
 
+def generate_case(args, chunked):
+    """The graphs of a scan, a scan's backward or a model's inference, compiled for the fake
+    card; with the memory floor of a scan and a description."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    model = build_model(args.name) if args.what == "model" else None
+    floor = None
+    with fake_cuda(), FakeTensorMode(allow_non_fake_inputs=True):
+        if args.what == "scan" and args.backward:
+            fn, inputs, floor = grads_case(args.gen, args.batch)
+            what = f"scan {args.gen} assoc backward, batch {args.batch}"
+        elif args.what == "scan":
+            fn = scan_fn(args.path)
+            inputs, floor = scan_case(args.gen, args.batch)
+            what = f"scan {args.gen} {args.path}, batch {args.batch}"
+        else:
+            fn, inputs = model_case(model, args.batch, args.res, args.dtype)
+            what = f"{args.name} {args.dtype}, batch {args.batch}, {args.res} px"
+        with chunked_only() if chunked else contextlib.nullcontext():
+            graphs = generate(fn, inputs, dynamic=args.dynamic)
+    return graphs, floor, what
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("what", choices=("scan", "model"))
@@ -250,32 +364,30 @@ def main(argv=None):
                    help="model: the chunked scan (scan._use_assoc off)")
     p.add_argument("--backward", action="store_true",
                    help="scan: the associative scan's backward (scan_assoc._grads) instead")
+    p.add_argument("--train", action="store_true",
+                   help="model: the training step's forward and backward graphs (fp32, "
+                        "drop-path off; the optimizer not counted)")
     p.add_argument("--dynamic", action="store_true", help="torch.compile(dynamic=True)")
     p.add_argument("--out", help="folder for each graph's generated module")
     args = p.parse_args(argv)
     if args.backward and (args.what != "scan" or args.path != "assoc"):
-        p.error("--backward is for `scan` with --path assoc (the chunked scan's backward and a "
-                "model's need a real CUDA context to trace)")
+        p.error("--backward is for `scan` with --path assoc (a model's backward: model --train)")
+    if args.train and (args.what != "model" or args.dtype != "float32" or args.dynamic):
+        p.error("--train is for `model`, float32, static sizes (bf16 autocast casts other ops "
+                "on the CPU, where the step is traced, than on CUDA)")
     why = usable()
     if why:
         sys.exit(f"cuda_codegen: {why}")
-    from torch._subclasses.fake_tensor import FakeTensorMode
     floor = None
-    model = build_model(args.name) if args.what == "model" else None
-    with fake_cuda(), FakeTensorMode(allow_non_fake_inputs=True):
-        if args.what == "scan" and args.backward:
-            fn, inputs, floor = grads_case(args.gen, args.batch)
-            what = f"scan {args.gen} assoc backward, batch {args.batch}"
-        elif args.what == "scan":
-            fn = scan_fn(args.path)
-            inputs, floor = scan_case(args.gen, args.batch)
-            what = f"scan {args.gen} {args.path}, batch {args.batch}"
-        else:
-            fn, inputs = model_case(model, args.batch, args.res, args.dtype)
-            what = f"{args.name} {args.dtype}, batch {args.batch}, {args.res} px"
-        chunked = args.path == "chunked" if args.what == "scan" else args.chunked
-        with chunked_only() if chunked else contextlib.nullcontext():
-            graphs = generate(fn, inputs, dynamic=args.dynamic)
+    chunked = args.path == "chunked" if args.what == "scan" else args.chunked
+    if args.train:
+        model = build_model(args.name, drop_path_rate=0.0)
+        with fake_cuda():
+            graphs = generate_training(model, args.batch, args.res, chunked=chunked)
+        what = (f"{args.name} training step (forward, loss, backward), float32, batch "
+                f"{args.batch}, {args.res} px")
+    else:
+        graphs, floor, what = generate_case(args, chunked)
     print(f"{what}{', chunked scan' if chunked else ''}{', dynamic' if args.dynamic else ''} | "
           f"torch {torch.__version__}, Triton {__import__('triton').__version__}, "
           f"sm_{H100.major}{H100.minor}")

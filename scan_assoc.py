@@ -142,10 +142,15 @@ def _group_sum(t, K, N):
     """sum over each group's channels: (b, K*D, L) -> (b, K, L), as GROUP_SUM says."""
     if GROUP_SUM not in ("atomic", "reduce"):
         raise ValueError(f"scan_assoc.GROUP_SUM must be 'atomic' or 'reduce', got {GROUP_SUM!r}")
-    if GROUP_SUM == "reduce" or N > 1 or (not t.is_cuda and torch.compiler.is_compiling()):
+    if not _adds_atomically(t, N):
         return _per_group(t, K).sum(2)
     group = torch.arange(t.shape[1], device=t.device) // (t.shape[1] // K)
     return t.new_zeros(t.shape[0], K, t.shape[2]).index_add_(1, group, t)
+
+
+def _adds_atomically(t, N):
+    """Whether _group_sum uses index_add_ (the comment above GROUP_SUM says when)."""
+    return GROUP_SUM == "atomic" and N == 1 and (t.is_cuda or not torch.compiler.is_compiling())
 
 
 def _state_before(x, a, h0, n, mode):

@@ -105,3 +105,24 @@ def test_assoc_backward_is_two_passes(N):
     finally:
         cg.SCAN_SHAPES.clear()
         cg.SCAN_SHAPES.update(shapes)
+
+
+@pytest.mark.parametrize("generation", [0, 2])
+def test_training_step_graphs(generation):
+    """`model --train` on a small model of each generation: the training step comes out as a
+    forward and a backward graph for the card, neither with a host-side loop; the forward holds
+    the associative scans, the backward its own (for N = 1 two per forward scan: the adjoints
+    and the recomputed states), with dB and dC as atomic adds for N = 1 only (GROUP_SUM = "atomic", as on CUDA; the CPU
+    trace alone would take the reduction)."""
+    import vmamba_min as vm
+    torch.manual_seed(0)
+    cfg = vm.VSSMConfig(generation=generation, dim=16, depths=(1, 1), num_classes=10,
+                        drop_path_rate=0.0)
+    with cg.fake_cuda():
+        forward, backward = cg.generate_training(vm.VSSM(cfg), 2, 32)
+    fw, bw = cg.summarize(forward["code"]), cg.summarize(backward["code"])
+    assert fw["associative_scans"] >= 2 and fw["host_loops"] == 0, fw
+    assert bw["associative_scans"] >= 2 and bw["host_loops"] == 0, bw
+    if generation == 2:     # (N = 16: kernels of identical source are defined once, not counted)
+        assert bw["associative_scans"] == 2 * fw["associative_scans"], (fw, bw)
+    assert ("tl.atomic_add" in backward["code"]) == (generation == 2)

@@ -10,9 +10,9 @@ CUDA device queries answer as an H100/H200 would (compute capability 9.0, 132 SM
 lowers, fuses and writes its Triton kernels as it does on the card; the step that would compile
 and load them is replaced by one that keeps the source. For each graph it prints how many Triton
 kernels the graph launches, the library calls (matmuls, convolutions) and host-side loops, and
-the bytes the fused kernels read and write by Inductor's own per-kernel estimate. For a scan it also prints the memory
-floor: the bytes the call must move at all (inputs and y), so that bytes / floor bounds what the
-generated code can reach on a memory-bound card.
+the bytes the fused kernels read and write by Inductor's own per-kernel estimate. For a scan it
+also prints the memory floor: the bytes the call must move at all (inputs and y), so that
+bytes / floor bounds what the generated code can reach on a memory-bound card.
 
 A backward cannot be traced on fake CUDA tensors: the autograd engine asks the driver about the
 device. `model --train` therefore traces the training step (forward, cross-entropy, backward) on

@@ -112,8 +112,8 @@ def test_training_step_graphs(generation):
     """`model --train` on a small model of each generation: the training step comes out as a
     forward and a backward graph for the card, neither with a host-side loop; the forward holds
     the associative scans, the backward its own (for N = 1 two per forward scan: the adjoints
-    and the recomputed states), with dB and dC as atomic adds for N = 1 only (GROUP_SUM = "atomic", as on CUDA; the CPU
-    trace alone would take the reduction)."""
+    and the recomputed states), with dB and dC as atomic adds for N = 1 only (GROUP_SUM =
+    "atomic", as on CUDA; the CPU trace alone would take the reduction)."""
     import vmamba_min as vm
     torch.manual_seed(0)
     cfg = vm.VSSMConfig(generation=generation, dim=16, depths=(1, 1), num_classes=10,

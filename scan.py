@@ -662,8 +662,7 @@ def cross_scan(x):
         raise ValueError(f"cross_scan: x must be (b, D, H, W), got shape {tuple(x.shape)}")
     rows = x.flatten(2)                                      # (b, D, L)  row-major
     cols = x.transpose(2, 3).flatten(2)                      # (b, D, L)  column-major
-    fwd = torch.stack([rows, cols], dim=1)                   # (b, 2, D, L)
-    return torch.cat([fwd, fwd.flip(-1)], dim=1)             # (b, 4, D, L)
+    return torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)   # (b, 4, D, L)
 
 
 def route_each(t):

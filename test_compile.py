@@ -8,9 +8,9 @@ The training test compares every parameter gradient, at two steps, against pytor
 Inductor's donated-buffer bug (scan.py): with donation turned on it still passes;
 test_scan.py's test_chained_compiled_scans_match_eager is the guard for that one.
 Compiling is slow on a 2-core CPU (tens of seconds per model), so the models are tiny: width 8,
-two stages of 1 and 2 blocks (1 and 1 for training), chunk length 4 so that chunk boundaries,
-the padded last chunk and the chunk-to-chunk chain are all exercised (stage 0 has L = 30: 8
-chunks, the last half empty).
+two stages of one block each (1 and 2 where compile_blocks must share a stage's graph), chunk
+length 4 so that chunk boundaries, the padded last chunk and the chunk-to-chunk chain are all
+exercised (stage 0 has L = 30: 8 chunks, the last half empty).
 """
 import copy
 from dataclasses import replace
@@ -61,7 +61,7 @@ def test_plain_compile_inference_equals_eager_at_two_batches_and_sizes():
     test_model.py's compiled pair in the slow set)."""
     torch._dynamo.reset()
     counters.clear()
-    model = _Both().eval()
+    model = _Both(depths=(1, 1)).eval()
     compiled = torch.compile(model)
     for batch, H, W in ((1, 24, 20), (3, 32, 28)):
         x = torch.randn(batch, 3, H, W, generator=torch.Generator().manual_seed(batch)).to(DEVICE)

@@ -179,8 +179,8 @@ def _grads(u, dt, A, B, C, D, h0, gy, gh, softplus, has_bias, mode):
         h_prev = _state_before(x, a, h0, n, mode)    # recomputed: the states one step back,
         h = a * h_prev + x                             # and the states from them
         g_in = _merged(C[:, :, None, n] * _per_group(gy, K))              # C_t dy_t
-        if gh is not None:                                    # + dh_L at the end
-            g_in = torch.cat([g_in[..., :-1], g_in[..., -1:] + gh[:, :, n, None]], dim=-1)
+        if gh is not None:                 # + dh_L at the end; a pad, as a cat costs a copy
+            g_in = g_in + F.pad(gh[:, :, n, None], (g_in.shape[-1] - 1, 0))    # (design.md)
         a_next = F.pad(a[..., 1:], (0, 1), value=1.0)        # a_{t+1}; the last is never read
         g = _recurrence(a_next, g_in, mode, reverse=True)                        # step 1
         dah = g * a * h_prev                                  # a_t h_{t-1} g_t    step 2

@@ -75,9 +75,8 @@ def selective_scan_assoc(u, delta, A, B, C, D=None, delta_bias=None, delta_softp
         y = u.new_zeros(batch, KD, 0)
         h = u.new_zeros(batch, KD, A.shape[1]) if h0 is None else h0
         return (y, h) if return_last_state else y
-    y, h_last = _AssocScan.apply(u, delta, A, B, C, D, delta_bias, h0, delta_softplus,
-                                 combine_mode)
-    return (y, h_last) if return_last_state else y
+    return _AssocScan.apply(u, delta, A, B, C, D, delta_bias, h0, delta_softplus, combine_mode,
+                            return_last_state)
 
 
 def _combine(left, right):
@@ -202,10 +201,13 @@ def _grads(u, dt, A, B, C, D, h0, gy, gh, softplus, has_bias, mode):
 
 class _AssocScan(torch.autograd.Function):
     """The scan as one autograd node: the operator's own autograd would materialise an L x L
-    tensor per row. Forward: one scan per state index, each added into y (module docstring)."""
+    tensor per row. Forward: one scan per state index, each added into y (module docstring).
+    The last state is an output only when asked for: compiled, an unused output's gradient
+    arrives as zeros, and adding them into the adjoint scan's input kept Inductor from
+    computing that input inside the scan kernel (docs/design.md)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, delta_bias, h0, softplus, mode):
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, h0, softplus, mode, with_last):
         K, N = B.shape[1], A.shape[1]
         if delta_bias is not None:
             delta = delta + delta_bias[:, None]
@@ -220,10 +222,12 @@ class _AssocScan(torch.autograd.Function):
         ctx.save_for_backward(u, dt, A, B, C, D, h0)          # no state: recomputed
         ctx.softplus, ctx.has_bias, ctx.mode = softplus, delta_bias is not None, mode
         ctx.set_materialize_grads(False)
+        if not with_last:
+            return y                                          # (b, K*D, L)
         return y, torch.stack(last, dim=-1)                   # (b, K*D, L), (b, K*D, N)
 
     @staticmethod
-    def backward(ctx, gy, gh):
+    def backward(ctx, gy, gh=None):
         u, dt, A, B, C, D, h0 = ctx.saved_tensors
         return _grads(u, dt, A, B, C, D, h0, gy, gh, ctx.softplus, ctx.has_bias,
-                      ctx.mode) + (None, None)
+                      ctx.mode) + (None, None, None)

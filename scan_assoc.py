@@ -152,13 +152,13 @@ def _adds_atomically(t, N):
     return GROUP_SUM == "atomic" and N == 1 and (t.is_cuda or not torch.compiler.is_compiling())
 
 
-def _state_before(x, a, h0, n, mode):
+def _state_before(x, dt, A, h0, n, mode):
     """h[n] one step back, h_{t-1} (h_{-1} = h0[n] or 0): the recurrence of the inputs shifted
     right by one. Scanned directly, so that h_{t-1} and g_t meet at the same index t (a
     shifted read of a scan's own result would keep Inductor from fusing its users)."""
     start = x.new_zeros(x.shape[:-1] + (1,)) if h0 is None else h0[:, :, n, None]
     x_prev = torch.cat([start, x[..., :-1]], dim=-1)                     # x_{t-1}, h0 at 0
-    a_prev = F.pad(a[..., :-1], (1, 0), value=1.0)        # a_{t-1}; the first is never read
+    a_prev = _decay(F.pad(dt[..., :-1], (1, 0)), A, n)    # a_{t-1}; the first (1) is not read
     return _recurrence(a_prev, x_prev, mode)
 
 
@@ -175,12 +175,12 @@ def _grads(u, dt, A, B, C, D, h0, gy, gh, softplus, has_bias, mode):
     dA, dB, dC, dh0 = [], [], [], []
     for n in range(N):
         a, x = _decay(dt, A, n), _input(dtu, B, n)
-        h_prev = _state_before(x, a, h0, n, mode)    # recomputed: the states one step back,
+        h_prev = _state_before(x, dt, A, h0, n, mode)  # recomputed: the states one step back,
         h = a * h_prev + x                             # and the states from them
         g_in = _merged(C[:, :, None, n] * _per_group(gy, K))              # C_t dy_t
         if gh is not None:                 # + dh_L at the end; a pad, as a cat costs a copy
             g_in = g_in + F.pad(gh[:, :, n, None], (g_in.shape[-1] - 1, 0))    # (design.md)
-        a_next = F.pad(a[..., 1:], (0, 1), value=1.0)        # a_{t+1}; the last is never read
+        a_next = _decay(F.pad(dt[..., 1:], (0, 1)), A, n)    # a_{t+1}; the last (1) is not read
         g = _recurrence(a_next, g_in, mode, reverse=True)                        # step 1
         dah = g * a * h_prev                                  # a_t h_{t-1} g_t    step 2
         gBsum = gBsum + _merged(_per_group(g, K) * B[:, :, None, n])

@@ -165,7 +165,9 @@ def _state_before(x, dt, A, h0, n, mode):
 def _grads(u, dt, A, B, C, D, h0, gy, gh, softplus, has_bias, mode):
     """Gradients of the scan (steps 1-5 of the module docstring) with respect to u, delta (+
     bias), A, B, C, D, delta_bias and h0, from the inputs and delta' (the states are recomputed).
-    gy, gh: upstream gradients of y and the last state (either may be None)."""
+    gy, gh: upstream gradients of y and the last state (either may be None). The shifted
+    decays a_{t-1}, a_{t+1} are exps of delta' shifted, not shifted copies of a_t: compiled,
+    those would make the forward save a_t (docs/design.md)."""
     K, N = B.shape[1], A.shape[1]
     if gy is None:
         gy = torch.zeros_like(u)

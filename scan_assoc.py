@@ -216,9 +216,13 @@ class _AssocScan(torch.autograd.Function):
         dt = _softplus(delta) if softplus else delta         # delta' (b, K*D, L)
         dtu = dt * u
         y = u.new_zeros(u.shape) if D is None else D[:, None] * u
+        # every scan's decays and inputs before the first scan: compiled, values computed
+        # after a scan from what the scan's inputs came from are saved, not recomputed (design.md)
+        a = [_decay(dt, A, n) for n in range(N)]
+        x = [_input(dtu, B, n) for n in range(N)]
         last = []
         for n in range(N):
-            h = _state(_input(dtu, B, n), _decay(dt, A, n), h0, n, mode)        # (b, K*D, L)
+            h = _state(x[n], a[n], h0, n, mode)                                  # (b, K*D, L)
             y = y + _merged(_per_group(h, K) * C[:, :, None, n])
             last.append(h[..., -1])
         ctx.save_for_backward(u, dt, A, B, C, D, h0)          # no state: recomputed

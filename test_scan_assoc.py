@@ -176,6 +176,49 @@ def test_backward_keeps_no_state(N):
     assert sorted(sizes) == sorted(want), (sorted(sizes), sorted(want))
 
 
+def test_compiled_training_keeps_no_state(monkeypatch):
+    """Compiled for training, what the forward keeps is chosen by AOTAutograd's min-cut
+    partitioner (the one Inductor uses), not by save_for_backward: it must still be u, delta',
+    A, B, C and D. Computed between the scans, the decays and inputs of every state index after
+    the first were kept too, 2 (N - 1) more tensors of u's size (docs/design.md). The operator
+    goes into the graph as the one node that CUDA's pointwise mode puts there (cuda_codegen's
+    stand-in): in generic mode Dynamo would trace its recursion op by op instead."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+    import cuda_codegen
+    monkeypatch.setattr(scan_assoc, "associative_scan", cuda_codegen._pointwise_scan)
+    Bb, K, Dk, N, L = 1, 2, 4, 3, 9
+    KD = K * Dk
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(u=torch.randn(Bb, KD, L, generator=g), delta=torch.randn(Bb, KD, L, generator=g),
+                  A=-torch.rand(KD, N, generator=g), B=torch.randn(Bb, K, N, L, generator=g),
+                  C=torch.randn(Bb, K, N, L, generator=g), D=torch.randn(KD, generator=g),
+                  delta_bias=torch.randn(KD, generator=g))
+    inputs = {k: v.requires_grad_() for k, v in inputs.items()}
+    kept, ops = [], []
+
+    def forward_compiler(gm, example_inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        kept.extend(n.meta["val"].numel() for n in outputs[1:]          # outputs[0] is y
+                    if isinstance(n, torch.fx.Node) and isinstance(n.meta.get("val"), torch.Tensor))
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=forward_compiler,
+                           bw_compiler=lambda gm, example_inputs: make_boxed_func(gm.forward),
+                           partition_fn=min_cut_rematerialization_partition)
+    torch._dynamo.reset()
+    try:
+        fn = torch.compile(lambda **kw: selective_scan_assoc(**kw, delta_softplus=True),
+                           backend=backend, fullgraph=True, dynamic=False)
+        fn(**inputs).sum().backward()
+    finally:
+        torch._dynamo.reset()
+    assert ops.count("associative_scan") == N, ops
+    want = [inputs[k].numel() for k in ("u", "delta", "A", "B", "C", "D")]
+    assert sorted(kept) == sorted(want), (sorted(kept), sorted(want))
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. The dispatch in scan.selective_scan, and the model's scan="assoc".
 # ---------------------------------------------------------------------------------------------

@@ -774,6 +774,17 @@ def compile_problem_at(g, Bb, K, Dk, N, L):
     return inputs, torch.randn(Bb, KD, L, generator=g)
 
 
+def keep_problem(Bb, K, Dk, N, L, device="cpu"):
+    """Seeded inputs (requires_grad, on device) of the tests of what a scan keeps for backward."""
+    KD = K * Dk
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(u=torch.randn(Bb, KD, L, generator=g), delta=torch.randn(Bb, KD, L, generator=g),
+                  A=-torch.rand(KD, N, generator=g), B=torch.randn(Bb, K, N, L, generator=g),
+                  C=torch.randn(Bb, K, N, L, generator=g), D=torch.randn(KD, generator=g),
+                  delta_bias=torch.randn(KD, generator=g))
+    return {k: v.to(device).requires_grad_() for k, v in inputs.items()}
+
+
 def saved_for_backward(fn, inputs):
     """Sizes (numel) of the distinct tensors autograd keeps between forward and backward."""
     saved = {}
@@ -794,12 +805,7 @@ def test_backward_keeps_no_per_step_state(compiled_scan, mode):
     step loop kept 29x the bytes of the call's inputs and output (19x compiled)."""
     Bb, K, Dk, N, L = 1, 2, 4, 8, 200                        # T = 8: M = 25 chunks
     KD = K * Dk
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(u=torch.randn(Bb, KD, L, generator=g), delta=torch.randn(Bb, KD, L, generator=g),
-                  A=-torch.rand(KD, N, generator=g), B=torch.randn(Bb, K, N, L, generator=g),
-                  C=torch.randn(Bb, K, N, L, generator=g), D=torch.randn(KD, generator=g),
-                  delta_bias=torch.randn(KD, generator=g))
-    inputs = {k: v.requires_grad_() for k, v in inputs.items()}
+    inputs = keep_problem(Bb, K, Dk, N, L)
     fn = selective_scan if mode == "eager" else compiled_scan
     sizes, y = saved_for_backward(fn, inputs)
     per_step_state = Bb * KD * L * N                         # 12800; B and C are a quarter

@@ -30,8 +30,8 @@ from conftest import DEVICE
 from scan import selective_scan, selective_scan_ref
 from scan_assoc import selective_scan_assoc
 from test_scan import (N_EXAMPLES, PATHS, call, check_against_exact, compile_problem,
-                       edge_problem, good_args, magnitudes, run, saved_for_backward,
-                       scan_problems, with_exponents)
+                       edge_problem, good_args, keep_problem, magnitudes, run,
+                       saved_for_backward, scan_problems, with_exponents)
 
 
 def check(fn, inputs, softplus, L, gy, gh, label, dtypes=(torch.float32, torch.float64)):
@@ -161,14 +161,7 @@ def test_bad_group_sum_raises(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("N", [1, 8])
 def test_backward_keeps_no_state(N):
-    Bb, K, Dk, L = 1, 2, 4, 50
-    KD = K * Dk
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(u=torch.randn(Bb, KD, L, generator=g), delta=torch.randn(Bb, KD, L, generator=g),
-                  A=-torch.rand(KD, N, generator=g), B=torch.randn(Bb, K, N, L, generator=g),
-                  C=torch.randn(Bb, K, N, L, generator=g), D=torch.randn(KD, generator=g),
-                  delta_bias=torch.randn(KD, generator=g))
-    inputs = {k: v.to(DEVICE).requires_grad_() for k, v in inputs.items()}
+    inputs = keep_problem(1, 2, 4, N, 50, DEVICE)
     sizes, _ = saved_for_backward(lambda chunk_size, **kw: selective_scan_assoc(**kw), inputs)
     # Exactly u, delta', A, B, C and D: a state (the size of u for N = 1, N times it above)
     # would be one more tensor.
@@ -187,14 +180,8 @@ def test_compiled_training_keeps_no_state(monkeypatch):
     from torch._dynamo.backends.common import aot_autograd
     import cuda_codegen
     monkeypatch.setattr(scan_assoc, "associative_scan", cuda_codegen._pointwise_scan)
-    Bb, K, Dk, N, L = 1, 2, 4, 3, 9
-    KD = K * Dk
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(u=torch.randn(Bb, KD, L, generator=g), delta=torch.randn(Bb, KD, L, generator=g),
-                  A=-torch.rand(KD, N, generator=g), B=torch.randn(Bb, K, N, L, generator=g),
-                  C=torch.randn(Bb, K, N, L, generator=g), D=torch.randn(KD, generator=g),
-                  delta_bias=torch.randn(KD, generator=g))
-    inputs = {k: v.requires_grad_() for k, v in inputs.items()}
+    N = 3
+    inputs = keep_problem(1, 2, 4, N, 9)
     kept, ops = [], []
 
     def forward_compiler(gm, example_inputs):

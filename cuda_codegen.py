@@ -178,18 +178,19 @@ def scan_case(gen, batch):
 
 def grads_case(gen, batch):
     """The stage-1 scan's backward (scan_assoc._grads) as a graph of its own: fake saved inputs
-    (u, delta', A, B, C, D) and upstream dy, its memory floor (read those, write the gradients of
-    u, delta, B and C; the vectors are negligible), and the function. torch.compile of a
-    training step puts the same operations in its backward graph."""
+    (u, delta, delta_bias, A, B, C, D) and upstream dy, its memory floor (read those, write the
+    gradients of u, delta, B and C; the vectors are negligible), and the function. torch.compile
+    of a training step puts the same operations in its backward graph."""
     import scan_assoc
     KD, L, N = SCAN_SHAPES[gen]
-    shapes = [(batch, KD, L), (batch, KD, L), (KD, N), (batch, K, N, L), (batch, K, N, L), (KD,),
-              (batch, KD, L)]
+    shapes = [(batch, KD, L), (batch, KD, L), (KD,), (KD, N), (batch, K, N, L), (batch, K, N, L),
+              (KD,), (batch, KD, L)]
     args = [torch.empty(s, device="cuda") for s in shapes]
     floor = (sum(math.prod(s) for s in shapes) + 2 * batch * KD * L + 2 * batch * K * N * L) * 4
 
-    def grads(u, dt, A, B, C, D, gy):
-        return scan_assoc._grads(u, dt, A, B, C, D, None, gy, None, True, True, "pointwise")
+    def grads(u, delta, delta_bias, A, B, C, D, gy):
+        return scan_assoc._grads(u, delta, delta_bias, A, B, C, D, None, gy, None, True,
+                                 "pointwise")
     return grads, args, floor
 
 

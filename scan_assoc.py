@@ -35,7 +35,8 @@ Backward (`_grads`, per state index n, upstream dy_t and dh_L):
 4. dC_t = dy_t h_t (summed over the group), dD = sum_t dy_t u_t.
 5. Through the softplus: d(delta + bias) = ddelta' sigmoid(delta + bias), sigmoid(z) =
    1 - exp(-softplus(z)): delta' alone is enough.
-Saved: the inputs and delta', never a state. Backward recomputes h_{t-1} by scanning the inputs
+Saved: the inputs only, never a state, nor delta' (recomputed from delta, which the model has in
+memory anyway as the dt projection's output). Backward recomputes h_{t-1} by scanning the inputs
 shifted right by one step (so h_{t-1} and g_t are produced at the same index t, and Inductor
 fuses everything that uses them into that scan's kernel), and h_t = a_t h_{t-1} + x_t from it.
 Sums over b and L are taken over L first, the part that fuses. Stability: only products of
@@ -152,37 +153,43 @@ def _adds_atomically(t, N):
     return GROUP_SUM == "atomic" and N == 1 and (t.is_cuda or not torch.compiler.is_compiling())
 
 
-def _state_before(x, dt, A, h0, n, mode):
+def _state_before(x, dt_prev, A, h0, n, mode):
     """h[n] one step back, h_{t-1} (h_{-1} = h0[n] or 0): the recurrence of the inputs shifted
     right by one. Scanned directly, so that h_{t-1} and g_t meet at the same index t (a
     shifted read of a scan's own result would keep Inductor from fusing its users)."""
     start = x.new_zeros(x.shape[:-1] + (1,)) if h0 is None else h0[:, :, n, None]
     x_prev = torch.cat([start, x[..., :-1]], dim=-1)                     # x_{t-1}, h0 at 0
-    a_prev = _decay(F.pad(dt[..., :-1], (1, 0)), A, n)    # a_{t-1}; the first (1) is not read
+    a_prev = _decay(dt_prev, A, n)                    # a_{t-1}; the first (1) is not read
     return _recurrence(a_prev, x_prev, mode)
 
 
-def _grads(u, dt, A, B, C, D, h0, gy, gh, softplus, has_bias, mode):
+def _grads(u, delta, delta_bias, A, B, C, D, h0, gy, gh, softplus, mode):
     """Gradients of the scan (steps 1-5 of the module docstring) with respect to u, delta (+
-    bias), A, B, C, D, delta_bias and h0, from the inputs and delta' (the states are recomputed).
-    gy, gh: upstream gradients of y and the last state (either may be None). The shifted
-    decays a_{t-1}, a_{t+1} are exps of delta' shifted, not shifted copies of a_t: compiled,
-    those would make the forward save a_t (docs/design.md)."""
+    bias), A, B, C, D, delta_bias and h0, from the inputs alone (delta' and the states are
+    recomputed). gy, gh: upstream gradients of y and the last state (either may be None). The
+    shifted decays a_{t-1}, a_{t+1} are exps of delta' computed from delta shifted, not shifted
+    copies of a_t or delta': compiled, those would make the forward save a_t or delta'
+    (docs/design.md)."""
     K, N = B.shape[1], A.shape[1]
     if gy is None:
         gy = torch.zeros_like(u)
+    dt = _delta_prime(delta, delta_bias, softplus)
+    # delta' one step back and one step on (0 where the step is off the end: a decay of 1, never
+    # read), each from delta shifted (docstring)
+    dt_prev = F.pad(_delta_prime(delta[..., :-1], delta_bias, softplus), (1, 0))
+    dt_next = F.pad(_delta_prime(delta[..., 1:], delta_bias, softplus), (0, 1))
     dtu = dt * u
     gBsum = torch.zeros_like(u)                               # sum_n B_t[n] g_t[n]
     gAsum = torch.zeros_like(u)                               # sum_n A[n] a_t h_{t-1} g_t
     dA, dB, dC, dh0 = [], [], [], []
     for n in range(N):
         a, x = _decay(dt, A, n), _input(dtu, B, n)
-        h_prev = _state_before(x, dt, A, h0, n, mode)  # recomputed: the states one step back,
+        h_prev = _state_before(x, dt_prev, A, h0, n, mode)  # recomputed: the states one step back,
         h = a * h_prev + x                             # and the states from them
         g_in = _merged(C[:, :, None, n] * _per_group(gy, K))              # C_t dy_t
         if gh is not None:                 # + dh_L at the end; a pad, as a cat costs a copy
             g_in = g_in + F.pad(gh[:, :, n, None], (g_in.shape[-1] - 1, 0))    # (design.md)
-        a_next = _decay(F.pad(dt[..., 1:], (0, 1)), A, n)    # a_{t+1}; the last (1) is not read
+        a_next = _decay(dt_next, A, n)                       # a_{t+1}; the last (1) is not read
         g = _recurrence(a_next, g_in, mode, reverse=True)                        # step 1
         dah = g * a * h_prev                                  # a_t h_{t-1} g_t    step 2
         gBsum = gBsum + _merged(_per_group(g, K) * B[:, :, None, n])
@@ -197,8 +204,15 @@ def _grads(u, dt, A, B, C, D, h0, gy, gh, softplus, has_bias, mode):
     dz = ddt * -torch.expm1(-dt) if softplus else ddt                             # step 5
     return (du, dz, torch.stack(dA, -1).sum(0), torch.stack(dB, 2), torch.stack(dC, 2),
             None if D is None else (gy * u).sum(-1).sum(0),
-            dz.sum(-1).sum(0) if has_bias else None,
+            dz.sum(-1).sum(0) if delta_bias is not None else None,
             torch.stack(dh0, 2) if h0 is not None else None)
+
+
+def _delta_prime(delta, delta_bias, softplus):
+    """delta' = softplus(delta + delta_bias) (each part only if given)."""
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]
+    return _softplus(delta) if softplus else delta
 
 
 class _AssocScan(torch.autograd.Function):
@@ -211,9 +225,7 @@ class _AssocScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, delta_bias, h0, softplus, mode, with_last):
         K, N = B.shape[1], A.shape[1]
-        if delta_bias is not None:
-            delta = delta + delta_bias[:, None]
-        dt = _softplus(delta) if softplus else delta         # delta' (b, K*D, L)
+        dt = _delta_prime(delta, delta_bias, softplus)        # delta' (b, K*D, L)
         dtu = dt * u
         y = u.new_zeros(u.shape) if D is None else D[:, None] * u
         # every scan's decays and inputs before the first scan: compiled, values computed
@@ -225,8 +237,8 @@ class _AssocScan(torch.autograd.Function):
             h = _state(x[n], a[n], h0, n, mode)                                  # (b, K*D, L)
             y = y + _merged(_per_group(h, K) * C[:, :, None, n])
             last.append(h[..., -1])
-        ctx.save_for_backward(u, dt, A, B, C, D, h0)          # no state: recomputed
-        ctx.softplus, ctx.has_bias, ctx.mode = softplus, delta_bias is not None, mode
+        ctx.save_for_backward(u, delta, delta_bias, A, B, C, D, h0)   # no state, nor delta'
+        ctx.softplus, ctx.mode = softplus, mode
         ctx.set_materialize_grads(False)
         if not with_last:
             return y                                          # (b, K*D, L)
@@ -234,6 +246,6 @@ class _AssocScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, gh=None):
-        u, dt, A, B, C, D, h0 = ctx.saved_tensors
-        return _grads(u, dt, A, B, C, D, h0, gy, gh, ctx.softplus, ctx.has_bias,
+        u, delta, delta_bias, A, B, C, D, h0 = ctx.saved_tensors
+        return _grads(u, delta, delta_bias, A, B, C, D, h0, gy, gh, ctx.softplus,
                       ctx.mode) + (None, None, None)

@@ -30,6 +30,24 @@ def test_arguments():
     assert len(set(plan.scan_cells)) == len(plan.scan_cells) == 17   # 4 shapes x 4 paths, + 1
     ends = [plan.phase_end[p] for p in gc.PHASES]
     assert ends == sorted(ends) and ends[-1] == 1.0
+    # --rows narrows the model rows to names containing a part, in model_plan's order
+    rows = gc.make_plan(gc.parse_args(["--rows", "vanilla-,nolayout", "--out", "x"])).rows
+    assert [gc.row_name(r) for r in rows] == ["s1l8-nolayout compiled fp32 infer",
+                                              "s1l8-nolayout compiled fp32 train"]
+    with pytest.raises(SystemExit):
+        gc.parse_args(["--rows", "resnet", "--out", "x"])
+
+
+def test_nolayout_rows_turn_layout_optimization_off(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    for backend, variant in [("inductor", "nolayout"), ("inductor", None),
+                             ("aot_eager", "nolayout")]:
+        gc.compile_model(torch.nn.Identity(), backend, variant)
+    assert calls == [dict(dynamic=False, backend="inductor",
+                          options={"layout_optimization": False}),
+                     dict(dynamic=False, backend="inductor"),
+                     dict(dynamic=False, backend="aot_eager")]
 
 
 def test_card_and_one_eager_scan_cell(tmp_path):

@@ -36,9 +36,10 @@ Backward (`_grads`, per state index n, upstream dy_t and dh_L):
 5. Through the softplus: d(delta + bias) = ddelta' sigmoid(delta + bias), sigmoid(z) =
    1 - exp(-softplus(z)): delta' alone is enough.
 Saved: the inputs only, never a state, nor delta' (recomputed from delta, which the model has in
-memory anyway as the dt projection's output). Backward recomputes h_{t-1} by scanning the inputs
-shifted right by one step (so h_{t-1} and g_t are produced at the same index t, and Inductor
-fuses everything that uses them into that scan's kernel), and h_t = a_t h_{t-1} + x_t from it.
+memory anyway as the dt projection's output; compiled, N > 1 keeps delta', see _grads).
+Backward recomputes h_{t-1} by scanning the inputs shifted right by one step (so h_{t-1} and g_t
+are produced at the same index t, and Inductor fuses everything that uses them into that scan's
+kernel), and h_t = a_t h_{t-1} + x_t from it.
 Sums over b and L are taken over L first, the part that fuses. Stability: only products of
 decays in [0, 1]; nothing is divided by one, and a_t h_{t-1} is never recovered as h_t - x_t
 (that difference loses the digits of a small a_t h_{t-1}).
@@ -167,17 +168,22 @@ def _grads(u, delta, delta_bias, A, B, C, D, h0, gy, gh, softplus, mode):
     """Gradients of the scan (steps 1-5 of the module docstring) with respect to u, delta (+
     bias), A, B, C, D, delta_bias and h0, from the inputs alone (delta' and the states are
     recomputed). gy, gh: upstream gradients of y and the last state (either may be None). The
-    shifted decays a_{t-1}, a_{t+1} are exps of delta' computed from delta shifted, not shifted
-    copies of a_t or delta': compiled, those would make the forward save a_t or delta'
-    (docs/design.md)."""
+    shifted decays a_{t-1}, a_{t+1} are exps of delta' shifted, not shifted copies of a_t:
+    compiled, those would make the forward save a_t (docs/design.md)."""
     K, N = B.shape[1], A.shape[1]
     if gy is None:
         gy = torch.zeros_like(u)
     dt = _delta_prime(delta, delta_bias, softplus)
     # delta' one step back and one step on (0 where the step is off the end: a decay of 1, never
-    # read), each from delta shifted (docstring)
-    dt_prev = F.pad(_delta_prime(delta[..., :-1], delta_bias, softplus), (1, 0))
-    dt_next = F.pad(_delta_prime(delta[..., 1:], delta_bias, softplus), (0, 1))
+    # read). N = 1: from delta shifted, so that a compiled forward keeps no delta' (docstring).
+    # N > 1: delta' shifted, which a compiled forward keeps: from delta, each of the 2N shifted
+    # decays carried the softplus, and Inductor grouped the N = 16 backward into kernels that
+    # moved 1.5 times the bytes (docs/design.md).
+    if N == 1:
+        dt_prev = F.pad(_delta_prime(delta[..., :-1], delta_bias, softplus), (1, 0))
+        dt_next = F.pad(_delta_prime(delta[..., 1:], delta_bias, softplus), (0, 1))
+    else:
+        dt_prev, dt_next = F.pad(dt[..., :-1], (1, 0)), F.pad(dt[..., 1:], (0, 1))
     dtu = dt * u
     gBsum = torch.zeros_like(u)                               # sum_n B_t[n] g_t[n]
     gAsum = torch.zeros_like(u)                               # sum_n A[n] a_t h_{t-1} g_t

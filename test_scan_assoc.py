@@ -170,19 +170,20 @@ def test_backward_keeps_no_state(N):
     assert sorted(t.data_ptr() for t in saved) == sorted(t.data_ptr() for t in inputs.values())
 
 
-def test_compiled_training_keeps_no_state(monkeypatch):
+@pytest.mark.parametrize("N", [1, 3])
+def test_compiled_training_keeps_no_state(monkeypatch, N):
     """Compiled for training, what the forward keeps is chosen by AOTAutograd's min-cut
-    partitioner (the one Inductor uses), not by save_for_backward: it must still be the inputs
-    alone. Computed between the scans, the decays and inputs of every state index after the
-    first were kept too, 2 (N - 1) more tensors of u's size; and delta', while the backward
-    sliced it for its shifted decays (docs/design.md). The operator
+    partitioner (the one Inductor uses), not by save_for_backward: it must still be the inputs,
+    and for N > 1 delta' (scan_assoc._grads says why), nothing else. Computed between the
+    scans, the decays and inputs of every state index after the first were kept too, 2 (N - 1)
+    more tensors of u's size; and for N = 1 delta', while the backward sliced it for its
+    shifted decays (docs/design.md). The operator
     goes into the graph as the one node that CUDA's pointwise mode puts there (cuda_codegen's
     stand-in): in generic mode Dynamo would trace its recursion op by op instead."""
     from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
     import cuda_codegen
     monkeypatch.setattr(scan_assoc, "associative_scan", cuda_codegen._pointwise_scan)
-    N = 3
     inputs = keep_problem(1, 2, 4, N, 9)
     kept, ops = [], []
 
@@ -204,8 +205,11 @@ def test_compiled_training_keeps_no_state(monkeypatch):
     finally:
         torch._dynamo.reset()
     assert ops.count("associative_scan") == N, ops
-    # every input, and nothing the forward computed (a "placeholder" is an input of the graph)
-    want = [("placeholder", t.numel()) for t in inputs.values()]
+    # the inputs ("placeholder": an input of the graph) and nothing the forward computed; for
+    # N > 1 delta' in place of delta and delta_bias
+    names = ("u", "A", "B", "C", "D") + (("delta", "delta_bias") if N == 1 else ())
+    want = [("placeholder", inputs[k].numel()) for k in names]
+    want += [("call_function", inputs["u"].numel())] if N > 1 else []
     assert sorted(kept) == sorted(want), (sorted(kept), sorted(want))
 
 

@@ -177,9 +177,9 @@ def test_compiled_training_keeps_no_state(monkeypatch, N):
     and for N > 1 delta' (scan_assoc._grads says why), nothing else. Computed between the
     scans, the decays and inputs of every state index after the first were kept too, 2 (N - 1)
     more tensors of u's size; and for N = 1 delta', while the backward sliced it for its
-    shifted decays (docs/design.md). The operator
-    goes into the graph as the one node that CUDA's pointwise mode puts there (cuda_codegen's
-    stand-in): in generic mode Dynamo would trace its recursion op by op instead."""
+    shifted decays (docs/design.md). The operator goes into the graph as the one node that
+    CUDA's pointwise mode puts there (cuda_codegen's stand-in): in generic mode Dynamo would
+    trace its recursion op by op instead."""
     from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
     import cuda_codegen

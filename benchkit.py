@@ -62,7 +62,7 @@ TABLE_WIDTH = 120             # tables and their notes fit a terminal this wide
 # environment variables that change a result: recorded in the header when set
 ENV_KEYS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "TORCHINDUCTOR_CACHE_DIR",
             "TORCHINDUCTOR_MAX_AUTOTUNE", "TORCHINDUCTOR_LAYOUT_OPTIMIZATION",
-            "TORCH_COMPILE_DEBUG", "PYTORCH_CUDA_ALLOC_CONF")
+            "TORCHINDUCTOR_FORCE_LAYOUT_OPT", "TORCH_COMPILE_DEBUG", "PYTORCH_CUDA_ALLOC_CONF")
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEERS_HINT = ('timm peers skipped: timm is not importable here; install it in a separate venv '
               'with pip install -e ".[peers]" (README, "Peers (timm)")')

@@ -178,9 +178,10 @@ def scan_case(gen, batch):
 
 def grads_case(gen, batch):
     """The stage-1 scan's backward (scan_assoc._grads) as a graph of its own: fake saved inputs
-    (u, delta, delta_bias, A, B, C, D) and upstream dy, its memory floor (read those, write the
-    gradients of u, delta, B and C; the vectors are negligible), and the function. torch.compile
-    of a training step puts the same operations in its backward graph."""
+    as a compiled training step's backward graph gets them (u, delta, delta_bias, A, B, C, D;
+    for N > 1 delta' in place of delta, which the forward keeps then) and upstream dy, its
+    memory floor (read those, write the gradients of u, delta, B and C; the vectors are
+    negligible), and the function."""
     import scan_assoc
     KD, L, N = SCAN_SHAPES[gen]
     shapes = [(batch, KD, L), (batch, KD, L), (KD,), (KD, N), (batch, K, N, L), (batch, K, N, L),
@@ -188,9 +189,10 @@ def grads_case(gen, batch):
     args = [torch.empty(s, device="cuda") for s in shapes]
     floor = (sum(math.prod(s) for s in shapes) + 2 * batch * KD * L + 2 * batch * K * N * L) * 4
 
-    def grads(u, delta, delta_bias, A, B, C, D, gy):
-        return scan_assoc._grads(u, delta, delta_bias, A, B, C, D, None, gy, None, True,
-                                 "pointwise")
+    def grads(u, delta, delta_bias, A, B, C, D, gy):       # delta: delta' for N > 1
+        given = dict(dt=delta) if N > 1 else {}
+        return scan_assoc._grads(u, None if N > 1 else delta, delta_bias, A, B, C, D, None, gy,
+                                 None, True, "pointwise", **given)
     return grads, args, floor
 
 

@@ -2,8 +2,10 @@
 
     OUT=DIR python gpu_check.py                 all phases, files into $OUT (or --out DIR)
     python gpu_check.py --phases models,profile  a second run of some phases
+    python gpu_check.py --phases models --rows nolayout,vanilla   only model rows whose names
+                                                contain one of these (names as in gpu.json)
     python gpu_check.py --device cpu --dry-run  the same code paths at tiny shapes (CPU, ~3 min;
-                                                aot_eager for most compiles: see make_plan)
+                                                aot_eager for most compiles: see _plan)
 
 Phases, the most valuable first. Each ends at a mark, a fraction of --budget-s (480 s) from the
 start (PHASE_END), and starts no item (one scan path at one shape, one model row) that its
@@ -250,9 +252,11 @@ def parse_args(argv=None):
         args.out = os.environ.get("OUT") or "gpu_out"
     if args.rows is not None:
         names = [row_name(r) for r in model_plan(args.dry_run)]
-        if not args.rows or not any(p in n for p in args.rows for n in names):
-            build_parser().error(f"--rows {','.join(args.rows)!r} names no model row; rows: "
-                                 f"{'; '.join(names)}")
+        bad = [p for p in args.rows if not any(p in n for n in names)] or \
+            ([] if args.rows else ["(empty)"])
+        if bad:
+            build_parser().error(f"--rows: {', '.join(map(repr, bad))} in no model row's name; "
+                                 f"rows: {'; '.join(names)}")
     return args
 
 

@@ -35,8 +35,8 @@ Backward (`_grads`, per state index n, upstream dy_t and dh_L):
 4. dC_t = dy_t h_t (summed over the group), dD = sum_t dy_t u_t.
 5. Through the softplus: d(delta + bias) = ddelta' sigmoid(delta + bias), sigmoid(z) =
    1 - exp(-softplus(z)): delta' alone is enough.
-Saved: the inputs only, never a state, nor delta' (recomputed from delta, which the model has in
-memory anyway as the dt projection's output; compiled, N > 1 keeps delta', see _grads).
+Saved: the inputs only, never a state, nor delta' (recomputed from delta, which a float32 model
+has in memory anyway as the dt projection's output; compiled, N > 1 keeps delta', see _grads).
 Backward recomputes h_{t-1} by scanning the inputs shifted right by one step (so h_{t-1} and g_t
 are produced at the same index t, and Inductor fuses everything that uses them into that scan's
 kernel), and h_t = a_t h_{t-1} + x_t from it.
@@ -164,21 +164,24 @@ def _state_before(x, dt_prev, A, h0, n, mode):
     return _recurrence(a_prev, x_prev, mode)
 
 
-def _grads(u, delta, delta_bias, A, B, C, D, h0, gy, gh, softplus, mode):
+def _grads(u, delta, delta_bias, A, B, C, D, h0, gy, gh, softplus, mode, dt=None):
     """Gradients of the scan (steps 1-5 of the module docstring) with respect to u, delta (+
     bias), A, B, C, D, delta_bias and h0, from the inputs alone (delta' and the states are
     recomputed). gy, gh: upstream gradients of y and the last state (either may be None). The
     shifted decays a_{t-1}, a_{t+1} are exps of delta' shifted, not shifted copies of a_t:
-    compiled, those would make the forward save a_t (docs/design.md)."""
+    compiled, those would make the forward save a_t (docs/design.md). dt: delta', given only by
+    cuda_codegen's stand-in for the backward graph of a compiled step with N > 1, which receives
+    delta' from the forward (delta may then be None)."""
     K, N = B.shape[1], A.shape[1]
     if gy is None:
         gy = torch.zeros_like(u)
-    dt = _delta_prime(delta, delta_bias, softplus)
+    if dt is None:
+        dt = _delta_prime(delta, delta_bias, softplus)
     # delta' one step back and one step on (0 where the step is off the end: a decay of 1, never
-    # read). N = 1: from delta shifted, so that a compiled forward keeps no delta' (docstring).
-    # N > 1: delta' shifted, which a compiled forward keeps: from delta, each of the 2N shifted
-    # decays carried the softplus, and Inductor grouped the N = 16 backward into kernels that
-    # moved 1.5 times the bytes (docs/design.md).
+    # read). N = 1: from delta shifted: compiled, slices of delta' (padded) would make the
+    # forward keep delta'. N > 1: delta' shifted, which a compiled forward then keeps: from
+    # delta, each of the 2N shifted decays carried the softplus, and Inductor grouped the N = 16
+    # backward into kernels that moved 1.5 times the bytes (docs/design.md).
     if N == 1:
         dt_prev = F.pad(_delta_prime(delta[..., :-1], delta_bias, softplus), (1, 0))
         dt_next = F.pad(_delta_prime(delta[..., 1:], delta_bias, softplus), (0, 1))
@@ -190,8 +193,8 @@ def _grads(u, delta, delta_bias, A, B, C, D, h0, gy, gh, softplus, mode):
     dA, dB, dC, dh0 = [], [], [], []
     for n in range(N):
         a, x = _decay(dt, A, n), _input(dtu, B, n)
-        h_prev = _state_before(x, dt_prev, A, h0, n, mode)  # recomputed: the states one step back,
-        h = a * h_prev + x                             # and the states from them
+        h_prev = _state_before(x, dt_prev, A, h0, n, mode)   # recomputed: the states one
+        h = a * h_prev + x                                   # step back, and the states
         g_in = _merged(C[:, :, None, n] * _per_group(gy, K))              # C_t dy_t
         if gh is not None:                 # + dh_L at the end; a pad, as a cat costs a copy
             g_in = g_in + F.pad(gh[:, :, n, None], (g_in.shape[-1] - 1, 0))    # (design.md)

@@ -31,11 +31,14 @@ def test_arguments():
     ends = [plan.phase_end[p] for p in gc.PHASES]
     assert ends == sorted(ends) and ends[-1] == 1.0
     # --rows narrows the model rows to names containing a part, in model_plan's order
-    rows = gc.make_plan(gc.parse_args(["--rows", "vanilla-,nolayout", "--out", "x"])).rows
+    rows = gc.make_plan(gc.parse_args(["--rows", "nolayout,floor compiled fp32 train",
+                                       "--out", "x"])).rows
     assert [gc.row_name(r) for r in rows] == ["s1l8-nolayout compiled fp32 infer",
-                                              "s1l8-nolayout compiled fp32 train"]
-    with pytest.raises(SystemExit):
-        gc.parse_args(["--rows", "resnet", "--out", "x"])
+                                              "s1l8-nolayout compiled fp32 train",
+                                              "s1l8-floor compiled fp32 train"]
+    for bad in ("resnet", "nolayout,vanila", ","):        # every part must name a row
+        with pytest.raises(SystemExit):
+            gc.parse_args(["--rows", bad, "--out", "x"])
 
 
 def test_nolayout_rows_turn_layout_optimization_off(monkeypatch):

@@ -126,6 +126,14 @@ def _softplus(z):
     return torch.where(z > 20, z, torch.log(u) - (u - 1 - w) / u)
 
 
+def _delta_prime(delta, delta_bias, softplus):
+    """delta' = softplus(delta + delta_bias), each part only if given (delta_bias None, softplus
+    False): the scans' step sizes, (b, K*D, L)."""
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]
+    return _softplus(delta) if softplus else delta
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. The reference: one step per position.
 # ---------------------------------------------------------------------------------------------
@@ -279,10 +287,8 @@ class _ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, delta_bias, h0, softplus, T):
-        if delta_bias is not None:
-            delta = delta + delta_bias[:, None]
         lay = _Layout(u, B, T)
-        dt = lay.chan(_softplus(delta) if softplus else delta)     # delta' (T, b, K, D, M)
+        dt = lay.chan(_delta_prime(delta, delta_bias, softplus))   # delta' (T, b, K, D, M)
         ut = lay.chan(u)                                      # (T, b, K, D, M)
         Bt, Ct = lay.group(B), lay.group(C)                   # (T, b, K, 1, M, N)
         Ak = lay.state_view(A)                                # (1, K, D, 1, N)
@@ -557,9 +563,7 @@ class _ScanState1(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, delta_bias, h0, softplus, T):
         batch, KD, L = u.shape
         K = B.shape[1]
-        if delta_bias is not None:
-            delta = delta + delta_bias[:, None]
-        dt = _softplus(delta) if softplus else delta         # delta' (b, K*D, L)
+        dt = _delta_prime(delta, delta_bias, softplus)       # delta' (b, K*D, L)
         a = torch.exp(dt * A)                                 # decays in [0, 1]
         x = ((dt * u).view(batch, K, KD // K, L) * B).view(batch, KD, L)
         h = _linear_scan(a, x, None if h0 is None else h0.reshape(batch, KD), T)

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch._higher_order_ops.associative_scan import associative_scan
 
-from scan import _check_inputs, _compute_dtype, _softplus
+from scan import _check_inputs, _compute_dtype, _delta_prime
 
 __all__ = ["selective_scan_assoc"]
 
@@ -215,13 +215,6 @@ def _grads(u, delta, delta_bias, A, B, C, D, h0, gy, gh, softplus, mode, dt=None
             None if D is None else (gy * u).sum(-1).sum(0),
             dz.sum(-1).sum(0) if delta_bias is not None else None,
             torch.stack(dh0, 2) if h0 is not None else None)
-
-
-def _delta_prime(delta, delta_bias, softplus):
-    """delta' = softplus(delta + delta_bias) (each part only if given)."""
-    if delta_bias is not None:
-        delta = delta + delta_bias[:, None]
-    return _softplus(delta) if softplus else delta
 
 
 class _AssocScan(torch.autograd.Function):

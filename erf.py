@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import vmamba_min
-from vmamba_min import SS2D, build, convert_official_state_dict
+from vmamba_min import SS2D, build, convert_official_state_dict, grid, tokens
 
 # ---------------------------------------------------------------------------------------------
 # Defaults (each one a CLI flag)
@@ -39,7 +39,7 @@ HEAD_DIM = 32
 
 
 # ---------------------------------------------------------------------------------------------
-# The baselines' mixers: (B, H, W, C) -> (B, H, W, C), replacing SS2D in place
+# The baselines' mixers: tokens (B, L, C) of an (H, W) map -> (B, L, C), replacing SS2D in place
 # ---------------------------------------------------------------------------------------------
 class ConvMixer(nn.Module):
     """SS2D without the scan: the same in_proj, depthwise 3x3 conv, SiLU, out_norm, out_proj
@@ -51,15 +51,15 @@ class ConvMixer(nn.Module):
             ss2d.in_proj, ss2d.conv2d, ss2d.out_norm, ss2d.out_proj)
         self.gated = ss2d.gated
 
-    def forward(self, x):                                    # (B, H, W, C)
-        x = self.in_proj(x)                                  # (B, H, W, D or 2D)
+    def forward(self, x, H, W):                              # (B, L, C)
+        x = self.in_proj(x)                                  # (B, L, D or 2D)
         if self.gated:
             x, z = x.chunk(2, dim=-1)
-        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))       # (B, D, H, W)
-        y = self.out_norm(x.permute(0, 2, 3, 1))             # (B, H, W, D)
+        x = F.silu(self.conv2d(grid(x, H, W)))               # (B, D, H, W)
+        y = self.out_norm(tokens(x))                         # (B, L, D)
         if self.gated:
             y = y * F.silu(z)
-        return self.out_proj(y)                              # (B, H, W, C)
+        return self.out_proj(y)                              # (B, L, C)
 
 
 class WindowAttention(nn.Module):
@@ -78,8 +78,9 @@ class WindowAttention(nn.Module):
             nn.init.trunc_normal_(lin.weight, std=0.02)
             nn.init.zeros_(lin.bias)
 
-    def forward(self, x):                                    # (B, H, W, C)
-        Bn, H, W, C = x.shape
+    def forward(self, x, H, W):                              # (B, L, C)
+        x = x.unflatten(1, (H, W))                           # (B, H, W, C)
+        Bn, C = x.shape[0], x.shape[3]
         w, s = self.window, self.shift
         x = F.pad(x, (0, 0, 0, -W % w, 0, -H % w))           # (B, Hp, Wp, C)
         Hp, Wp = x.shape[1], x.shape[2]
@@ -93,7 +94,7 @@ class WindowAttention(nn.Module):
         x = t.view(Bn, Hp // w, Wp // w, w, w, C).transpose(2, 3).reshape(Bn, Hp, Wp, C)
         if s:
             x = torch.roll(x, (s, s), dims=(1, 2))
-        return x[:, :H, :W]                                  # (B, H, W, C)
+        return x[:, :H, :W].flatten(1, 2)                    # (B, L, C)
 
 
 def make_model(name, kind, weights=None):

@@ -2,7 +2,7 @@
 
     OUT=DIR python gpu_check.py                 all phases, files into $OUT (or --out DIR)
     python gpu_check.py --phases models,profile  a second run of some phases
-    python gpu_check.py --phases models --rows nolayout,vanilla   only model rows whose names
+    python gpu_check.py --phases models --rows chunked,vanilla    only model rows whose names
                                                 contain one of these (names as in gpu.json)
     python gpu_check.py --device cpu --dry-run  the same code paths at tiny shapes (CPU, ~3 min;
                                                 aot_eager for most compiles: see _plan)
@@ -23,10 +23,9 @@ says so in gpu.json, and what a phase leaves goes to the next. A phase that fail
   3 models   batch 128, 224 px, in model_plan's order: vmamba_tiny_s1l8, Swin-T (timm),
              vanilla_vmamba_tiny; inference eager / compiled / compile_blocks, fp32 / bf16
              autocast; training steps (fwd + CE + bwd + fused AdamW); "floor" (s1l8 with its
-             scan replaced by elementwise work on the same inputs), "chunked" (compiled with
-             the chunked scan forced) and "nolayout" (compiled with Inductor's layout
-             optimization off) variants; img/s, compile s, peak GB, ratio to Swin-T's
-             best row of the same kind                                              [by 384]
+             scan replaced by elementwise work on the same inputs) and "chunked" (compiled
+             with the chunked scan forced) variants; img/s, compile s, peak GB, ratio to
+             Swin-T's best row of the same kind                                     [by 384]
   4 profile  torch.profiler, top 30 ops by self device time: compiled s1l8 inference and one
              training step (eager if it was not compiled in time) -> profile.txt     [by 413]
   5 tests    the CUDA test subset, pytest in a subprocess per set (TEST_SETS)        [by 466]
@@ -151,22 +150,18 @@ class Plan:
 def model_plan(dry):
     """The model rows in the order they run. variant: None (the model as it is: compiled on
     CUDA its scans dispatch to scan_assoc), "floor" (the scan replaced by elementwise work:
-    floor_scan), "chunked" (compiled with the chunked scan forced: scan._use_assoc off) or
-    "nolayout" (compiled with Inductor's layout_optimization off: NO_LAYOUT_OPT)."""
+    floor_scan) or "chunked" (compiled with the chunked scan forced: scan._use_assoc off)."""
     def row(model, mode="eager", dtype="float32", train=False, variant=None):
         return dict(model=model, mode=mode, dtype=dtype, train=train, variant=variant)
     if dry:
         return (row(OURS), row(SWIN), row(OURS, train=True), row(OURS, "compiled"),
-                row(OURS, "compiled", train=True), row(OURS, "compiled", variant="nolayout"),
-                row(OURS, "compiled", variant="floor"),
+                row(OURS, "compiled", train=True), row(OURS, "compiled", variant="floor"),
                 row(OURS, "compiled", variant="chunked"), row(OURS, dtype="bfloat16"),
                 row(OURS, "blocks"))
     bf = "bfloat16"
     return (row(OURS), row(SWIN), row(OURS, train=True), row(SWIN, train=True),
             row(OURS, "compiled"), row(OURS, "compiled", train=True),
             row(SWIN, "compiled"), row(SWIN, "compiled", train=True),
-            row(OURS, "compiled", variant="nolayout"),
-            row(OURS, "compiled", train=True, variant="nolayout"),
             row(OURS, "compiled", variant="floor"), row(OURS, "compiled", variant="chunked"),
             row(OURS, dtype=bf), row(SWIN, dtype=bf),
             row(OURS, "compiled", bf), row(SWIN, "compiled", bf),
@@ -231,7 +226,7 @@ def build_parser():
     p.add_argument("--v0-batch", type=int, default=V0_BATCH, help="big batch of the v0 scan")
     p.add_argument("--rows", type=lambda t: [x for x in t.split(",") if x], default=None,
                    metavar="PARTS", help="model rows whose name contains one of these (comma-"
-                   "separated), e.g. 'vanilla,nolayout' (names: 's1l8 compiled fp32 train')")
+                   "separated), e.g. 'vanilla,chunked' (names: 's1l8 compiled fp32 train')")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--t0", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
@@ -871,23 +866,6 @@ def variant_patch(variant):
     return force_chunked() if variant == "chunked" else contextlib.nullcontext()
 
 
-# Inductor's layout optimization (on by default for graphs with convolutions) gives every 4-D
-# tensor upstream of a convolution, and downstream of one up to the last, channels-last
-# strides. Our feature maps are (b, H, W, C): channels-last strides for that shape store it as
-# (b, W, C, H), so each LayerNorm reads its channels at a stride of H. Off, the kernels move
-# 6-7% fewer bytes (docs/design.md) and the depthwise convolutions run in NCHW: the "nolayout"
-# rows time it against the default.
-NO_LAYOUT_OPT = {"layout_optimization": False}
-
-
-def compile_model(model, backend, variant):
-    """torch.compile(model) for a compiled row (the "nolayout" variant with NO_LAYOUT_OPT; an
-    Inductor option, left out for other backends, as the dry run's aot_eager)."""
-    import torch
-    kw = {"options": NO_LAYOUT_OPT} if variant == "nolayout" and backend == "inductor" else {}
-    return torch.compile(model, dynamic=False, backend=backend, **kw)
-
-
 def row_name(spec):
     short = {OURS: "s1l8", VANILLA: "vanilla", SWIN: "swin-t"}[spec["model"]]
     return (f"{short}{'-' + spec['variant'] if spec['variant'] else ''} {spec['mode']} "
@@ -911,7 +889,7 @@ def build_runner(run, spec):
     model = model.to(run.dev).train(spec["train"])
     fwd = model
     if spec["mode"] == "compiled":
-        fwd = compile_model(model, run.plan.model_backend, spec["variant"])
+        fwd = torch.compile(model, dynamic=False, backend=run.plan.model_backend)
     elif spec["mode"] == "blocks":
         import vmamba_min
         vmamba_min.compile_blocks(model, backend=run.plan.model_backend)
@@ -969,8 +947,6 @@ def phase_models(run):
         "the call", "compile_s": "first call (compile + one run)",
         "floor": "s1l8 with vmamba_min.selective_scan replaced by elementwise work (floor_scan)",
         "chunked": "compiled with scan._use_assoc off: the chunked scan, not scan_assoc",
-        "nolayout": f"compiled with options={NO_LAYOUT_OPT} (Inductor's channels-last "
-                    f"layout optimization off)",
         "backend": run.plan.model_backend, "paper": PAPER}
     for spec in run.plan.rows:
         name = row_name(spec)

@@ -31,26 +31,14 @@ def test_arguments():
     ends = [plan.phase_end[p] for p in gc.PHASES]
     assert ends == sorted(ends) and ends[-1] == 1.0
     # --rows narrows the model rows to names containing a part, in model_plan's order
-    rows = gc.make_plan(gc.parse_args(["--rows", "nolayout,floor compiled fp32 train",
+    rows = gc.make_plan(gc.parse_args(["--rows", "chunked,floor compiled fp32 train",
                                        "--out", "x"])).rows
-    assert [gc.row_name(r) for r in rows] == ["s1l8-nolayout compiled fp32 infer",
-                                              "s1l8-nolayout compiled fp32 train",
-                                              "s1l8-floor compiled fp32 train"]
-    for bad in ("resnet", "nolayout,vanila", ","):        # every part must name a row
+    assert [gc.row_name(r) for r in rows] == ["s1l8-chunked compiled fp32 infer",
+                                              "s1l8-floor compiled fp32 train",
+                                              "s1l8-chunked compiled fp32 train"]
+    for bad in ("resnet", "chunked,vanila", ","):         # every part must name a row
         with pytest.raises(SystemExit):
             gc.parse_args(["--rows", bad, "--out", "x"])
-
-
-def test_nolayout_rows_turn_layout_optimization_off(monkeypatch):
-    calls = []
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
-    for backend, variant in [("inductor", "nolayout"), ("inductor", None),
-                             ("aot_eager", "nolayout")]:
-        gc.compile_model(torch.nn.Identity(), backend, variant)
-    assert calls == [dict(dynamic=False, backend="inductor",
-                          options={"layout_optimization": False}),
-                     dict(dynamic=False, backend="inductor"),
-                     dict(dynamic=False, backend="aot_eager")]
 
 
 def test_card_and_one_eager_scan_cell(tmp_path):

@@ -120,7 +120,8 @@ def test_fixture_features(name):
     got = {}
 
     def hook(mod, args, out, key):
-        got[key] = out[0] if isinstance(out, tuple) else out   # a Stage returns (y, next)
+        # The stem and a downsample return (tokens, H, W), a Stage (tokens, next input)
+        got[key] = out[0] if isinstance(out, tuple) else out
 
     for mine, mod in model.named_modules():
         key = official_module_name(mine)
@@ -136,10 +137,12 @@ def test_fixture_features(name):
         got["classifier.flatten"] = model.forward_head(feats, pre_logits=True)
     assert set(got) == set(fx["features"]), set(fx["features"]) ^ set(got)
     for key, ref in fx["features"].items():
-        # The official v2 code runs channels-first (fixture "features_layout"); this file is
-        # channels-last everywhere.
+        # The official v2 code runs channels-first (fixture "features_layout"); this file
+        # passes tokens (B, L, C) between modules and returns maps (B, H, W, C).
         if channel_first and ref.dim() == 4:
             ref = ref.permute(0, 2, 3, 1)                    # (B, H, W, C)
+        if got[key].dim() == 3 and ref.dim() == 4:
+            ref = ref.flatten(1, 2)                          # (B, L, C), row-major tokens
         assert got[key].shape == ref.shape, key
         err = (got[key].cpu() - ref).abs().max().item()
         assert err < ATOL, f"{name}: feature {key} max abs error {err:.3g}"
@@ -282,7 +285,7 @@ def test_ss2d_equals_the_per_route_formulation(generation):
     y = selective_scan_ref(xs.reshape(batch, 4 * D, H * W), dts.reshape(batch, 4 * D, H * W),
                            -torch.exp(ss2d.A_logs.float()), Bs, Cs, ss2d.Ds,
                            ss2d.dt_projs_bias.float().reshape(-1), delta_softplus=True)
-    want = cross_merge(y.view(batch, 4, D, H, W)).transpose(1, 2).reshape(batch, H, W, D)
+    want = cross_merge(y.view(batch, 4, D, H, W)).transpose(1, 2)   # (b, L, D) tokens
     with torch.no_grad():
         got = ss2d.ssm(x)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
@@ -345,12 +348,31 @@ def test_odd_and_non_square_inputs(generation, size):
         h, w = math.ceil(h / 2), math.ceil(w / 2)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_grid_and_tokens_are_views_with_channels_last_strides(batch):
+    """grid: tokens (b, L, C) -> (b, C, H, W) with the strides a conv reads as channels-last
+    (at b = 1 too, where another view of the same memory gets a batch stride a conv reads as
+    NCHW, and copies); tokens: back, also a view. Row-major: token h*W + w is pixel (h, w)."""
+    H, W, C = 3, 5, 4
+    x = torch.randn(batch, H * W, C)
+    m = vm.grid(x, H, W)
+    assert m.shape == (batch, C, H, W) and m.data_ptr() == x.data_ptr()
+    assert m.stride() == (H * W * C, 1, W * C, C)
+    assert m.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(m[:, :, 2, 3], x[:, 2 * W + 3])
+    t = vm.tokens(m)
+    assert t.data_ptr() == x.data_ptr() and torch.equal(t, x)
+
+
 def test_patch_merging_pads_bottom_right_with_zeros():
     merge = vm.PatchMerging(6)
     x = torch.randn(2, 5, 7, 6)                              # (B, H, W, C), both odd
     padded = torch.zeros(2, 6, 8, 6)
     padded[:, :5, :7] = x
-    torch.testing.assert_close(merge(x), merge(padded), rtol=0, atol=0)
+    out, h, w = merge(x.flatten(1, 2), 5, 7)                 # tokens (B, L, C) in, and out
+    want, h_want, w_want = merge(padded.flatten(1, 2), 6, 8)
+    assert (h, w) == (h_want, w_want) == (3, 4)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("generation", [0, 2])
@@ -593,9 +615,14 @@ def test_converter_rejects_what_is_not_a_state_dict(bad, match):
 # forward_intermediates (timm's feature API): the one loop over the stages
 # ---------------------------------------------------------------------------------------------
 def _stage_outputs_by_hooks(model, x):
-    """Each stage's block output (channels-last), recorded by hooks, the plain forward run."""
+    """Each stage's block output as a map (b, h, w, C), recorded by hooks, the plain forward
+    run. A stage gets (tokens, h, w) and returns (its blocks' output tokens, next input)."""
     seen = {}
-    handles = [layer.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, o[0]))
+
+    def hook(mod, args, out, i):
+        seen[i] = out[0].unflatten(1, args[1:])
+
+    handles = [layer.register_forward_hook(lambda m, a, o, i=i: hook(m, a, o, i))
                for i, layer in enumerate(model.layers)]
     with torch.no_grad():
         model(x)
@@ -668,7 +695,7 @@ def test_prune_intermediate_layers():
     with torch.no_grad():
         full = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
         assert model.prune_intermediate_layers([-4, 1]) == [0, 1]
-        assert len(model.layers) == 2 and isinstance(model.layers[1].downsample, nn.Identity)
+        assert len(model.layers) == 2 and model.layers[1].downsample is None
         assert isinstance(model.norm, nn.Identity) and isinstance(model.head, nn.Identity)
         pruned = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
     assert all(torch.equal(a, b) for a, b in zip(full, pruned))

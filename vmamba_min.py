@@ -15,8 +15,14 @@ Letters used in every shape comment:
     b batch (lower case: B is the scan's input matrix), H, W feature-map height and width,
     L = H*W sequence length, C width of a stage, D = ssm_ratio * C inner width of SS2D,
     N d_state, R dt rank (ceil(C/16) by default), K = 4 scan routes.
-Layout: feature maps travel channels-last, (b, H, W, C): every Linear and LayerNorm then acts
-on the last dim with no permute; the convs and the scan take (b, D, H, W) and get one permute.
+Layout: between the convolutions the feature map travels as tokens, (b, L, C) in row-major
+order, with its height and width beside it: every Linear and LayerNorm acts on the last dim with
+no permute, and a conv (or the scan) sees the same memory as (b, C, H, W) through a view, `grid`
+(channels-last strides), whose output `tokens` views back. Maps (b, H, W, C) exist only as the
+outputs of forward_features, forward_intermediates and Backbone. Why tokens and not
+(b, H, W, C) maps: under torch.compile, Inductor gives every 4-D tensor on a path into a
+convolution channels-last strides, which for a (b, H, W, C) map put H innermost and add
+transposes around every LayerNorm and Linear (docs/design.md).
 """
 import collections
 import math
@@ -41,6 +47,19 @@ __all__ = ["VSSMConfig", "VSSM", "Backbone", "CONFIGS", "build", "from_official_
            "compile_blocks"]
 
 K = 4  # scan routes: row-major, column-major, and both reversed
+
+
+def grid(x, H, W):                                           # (b, L, C) -> (b, C, H, W)
+    """Tokens as a map for a conv or the scan: a view (strides channels-last), no copy. The
+    (b, H, W, C) view in between has this one use, so Inductor leaves its strides alone
+    (x.transpose(1, 2).unflatten(2, (H, W)) is the same view, but with b = 1 torch gives it a
+    batch stride of C, and a conv then takes it for NCHW and copies it)."""
+    return x.unflatten(1, (H, W)).permute(0, 3, 1, 2)
+
+
+def tokens(x):                                               # (b, C, H, W) -> (b, L, C)
+    """A conv's output map as tokens: a view (a copy comes later only where an op needs one)."""
+    return x.flatten(2).transpose(1, 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,7 +129,7 @@ class VSSMConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Patch embedding: image (b, 3, H, W) -> (b, H/4, W/4, C)
+# Patch embedding: image (b, 3, H, W) -> tokens (b, L, C) of an (H/4, W/4) map, and H/4, W/4
 # ---------------------------------------------------------------------------------------------
 class PatchEmbed(nn.Module):
     """Generation 0: one 4x4 stride-4 conv (a linear map of each patch), then LayerNorm."""
@@ -121,7 +140,8 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x):                                    # (b, 3, H, W)
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))   # (b, H/4, W/4, C), floor like official
+        x = self.proj(x)                                     # (b, C, H/4, W/4), floor like official
+        return self.norm(tokens(x)), *x.shape[2:]            # (b, L, C), H/4, W/4
 
 
 class ConvStem(nn.Module):
@@ -136,9 +156,10 @@ class ConvStem(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
 
     def forward(self, x):                                    # (b, 3, H, W)
-        x = F.gelu(self.norm1(self.conv1(x).permute(0, 2, 3, 1)))   # (b, H/2, W/2, C/2)
-        x = self.conv2(x.permute(0, 3, 1, 2))                # (b, C, H/4, W/4)
-        return self.norm2(x.permute(0, 2, 3, 1))             # (b, H/4, W/4, C)
+        x = self.conv1(x)                                    # (b, C/2, H/2, W/2)
+        x = grid(F.gelu(self.norm1(tokens(x))), *x.shape[2:])   # LayerNorm over C/2, same shape
+        x = self.conv2(x)                                    # (b, C, H/4, W/4)
+        return self.norm2(tokens(x)), *x.shape[2:]           # (b, L, C), H/4, W/4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,15 +203,15 @@ class SS2D(nn.Module):
         self.A_logs.copy_(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(K * D, 1))
         self.Ds.fill_(1.0)
 
-    def forward(self, x):                                    # (b, H, W, C)
-        x = self.in_proj(x)                                  # (b, H, W, 2D) or (b, H, W, D)
+    def forward(self, x, H, W):                              # (b, L, C), L = H*W
+        x = self.in_proj(x)                                  # (b, L, 2D) or (b, L, D)
         if self.gated:
-            x, z = x.chunk(2, dim=-1)                        # (b, H, W, D) each
-        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))       # (b, D, H, W)
-        y = self.out_norm(self.ssm(x))                       # (b, H, W, D)
+            x, z = x.chunk(2, dim=-1)                        # (b, L, D) each
+        x = F.silu(self.conv2d(grid(x, H, W)))               # (b, D, H, W)
+        y = self.out_norm(self.ssm(x))                       # (b, L, D)
         if self.gated:
             y = y * F.silu(z)
-        return self.out_proj(y)                              # (b, H, W, C)
+        return self.out_proj(y)                              # (b, L, C)
 
     def ssm(self, x):                                        # (b, D, H, W)
         """Cross-scan, the selective scan along each route, cross-merge.
@@ -225,7 +246,7 @@ class SS2D(nn.Module):
         # The scans return float32. Back to the parameters' dtype: a model converted with
         # .to(torch.bfloat16) (or .half()) needs it for out_norm; under autocast the
         # parameters stay float32, so out_norm still sees the full-precision scan output.
-        return y.transpose(1, 2).reshape(batch, H, W, D).to(self.Ds.dtype)   # (b, H, W, D)
+        return y.transpose(1, 2).to(self.Ds.dtype)          # (b, L, D)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +304,7 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x):                                    # (b, H, W, C)
+    def forward(self, x):                                    # (b, L, C)
         return self.fc2(F.gelu(self.fc1(x)))                 # exact (erf) GELU, as official
 
 
@@ -297,15 +318,16 @@ class VSSBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(dim) if hidden else None
         self.mlp = MLP(dim, hidden) if hidden else None
 
-    def forward(self, x):                                    # (b, H, W, C)
-        x = x + self.drop_path(self.self_attention(self.ln_1(x)))
+    def forward(self, x, H, W):                              # (b, L, C), L = H*W
+        x = x + self.drop_path(self.self_attention(self.ln_1(x), H, W))
         if self.mlp is not None:
             x = x + self.drop_path(self.mlp(self.ln_2(x)))
         return x
 
 
 # ---------------------------------------------------------------------------------------------
-# Downsampling between stages: (b, H, W, C) -> (b, ceil(H/2), ceil(W/2), 2C)
+# Downsampling between stages: tokens of an (H, W) map -> tokens (b, L', 2C) of a
+# (ceil(H/2), ceil(W/2)) map, and that map's height and width
 # ---------------------------------------------------------------------------------------------
 class PatchMerging(nn.Module):
     """Generation 0: concatenate each 2x2 neighbourhood, LayerNorm(4C), Linear(4C -> 2C)."""
@@ -315,14 +337,17 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
         self.norm = nn.LayerNorm(4 * dim)
 
-    def forward(self, x):                                    # (b, H, W, C)
-        H, W = x.shape[1], x.shape[2]
-        # Odd maps: zero-pad bottom/right to even, like the official classification code (the
-        # one-file code crashes there).
-        x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))             # (b, H', W', C), H', W' even
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2],   # this order is the checkpoints'
-                       x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)   # (b, H'/2, W'/2, 4C)
-        return self.reduction(self.norm(x))                  # (b, H'/2, W'/2, 2C)
+    def forward(self, x, H, W):                              # (b, L, C), L = H*W
+        if H % 2 or W % 2:
+            # Odd maps: zero-pad bottom/right to even, like the official classification code
+            # (the one-file code crashes there).
+            x = F.pad(x.unflatten(1, (H, W)), (0, 0, 0, W % 2, 0, H % 2)).flatten(1, 2)
+            H, W = H + H % 2, W + W % 2
+        x = x.unflatten(1, (H // 2, 2, W // 2, 2))           # (b, H/2, dh, W/2, dw, C)
+        # Each 2x2 neighbourhood's four tokens side by side, in the checkpoints' order
+        # (dh, dw) = (0, 0), (1, 0), (0, 1), (1, 1): dw major, dh minor.
+        x = x.permute(0, 1, 3, 4, 2, 5).reshape(x.shape[0], H * W // 4, 4 * x.shape[-1])
+        return self.reduction(self.norm(x)), H // 2, W // 2  # (b, L/4, 2C), H/2, W/2
 
 
 class ConvDownsample(nn.Module):
@@ -333,9 +358,9 @@ class ConvDownsample(nn.Module):
         self.reduction = nn.Conv2d(dim, 2 * dim, kernel_size=3, stride=2, padding=1)
         self.norm = nn.LayerNorm(2 * dim)
 
-    def forward(self, x):                                    # (b, H, W, C)
-        x = self.reduction(x.permute(0, 3, 1, 2))            # (b, 2C, ceil(H/2), ceil(W/2))
-        return self.norm(x.permute(0, 2, 3, 1))              # (b, ceil(H/2), ceil(W/2), 2C)
+    def forward(self, x, H, W):                              # (b, L, C), L = H*W
+        x = self.reduction(grid(x, H, W))                    # (b, 2C, ceil(H/2), ceil(W/2))
+        return self.norm(tokens(x)), *x.shape[2:]            # (b, L', 2C), ceil(H/2), ceil(W/2)
 
 
 class Stage(nn.Module):
@@ -345,17 +370,20 @@ class Stage(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(VSSBlock(dim, cfg, p) for p in drop_rates)
         down = PatchMerging if cfg.generation == 0 else ConvDownsample
-        self.downsample = down(dim) if downsample else nn.Identity()
+        self.downsample = down(dim) if downsample else None
         self.grad_checkpointing = cfg.grad_checkpointing
 
-    def forward(self, x):                                    # (b, H, W, C)
-        """Returns the blocks' output (the stage's feature map) and the next stage's input."""
+    def forward(self, x, H, W):                              # (b, L, C), L = H*W
+        """Returns the blocks' output (the stage's feature map, as tokens) and the next
+        stage's input (tokens, height, width; after the last stage, the same map)."""
         for blk in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)  # recompute in backward
+                x = checkpoint(blk, x, H, W, use_reentrant=False)   # recompute in backward
             else:
-                x = blk(x)
-        return x, self.downsample(x)                         # (b, H, W, C), (b, H/2, W/2, 2C)
+                x = blk(x, H, W)
+        if self.downsample is None:
+            return x, (x, H, W)
+        return x, self.downsample(x, H, W)                   # (b, L, C), ((b, L', 2C), H', W')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,7 +469,7 @@ class VSSM(nn.Module):
         take = stage_indices(len(self.layers), indices)
         if take[-1] < len(self.layers) - 1:
             self.layers = self.layers[:take[-1] + 1]
-            self.layers[-1].downsample = nn.Identity()       # nothing follows it any more
+            self.layers[-1].downsample = None                # nothing follows it any more
             prune_norm = True                                # the norm is sized for 8C
         if prune_norm:
             self.norm = nn.Identity()
@@ -516,7 +544,8 @@ def stage_indices(n, indices):
 
 def run_stages(stem, stages, x, take):
     """The one loop over the stages (classifier, backbone, timm features, analyses): the stem,
-    then stages 0..max(take); returns {i: stage i's block output (b, h, w, C_i)} for i in take."""
+    then stages 0..max(take); returns {i: stage i's block output (b, h, w, C_i)} for i in take
+    (a view of its tokens)."""
     if torch.compiler.is_compiling():
         # Image height and width stay static under torch.compile: each new size compiles anew
         # (the batch dim may still turn dynamic). Left symbolic, as Dynamo makes them when a
@@ -525,11 +554,12 @@ def run_stages(stem, stages, x, take):
         # value of Relational" on the stem's strides. test_compile.py changes the size.
         torch._dynamo.mark_static(x, 2)
         torch._dynamo.mark_static(x, 3)
-    x, maps = stem(x), {}                                    # (b, H/4, W/4, C)
+    (x, H, W), maps = stem(x), {}                            # (b, L, C), H/4, W/4
     for i, stage in enumerate(stages[:max(take) + 1]):
-        y, x = stage(x)                                      # (b, h, w, C_i), next stage input
+        y, next_input = stage(x, H, W)                       # (b, h*w, C_i), ...
         if i in take:
-            maps[i] = y
+            maps[i] = y.unflatten(1, (H, W))                 # (b, h, w, C_i)
+        x, H, W = next_input
     return maps
 
 

@@ -556,7 +556,7 @@ def run_stages(stem, stages, x, take):
         torch._dynamo.mark_static(x, 3)
     (x, H, W), maps = stem(x), {}                            # (b, L, C), H/4, W/4
     for i, stage in enumerate(stages[:max(take) + 1]):
-        y, next_input = stage(x, H, W)                       # (b, h*w, C_i), ...
+        y, next_input = stage(x, H, W)                       # blocks' output (b, h*w, C_i)
         if i in take:
             maps[i] = y.unflatten(1, (H, W))                 # (b, h, w, C_i)
         x, H, W = next_input

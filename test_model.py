@@ -120,7 +120,7 @@ def test_fixture_features(name):
     got = {}
 
     def hook(mod, args, out, key):
-        # The stem and a downsample return (tokens, H, W), a Stage (tokens, next input)
+        # The stem and a downsample return (tokens, H, W)
         got[key] = out[0] if isinstance(out, tuple) else out
 
     for mine, mod in model.named_modules():
@@ -362,6 +362,20 @@ def test_grid_and_tokens_are_views_with_channels_last_strides(batch):
     assert torch.equal(m[:, :, 2, 3], x[:, 2 * W + 3])
     t = vm.tokens(m)
     assert t.data_ptr() == x.data_ptr() and torch.equal(t, x)
+
+
+def test_patch_merging_concatenates_in_the_checkpoints_order():
+    """Each output token is LayerNorm + Linear of its 2x2 neighbourhood's four tokens side by
+    side in the official order (the official torch.cat of the four strided slices of the map)."""
+    torch.manual_seed(0)
+    merge = vm.PatchMerging(6)
+    x = torch.randn(2, 4, 6, 6)                              # (B, H, W, C)
+    cat = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2],
+                     x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)   # (B, 2, 3, 4C)
+    want = merge.reduction(merge.norm(cat)).flatten(1, 2)
+    out, h, w = merge(x.flatten(1, 2), 4, 6)
+    assert (h, w) == (2, 3)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
 def test_patch_merging_pads_bottom_right_with_zeros():

@@ -391,7 +391,7 @@ class Stage(nn.Module):
 # ---------------------------------------------------------------------------------------------
 class VSSM(nn.Module):
     """The VMamba classifier. forward: (b, in_chans, H, W) image -> (b, num_classes) logits,
-    any H, W >= 4. timm-style parts: forward_features (-> (b, H/32, W/32, 8C) channels-last,
+    any H, W >= 4. timm-style parts: forward_features (-> an NHWC map (b, H/32, W/32, 8C),
     before the final norm), forward_head(x, pre_logits=False), forward_intermediates (the one
     loop over the stages) and prune_intermediate_layers, feature_info, reset_classifier,
     no_weight_decay, set_grad_checkpointing, load_pretrained (an official checkpoint file)."""

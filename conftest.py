@@ -20,6 +20,13 @@ stays on the CPU. TF32 is switched off there: the tolerances are float32's (test
 
 Slow tests (`@pytest.mark.slow`, e.g. the L = 4096 scan) are skipped unless asked for with
 `-m slow` (or any -m expression naming `slow`) or the thorough profile is active.
+
+Order: the default tests that take minutes (`@pytest.mark.minutes`: whole-model compiles, about
+4 minutes each on CI's 2 cores) are placed first, last, second, second to last, ... in the
+collection. README's command (`-n 2 --dist worksteal`) hands each of the two workers one half
+of the collection, and a worker's last two queued tests cannot be stolen, so two such tests
+side by side in one file ran one after the other (9+ minutes with an empty Inductor cache);
+placed this way the two workers start them at once.
 """
 import os
 
@@ -53,6 +60,9 @@ def pytest_report_header(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    minutes = [item for item in items if "minutes" in item.keywords]
+    rest = [item for item in items if "minutes" not in item.keywords]
+    items[:] = minutes[0::2] + rest + minutes[1::2][::-1]
     if PROFILE == "thorough" or "slow" in (config.getoption("markexpr") or ""):
         return
     skip = pytest.mark.skip(reason="slow test: run with -m slow or HYPOTHESIS_PROFILE=thorough")

@@ -53,6 +53,7 @@ class _Both(nn.Module):
         return self.v0(x), self.v2(x)
 
 
+@pytest.mark.minutes
 def test_plain_compile_inference_equals_eager_at_two_batches_and_sizes():
     """torch.compile(model) as most users write it (fullgraph=False), called at batch 1 and then
     at batch 3 and another image size: the second call recompiles with a dynamic batch and the
@@ -108,6 +109,7 @@ def _train_compiled_and_eager(shapes, compile_fn=torch.compile):
             opt.step()
 
 
+@pytest.mark.minutes
 def test_compiled_training_equals_eager_two_steps():
     """Losses and every parameter gradient of a compiled model (both generations in one graph,
     fullgraph=True: a graph break fails) equal eager's, twice in a row (the second step runs on

@@ -364,6 +364,52 @@ def test_grid_and_tokens_are_views_with_channels_last_strides(batch):
     assert t.data_ptr() == x.data_ptr() and torch.equal(t, x)
 
 
+def _computed_nodes(gm, shapes):
+    """Nodes of an ATen graph that compute (not view) a tensor of one of these shapes."""
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
+            continue
+        if any(r.alias_info is not None for r in n.target._schema.returns):
+            continue                                         # a view of its input
+        val = n.meta.get("val")
+        outs = val if isinstance(val, (tuple, list)) else (val,)
+        if any(isinstance(t, torch.Tensor) and tuple(t.shape) in shapes for t in outs):
+            yield n
+
+
+@pytest.mark.parametrize("generation", [0, 2])
+def test_no_channels_last_map_is_computed_on_the_way_into_a_convolution(generation):
+    """Between the convolutions the model computes tokens (b, L, C), never (b, H, W, C) maps:
+    Inductor's layout optimization stores a 4-D tensor on a path into a convolution with
+    channels-last strides of its own dims, which for (b, H, W, C) puts H innermost (every
+    LayerNorm then reads channels H*W apart; docs/design.md, "Tokens between the
+    convolutions"). Checked on the ATen graph: no op upstream of a convolution outputs a
+    (b, h_i, w_i, C_i) tensor; the classifier's final LayerNorm, past the last convolution,
+    does, which shows the check sees such tensors."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    torch.manual_seed(0)
+    model = VSSM(tiny(generation)).eval()
+    batch, h, w = 2, 16, 20                                  # 64 x 80 px: h, w, C all differ
+    x = torch.randn(batch, 3, 4 * h, 4 * w)
+    with torch.no_grad():
+        gm = make_fx(model)(x)
+    maps = set()
+    for i in range(len(model.layers)):
+        maps.add((batch, h, w, model.config.stage_dim(i)))
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    convs = [n for n in gm.graph.nodes if n.target is torch.ops.aten.convolution.default]
+    upstream, todo = set(), list(convs)
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in upstream:
+                upstream.add(a)
+                todo.append(a)
+    computed = list(_computed_nodes(gm, maps))
+    bad = [n.format_node() for n in computed if n in upstream]
+    assert convs and not bad, bad
+    assert any(n not in upstream for n in computed)          # the classifier's map LayerNorm
+
+
 def test_patch_merging_concatenates_in_the_checkpoints_order():
     """Each output token is LayerNorm + Linear of its 2x2 neighbourhood's four tokens side by
     side in the official order (the official torch.cat of the four strided slices of the map)."""

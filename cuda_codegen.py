@@ -3,7 +3,8 @@
     python cuda_codegen.py scan  --gen v2 --batch 128 [--path assoc|chunked] [--backward]
     python cuda_codegen.py model --name vmamba_tiny_s1l8 --batch 128 [--dtype bfloat16] [--chunked]
     python cuda_codegen.py model --name vmamba_tiny_s1l8 --batch 128 --train   (fp32 only)
-    (--out DIR writes each graph's generated module; --dynamic compiles with symbolic sizes)
+    (--out DIR writes each graph's generated module; --top N lists the N kernels that move the
+    most bytes; --dynamic compiles with symbolic sizes)
 
 Nothing runs and nothing is timed. Inputs and weights are fake CUDA tensors (shapes only), the
 CUDA device queries answer as an H100/H200 would (compute capability 9.0, 132 SMs), and Inductor
@@ -119,9 +120,8 @@ def capture_graphs():
     def keep(self):
         wrapper, kernels = self.codegen()
         code = wrapper.value + (kernels.value if kernels else "")
-        nodes = self.scheduler.nodes
-        graphs.append(dict(code=code, kernel_bytes=sum(n.get_read_write_buffers_sizes()
-                                                       for n in nodes)))
+        nodes = [(n.get_read_write_buffers_sizes(), _describe(n)) for n in self.scheduler.nodes]
+        graphs.append(dict(code=code, kernel_bytes=sum(b for b, _ in nodes), nodes=nodes))
 
         class NotRun:
             def call(self, args):
@@ -135,6 +135,13 @@ def capture_graphs():
             torch._inductor.config.patch(joint_graph_constant_folding=False, shape_padding=False,
                                          force_disable_caches=True):
         yield graphs
+
+
+def _describe(node):
+    """A scheduler node in words: its kind and the ATen ops its kernel was fused from."""
+    ops = sorted({str(o.target).split(".")[-2] if str(o.target).count(".") > 1 else str(o.target)
+                  for n in node.get_nodes() if n.node is not None for o in n.node.origins})
+    return f"{type(node).__name__.replace('SchedulerNode', '') or 'Kernel'}: {' '.join(ops)}"
 
 
 def summarize(code):
@@ -317,7 +324,7 @@ def generate_training(model, batch, res, chunked=False):
     return graphs
 
 
-def report(graphs, floor=None):
+def report(graphs, floor=None, top=0):
     lines = []
     for i, g in enumerate(graphs):
         s = summarize(g["code"])
@@ -328,6 +335,8 @@ def report(graphs, floor=None):
         if s["host_loops"]:
             line += " (a host loop's body counts once, not per step)"
         lines.append(line)
+        for size, what in sorted(g["nodes"], key=lambda n: -n[0])[:top]:
+            lines.append(f"  {size / 1e9:7.3f} GB  {what}")
     if floor:
         total = sum(g["kernel_bytes"] for g in graphs)
         lines.append(f"memory floor {floor / 1e9:.3f} GB: the kernels move {total / floor:.2f}x "
@@ -375,6 +384,9 @@ def main(argv=None):
                         "drop-path off; the optimizer not counted)")
     p.add_argument("--dynamic", action="store_true", help="torch.compile(dynamic=True)")
     p.add_argument("--out", help="folder for each graph's generated module")
+    p.add_argument("--top", type=int, default=0, metavar="N",
+                   help="also list each graph's N kernels (scheduler nodes) that move the most "
+                        "bytes, with the ATen ops fused into each")
     args = p.parse_args(argv)
     if args.backward and (args.what != "scan" or args.path != "assoc"):
         p.error("--backward is for `scan` with --path assoc (a model's backward: model --train)")
@@ -397,7 +409,7 @@ def main(argv=None):
     print(f"{what}{', chunked scan' if chunked else ''}{', dynamic' if args.dynamic else ''} | "
           f"torch {torch.__version__}, Triton {__import__('triton').__version__}, "
           f"sm_{H100.major}{H100.minor}")
-    print(report(graphs, floor))
+    print(report(graphs, floor, args.top))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         for i, g in enumerate(graphs):

@@ -66,6 +66,15 @@ def test_compiled_model_takes_the_associative_scan(generation, dtype):
     s = cg.summarize(graph["code"])
     assert s["associative_scans"] >= 2 and s["host_loops"] == 0, s
     assert ("torch.bfloat16" in graph["code"]) == (dtype == "bfloat16")
+    # --top: the graph's heaviest kernels, largest first, their bytes part of the total; the
+    # associative scans among them
+    sizes = [size for size, _ in graph["nodes"]]
+    assert sum(sizes) == graph["kernel_bytes"]
+    listed = cg.report([graph], top=3).splitlines()[1:]
+    assert len(listed) == 3
+    assert [float(line.split()[0]) for line in listed] == \
+        [round(b / 1e9, 3) for b in sorted(sizes, reverse=True)[:3]]
+    assert any("associative_scan" in what for _, what in graph["nodes"])
 
 
 def launches(code):

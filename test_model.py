@@ -382,7 +382,7 @@ def test_no_channels_last_map_is_computed_on_the_way_into_a_convolution(generati
     """Between the convolutions the model computes tokens (b, L, C), never (b, H, W, C) maps:
     Inductor's layout optimization stores a 4-D tensor on a path into a convolution with
     channels-last strides of its own dims, which for (b, H, W, C) puts H innermost (every
-    LayerNorm then reads channels H*W apart; docs/design.md, "Tokens between the
+    LayerNorm then reads channels H floats apart; docs/design.md, "Tokens between the
     convolutions"). Checked on the ATen graph: no op upstream of a convolution outputs a
     (b, h_i, w_i, C_i) tensor; the classifier's final LayerNorm, past the last convolution,
     does, which shows the check sees such tensors."""

@@ -97,3 +97,16 @@ def test_installed_modules_import_only_installed_modules():
         imported |= {n.module.split(".")[0] for n in ast.walk(tree)
                      if isinstance(n, ast.ImportFrom) and n.module and not n.level}
         assert imported & local <= shipped, (name, sorted(imported & local - shipped))
+
+
+def test_readme_names_the_commands_that_wrote_its_reports():
+    """The command README's Results section gives for a report is the one in that report's
+    header, so a reader re-running it regenerates the same tables."""
+    section = " ".join(README.split("\n## Results", 1)[1].split("\n## ", 1)[0].split())
+    for report in sorted(ROOT.glob("docs/results-*.md")):
+        header = re.search(r"^\| command \| `([^`]+)` \|$", report.read_text(), flags=re.M)
+        assert header, f"{report.name}: no command in its header"
+        if f"docs/{report.name}" in section:
+            assert f"`{header.group(1)}`" in section, (
+                f"README's Results section cites {report.name} but not its command "
+                f"{header.group(1)!r}")

@@ -42,9 +42,9 @@ from scan import (allow_compile, cross_merge, cross_scan, route_each, selective_
                   selective_scan_ref)
 from scan_assoc import selective_scan_assoc
 
-__all__ = ["VSSMConfig", "VSSM", "Backbone", "CONFIGS", "build", "from_official_kwargs",
-           "convert_official_state_dict", "load_official_checkpoint", "register_timm",
-           "compile_blocks"]
+__all__ = ["VSSMConfig", "VSSM", "Backbone", "CONFIGS", "build", "build_config",
+           "from_official_kwargs", "convert_official_state_dict", "load_official_checkpoint",
+           "register_timm", "compile_blocks"]
 
 K = 4  # scan routes: row-major, column-major, and both reversed
 
@@ -785,6 +785,8 @@ CONFIGS = {
 
 
 def build_config(name: str, **overrides) -> VSSMConfig:
+    """The VSSMConfig of a released configuration, with keyword overrides (what build builds;
+    Backbone takes one)."""
     if name not in CONFIGS:
         raise ValueError(f"unknown configuration {name!r}; valid names: {', '.join(CONFIGS)}")
     known = {f.name for f in fields(VSSMConfig)}

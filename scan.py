@@ -216,9 +216,9 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fa
     u, delta, A, B, C = (t.to(dt) for t in (u, delta, A, B, C))
     D, delta_bias, h0 = (None if t is None else t.to(dt) for t in (D, delta_bias, h0))
     batch, KD, L = u.shape
-    if L == 0:
-        y = u.new_zeros(batch, KD, 0)
-        h = u.new_zeros(batch, KD, A.shape[1]) if h0 is None else h0
+    if batch == 0 or KD == 0 or L == 0:    # nothing to scan (the operators reject an empty
+        y = u.new_zeros(batch, KD, L)      # scan dim and reshape an empty batch ambiguously)
+        h = u.new_zeros(batch, KD, A.shape[1]) if h0 is None else h0.clone()
         return (y, h) if return_last_state else y
     scan = _ScanState1.apply if N == 1 else _ChunkedScan.apply
     y, h_last = scan(u, delta, A, B, C, D, delta_bias, h0, delta_softplus, min(chunk_size, L))

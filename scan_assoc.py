@@ -73,9 +73,9 @@ def selective_scan_assoc(u, delta, A, B, C, D=None, delta_bias=None, delta_softp
     u, delta, A, B, C = (t.to(dt) for t in (u, delta, A, B, C))
     D, delta_bias, h0 = (None if t is None else t.to(dt) for t in (D, delta_bias, h0))
     batch, KD, L = u.shape
-    if L == 0:                                 # the operator rejects an empty scan dim
-        y = u.new_zeros(batch, KD, 0)
-        h = u.new_zeros(batch, KD, A.shape[1]) if h0 is None else h0
+    if batch == 0 or KD == 0 or L == 0:    # nothing to scan (the operators reject an empty
+        y = u.new_zeros(batch, KD, L)      # scan dim and reshape an empty batch ambiguously)
+        h = u.new_zeros(batch, KD, A.shape[1]) if h0 is None else h0.clone()
         return (y, h) if return_last_state else y
     return _AssocScan.apply(u, delta, A, B, C, D, delta_bias, h0, delta_softplus, combine_mode,
                             return_last_state)

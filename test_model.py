@@ -228,7 +228,14 @@ def test_build_forwards_overrides_and_rejects_unknowns():
 
 @pytest.mark.parametrize("bad", [dict(generation=1), dict(scan="fast"), dict(chunk_size=0),
                                  dict(depths=(2, 0)), dict(dim=0), dict(d_state=1.5),
-                                 dict(drop_path_rate=1.0), dict(dt_rank="auto")])
+                                 dict(drop_path_rate=1.0), dict(dt_rank="auto"),
+                                 # bools are ints to Python; a non-number must not compare
+                                 dict(generation=False), dict(depths=(True, 1)),
+                                 dict(d_state=True), dict(num_classes=True), dict(depths=2),
+                                 dict(ssm_ratio="2"), dict(ssm_ratio=float("inf")),
+                                 dict(mlp_ratio=None, drop_path_rate=None),
+                                 dict(grad_checkpointing="yes"),
+                                 dict(dim=1)])          # generation 2's stem has dim // 2 channels
 def test_config_validation(bad):
     with pytest.raises(ValueError, match="VSSMConfig"):
         VSSMConfig(**bad)
@@ -240,9 +247,12 @@ def test_from_official_kwargs_rejects_what_it_does_not_support():
                                                                    drop_path_rate=0.2))
     for change in (dict(forward_type="v05"), dict(ssm_conv=5), dict(ssm_conv_bias=True),
                    dict(downsample_version="v1"), dict(gmlp=True), dict(something_new=1),
-                   dict(dims=[24, 40, 96, 192])):
+                   dict(dims=[24, 40, 96, 192]), dict(dims=[24, 48])):
         with pytest.raises(ValueError, match=next(iter(change))):
             from_official_kwargs({**kwargs, **change})
+    # The official code looks layer names up lowercased: its default spelling "LN" is fine.
+    spelled = {**kwargs, "norm_layer": "LN", "ssm_act_layer": "SiLU", "mlp_act_layer": "GELU"}
+    assert resolved(from_official_kwargs(spelled)) == resolved(from_official_kwargs(kwargs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,8 +547,9 @@ def test_backbone_out_indices():
     with torch.no_grad():
         outs = backbone(torch.randn(1, 3, 64, 64))
     assert [o.shape for o in outs] == [(1, 48, 8, 8), (1, 192, 2, 2)]
-    with pytest.raises(ValueError, match="out_indices"):
-        Backbone(tiny(2), out_indices=(4,))
+    for bad in ((4,), (True,), 3, None, ()):
+        with pytest.raises(ValueError, match="out_indices"):
+            Backbone(tiny(2), out_indices=bad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -552,6 +563,42 @@ def test_bad_inputs(x, match):
     model = VSSM(tiny(0))
     with pytest.raises(ValueError, match=match):
         model(x)
+
+
+@pytest.mark.parametrize("scan", ["chunked", "assoc"])
+@pytest.mark.parametrize("generation", [0, 2])
+def test_empty_batch_gives_empty_logits(generation, scan):
+    model = VSSM(tiny(generation, scan=scan)).eval().to(DEVICE)
+    with torch.no_grad():
+        assert model(torch.randn(0, 3, 32, 32, device=DEVICE)).shape == (0, 10)
+
+
+def test_float64_model_computes_its_scan_parameters_in_float64():
+    """A model converted with .double() keeps A and the dt bias in float64 on their way into
+    the scan (which runs in float64 for float64 inputs). Check: a central difference with step
+    h = 1e-4 against autograd's derivative, per parameter (dt ~ 1: bias 0.5). In float64 they
+    agree to ~2e-9 relative (measured; the h^2 term and f's rounding over h); through a
+    float32 round trip the parameter +- h lands on float32's grid (ulp 6e-8 near 0.5 to 1),
+    so the step is off by up to 3e-4 relative (measured: 2e-4 and 2e-5). Bound 1e-6."""
+    torch.manual_seed(0)
+    ss2d = VSSM(tiny(0, dim=8, depths=(1,))).double().layers[0].blocks[0].self_attention
+    with torch.no_grad():
+        ss2d.dt_projs_bias.fill_(0.5)
+    x = torch.randn(1, 12, 8, dtype=torch.float64)              # (b, L, C), L = 3 x 4
+    w = torch.randn(1, 12, 8, dtype=torch.float64)
+    h = 1e-4
+    for param, index in ((ss2d.A_logs, (5, 1)), (ss2d.dt_projs_bias, (0, 3))):
+        ss2d.zero_grad()
+        (ss2d(x, 3, 4) * w).sum().backward()
+        exact = param.grad[index].item()
+        with torch.no_grad():
+            value = param[index].item()
+            param[index] = value + h
+            up = (ss2d(x, 3, 4) * w).sum().item()
+            param[index] = value - h
+            down = (ss2d(x, 3, 4) * w).sum().item()
+            param[index] = value
+        assert abs((up - down) / (2 * h) - exact) <= 1e-6 * abs(exact), (index, exact)
 
 
 def test_bad_checkpoints_name_the_offending_keys():
@@ -669,6 +716,16 @@ def test_image_dtype_must_match_the_model_unless_autocast():
 def test_converter_rejects_what_is_not_a_state_dict(bad, match):
     with pytest.raises(TypeError, match=match):
         convert_official_state_dict(bad)
+
+
+def test_converter_rejects_two_spellings_of_one_key():
+    """A file holding both `classifier.norm.weight` (released spelling) and `norm.weight`: one
+    of them would silently overwrite the other."""
+    sd = dict(load_fixture("v2_s1l8_cf_d24_sq64.pt")["state_dict"])
+    assert "classifier.norm.weight" in sd
+    sd["norm.weight"] = torch.full_like(sd["classifier.norm.weight"], 7.0)
+    with pytest.raises(ValueError, match=r"'norm.weight'.*'classifier.norm.weight'.*both map"):
+        convert_official_state_dict(sd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -860,6 +917,16 @@ def test_load_official_checkpoint_bare_state_dict_and_errors(tmp_path):
     (tmp_path / "legacy.pth").write_bytes(b"\x80\x02not a zip")
     with pytest.raises(ValueError, match="zip"):
         vm.load_official_checkpoint(tmp_path / "legacy.pth")
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        vm.load_official_checkpoint(tmp_path / "missing.pth")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        vm.load_official_checkpoint(tmp_path)                  # a directory
+    with pytest.raises(TypeError, match="file path"):
+        with open(tmp_path / "bare.pth", "rb") as f:
+            vm.load_official_checkpoint(f)
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    with pytest.raises(TypeError, match="expected a dict.*got Tensor"):
+        vm.load_official_checkpoint(tmp_path / "tensor.pth")
 
 
 def test_allow_list_unpickler_turns_unknown_globals_into_records():

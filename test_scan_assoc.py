@@ -133,6 +133,12 @@ def test_dtypes_shapes_and_empty_sequence():
     for fn in (selective_scan_ref, selective_scan_assoc):
         y, h = fn(*empty, h0=h0, return_last_state=True)
         assert y.shape == (2, 6, 0) and torch.equal(h, h0), fn.__name__
+    # An empty batch, or no channels: empty outputs of the right shapes, as the reference.
+    for sl in ((slice(0, 0), slice(None)), (slice(None), slice(0, 0))):
+        args = (u[sl], delta[sl], A[sl[1]], Bm[sl[0]], Cm[sl[0]])
+        for fn in (selective_scan_ref, selective_scan_assoc):
+            y, h = fn(*args, h0=h0[sl], return_last_state=True)
+            assert y.shape == u[sl].shape and h.shape == h0[sl].shape, fn.__name__
 
 
 # ---------------------------------------------------------------------------------------------

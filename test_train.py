@@ -142,6 +142,22 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
         train.setup_processes()
 
 
+@pytest.mark.parametrize("argv, match", [
+    (["--epochs", "-1"], "--epochs"), (["--batch-size", "0"], "--batch-size"),
+    (["--max-steps", "-3"], "--max-steps"), (["--lr", "0"], "--lr"),
+    (["--drop-path", "1.5"], "--drop-path"), (["--res", "2"], "--res")])
+def test_bad_arguments_are_usage_errors(argv, match, capsys):
+    """Seen: a negative --epochs or --max-steps trained nothing and exited 0."""
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_batch_larger_than_the_training_set_is_an_error():
+    with pytest.raises(ValueError, match="larger than the training set"):
+        train.main(["--batch-size", "100000", "--threads", "1"])
+
+
 @pytest.mark.slow
 def test_compiled_training_matches_eager(tmp_path):
     """train.py --compile (fullgraph) trains, and follows the eager run of the same seed step for

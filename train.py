@@ -211,6 +211,14 @@ def main(argv=None):
                         "sets OMP_NUM_THREADS=1). On a CPU shared with other jobs, 1 avoids "
                         "OpenMP threads waiting on each other: the ops here are small")
     args = p.parse_args(argv)
+    for flag, value, least in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
+                               ("--res", args.res, 4), ("--max-steps", args.max_steps, 0),
+                               ("--threads", args.threads, 0)):
+        if value < least:
+            p.error(f"{flag} must be >= {least}, got {value}")
+    if not args.lr > 0 or not 0 <= args.drop_path < 1:
+        p.error(f"--lr must be > 0 and --drop-path in [0, 1), got {args.lr} and "
+                f"{args.drop_path}")
 
     rank, world, device = setup_processes()
     if args.batch_size % world:
@@ -248,6 +256,9 @@ def main(argv=None):
     sampler = DistributedSampler(y_tr, num_replicas=world, rank=rank, shuffle=True,
                                  seed=args.seed, drop_last=True)
     steps_per_epoch = len(y_tr) // args.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch-size {args.batch_size} is larger than the training set "
+                         f"({len(y_tr)} samples): no full batch to train on")
     total = args.epochs * steps_per_epoch
     if args.max_steps:
         total = min(total, args.max_steps)

@@ -26,6 +26,7 @@ transposes around every LayerNorm and Linear (docs/design.md).
 """
 import collections
 import math
+import os
 import pickle
 import types
 import zipfile
@@ -87,29 +88,45 @@ class VSSMConfig:
         def need(ok, msg):
             if not ok:
                 raise ValueError(f"VSSMConfig: {msg}")
-        need(self.generation in (0, 2), f"generation must be 0 or 2, got {self.generation!r}")
+
+        def is_int(v):                                       # bool is an int to Python
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_real(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        need(is_int(self.generation) and self.generation in (0, 2),
+             f"generation must be 0 or 2, got {self.generation!r}")
         # d_state and mlp_ratio stay None here (never filled in): a config is then a record of
         # what was asked for, so dataclasses.replace(cfg, generation=0) gives generation 0's
         # defaults instead of carrying generation 2's d_state 1 and MLP along.
+        need(isinstance(self.depths, (tuple, list)),
+             f"depths must be a sequence of ints (one per stage), got {self.depths!r}")
         self.depths = tuple(self.depths)
-        need(len(self.depths) >= 1 and all(isinstance(d, int) and d >= 1 for d in self.depths),
+        need(len(self.depths) >= 1 and all(is_int(d) and d >= 1 for d in self.depths),
              f"depths must be positive ints, got {self.depths!r}")
-        need(self.d_state is None or (isinstance(self.d_state, int) and self.d_state >= 1),
+        need(self.d_state is None or (is_int(self.d_state) and self.d_state >= 1),
              f"d_state must be None (the generation's) or an int >= 1, got {self.d_state!r}")
         for name in ("dim", "in_chans") + (("chunk_size",) if self.chunk_size is not None else ()):
             v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-                 f"{name} must be an int >= 1, got {v!r}")
-        need(isinstance(self.num_classes, int) and self.num_classes >= 0,
+            need(is_int(v) and v >= 1, f"{name} must be an int >= 1, got {v!r}")
+        # The v2 stem's first conv has C/2 channels (ConvStem).
+        need(self.generation == 0 or self.dim >= 2,
+             f"dim must be >= 2 for generation 2 (its stem has dim // 2 channels), got "
+             f"{self.dim!r}")
+        need(is_int(self.num_classes) and self.num_classes >= 0,
              f"num_classes must be an int >= 0, got {self.num_classes!r}")
-        need(self.dt_rank is None or (isinstance(self.dt_rank, int) and self.dt_rank >= 1),
+        need(self.dt_rank is None or (is_int(self.dt_rank) and self.dt_rank >= 1),
              f"dt_rank must be None (auto) or an int >= 1, got {self.dt_rank!r}")
-        need(self.ssm_ratio > 0 and int(self.ssm_ratio * self.dim) >= 1,
-             f"ssm_ratio must give D >= 1, got {self.ssm_ratio!r}")
-        need(self.mlp_ratio is None or self.mlp_ratio >= 0,
-             f"mlp_ratio must be None or >= 0, got {self.mlp_ratio!r}")
-        need(0 <= self.drop_path_rate < 1, f"drop_path_rate must be in [0, 1), got "
-             f"{self.drop_path_rate!r}")
+        need(is_real(self.ssm_ratio) and self.ssm_ratio > 0 and
+             int(self.ssm_ratio * self.dim) >= 1,
+             f"ssm_ratio must be a number giving D = int(ssm_ratio * dim) >= 1, got "
+             f"{self.ssm_ratio!r}")
+        need(self.mlp_ratio is None or (is_real(self.mlp_ratio) and self.mlp_ratio >= 0),
+             f"mlp_ratio must be None or a number >= 0, got {self.mlp_ratio!r}")
+        need(is_real(self.drop_path_rate) and 0 <= self.drop_path_rate < 1,
+             f"drop_path_rate must be a number in [0, 1), got {self.drop_path_rate!r}")
+        need(isinstance(self.grad_checkpointing, bool),
+             f"grad_checkpointing must be True or False, got {self.grad_checkpointing!r}")
         need(self.scan in ("chunked", "reference", "assoc"),
              f"scan must be 'chunked', 'reference' or 'assoc', got {self.scan!r}")
 
@@ -230,9 +247,10 @@ class SS2D(nn.Module):
         x_dbl = route_each(x_dbl.view(batch, K, R + 2 * N, H, W))  # (b, K, R+2N, L)
         dts, Bs, Cs = x_dbl.split([R, N, N], dim=2)          # (b, K, R|N|N, L)
         dts = torch.matmul(self.dt_projs_weight, dts)        # (b, K, D, L)
+        state = torch.promote_types(self.A_logs.dtype, torch.float32)   # the scans' dtype
         scan_args = (cross_scan(x).reshape(batch, K * D, L), dts.reshape(batch, K * D, L),
-                     -torch.exp(self.A_logs.float()), Bs.contiguous(), Cs.contiguous(),
-                     None, self.dt_projs_bias.float().reshape(K * D))   # D: added below
+                     -torch.exp(self.A_logs.to(state)), Bs.contiguous(), Cs.contiguous(),
+                     None, self.dt_projs_bias.to(state).reshape(K * D))   # D: added below
         # Under bf16 autocast the projections above run in bf16, but both scans cast their
         # inputs to float32 and keep the state h in float32, as the official kernels do.
         if self.scan == "reference":
@@ -588,8 +606,9 @@ class Backbone(nn.Module):
     def __init__(self, config: VSSMConfig, out_indices=(0, 1, 2, 3)):
         super().__init__()
         n = len(config.depths)
-        out_indices = tuple(out_indices)
-        if not out_indices or any(not isinstance(i, int) or not 0 <= i < n for i in out_indices):
+        out_indices = tuple(out_indices) if isinstance(out_indices, (tuple, list)) else None
+        if not out_indices or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n
+                                  for i in out_indices):
             raise ValueError(f"Backbone: out_indices must be stage numbers in 0..{n - 1}, "
                              f"got {out_indices!r}")
         trunk = VSSM(replace(config, num_classes=0))
@@ -651,8 +670,12 @@ def convert_official_state_dict(sd):
                                      f"got shape {tuple(v.shape)}")
                 parts[5:] = [tail[0] + "_weight"]
                 v = v.reshape(K, v.shape[0] // K, v.shape[1])
-        out[".".join(parts)] = v
-    return out
+        name = ".".join(parts)
+        if name in out:
+            raise ValueError(f"convert_official_state_dict: {key!r} and {out[name][0]!r} both "
+                             f"map to {name!r}; the state dict mixes two spellings")
+        out[name] = (key, v)
+    return {name: v for name, (_, v) in out.items()}
 
 
 class Opaque:
@@ -711,12 +734,18 @@ def load_official_checkpoint(path, ema: bool = False):
     without executing anything from the file (see _AllowListUnpickler): torch.load's
     weights_only mode would refuse the CfgNode, and plain torch.load would run whatever the
     pickle names. ema=True takes the EMA weights ("model_ema")."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"load_official_checkpoint: expected a file path, got "
+                        f"{type(path).__name__}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"load_official_checkpoint: {path}: no such file")
     if not zipfile.is_zipfile(path):   # the pre-1.6 torch.save format reads with plain pickle
         raise ValueError(f"{path}: not a torch.save zip archive (torch >= 1.6 format)")
     obj = torch.load(path, map_location="cpu", weights_only=False,
                      pickle_module=_allow_list_pickle)
     if not isinstance(obj, Mapping):
-        raise TypeError(f"{path}: expected a dict, got {obj!r}")
+        raise TypeError(f"{path}: expected a dict (a checkpoint or a state dict), got "
+                        f"{type(obj).__name__}")
     wrapped = "model" in obj or "model_ema" in obj
     if ema or wrapped:
         key = "model_ema" if ema else "model"
@@ -746,6 +775,8 @@ def from_official_kwargs(kwargs) -> VSSMConfig:
     for name, want in fixed.items():
         if name in kw:
             got = kw.pop(name)
+            if name.endswith("_layer") and isinstance(got, str):
+                got = got.lower()   # the official code looks these names up lowercased ("LN")
             if got not in (want if isinstance(want, tuple) else (want,)):
                 bad.append(f"{name}={got!r} (need {want!r})")
     kw.pop("imgsize", None)   # only used by the official position embedding, which is off
@@ -753,6 +784,9 @@ def from_official_kwargs(kwargs) -> VSSMConfig:
     if isinstance(dims, (list, tuple)):
         if list(dims) != [dims[0] * 2 ** i for i in range(len(dims))]:
             bad.append(f"dims={dims!r} (need C, 2C, 4C, ...)")
+        depths = kw.get("depths", VSSMConfig.depths)        # the official default too
+        if isinstance(depths, (list, tuple)) and len(dims) != len(depths):
+            bad.append(f"dims={dims!r} (one per stage of depths={depths!r})")
         dims = dims[0]
     dt_rank = kw.pop("ssm_dt_rank", "auto")
     mapping = {"depths": "depths", "in_chans": "in_chans", "num_classes": "num_classes",

@@ -17,8 +17,8 @@
 
 Why memory lives in a child on the CPU: an honest peak needs glibc to give freed blocks back to
 the OS (mallopt), and that switch cannot be undone; a process that measured memory runs eager
-models 2x slower afterwards (PERF-NOTES.md). So no timing process ever calls mallopt:
-peak_rss_mb() refuses to run outside a child started by measure_memory().
+models 2x slower afterwards (docs/design.md, "glibc's malloc"). So no timing process ever calls
+mallopt: peak_rss_mb() refuses to run outside a child started by measure_memory().
 
 torch is imported inside the functions: glibc reads the malloc variables when a process starts,
 so the calling script re-executes itself before it pays for importing torch.
@@ -39,7 +39,7 @@ import time
 
 # -------------------------------------------------------------------------------- constants
 # glibc malloc gives freed blocks of 128 KB..32 MB back to the OS and faults them in again on the
-# next call; that made the same eager code 2-60x slower and erratic (PERF-NOTES.md).
+# next call; that made the same eager code 2-60x slower and erratic (docs/design.md).
 MALLOC_FIX = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
 REEXEC_MARK = "VMAMBA_BENCH_REEXEC"        # set when a script re-executed itself with MALLOC_FIX
 MEMORY_CHILD_MARK = "VMAMBA_BENCH_MEMORY_CHILD"
@@ -274,7 +274,7 @@ def time_paired(fns, device, min_time, warmup):
     (the order reversed every other round) until each has min_time seconds of calls and there
     were MIN_ROUNDS rounds; after MAX_TIME_FACTOR * min_time * len(fns) seconds, MIN_ROUNDS
     rounds suffice. Why: the machine's speed drifts over minutes by more than the gap between
-    an eager and a compiled step (PERF-NOTES.md), so rows timed one after another could not
+    an eager and a compiled step (docs/design.md), so rows timed one after another could not
     tell them apart; in alternation the drift hits all alike. torch.utils.benchmark's Timer
     times one statement at a time, so the rounds are timed here, one call per sample.
     Returns per callable: median and IQR (ms) of its calls, calls, times_s (each call's

@@ -16,7 +16,7 @@ Device: VMAMBA_TEST_DEVICE=cuda runs the numeric tests of the scan (against the 
 reference, gradients, gradcheck, goldens, compiled = Triton), of the model (official fixtures,
 compiled vs eager, gradients, checkpointing) and all of test_compile.py on the GPU; the rest
 stays on the CPU. TF32 is switched off there: the tolerances are float32's (test_scan.py).
-`VMAMBA_TEST_DEVICE=cuda python -m pytest -q test_scan.py test_model.py test_compile.py`
+`VMAMBA_TEST_DEVICE=cuda python -m pytest -q`
 
 Slow tests (`@pytest.mark.slow`, e.g. the L = 4096 scan) are skipped unless asked for with
 `-m slow` (or any -m expression naming `slow`) or the thorough profile is active.

@@ -754,7 +754,7 @@ def phase_scan(run):
                                   "calls include a Dynamo recompile of the same function",
         "reference": "scan.selective_scan in float64, eager, on the device",
         "floor": "bytes the call must move (scan_floor) / measured copy bandwidth; a memory "
-                 "floor only: at N = 16 the exps may bound first (PERF-NOTES.md)",
+                 "floor only: at N = 16 the exps (one per state) may bound first",
         "v0 batch": f"{run.args.v0_batch}: at 128 one (b, K*D, L, N) float32 state is "
                     f"19.7 GB (see V0_BATCH)", "backends": run.plan.scan_backends or "inductor"}
 

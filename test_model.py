@@ -290,11 +290,11 @@ def test_ss2d_equals_the_per_route_formulation(generation):
     x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, ss2d.x_proj_weight)
     dts, Bs, Cs = x_dbl.split([R, N, N], dim=2)
     dts = torch.einsum("bkrl,kdr->bkdl", dts, ss2d.dt_projs_weight)
-    # A and delta_bias rounded to float32 as SS2D rounds them for any model (it keeps the
-    # scan's parameters in float32, as the official code does).
+    # A and delta_bias in float64: SS2D takes the scan's parameters to at least float32 (the
+    # official code's .float() upcasts bf16/fp16 ones) and keeps a float64 model's in float64.
     y = selective_scan_ref(xs.reshape(batch, 4 * D, H * W), dts.reshape(batch, 4 * D, H * W),
-                           -torch.exp(ss2d.A_logs.float()), Bs, Cs, ss2d.Ds,
-                           ss2d.dt_projs_bias.float().reshape(-1), delta_softplus=True)
+                           -torch.exp(ss2d.A_logs), Bs, Cs, ss2d.Ds,
+                           ss2d.dt_projs_bias.reshape(-1), delta_softplus=True)
     want = cross_merge(y.view(batch, 4, D, H, W)).transpose(1, 2)   # (b, L, D) tokens
     with torch.no_grad():
         got = ss2d.ssm(x)

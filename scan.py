@@ -197,7 +197,9 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fa
     Backward (`_ChunkedScan.backward`, derived there): saves only the inputs, delta' and the M
     chunk-entry states (b, K*D, M, N), and recomputes the rest chunk by chunk.
     Stability: every exponent is A (<= 0) times a sum of delta' (>= 0), so every factor is a
-    decay <= 1. Nothing is divided by a decay (dividing by exp(cumsum) overflows to NaN).
+    decay <= 1. Nothing is divided by a decay (dividing by exp(cumsum) overflows to NaN). A > 0
+    (growth, outside the models' domain) gives the reference's values while they stay finite;
+    where the reference overflows to inf, the chunk arithmetic may give NaN instead.
     Cost: each exp(A * delta') is computed twice (steps 2 and 4); recomputing is cheaper than
     storing a (b, K*D, L, N) tensor, which the forward never materialises.
     """

@@ -29,6 +29,7 @@ Letters as in scan.py: B batch, K = 4 routes, D channels per route, L = H*W, N s
 """
 import argparse
 import math
+import os
 import statistics
 import time
 import traceback
@@ -93,7 +94,17 @@ def compile_modes(text):
     return out
 
 
+def scaling_sizes(text):
+    """argparse type of --scaling-res: scaling.res_list's sizes (distinct, >= 32, sorted)."""
+    try:
+        return scaling.res_list(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want distinct sizes >= 32 such as 224,320, got "
+                                         f"{text!r}") from None
+
+
 dtype_list = name_list(("float32", "bfloat16"), "dtypes")
+stage_list = name_list(("1", "2", "3", "4"), "VMamba-T stages")
 inductor_modes = name_list(tuple(bk.INDUCTOR_MODES), "torch.compile modes")
 
 
@@ -114,7 +125,8 @@ def build_parser():
     p.add_argument("--res", type=int, default=RES, help="model/train tables: image size")
     p.add_argument("--min-time", type=float, default=MIN_TIME, help="timed seconds per cell, >=")
     p.add_argument("--warmup", type=int, default=WARMUP, help="untimed calls before timing")
-    p.add_argument("--stages", default=STAGES, help="scan table: VMamba-T stages, e.g. 1,2,3,4")
+    p.add_argument("--stages", type=stage_list, default=stage_list(STAGES),
+                   help="scan table: VMamba-T stages, e.g. 1,2,3,4")
     p.add_argument("--chunk", type=int, help="chunk size of the chunked scan (default: scan.py's)")
     p.add_argument("--naive-bwd", action="store_true", help="also the naive fwd+bwd (slow)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=COMPILE,
@@ -128,7 +140,7 @@ def build_parser():
                    help=f"torch.compile mode(s) of the compiled model rows, out of "
                         f"{', '.join(bk.INDUCTOR_MODES)} (the last two: CUDA graphs, CUDA "
                         f"only); a list gives rows per mode (default {COMPILE_MODE})")
-    p.add_argument("--scaling-res", type=batch_list, metavar="SIZES",
+    p.add_argument("--scaling-res", type=scaling_sizes, metavar="SIZES",
                    help="--scaling: image sizes (default: scaling.py's, by device)")
     p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
                    help="timm's models in the model, train and scaling tables (if importable)")
@@ -158,7 +170,32 @@ def parse_args(argv=None):
     graphs = [m for m in args.compile_mode if m in bk.CUDA_GRAPH_MODES]
     if graphs and args.device != "cuda":
         parser.error(f"--compile-mode {','.join(graphs)}: CUDA graphs need --device cuda")
+    for flag, value, least in (("--res", args.res, 4), ("--warmup", args.warmup, 0),
+                               ("--chunk", args.chunk, 1), ("--min-time", args.min_time, 0)):
+        if value is not None and value < least:
+            parser.error(f"{flag} must be >= {least}, got {value}")
+    if args.scaling and len(args.dtype) > 1:
+        parser.error("--scaling runs one dtype: give --dtype float32 or --dtype bfloat16")
+    if args.only is not None:
+        check_model_names(parser, args.only)
+    if args.report and os.path.exists(args.report_dir) and not os.path.isdir(args.report_dir):
+        parser.error(f"--report-dir {args.report_dir}: exists and is not a folder")
     return parser, args
+
+
+def check_model_names(parser, names):
+    """--only: distinct names, each one of our configurations or a timm model name."""
+    import vmamba_min
+    bad = [n for n in names if bk.is_ours(n) and n not in vmamba_min.CONFIGS]
+    peers = [n for n in names if not bk.is_ours(n)]
+    if peers and bk.timm_available():
+        import timm
+        bad += [n for n in peers if not timm.is_model(n)]
+    elif peers:
+        parser.error(f"--only {','.join(peers)}: timm models, and timm is not importable here")
+    if not names or "" in names or bad or len(set(names)) != len(names):
+        parser.error(f"--only: want distinct model names (ours: {', '.join(vmamba_min.CONFIGS)}; "
+                     f"or timm's), got {','.join(names)!r}" + (f"; unknown: {bad}" if bad else ""))
 
 
 # -------------------------------------------------------------------------------- scan tables
@@ -312,7 +349,7 @@ SCAN_ACCURACY_NOTES = [
 
 
 def scan_table(args):
-    return [r for dtype in args.dtype for s in args.stages.split(",") for g in SCAN_GENS
+    return [r for dtype in args.dtype for s in args.stages for g in SCAN_GENS
             for r in scan_shape_rows(g, int(s), args, dtype)]
 
 

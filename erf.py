@@ -192,10 +192,25 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0,
                    help="torch.set_num_threads; 0 keeps torch's default")
     args = p.parse_args(argv)
+    n_stages = len(vmamba_min.build_config(args.model).depths)
+    baselines = [b for b in args.baselines.split(",") if b]
+    if not -n_stages <= args.stage < n_stages:
+        p.error(f"--stage: {args.model} has stages 0..{n_stages - 1} (or -{n_stages}..-1), "
+                f"got {args.stage}")
+    if args.n < 1 or args.res < 32 or args.threads < 0:
+        p.error(f"--n must be >= 1, --res >= 32, --threads >= 0, got {args.n}, {args.res}, "
+                f"{args.threads}")
+    if any(b not in BASELINES for b in baselines) or len(set(baselines)) != len(baselines):
+        p.error(f"--baselines: distinct names out of {','.join(BASELINES)}, got "
+                f"{args.baselines!r}")
+    if args.weights is not None and not os.path.isfile(args.weights):
+        p.error(f"--weights {args.weights}: no such file")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out}: exists and is not a folder")
     if args.threads:
         torch.set_num_threads(args.threads)
-    kinds = ["vmamba"] + [b for b in args.baselines.split(",") if b]
-    stage = args.stage % len(vmamba_min.CONFIGS[args.model].get("depths", (2, 2, 9, 2)))
+    kinds = ["vmamba"] + baselines
+    stage = args.stage % n_stages
     os.makedirs(args.out, exist_ok=True)
     print(f"ERF of the centre pixel of stage {stage}, {args.model}, {args.res}x{args.res}, "
           f"mean of {args.n} random inputs, "

@@ -215,6 +215,8 @@ def main(argv=None):
                                             "(paper/fvcore convention, meta device)")
     p.add_argument("--res", type=int, default=224, help="square input side")
     args = p.parse_args(argv)
+    if args.res < 4:
+        p.error(f"--res must be >= 4 (VMamba's stem), got {args.res}")
     print(f"batch 1, {args.res}x{args.res}, torch {torch.__version__}")
     cols = ("model", "params", "= SPEC", "GFLOPs", "paper", "mm+conv", "norm", "scan")
     print(f"{cols[0]:<22}{cols[1]:>12}{cols[2]:>8}" + "".join(f"{c:>9}" for c in cols[3:]))

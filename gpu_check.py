@@ -31,7 +31,8 @@ says so in gpu.json, and what a phase leaves goes to the next. A phase that fail
   5 tests    the CUDA test subset, pytest in a subprocess per set (TEST_SETS)        [by 466]
   6 report   bench.py --report, if bench.py has it and time is left                  [by 480]
 The parent kills the run at --hard-s (budget + HARD_GRACE_S = 540 s), for a compile that ran
-long. Timing: CUDA events around each call, recorded back to back and read after one
+long. Exit status 1 when the child failed, was killed or found no card (nothing measured);
+0 otherwise, a failed later phase included (gpu.json and the summary name it). Timing: CUDA events around each call, recorded back to back and read after one
 synchronize; median of >= REPS_MIN calls after WARMUP calls (and after the compile call). Scans
 run with TF32 off (the error check needs float32); models with torch's defaults (matmul TF32
 off, cuDNN TF32 on), recorded in the header.
@@ -239,6 +240,9 @@ def parse_args(argv=None):
         args.budget_s = float(DRY_BUDGET_S if args.dry_run else BUDGET_S)
     if args.hard_s is None:
         args.hard_s = args.budget_s + (40 if args.dry_run else HARD_GRACE_S)
+    if args.budget_s <= 0 or args.hard_s <= 0 or args.v0_batch < 1:
+        build_parser().error(f"--budget-s and --hard-s must be > 0 and --v0-batch >= 1, got "
+                             f"{args.budget_s}, {args.hard_s}, {args.v0_batch}")
     args.phases = [s for s in args.phases.split(",") if s]
     bad = [s for s in args.phases if s not in PHASES]
     if bad:
@@ -1437,7 +1441,8 @@ def parent(args):
     say(f"\nfiles: {', '.join(sorted(os.listdir(args.out)))} in {os.path.abspath(args.out)}; "
         f"{res['run']['wall_s']:.0f} s")
     log.close()
-    return 0 if code == 0 and not killed else 1
+    card = res.get("phases", {}).get("card", {}).get("status")
+    return 0 if code == 0 and not killed and card == "done" else 1   # no card: nothing measured
 
 
 def main(argv=None):

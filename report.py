@@ -271,3 +271,8 @@ def write(result, sections, directory, platform):
     _write(js, json.dumps(clean(page), indent=1) + "\n")
     _write(md, markdown(result, sections, platform, charts))
     return {"paths": [md, js] + [p for p in charts.values() if p], "charts": charts}
+
+
+if __name__ == "__main__":
+    raise SystemExit("report.py writes bench.py's results page; run `python bench.py --report` "
+                     "(see bench.py --help)")

@@ -37,11 +37,13 @@ CSV_KEYS = ("model", "res", "tokens", "batch", "mode", "ms", "iqr_ms", "img_s", 
 
 
 def res_list(text):
-    """'224,512' -> [224, 512]; ValueError on anything else."""
+    """'224,512' -> [224, 512]: distinct sizes >= 32 (a 32 px image is one token at VMamba's
+    last stage), sorted, so that growth() spans the smallest to the largest; ValueError on
+    anything else."""
     out = [int(r) for r in text.split(",")]
-    if not out or min(out) < 1:
+    if not out or min(out) < 32 or len(set(out)) != len(out):
         raise ValueError(text)
-    return out
+    return sorted(out)
 
 
 def parse_args(argv=None):
@@ -59,9 +61,12 @@ def parse_args(argv=None):
     p.add_argument("--no-malloc-fix", action="store_true")
     args = p.parse_args(argv)
     try:
-        args.res = res_list(args.res or RES[args.device])
+        args.res = res_list(RES[args.device] if args.res is None else args.res)
     except ValueError:
-        p.error(f"--res: want sizes such as 224,512, got {args.res!r}")
+        p.error(f"--res: want distinct sizes >= 32 such as 224,512, got {args.res!r}")
+    if args.batch < 1 or args.warmup < 0 or args.min_time < 0:
+        p.error(f"--batch must be >= 1, --warmup and --min-time >= 0, got {args.batch}, "
+                f"{args.warmup}, {args.min_time}")
     return p, args
 
 

@@ -221,3 +221,18 @@ def test_erf_conv_twin_reach_is_its_receptive_field_and_vmamba_is_global():
     assert rows.max() - rows.min() + 1 == 63 and cols.max() - cols.min() + 1 == 63
     vm = erf.erf_map(erf.make_model("vmamba_tiny_s1l8", "vmamba"), res=128, n=1, stage=1)
     assert bool((vm > 0).all())
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--stage", "4"], "--stage"), (["--stage=-5"], "--stage"), (["--n", "0"], "--n"),
+    (["--res", "8"], "--res"), (["--baselines", "conv,foo"], "--baselines"),
+    (["--baselines", "conv,conv"], "--baselines"), (["--weights", "no_such.pth"], "--weights"),
+    (["--threads=-1"], "--threads")])
+def test_erf_bad_options_are_usage_errors(argv, flag, capsys):
+    """Seen: --stage 4 computed stage 0 (the index was taken modulo 4) and --n 0 printed NaNs,
+    both exiting 0; the others failed after the first map was computed."""
+    import erf
+    with pytest.raises(SystemExit) as e:
+        erf.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "error: " in err and flag in err.split("error: ", 1)[1]

@@ -420,3 +420,36 @@ def test_a_failing_table_is_a_note_and_the_page_follows_the_run(tmp_path, monkey
     assert pages == ["partial: the run has yet to do models"]   # after the first table
     assert "Incomplete" in (tmp_path / "results-cpu.md").read_text()
     assert "partial" not in result and result["summary"][0]["model"] == "vmamba_tiny_s1l8"
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--res", "0"], "--res"), (["--chunk", "0"], "--chunk"), (["--warmup", "-1"], "--warmup"),
+    (["--min-time", "-5"], "--min-time"), (["--stages", "5"], "--stages"),
+    (["--scaling", "--dtype", "float32,bfloat16"], "one dtype"),
+    (["--models", "--only", "vmamba_nosuch"], "vmamba_nosuch"),
+    (["--models", "--only", "vmamba_tiny_s1l8,vmamba_tiny_s1l8"], "distinct"),
+    (["--scaling", "--scaling-res", "32,32"], "--scaling-res"),
+    (["--report", "--report-dir", "bench.py"], "not a folder")])
+def test_bad_options_are_usage_errors(argv, match, capsys, monkeypatch):
+    """Each of these was accepted and then ignored, or failed after minutes of timing."""
+    monkeypatch.chdir(HERE)
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(argv)
+    assert e.value.code == 2 and match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--res", ""], ["--res", "32,32"], ["--res", "16"],
+                                  ["--batch", "0"]])
+def test_scaling_rejects_bad_sizes_and_batches(argv):
+    import scaling
+    with pytest.raises(SystemExit) as e:
+        scaling.parse_args(argv)
+    assert e.value.code == 2
+
+
+def test_scaling_sizes_are_sorted_so_growth_spans_smallest_to_largest():
+    import scaling
+    _, args = scaling.parse_args(["--res", "448,224,320"])
+    assert args.res == [224, 320, 448]
+    _, args = bench.parse_args(["--scaling", "--scaling-res", "320,224"])
+    assert args.scaling_res == [224, 320]

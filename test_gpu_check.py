@@ -118,3 +118,10 @@ def test_summary_fits_120_columns():
     lines = text.splitlines()
     assert any(ln.startswith("gen ") and "fwd ms" in ln and ln.endswith("note") for ln in lines)
     assert any(ln.startswith("s1l8-chunked compiled bf16 train ") for ln in lines)
+
+
+@pytest.mark.parametrize("argv", [["--budget-s", "-1"], ["--hard-s", "0"], ["--v0-batch", "0"]])
+def test_bad_budgets_are_usage_errors(argv):
+    with pytest.raises(SystemExit) as e:
+        gc.parse_args(argv + ["--dry-run", "--device", "cpu"])
+    assert e.value.code == 2

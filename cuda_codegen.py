@@ -387,7 +387,17 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=0, metavar="N",
                    help="also list each graph's N kernels (scheduler nodes) that move the most "
                         "bytes, with the ATen ops fused into each")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
+    # Options of the other subcommand would be ignored: refuse them instead.
+    only = {"scan": ("--gen", "--path", "--backward"),
+            "model": ("--name", "--res", "--dtype", "--chunked", "--train")}
+    other = "model" if args.what == "scan" else "scan"
+    given = [f for f in only[other] if any(a == f or a.startswith(f + "=") for a in argv)]
+    if given:
+        p.error(f"{', '.join(given)}: options of `{other}`, not of `{args.what}`")
+    if args.batch < 1 or args.res < 4:
+        p.error(f"--batch must be >= 1 and --res >= 4, got {args.batch} and {args.res}")
     if args.backward and (args.what != "scan" or args.path != "assoc"):
         p.error("--backward is for `scan` with --path assoc (a model's backward: model --train)")
     if args.train and (args.what != "model" or args.dtype != "float32" or args.dynamic):

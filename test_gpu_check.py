@@ -125,3 +125,15 @@ def test_bad_budgets_are_usage_errors(argv):
     with pytest.raises(SystemExit) as e:
         gc.parse_args(argv + ["--dry-run", "--device", "cpu"])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("argv", [["scan", "--name", "vanilla_vmamba_tiny"], ["scan", "--res=64"],
+                                  ["model", "--gen", "v0"], ["model", "--path", "chunked"],
+                                  ["model", "--batch", "0"]])
+def test_cuda_codegen_refuses_options_it_would_ignore(argv, capsys):
+    """cuda_codegen.py checks its options before it looks for a CUDA build of torch, so this
+    runs anywhere. `scan` ignored --name/--res/--dtype/--chunked, `model` --gen/--path."""
+    import cuda_codegen
+    with pytest.raises(SystemExit) as e:
+        cuda_codegen.main(argv)
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err

@@ -198,8 +198,8 @@ def main(argv=None):
         p.error(f"--stage: {args.model} has stages 0..{n_stages - 1} (or -{n_stages}..-1), "
                 f"got {args.stage}")
     if args.n < 1 or args.res < 32 or args.threads < 0:
-        p.error(f"--n must be >= 1, --res >= 32, --threads >= 0, got {args.n}, {args.res}, "
-                f"{args.threads}")
+        p.error(f"--n must be >= 1, --res >= 32 (the last stage's map is then 1 x 1), "
+                f"--threads >= 0, got {args.n}, {args.res}, {args.threads}")
     if any(b not in BASELINES for b in baselines) or len(set(baselines)) != len(baselines):
         p.error(f"--baselines: distinct names out of {','.join(BASELINES)}, got "
                 f"{args.baselines!r}")

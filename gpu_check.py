@@ -32,10 +32,11 @@ says so in gpu.json, and what a phase leaves goes to the next. A phase that fail
   6 report   bench.py --report, if bench.py has it and time is left                  [by 480]
 The parent kills the run at --hard-s (budget + HARD_GRACE_S = 540 s), for a compile that ran
 long. Exit status 1 when the child failed, was killed or found no card (nothing measured);
-0 otherwise, a failed later phase included (gpu.json and the summary name it). Timing: CUDA events around each call, recorded back to back and read after one
-synchronize; median of >= REPS_MIN calls after WARMUP calls (and after the compile call). Scans
-run with TF32 off (the error check needs float32); models with torch's defaults (matmul TF32
-off, cuDNN TF32 on), recorded in the header.
+0 otherwise, a failed later phase included (gpu.json and the summary name it). Timing: CUDA
+events around each call, recorded back to back and read after one synchronize; median of
+>= REPS_MIN calls after WARMUP calls (and after the compile call). Scans run with TF32 off (the
+error check needs float32); models with torch's defaults (matmul TF32 off, cuDNN TF32 on),
+recorded in the header.
 
 Files in the output folder (at most 5): gpu.json (every figure, rewritten after each one),
 gpu.log (all output, compiler and pytest included), profile.txt, kernels.tar.gz (the .py files

@@ -62,6 +62,11 @@ def test_readme_block_runs(index, tmp_path, monkeypatch):
             v.numel() for v in released.values())
         pe = namespace["model"].patch_embed.conv1.weight
         assert torch.equal(pe, released["patch_embed.0.weight"])
+        if "tuned" in namespace:      # the fine-tuning model: all but the head from the file
+            strict, tuned = namespace["model"].state_dict(), namespace["tuned"].state_dict()
+            assert tuned.keys() == strict.keys() and tuned["head.weight"].shape[0] == 10
+            assert all(torch.equal(tuned[k], strict[k])
+                       for k in strict if not k.startswith("head."))
 
 
 def test_readme_results_come_from_the_reports():

@@ -334,8 +334,9 @@ SCAN_ACCURACY_COLS = [
     ("eager_err", "max|err| eager", "{:.1e}"), ("eager_rel", "rel", "{:.1e}"),
     ("compiled_err", "max|err| compiled", "{:.1e}"), ("compiled_rel", "rel", "{:.1e}")]
 SCAN_TIME_NOTES = [
-    "shape: B x K*D x L x N; eager, compiled: the chunked scan (scan.selective_scan), eager and "
-    "under torch.compile; naive: the loop (scan.selective_scan_ref), ONE timed call (it is slow)",
+    "shape: B x K*D x L x N; eager, compiled: scan.selective_scan, eager and under "
+    "torch.compile (the chunked scan; compiled on CUDA it dispatches to the associative scan, "
+    "scan_assoc); naive: the loop (scan.selective_scan_ref), ONE timed call (it is slow)",
     "ms: median (iqr) over >= --min-time s after warm-up; x: speed-up over naive; bwd x: fwd+bwd "
     "time / fwd time of the same scan, timed side by side (one call of each per round), median "
     "over rounds",
@@ -399,11 +400,14 @@ def groups(specs):
     return out
 
 
-def model_rows(specs, args):
+def model_rows(specs, args, progress=None):
     """Time every spec in this process: a model's eager and compiled rows side by side
-    (benchkit.run_group), a lone row on its own (run_row); then memory (children on CPU)."""
+    (benchkit.run_group), a lone row on its own (run_row); then memory (children on CPU).
+    progress(rows), if given, is called with the rows so far after each group."""
     rows = []
     for group in groups(specs):
+        if progress and rows:
+            progress(rows)
         s = group[0]
         bk.log(f"rows {len(rows) + 1}-{len(rows) + len(group)}/{len(specs)}: {s['model']} batch "
                f"{s['batch']} {s['dtype']} {', '.join(label(g)['mode'] for g in group)}")
@@ -512,9 +516,24 @@ def run_all(args, t0=None):
     if args.peers and not bk.timm_available() and (args.models or args.train):
         result["notes"].append(bk.PEERS_HINT)
     scaling_res = args.scaling_res or scaling.res_list(scaling.RES[args.device])
+    def partial(name):
+        """After each group of model rows: the page so far, for a run that is cut off."""
+        def write(rows):
+            if not args.report:
+                return
+            result[name] = rows
+            result["summary"] = report.summarize(result)
+            result["wall_s"] = time.perf_counter() - t0
+            rest = ", ".join(todo[1:])
+            result["partial"] = (f"partial: the run is in its {name} table"
+                                 + (f" and has yet to do {rest}" if rest else ""))
+            report.write(result, render(result), args.report_dir, args.device)
+        return write
     tables = [("scan", args.scan, lambda: scan_table(args)),
-              ("models", args.models, lambda: model_rows(model_specs(args), args)),
-              ("train", args.train, lambda: model_rows(model_specs(args, train=True), args)),
+              ("models", args.models,
+               lambda: model_rows(model_specs(args), args, partial("models"))),
+              ("train", args.train,
+               lambda: model_rows(model_specs(args, train=True), args, partial("train"))),
               ("scaling", args.scaling, lambda: scaling.study(
                   scaling_res, scaling.BATCH, args.device, args.dtype[0], args.min_time,
                   args.warmup, peers=args.peers))]

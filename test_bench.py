@@ -409,7 +409,8 @@ def test_a_tiny_run_warns_of_nothing():
 def test_a_failing_table_is_a_note_and_the_page_follows_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "scan_table", lambda args: 1 / 0)
     monkeypatch.setattr(bench, "model_rows",
-                        lambda specs, args: _model_rows(False, "float32", "cpu")[:2])
+                        lambda specs, args, progress=None: _model_rows(False, "float32",
+                                                                       "cpu")[:2])
     pages, write = [], report.write
     monkeypatch.setattr(report, "write", lambda result, *a: pages.append(
         result.get("partial")) or write(result, *a))
@@ -420,6 +421,21 @@ def test_a_failing_table_is_a_note_and_the_page_follows_the_run(tmp_path, monkey
     assert pages == ["partial: the run has yet to do models"]   # after the first table
     assert "Incomplete" in (tmp_path / "results-cpu.md").read_text()
     assert "partial" not in result and result["summary"][0]["model"] == "vmamba_tiny_s1l8"
+
+
+def test_a_run_cut_off_inside_a_table_leaves_the_rows_it_timed(tmp_path, monkeypatch):
+    def run_row(spec, min_time, warmup):          # the second model's row: the run is killed
+        if spec["model"] != "vmamba_tiny_s1l8":
+            raise KeyboardInterrupt
+        return dict(spec, ms=100.0, iqr_ms=1.0, calls=10, img_s=10.0, vs_eager=1.0)
+    monkeypatch.setattr(bk, "run_row", run_row)
+    _, args = bench.parse_args(["--train", "--only", "vmamba_tiny_s1l8,vanilla_vmamba_tiny",
+                                "--report", "--report-dir", str(tmp_path)])
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_all(args)
+    page = (tmp_path / "results-cpu.md").read_text()
+    assert "Incomplete" in page and "partial: the run is in its train table" in page
+    assert "vmamba_tiny_s1l8" in page and "vanilla_vmamba_tiny" not in page
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -109,7 +109,10 @@ def test_summary_fits_120_columns():
                     dict(gen="v0", batch=32, path="assoc compiled", skipped="x" * 200)],
            "models": [dict(name="s1l8-chunked compiled bf16 train", img_s=900.0, ms=1400.0,
                            train=True, compile_s=80.0, peak_gb=30.0, graph_breaks=0,
-                           batch=128, res=224, error="E" * 300)],
+                           batch=128, res=224, error="E" * 300, err_vs_eager_fp32=3e-4)],
+           "profile": {"infer": {"mode": "compiled", "error": "RuntimeError: " + "r" * 200},
+                       "train": {"mode": "eager", "calls": 2, "sort": "k",
+                                 "ms_per_call_by_kind": {"gemm": 1.0}}},
            "tests": [dict(set="assoc", counts={"passed": 3}, exit_code=0, failed=[])],
            "phases": {"card": {"status": "done", "wall_s": 3.0}}, "notes": ["n" * 300]}
     gc.add_swin_ratios(res["models"])
@@ -137,3 +140,19 @@ def test_cuda_codegen_refuses_options_it_would_ignore(argv, capsys):
     with pytest.raises(SystemExit) as e:
         cuda_codegen.main(argv)
     assert e.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_each_inference_row_is_checked_against_its_models_eager_fp32_logits():
+    class Run:
+        ref_logits = {}
+    run, ref = Run(), torch.tensor([[1.0, -4.0], [2.0, 0.5]])
+    spec = dict(model="m", mode="eager", dtype="float32", train=False, variant=None)
+    row = {}
+    gc.check_logits(run, spec, row, ref)
+    assert row == {} and torch.equal(run.ref_logits["m"], ref.double())
+    compiled = dict(spec, mode="compiled")
+    gc.check_logits(run, compiled, row, ref + torch.tensor([[0.0, 0.02], [0.0, 0.0]]))
+    assert row["err_vs_eager_fp32"] == pytest.approx(0.02 / 4.0)
+    other = {}
+    gc.check_logits(run, dict(compiled, model="n"), other, ref)   # no eager row of "n" yet
+    assert other == {}

@@ -21,6 +21,7 @@ from hypothesis import assume, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
+import scan
 from conftest import DEVICE
 from scan import cross_merge, cross_scan, route_each, selective_scan, selective_scan_ref
 from scan_assoc import selective_scan_assoc
@@ -677,11 +678,20 @@ if THOROUGH:
                        (2, 2, 2, 4, 64, 16, True, True)]
 
 
-@pytest.fixture(scope="module")
-def compiled_scan():
-    fn = torch.compile(selective_scan, fullgraph=True, dynamic=False)
-    yield fn
-    torch._dynamo.reset()          # once, so later modules start with clean compile caches
+# On CUDA, selective_scan compiled dispatches to the associative scan (scan._use_assoc); the
+# second parameter compiles the chunked scan there too (what gpu_check times as "chunked").
+# On a CPU both would compile the same path, so it runs once.
+COMPILED_PATHS = ["dispatch", "chunked"] if DEVICE == "cuda" else ["dispatch"]
+
+
+@pytest.fixture(scope="module", params=COMPILED_PATHS)
+def compiled_scan(request):
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param == "chunked":
+            mp.setattr(scan, "_use_assoc", lambda u, A: False)
+        torch._dynamo.reset()
+        yield torch.compile(selective_scan, fullgraph=True, dynamic=False)
+        torch._dynamo.reset()      # so later modules start with clean compile caches
 
 
 def compile_problem(data, shape):

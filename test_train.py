@@ -145,12 +145,29 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
 @pytest.mark.parametrize("argv, match", [
     (["--epochs", "-1"], "--epochs"), (["--batch-size", "0"], "--batch-size"),
     (["--max-steps", "-3"], "--max-steps"), (["--lr", "0"], "--lr"),
-    (["--drop-path", "1.5"], "--drop-path"), (["--res", "2"], "--res")])
+    (["--drop-path", "1.5"], "--drop-path"), (["--res", "2"], "--res"),
+    (["--save", __file__], "--save")])
 def test_bad_arguments_are_usage_errors(argv, match, capsys):
     """Seen: a negative --epochs or --max-steps trained nothing and exited 0."""
     with pytest.raises(SystemExit) as e:
         train.main(argv)
     assert e.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_optimizer_groups_are_the_same_for_a_compiled_or_wrapped_model():
+    """Seen: given torch.compile(model), whose parameter names carry an `_orig_mod.` prefix,
+    A_logs took weight decay."""
+    model = train.build_model(dim=16, depths=(1, 1))
+
+    def groups(m):
+        return [{id(p) for p in g["params"]} for g in train.build_optimizer(m).param_groups]
+    plain = groups(model)
+    a_logs = {id(p) for n, p in model.named_parameters() if n.endswith("A_logs")}
+    assert a_logs and a_logs <= plain[1] and not a_logs & plain[0]
+    assert groups(torch.compile(model)) == plain
+    assert groups(torch.nn.Sequential(model)) == plain
+    with pytest.raises(TypeError, match="no_weight_decay"):
+        train.build_optimizer(torch.nn.Linear(2, 2))
 
 
 def test_batch_larger_than_the_training_set_is_an_error():

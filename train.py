@@ -91,11 +91,18 @@ def build_model(**overrides):
 
 def build_optimizer(model, lr=LR, weight_decay=WEIGHT_DECAY):
     """AdamW (fused: one pass over all parameters); no decay on 1-D parameters (biases,
-    LayerNorm, Ds) nor on A_logs (official)."""
-    skip = model.no_weight_decay()
+    LayerNorm, Ds) nor on A_logs (official). model may be wrapped (torch.compile, DDP): the
+    exempt parameters are found by identity in every submodule that names them, not by the
+    wrapper's prefixed names."""
+    named = [m for m in model.modules() if callable(getattr(m, "no_weight_decay", None))]
+    if not named:
+        raise TypeError(f"build_optimizer: expected a model with no_weight_decay() (a VSSM, "
+                        f"or a wrapper of one), got {type(model).__name__}")
+    skip = {id(p) for m in named for name, p in m.named_parameters()
+            if name in m.no_weight_decay()}
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.dim() < 2 or name in skip else decay).append(p)
+    for p in model.parameters():
+        (no_decay if p.dim() < 2 or id(p) in skip else decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, fused=True)
 
@@ -219,6 +226,8 @@ def main(argv=None):
     if not args.lr > 0 or not 0 <= args.drop_path < 1:
         p.error(f"--lr must be > 0 and --drop-path in [0, 1), got {args.lr} and "
                 f"{args.drop_path}")
+    if args.save and os.path.exists(args.save) and not os.path.isdir(args.save):
+        p.error(f"--save must name a folder, {args.save!r} is a file")   # not after training
 
     rank, world, device = setup_processes()
     if args.batch_size % world:

@@ -9,6 +9,7 @@ to 1.9. 1e-4 absolute sits 100x above the noise and 500x below the smallest bug.
 import collections
 import json
 import math
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -548,8 +549,10 @@ def test_backbone_out_indices():
         outs = backbone(torch.randn(1, 3, 64, 64))
     assert [o.shape for o in outs] == [(1, 48, 8, 8), (1, 192, 2, 2)]
     for bad in ((4,), (True,), 3, None, ()):
-        with pytest.raises(ValueError, match="out_indices"):
+        with pytest.raises(ValueError, match=f"out_indices.*got {re.escape(repr(bad))}$"):
             Backbone(tiny(2), out_indices=bad)
+    with pytest.raises(TypeError, match="build_config"):
+        Backbone("vmamba_tiny_s1l8")
 
 
 # ---------------------------------------------------------------------------------------------

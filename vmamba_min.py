@@ -605,12 +605,15 @@ class Backbone(nn.Module):
 
     def __init__(self, config: VSSMConfig, out_indices=(0, 1, 2, 3)):
         super().__init__()
-        n = len(config.depths)
+        if not isinstance(config, VSSMConfig):
+            raise TypeError(f"Backbone takes a VSSMConfig (build_config(name) for a named one), "
+                            f"got {type(config).__name__}")
+        n, given = len(config.depths), out_indices
         out_indices = tuple(out_indices) if isinstance(out_indices, (tuple, list)) else None
         if not out_indices or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n
                                   for i in out_indices):
-            raise ValueError(f"Backbone: out_indices must be stage numbers in 0..{n - 1}, "
-                             f"got {out_indices!r}")
+            raise ValueError(f"Backbone: out_indices must be a tuple of stage numbers in "
+                             f"0..{n - 1}, got {given!r}")
         trunk = VSSM(replace(config, num_classes=0))
         self.config, self.out_indices = trunk.config, tuple(sorted(set(out_indices)))
         self.patch_embed, self.layers = trunk.patch_embed, trunk.layers

@@ -165,6 +165,24 @@ def test_fixture_backbone(name):
         assert err < ATOL, f"{name}: backbone output {i} max abs error {err:.3g}"
 
 
+@pytest.mark.parametrize("name", MODEL_FIXTURES)
+def test_detection_file_as_mmcv_saves_it_loads_into_backbone(name, tmp_path):
+    """{"meta", "state_dict"} with the backbone's keys under `backbone.` beside a neck's."""
+    fx = load_fixture(name)["backbone"]
+    kwargs = dict(fx["kwargs"])
+    out_indices = kwargs.pop("out_indices")
+    sd = {f"backbone.{k}": v for k, v in fx["state_dict"].items()}
+    sd["neck.lateral_convs.0.conv.weight"] = torch.zeros(8, 24, 1, 1)
+    torch.save({"meta": {"epoch": 12, "CLASSES": ("person", "car")}, "state_dict": sd},
+               tmp_path / "det.pth")
+    backbone = Backbone(from_official_kwargs(kwargs), out_indices).eval()
+    backbone.load_state_dict(vm.load_official_checkpoint(tmp_path / "det.pth"), strict=True)
+    with torch.no_grad():
+        outs = backbone(load_fixture(name)["input"])
+    for o, ref in zip(outs, fx["outputs"], strict=True):
+        assert (o - ref).abs().max().item() < ATOL
+
+
 def test_official_checkpoint_wrapped_under_model_and_seed_names():
     """Released files nest the weights under "model"; spelling 1 (the seed's names, which are
     this file's v0 names) passes through the converter unchanged and loads plainly."""

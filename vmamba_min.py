@@ -733,8 +733,10 @@ def load_official_checkpoint(path, ema: bool = False):
     """An official checkpoint file -> a state dict for `model.load_state_dict(sd)` (strict).
 
     The official trainer saves a dict (model, model_ema, optimizer, lr_scheduler, scaler,
-    epoch, and the yacs CfgNode `config`); a bare state dict is accepted too. It is read
-    without executing anything from the file (see _AllowListUnpickler): torch.load's
+    epoch, and the yacs CfgNode `config`); a bare state dict is accepted too, and so is a
+    detection/segmentation file as mmcv saves it ({"meta", "state_dict"}): of its state dict,
+    the `backbone.` keys, without the prefix, for `Backbone` (neck and head keys are left out).
+    It is read without executing anything from the file (see _AllowListUnpickler): torch.load's
     weights_only mode would refuse the CfgNode, and plain torch.load would run whatever the
     pickle names. ema=True takes the EMA weights ("model_ema")."""
     if not isinstance(path, (str, os.PathLike)):
@@ -755,6 +757,12 @@ def load_official_checkpoint(path, ema: bool = False):
         if key not in obj:
             raise KeyError(f"{path}: no {key!r} entry; the file has {sorted(map(str, obj))}")
         obj = obj[key]
+    elif isinstance(obj.get("state_dict"), Mapping):          # mmcv's {"meta", "state_dict"}
+        obj = obj["state_dict"]
+        prefix = "backbone."
+        if any(isinstance(k, str) and k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix):]: v for k, v in obj.items()
+                   if isinstance(k, str) and k.startswith(prefix)}
     return convert_official_state_dict(obj)
 
 

@@ -183,6 +183,20 @@ def test_detection_file_as_mmcv_saves_it_loads_into_backbone(name, tmp_path):
         assert (o - ref).abs().max().item() < ATOL
 
 
+@pytest.mark.parametrize("name", MODEL_FIXTURES)
+def test_classification_weights_start_a_backbone_with_strict_false(name):
+    """README: a classification file loads into Backbone with strict=False; only the output
+    norms are missing, only the classifier's final norm and head are left over."""
+    fx = load_fixture(name)
+    kwargs = dict(fx["backbone"]["kwargs"])
+    out_indices = kwargs.pop("out_indices")
+    backbone = Backbone(from_official_kwargs(kwargs), out_indices)
+    result = backbone.load_state_dict(convert_official_state_dict(fx["state_dict"]),
+                                      strict=False)
+    assert result.missing_keys and all(k.startswith("out_norms.") for k in result.missing_keys)
+    assert {k.split(".")[0] for k in result.unexpected_keys} == {"norm", "head"}
+
+
 def test_official_checkpoint_wrapped_under_model_and_seed_names():
     """Released files nest the weights under "model"; spelling 1 (the seed's names, which are
     this file's v0 names) passes through the converter unchanged and loads plainly."""

@@ -197,6 +197,17 @@ def test_classification_weights_start_a_backbone_with_strict_false(name):
     assert {k.split(".")[0] for k in result.unexpected_keys} == {"norm", "head"}
 
 
+def test_weights_of_the_other_generation_are_an_error_naming_both():
+    v0, v2 = VSSM(tiny(0)), VSSM(tiny(2))
+    for model, other, found in ((v2, v0, "generation 0"), (v0, v2, "generation 2")):
+        for strict in (True, False):
+            with pytest.raises(RuntimeError, match=f"weights are of a {found}.*model is"):
+                model.load_state_dict(other.state_dict(), strict=strict)
+        with pytest.raises(RuntimeError, match=found):
+            Backbone(model.config).load_state_dict(other.state_dict(), strict=False)
+    v2.load_state_dict(VSSM(tiny(2)).state_dict())           # the same generation loads
+
+
 def test_official_checkpoint_wrapped_under_model_and_seed_names():
     """Released files nest the weights under "model"; spelling 1 (the seed's names, which are
     this file's v0 names) passes through the converter unchanged and loads plainly."""

@@ -500,6 +500,12 @@ class VSSM(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
         self.head.apply(_init_weights)   # num_classes 0: pooled features out
 
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """nn.Module's, after check_generation: weights of the other generation are an error
+        naming both, also under strict=False (where almost nothing would load, silently)."""
+        check_generation(state_dict, self.config.generation, type(self).__name__)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def set_grad_checkpointing(self, enable: bool = True):
         self.config = replace(self.config, grad_checkpointing=enable)
         for layer in self.layers:
@@ -620,6 +626,11 @@ class Backbone(nn.Module):
         self.out_norms = nn.ModuleDict({str(i): nn.LayerNorm(config.stage_dim(i))
                                         for i in self.out_indices})
 
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """nn.Module's, after check_generation (as VSSM.load_state_dict)."""
+        check_generation(state_dict, self.config.generation, type(self).__name__)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def forward(self, x):                                    # (b, 3, H, W)
         check_image(x, self.config.in_chans, self.patch_embed)
         maps = run_stages(self.patch_embed, self.layers, x, self.out_indices)
@@ -630,6 +641,23 @@ class Backbone(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Official checkpoints
 # ---------------------------------------------------------------------------------------------
+# The stems tell the generations apart in this file's names (convert_official_state_dict's).
+STEM_KEY = {0: "patch_embed.proj.weight", 2: "patch_embed.conv1.weight"}
+GENERATION_NAMES = {0: "generation 0 (vanilla_vmamba_*)", 2: "generation 2 (vmamba_*_s*l*)"}
+
+
+def check_generation(state_dict, generation, who="VSSM"):
+    """Raise if state_dict holds the stem of the other generation's model."""
+    if not isinstance(state_dict, Mapping):
+        return                                   # nn.Module's own error follows
+    for gen, key in STEM_KEY.items():
+        if gen != generation and key in state_dict and STEM_KEY[generation] not in state_dict:
+            raise RuntimeError(                  # what nn.Module's load errors raise
+                f"{who}.load_state_dict: these weights are of a {GENERATION_NAMES[gen]} model "
+                f"({key!r}), the model is {GENERATION_NAMES[generation]}; build the name that "
+                f"matches the file")
+
+
 def convert_official_state_dict(sd):
     """Any official spelling (SPEC.md 1: seed / released v0, 2: released classification code,
     3: one-file vmamba.py; optionally wrapped under "model") -> this file's names.

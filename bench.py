@@ -12,7 +12,8 @@
     python bench.py --dtype float32,bfloat16   rows per dtype (bfloat16: autocast)
     python bench.py --report ...       also docs/results-<cpu|cuda>.md/.json and charts (report.py)
     python bench.py --json             one JSON object (every row) instead of tables
-    python bench.py --device cuda --batch 1,128 --compile-models --train --report   on a GPU
+    python bench.py --device cuda --scan --models --train --batch 1,128 --compile-models --report
+                                       on a GPU (naming one table, e.g. --train, runs only it)
 
 Scan tables: naive loop (scan.selective_scan_ref) against the chunked scan (scan.selective_scan),
 eager and compiled, at VMamba-T's stage shapes (batch 1), fwd and fwd+bwd; a timing table and a

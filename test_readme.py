@@ -115,3 +115,21 @@ def test_readme_names_the_commands_that_wrote_its_reports():
             assert f"`{header.group(1)}`" in section, (
                 f"README's Results section cites {report.name} but not its command "
                 f"{header.group(1)!r}")
+
+
+def test_every_bench_command_in_readme_parses_and_the_gpu_one_asks_for_every_table():
+    """Seen: the GPU command named --train alone, which makes bench.py run the training table
+    only, for a report meant to hold inference too."""
+    import importlib.util
+
+    import bench
+    text = " ".join(README.split())
+    commands = re.findall(r"`python bench\.py([^`]*)`", text)
+    assert any("--device cuda" in tail for tail in commands)
+    have_timm = importlib.util.find_spec("timm") is not None
+    for tail in commands:
+        if "--only" in tail and "swin_" in tail and not have_timm:
+            continue                    # --only checks timm names against timm's registry
+        _, args = bench.parse_args(tail.split())
+        if args.device == "cuda" and args.report:
+            assert args.scan and args.models and args.train, tail

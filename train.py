@@ -241,7 +241,11 @@ def main(argv=None):
     torch.manual_seed(args.seed)                      # the same initial weights in every process
     x_tr, y_tr, x_te, y_te = load_digits_split(args.res, args.seed)
     model_kw = {**MODEL, "drop_path_rate": args.drop_path}
-    raw = build_model(**model_kw).to(device)
+    # Conv weights channels-last, like the maps they meet (vmamba_min's `grid` views): their
+    # gradients come back channels-last, and a depthwise weight (C, 1, 3, 3) whose strides
+    # differed from its gradient's (in the size-1 dim only) made DDP copy that gradient into
+    # its bucket on every step, with a warning.
+    raw = build_model(**model_kw).to(device, memory_format=torch.channels_last)
     n_params = sum(p.numel() for p in raw.parameters())
     log(f"digits {args.res}x{args.res}: {len(y_tr)} train, {len(y_te)} test | VMamba "
         f"{model_kw} {n_params:,} params | torch {torch.__version__}, {device}, {world} "

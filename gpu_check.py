@@ -42,7 +42,8 @@ recorded in the header.
 Files in the output folder (at most 5): gpu.json (every figure, rewritten after each one),
 gpu.log (all output, compiler and pytest included), profile.txt, kernels.tar.gz (the .py files
 Inductor generated: per graph a wrapper that launches the Triton kernels, plus their sources;
-INDEX.txt inside maps each compiled row to its wrappers) and report.tar.gz (phase 6).
+beside each kernel the .best_config its autotuner chose, block sizes and warps; INDEX.txt
+inside maps each compiled row to its wrappers) and report.tar.gz (phase 6).
 How: this process (the parent, no torch) starts itself again as the child that runs the phases,
 tees its output into gpu.log, ends it at the hard stop (or on SIGTERM / SIGINT), then packs the
 kernels and prints the summary: a run that hangs or is killed still leaves everything measured
@@ -286,6 +287,13 @@ def code_files(root):
         out.update(os.path.relpath(os.path.join(d, f), root) for f in files
                    if f.endswith((".py", ".cpp")))
     return out
+
+
+def tuned_files(root):
+    """The autotuner's choice for each Triton kernel it benchmarked (XBLOCK, R0_BLOCK, warps,
+    stages), a .best_config file of a few hundred bytes in the kernel's own folder."""
+    return {os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root)
+            for f in files if f.endswith(".best_config")}
 
 
 def is_wrapper(path):
@@ -1288,7 +1296,8 @@ def child(args):
 # -------------------------------------------------------------------------------- the parent
 def pack_kernels(cache, out, res):
     """kernels.tar.gz: the generated .py (and .cpp) files of the child's Inductor cache, the
-    newest first up to KERNEL_TAR_MAX bytes, and INDEX.txt: compiled row -> wrapper files."""
+    newest first up to KERNEL_TAR_MAX bytes, every .best_config (which of a kernel's configs
+    ran: the sources list them all), and INDEX.txt: compiled row -> wrapper files."""
     files = sorted(code_files(cache), key=lambda f: -os.path.getmtime(os.path.join(cache, f)))
     rows = [r for r in res.get("scan", []) + res.get("models", []) if r.get("code")]
     index = ["Inductor output code of each compiled row (wrapper modules: `def call(args)` "
@@ -1306,6 +1315,8 @@ def pack_kernels(cache, out, res):
             info = tarfile.TarInfo("kernels/INDEX.txt")
             info.size, info.mtime = len(data), time.time()
             tar.addfile(info, io.BytesIO(data))
+            for f in sorted(tuned_files(cache)):
+                tar.add(os.path.join(cache, f), arcname=os.path.join("kernels", f))
             for f in files:
                 size = os.path.getsize(os.path.join(cache, f))
                 if total + size > limit:
@@ -1315,7 +1326,7 @@ def pack_kernels(cache, out, res):
                 packed.append(f)
         if os.path.getsize(path) <= 15 << 20 or limit < 1 << 20:
             return {"files": len(packed), "of": len(files), "bytes": total,
-                    "gz_bytes": os.path.getsize(path)}
+                    "tuned": len(tuned_files(cache)), "gz_bytes": os.path.getsize(path)}
         limit //= 2
 
 

@@ -156,3 +156,28 @@ def test_each_inference_row_is_checked_against_its_models_eager_fp32_logits():
     other = {}
     gc.check_logits(run, dict(compiled, model="n"), other, ref)   # no eager row of "n" yet
     assert other == {}
+
+
+def test_kernel_tar_holds_sources_and_the_autotuners_choices_not_binaries(tmp_path):
+    """kernels.tar.gz: every generated source and .best_config (which launch config of a
+    kernel ran; the source lists all it tried), INDEX.txt naming each row's wrappers, and
+    nothing of Triton's compiled binaries."""
+    import os
+    import tarfile
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    (cache / "ab").mkdir(parents=True)
+    (cache / "triton" / "0" / "x").mkdir(parents=True)
+    out.mkdir()
+    (cache / "ab" / "wrapper.py").write_text("def call(args):\n    pass\n")
+    (cache / "ab" / "kernel.py").write_text("@triton.jit\ndef triton_per_fused_0(): pass\n")
+    (cache / "ab" / "f00d.best_config").write_text('{"XBLOCK": 64, "R0_BLOCK": 8}')
+    (cache / "triton" / "0" / "x" / "kernel.cubin").write_bytes(b"\0" * 64)
+    res = {"models": [{"name": "s1l8 compiled fp32 infer", "code": ["ab/wrapper.py"]}]}
+    info = gc.pack_kernels(str(cache), str(out), res)
+    assert info["files"] == info["of"] == 2 and info["tuned"] == 1
+    with tarfile.open(os.path.join(out, "kernels.tar.gz")) as tar:
+        names = set(tar.getnames())
+        index = tar.extractfile("kernels/INDEX.txt").read().decode()
+    assert names == {"kernels/INDEX.txt", "kernels/ab/wrapper.py", "kernels/ab/kernel.py",
+                     "kernels/ab/f00d.best_config"}
+    assert "s1l8 compiled fp32 infer" in index and "ab/wrapper.py" in index

@@ -279,6 +279,7 @@ def test_build_forwards_overrides_and_rejects_unknowns():
                                  dict(ssm_ratio="2"), dict(ssm_ratio=float("inf")),
                                  dict(mlp_ratio=None, drop_path_rate=None),
                                  dict(grad_checkpointing="yes"),
+                                 dict(dt_rank=0), dict(d_state=0),   # 0 is not "auto"
                                  dict(dim=1)])          # generation 2's stem has dim // 2 channels
 def test_config_validation(bad):
     with pytest.raises(ValueError, match="VSSMConfig"):
@@ -294,6 +295,9 @@ def test_from_official_kwargs_rejects_what_it_does_not_support():
                    dict(dims=[24, 40, 96, 192]), dict(dims=[24, 48])):
         with pytest.raises(ValueError, match=next(iter(change))):
             from_official_kwargs({**kwargs, **change})
+    # No forward_type: the official default, "v2", which this file does not implement.
+    with pytest.raises(ValueError, match="forward_type 'v2'"):
+        from_official_kwargs({k: v for k, v in kwargs.items() if k != "forward_type"})
     # The official code looks layer names up lowercased: its default spelling "LN" is fine.
     spelled = {**kwargs, "norm_layer": "LN", "ssm_act_layer": "SiLU", "mlp_act_layer": "GELU"}
     assert resolved(from_official_kwargs(spelled)) == resolved(from_official_kwargs(kwargs))
@@ -693,6 +697,13 @@ def test_drop_path_is_a_module_and_leaves_the_state_dict_alone():
     fx = load_fixture("v2_s1l8_cf_d24_sq64.pt")             # official keys still load strictly
     assert set(convert_official_state_dict(fx["state_dict"])) == set(
         VSSM(from_official_kwargs(fx["kwargs"])).state_dict())
+    # compile_blocks (lazy: nothing compiles here) hands every block its rate as a tensor, so
+    # that one graph serves a stage's blocks; still out of the state_dict
+    vm.compile_blocks(model)
+    for b in (m for m in model.modules() if isinstance(m, vm.VSSBlock)):
+        assert isinstance(b.drop_path.rate, torch.Tensor)
+        assert b.drop_path.rate.item() == pytest.approx(b.drop_path.p)
+    assert not any(".drop_path" in k for k in model.state_dict())
 
 
 def test_drop_path_keeps_the_expected_value():
@@ -889,6 +900,10 @@ def test_prune_intermediate_layers():
     keep_all = VSSM(tiny(0))
     assert keep_all.prune_intermediate_layers(None, prune_head=False) == [0, 1, 2, 3]
     assert isinstance(keep_all.norm, nn.LayerNorm) and isinstance(keep_all.head, nn.Linear)
+    headless = VSSM(tiny(0))                                 # every stage kept: the head
+    assert headless.prune_intermediate_layers(None) == [0, 1, 2, 3]     # still goes by default
+    assert isinstance(headless.head, nn.Identity) and headless.num_classes == 0
+    assert isinstance(headless.norm, nn.LayerNorm)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -974,6 +989,32 @@ def test_load_official_checkpoint_runs_nothing_from_the_file(tmp_path):
     assert all(m.is_dir() for m in markers)
 
 
+def test_load_pretrained_takes_the_files_head_if_it_fits_and_keeps_a_fresh_one_if_not(tmp_path):
+    """VSSM.load_pretrained (README's fine-tuning; timm's pretrained=True) on an official-layout
+    file: a model of the file's size reproduces the official logits; with another
+    num_classes the head keeps its fresh weights and the trunk is the file's; a file without
+    a head does not load silently into a model that needs one."""
+    fx = load_fixture("v2_s1l8_cf_d24_sq64.pt")
+    sd = fx["state_dict_classification_naming"]
+    torch.save({"model": sd, "epoch": 1}, tmp_path / "ck.pth")
+    model = VSSM(from_official_kwargs(fx["kwargs"])).eval()
+    model.load_pretrained(tmp_path / "ck.pth")
+    with torch.no_grad():
+        assert (model(fx["input"]) - fx["logits"]).abs().max() < ATOL
+    other = VSSM(replace(from_official_kwargs(fx["kwargs"]), num_classes=5)).eval()
+    fresh = other.head.weight.clone()
+    other.load_pretrained(tmp_path / "ck.pth")
+    assert torch.equal(other.head.weight, fresh)
+    with torch.no_grad():
+        assert torch.equal(other.forward_features(fx["input"]),
+                           model.forward_features(fx["input"]))
+    headless = {k: v for k, v in sd.items() if not k.startswith("classifier.head.")}
+    assert len(headless) == len(sd) - 2
+    torch.save({"model": headless}, tmp_path / "headless.pth")
+    with pytest.raises(RuntimeError, match="head.weight"):
+        VSSM(from_official_kwargs(fx["kwargs"])).load_pretrained(tmp_path / "headless.pth")
+
+
 def test_load_official_checkpoint_bare_state_dict_and_errors(tmp_path):
     fx = load_fixture("v0_tiny_d24_sq64.pt")
     torch.save(fx["state_dict"], tmp_path / "bare.pth")
@@ -1011,3 +1052,25 @@ def test_allow_list_unpickler_turns_unknown_globals_into_records():
     assert isinstance(out["a"], vm.Opaque) and out["a"].global_name == "builtins.print"
     assert out["a"].args == ("must not print",)
     assert type(out["b"]) is collections.OrderedDict and out["b"] == {"x": 1}
+    # torch's own functions are globals like any other: only the tensor rebuilds pass
+    unpickler = vm._AllowListUnpickler(io.BytesIO(b""))
+    for module, name in [("torch.serialization", "save"), ("torch", "load"),
+                         ("torch.hub", "load"), ("torch._utils", "_rebuild_parameter"),
+                         ("builtins", "eval"), ("collections", "defaultdict")]:
+        cls = unpickler.find_class(module, name)
+        assert isinstance(cls, type) and issubclass(cls, vm.Opaque), (module, name)
+        assert cls.global_name == f"{module}.{name}"
+
+
+def test_load_official_checkpoint_does_not_call_torch_functions(tmp_path):
+    """A file whose pickle calls torch.save on loading (it would write a file) loads as data:
+    its tensors, and a record in place of the call."""
+    marker = tmp_path / "written_by_the_checkpoint"
+
+    class Payload:
+        def __reduce__(self):
+            return torch.save, ({"x": 1}, str(marker))
+    torch.save({"model": {"w": torch.ones(2)}, "payload": Payload()}, tmp_path / "ck.pth")
+    sd = vm.load_official_checkpoint(tmp_path / "ck.pth")
+    assert not marker.exists()
+    assert torch.equal(sd["w"], torch.ones(2))

@@ -27,6 +27,9 @@ def test_split_shapes_labels_and_normalisation(digits):
     assert x_tr.dtype == torch.float32 and y_tr.dtype == torch.int64
     for y in (y_tr, y_te):   # stratified: every digit on both sides
         assert sorted(y.unique().tolist()) == list(range(10))
+    # ...in proportion: each digit's test count is 20% of its samples, to rounding
+    tr, te = torch.bincount(y_tr, minlength=10), torch.bincount(y_te, minlength=10)
+    assert ((te - 0.2 * (tr + te)).abs() <= 1).all(), te
     assert abs(x_tr.mean().item()) < 1e-4 and abs(x_tr.std().item() - 1) < 1e-4
     assert torch.equal(x_tr[:, 0], x_tr[:, 2])   # a grey image copied to 3 channels
 
@@ -55,6 +58,10 @@ def test_warmup_cosine_schedule():
     f = train.warmup_cosine(warmup_steps=10, total_steps=110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0)
+    steps = [f(s) for s in range(111)]                 # up to the peak at the warm-up's end,
+    assert max(steps) == pytest.approx(1.0) and steps.index(max(steps)) in (9, 10)   # never past
+    assert all(a <= b for a, b in zip(steps[:10], steps[1:11]))
+    assert all(a >= b for a, b in zip(steps[10:], steps[11:]))   # then only down
 
 
 def test_loss_falls_on_a_fixed_batch(digits):
@@ -168,6 +175,9 @@ def test_optimizer_groups_are_the_same_for_a_compiled_or_wrapped_model():
     plain = groups(model)
     a_logs = {id(p) for n, p in model.named_parameters() if n.endswith("A_logs")}
     assert a_logs and a_logs <= plain[1] and not a_logs & plain[0]
+    for n, p in model.named_parameters():   # decay on matrices; none on biases, norms, A, D
+        exempt = p.dim() < 2 or n.endswith((".A_logs", ".Ds"))
+        assert (id(p) in plain[1], id(p) in plain[0]) == (exempt, not exempt), n
     assert groups(torch.compile(model)) == plain
     assert groups(torch.nn.Sequential(model)) == plain
     with pytest.raises(TypeError, match="no_weight_decay"):

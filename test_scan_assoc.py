@@ -377,3 +377,19 @@ def test_compiled_selective_scan_takes_assoc_on_cuda(monkeypatch):
     compiled = torch.compile(selective_scan, fullgraph=True, dynamic=False)
     check(compiled, inputs, True, L, gy, gh, "compiled selective_scan on CUDA", (torch.float32,))
     assert calls, "the compiled selective_scan did not trace selective_scan_assoc"
+
+
+def test_cpu_compiled_group_sum_never_adds_atomically():
+    """Traced for a CPU (backend "eager": Dynamo only, under a second), the N = 1 group sum
+    must not take index_add_: Inductor's C++ backend miscompiled it (GROUP_SUM's note). Only
+    the slow compiled tests would see it otherwise, by a crashed worker. Eager on a CPU it
+    adds atomically (index_add_ is correct there)."""
+    t = torch.zeros(2, 4, 5)
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: x + 1 if scan_assoc._adds_atomically(x, 1) else x - 1,
+                      backend="eager", fullgraph=True, dynamic=False)
+    try:
+        assert torch.equal(f(t), t - 1)
+    finally:
+        torch._dynamo.reset()
+    assert scan_assoc._adds_atomically(t, 1) == (scan_assoc.GROUP_SUM == "atomic")

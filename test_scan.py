@@ -621,8 +621,8 @@ def small_step_problem(N, L=50, seed=0):
 def test_small_steps_keep_their_gradients(path, N):
     """Every step tiny (above): the drawn problems of the tests above keep delta' large, where a
     gradient computed with softplus' as 1 - exp(-delta') would hide among larger elements under
-    the norm-wise bound; here every element is small, so it cannot (a mutation audit's
-    survivor: 45x the bound). Bound: the exponent-aware one of the tests above."""
+    the norm-wise bound; here every element is small, so it cannot (computed so, the chunked
+    scan's gradients are 45x the bound). Bound: the exponent-aware one of the tests above."""
     inputs, gy, gh = small_step_problem(N)
     L = inputs["u"].shape[-1]
     fn = {"chunked": lambda *a, **k: selective_scan(*a, chunk_size=8, **k),
@@ -632,13 +632,6 @@ def test_small_steps_keep_their_gradients(path, N):
                        torch.float32, L)
     check_against_exact(run(fn, inputs, True, torch.float32, gy, gh), exact, S, L,
                         torch.float32, f"{path} small delta'")
-
-
-# ---------------------------------------------------------------------------------------------
-# 7. Input dtypes: the scan runs in float32 whatever the (non-float64) input dtype.
-# ---------------------------------------------------------------------------------------------
-LOW = [torch.bfloat16, torch.float16, torch.float32]
-EPS_LOW = {t: torch.finfo(t).eps for t in LOW}
 
 
 def test_compiled_softplus_is_accurate_to_float32_rounding():
@@ -653,6 +646,13 @@ def test_compiled_softplus_is_accurate_to_float32_rounding():
     want = F.softplus(z.double())
     rel = ((got.double() - want) / want).abs().max().item()
     assert rel < 4 * torch.finfo(torch.float32).eps, rel
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Input dtypes: the scan runs in float32 whatever the (non-float64) input dtype.
+# ---------------------------------------------------------------------------------------------
+LOW = [torch.bfloat16, torch.float16, torch.float32]
+EPS_LOW = {t: torch.finfo(t).eps for t in LOW}
 
 
 @settings(max_examples=N_EXAMPLES)

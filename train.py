@@ -242,7 +242,7 @@ def main(argv=None):
     x_tr, y_tr, x_te, y_te = load_digits_split(args.res, args.seed)
     model_kw = {**MODEL, "drop_path_rate": args.drop_path}
     # Conv weights channels-last, like the maps they meet (vmamba_min's `grid` views): their
-    # gradients come back channels-last, and a depthwise weight (C, 1, 3, 3) whose strides
+    # gradients can come back channels-last, and a depthwise weight (C, 1, 3, 3) whose strides
     # differed from its gradient's (in the size-1 dim only) made DDP copy that gradient into
     # its bucket on every step, with a warning.
     raw = build_model(**model_kw).to(device, memory_format=torch.channels_last)

@@ -480,14 +480,16 @@ def raise_recompile_limits():
 
 
 def add_swin_ratios(rows):
-    """Each row's img/s over the best Swin-T row of its kind (inference or training)."""
+    """Each row's img/s over the best Swin-T row of its kind (inference or training) and dtype,
+    eager or compiled: a float32 row is never divided by a bfloat16 one."""
     best = {}
     for r in rows:
         if r.get("model") == SWIN and r.get("img_s"):
-            best[r["train"]] = max(best.get(r["train"], 0), r["img_s"])
+            key = (r["train"], r["dtype"])
+            best[key] = max(best.get(key, 0), r["img_s"])
     for r in rows:
-        if r.get("img_s") and best.get(r["train"]):
-            r["vs_swin_best"] = r["img_s"] / best[r["train"]]
+        if r.get("img_s") and best.get((r["train"], r["dtype"])):
+            r["vs_swin_best"] = r["img_s"] / best[(r["train"], r["dtype"])]
 
 
 def run_phase(run, name, fn):
@@ -1381,8 +1383,8 @@ def summary(res):
                     ("err_max", "err", "{:.0e}"), (note, "note", "{}")])]
     if res.get("models"):
         out += ["", f"models (batch {res['models'][0].get('batch')}, {res['models'][0].get('res')} "
-                "px; vs swin: img/s / Swin-T's best of the same kind; err: logits vs eager "
-                "fp32)",
+                "px; vs swin: img/s / Swin-T's best of the same kind and dtype; err: logits vs "
+                "eager fp32)",
                 table(res["models"], [
                     ("name", "row", "{}"), ("img_s", "img/s", "{:.0f}"), ("ms", "ms", "{:.1f}"),
                     ("vs_swin_best", "vs swin", "{:.2f}"), ("compile_s", "compile s", "{:.0f}"),

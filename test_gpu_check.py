@@ -108,7 +108,8 @@ def test_summary_fits_120_columns():
                          err_max=1e-7),
                     dict(gen="v0", batch=32, path="assoc compiled", skipped="x" * 200)],
            "models": [dict(name="s1l8-chunked compiled bf16 train", img_s=900.0, ms=1400.0,
-                           train=True, compile_s=80.0, peak_gb=30.0, graph_breaks=0,
+                           train=True, dtype="bfloat16", compile_s=80.0, peak_gb=30.0,
+                           graph_breaks=0,
                            batch=128, res=224, error="E" * 300, err_vs_eager_fp32=3e-4)],
            "profile": {"infer": {"mode": "compiled", "error": "RuntimeError: " + "r" * 200},
                        "train": {"mode": "eager", "calls": 2, "sort": "k",
@@ -121,6 +122,20 @@ def test_summary_fits_120_columns():
     lines = text.splitlines()
     assert any(ln.startswith("gen ") and "fwd ms" in ln and ln.endswith("note") for ln in lines)
     assert any(ln.startswith("s1l8-chunked compiled bf16 train ") for ln in lines)
+
+
+def test_swin_ratio_divides_by_swin_of_the_same_kind_and_dtype():
+    """Seen on the first H200 run: s1l8's float32 row was divided by Swin-T's bfloat16 row."""
+    rows = [dict(model=gc.SWIN, train=False, dtype="float32", img_s=2000.0),
+            dict(model=gc.SWIN, train=False, dtype="float32", img_s=2500.0),
+            dict(model=gc.SWIN, train=False, dtype="bfloat16", img_s=5000.0),
+            dict(model=gc.SWIN, train=True, dtype="float32", img_s=1000.0),
+            dict(model=gc.OURS, train=False, dtype="float32", img_s=3000.0),
+            dict(model=gc.OURS, train=False, dtype="bfloat16", img_s=4000.0),
+            dict(model=gc.OURS, train=True, dtype="float32", img_s=500.0),
+            dict(model=gc.OURS, train=True, dtype="bfloat16", img_s=600.0)]
+    gc.add_swin_ratios(rows)
+    assert [r.get("vs_swin_best") for r in rows[4:]] == [1.2, 0.8, 0.5, None]
 
 
 @pytest.mark.parametrize("argv", [["--budget-s", "-1"], ["--hard-s", "0"], ["--v0-batch", "0"]])

@@ -1,0 +1,279 @@
+"""gpu_report.py: docs/results-cuda.md and .json, written from the gpu.json of gpu_check runs.
+
+    python gpu_report.py docs/gpu/RUN.json [RUN.json ...]   -> docs/results-cuda.md, .json
+    python gpu_report.py --out-dir DIR RUN.json ...          elsewhere
+
+A device lease is short, so one gpu_check run may leave rows out (skipped for time) and a second
+run on the same machine measures them. This page joins such runs without hiding it: every row
+names its run, every ratio against Swin-T names the runs of its numerator and denominator, and
+rows measured by more than one run are shown side by side (how far the runs agree). The targets
+of the GPU issue are computed from the rows; a target no row measured says "not measured".
+Nothing here is typed by hand: the files in docs/gpu/ are gpu_check's own output, unedited.
+
+Letters as in scan.py: b batch, K = 4 routes, D channels per route, L = H*W, N state size.
+"""
+import argparse
+import json
+import os
+import sys
+
+from gpu_check import OURS, SWIN, VANILLA, PAPER, table
+
+PLATFORM = "cuda"
+# The GPU issue's targets: (label, what it asks). Values come from target_rows().
+MODEL_TARGETS = (
+    # (label, model, train, dtype, goal: ratio to Swin-T's best row of the kind and dtype)
+    ("s1l8 compiled inference, fp32, x Swin-T's best", OURS, False, "float32", 1.0),
+    ("s1l8 compiled inference, bf16, x Swin-T's best", OURS, False, "bfloat16", None),
+    ("s1l8 compiled training step, fp32, x Swin-T's best", OURS, True, "float32", 0.58),
+    ("s1l8 compiled training step, bf16, x Swin-T's best", OURS, True, "bfloat16", 0.58),
+    ("vanilla compiled inference, fp32, x Swin-T's best", VANILLA, False, "float32", 0.51),
+    ("vanilla compiled training step, fp32, x Swin-T's best", VANILLA, True, "float32", None),
+)
+SCAN_FLOOR_GOAL, SCAN_FWD_BWD_GOAL, COMPILE_S_GOAL = 2.0, 3.0, 60.0
+
+
+def load(paths):
+    """[(label, gpu.json)]: runs labelled 1, 2, ... in the order given."""
+    runs = []
+    for i, p in enumerate(paths, 1):
+        with open(p) as f:
+            res = json.load(f)
+        if "header" not in res or "models" not in res:
+            raise SystemExit(f"{p}: not a gpu_check gpu.json (no header or models)")
+        runs.append((str(i), res))
+    return runs
+
+
+def model_rows(runs):
+    """Every measured model row of every run, with its run's label under "run"."""
+    return [dict(r, run=label) for label, res in runs for r in res.get("models", [])
+            if r.get("img_s")]
+
+
+def best_swin(rows, train, dtype):
+    ok = [r for r in rows if r["model"] == SWIN and r["train"] == train and r["dtype"] == dtype]
+    return max(ok, key=lambda r: r["img_s"]) if ok else None
+
+
+def with_ratios(rows):
+    """Each row with its img/s over Swin-T's best row of the same kind and dtype (any run) and
+    that row's name and run."""
+    out = []
+    for r in rows:
+        ref = best_swin(rows, r["train"], r["dtype"])
+        out.append(dict(r, x_swin=ref and r["img_s"] / ref["img_s"],
+                        swin_row=ref and f"{ref['name']} (run {ref['run']})"))
+    return out
+
+
+def target_rows(runs):
+    """The GPU issue's targets, each with the measured value and whether it is met."""
+    rows = with_ratios(model_rows(runs))
+    out = []
+    for label, model, train, dtype, goal in MODEL_TARGETS:
+        mine = [r for r in rows if r["model"] == model and r["train"] == train
+                and r["dtype"] == dtype and r["mode"] == "compiled" and not r.get("variant")]
+        best = max(mine, key=lambda r: r["img_s"]) if mine else None
+        if best is None or best["x_swin"] is None:
+            value = "not measured" if best is None else (
+                f"{best['img_s']:.0f} img/s; no Swin-T row of this kind and dtype")
+            met = "-"
+        else:
+            value = (f"{best['x_swin']:.2f}x ({best['img_s']:.0f} img/s, run {best['run']}; "
+                     f"Swin-T: {best['swin_row']})")
+            met = "-" if goal is None else ("yes" if best["x_swin"] >= goal else "no")
+            if not any(r["model"] == SWIN and r["train"] == train and r["dtype"] == dtype
+                       and r["mode"] == "compiled" for r in rows):
+                value += "; Swin-T compiled: not measured"      # its best may be higher
+                met = "-" if goal is None else f"{met}, against eager Swin-T only"
+        out.append({"target": label, "goal": f">= {goal:.2f}x" if goal else "reported",
+                    "measured": value, "met": met})
+    scans = [dict(s, run=label) for label, res in runs for s in res.get("scan", [])
+             if s.get("fwd_ms") and s["gen"] == "v2" and s["batch"] >= 128
+             and "compiled" in s["path"]]
+    fast = min(scans, key=lambda s: s["fwd_ms"]) if scans else None
+    if fast:
+        where = f"{fast['path']}, b {fast['batch']}, run {fast['run']}"
+        out.append({"target": "stage-1 v2 scan compiled forward, x memory floor",
+                    "goal": f"<= {SCAN_FLOOR_GOAL:.0f}x",
+                    "measured": f"{fast['fwd_x_floor']:.1f}x ({fast['fwd_ms']:.3f} ms, floor "
+                                f"{fast['fwd_floor_ms']:.3f} ms; {where})",
+                    "met": "yes" if fast["fwd_x_floor"] <= SCAN_FLOOR_GOAL else "no"})
+        out.append({"target": "the same scan, forward+backward over forward",
+                    "goal": f"<= {SCAN_FWD_BWD_GOAL:.0f}x",
+                    "measured": f"{fast['fwd_bwd_over_fwd']:.2f}x ({fast['fwd_bwd_ms']:.3f} ms; "
+                                f"{where})",
+                    "met": "yes" if fast["fwd_bwd_over_fwd"] <= SCAN_FWD_BWD_GOAL else "no"})
+    else:
+        out.append({"target": "stage-1 v2 scan compiled forward, x memory floor",
+                    "goal": f"<= {SCAN_FLOOR_GOAL:.0f}x", "measured": "not measured", "met": "-"})
+    for model in (OURS, SWIN, VANILLA):
+        comp = [r for r in rows if r["model"] == model and r["mode"] == "compiled"
+                and not r["train"] and r["dtype"] == "float32" and r.get("compile_s")
+                and not r.get("variant")]
+        slow = max(comp, key=lambda r: r["compile_s"]) if comp else None
+        out.append({"target": f"compile time, {model}, fp32 inference",
+                    "goal": f"<= {COMPILE_S_GOAL:.0f} s",
+                    "measured": f"{slow['compile_s']:.0f} s (run {slow['run']})" if slow
+                    else "not measured",
+                    "met": "-" if slow is None else
+                    ("yes" if slow["compile_s"] <= COMPILE_S_GOAL else "no")})
+    return out
+
+
+def repeats(runs):
+    """Rows measured by more than one run: img/s per run and the spread (max / min - 1)."""
+    by_name = {}
+    for r in model_rows(runs):
+        by_name.setdefault(r["name"], []).append(r)
+    return [{"name": n, "img_s": {r["run"]: r["img_s"] for r in rs},
+             "spread": max(r["img_s"] for r in rs) / min(r["img_s"] for r in rs) - 1}
+            for n, rs in by_name.items() if len(rs) > 1]
+
+
+def tests(runs):
+    out = []
+    for label, res in runs:
+        for t in res.get("tests", []):
+            state = t.get("skipped") or (
+                f"{t.get('counts')} exit {t.get('exit_code')}"
+                f"{' (cut off by the phase end)' if t.get('timed_out') else ''}")
+            out.append(f"run {label}, {t['set']} (`{' '.join(t['args'])}`): {state}")
+    return out
+
+
+def _run_rows(label, res):
+    h, c = res["header"], res.get("card", {})
+    card = (f"{h.get('gpu')} ({h.get('sms')} SMs, {h.get('memory_gb', 0):.0f} GB, capability "
+            f"{h.get('capability')}), CUDA {h.get('cuda')}, cuDNN {h.get('cudnn')}")
+    if c.get("copy_gb_s"):
+        card += (f"; copy {c['copy_gb_s']:.0f} GB/s, matmul {c['matmul_tflops_float32']:.1f} "
+                 f"TFLOP/s fp32 (TF32 off), {c['matmul_tflops_bfloat16']:.1f} bf16")
+    commit = str(h.get("commit"))[:10] + (" (+ uncommitted changes)" if h.get("worktree")
+                                          else "")
+    return [(f"run {label}", f"`{h.get('command')}`, {h.get('date')}, commit {commit}, "
+                             f"{res.get('run', {}).get('wall_s', 0):.0f} s"),
+            (f"run {label} machine", f"{card}; torch {h.get('torch')}, triton "
+                                     f"{h.get('triton')}, timm {h.get('timm')}, python "
+                                     f"{h.get('python')}")]
+
+
+def _cell(v):
+    return str(v).replace("|", "\\|")
+
+
+def markdown(runs, command):
+    rows = with_ratios(model_rows(runs))
+    head = [("command", f"`{command}`")]
+    for label, res in runs:
+        head += _run_rows(label, res)
+    notes = runs[0][1].get("models_notes", {})
+    out = ["<!-- generated by gpu_report.py: do not edit; re-run the command below -->",
+           f"# Benchmark results: {PLATFORM}", "",
+           f"Generated by `python gpu_report.py` from the gpu.json of {len(runs)} gpu_check "
+           f"run(s) in docs/gpu/ (unedited): do not edit by hand, re-run the command below. "
+           f"`results-{PLATFORM}.json` holds the same figures. Each row names its run; a ratio "
+           f"divides by Swin-T's best row of the same kind (inference or training step) and "
+           f"dtype, from whichever run measured it.", "",
+           "| | |", "|---|---|"] + [f"| {k} | {_cell(v)} |" for k, v in head]
+    out += ["", "## Against the GPU issue's targets", "",
+            "| target | goal | measured | met |", "|---|---|---|---|"]
+    out += [f"| {_cell(t['target'])} | {_cell(t['goal'])} | {_cell(t['measured'])} | "
+            f"{t['met']} |" for t in target_rows(runs)]
+    paper = ", ".join(f"{k} {v[0]} / {v[1]}" for k, v in PAPER.items() if k != "note")
+    out += ["", f"For comparison, {PAPER['note']}: {paper}; there VMamba-T runs at 1.36x "
+                f"Swin-T (inference) and 0.58x (training)."]
+    out += ["", f"## Models: batch {notes.get('batch')}, {notes.get('res')} px", "",
+            "img/s and ms: median of CUDA-event timings per batch; compile s: the first call; "
+            "peak GB: allocated over what was resident; err: logits against the eager fp32 row "
+            "of the same model; x swin: img/s over the Swin-T row named in the last column. "
+            f"floor: {notes.get('floor')}. chunked: {notes.get('chunked')}. TF32: "
+            f"{notes.get('tf32')}.", "", "```text",
+            table(rows, [("name", "row", "{}"), ("run", "run", "{}"),
+                         ("img_s", "img/s", "{:.0f}"), ("ms", "ms", "{:.1f}"),
+                         ("x_swin", "x swin", "{:.2f}x"), ("compile_s", "compile s", "{:.0f}"),
+                         ("peak_gb", "peak GB", "{:.1f}"), ("err_vs_eager_fp32", "err",
+                                                            "{:.0e}"),
+                         ("swin_row", "against", "{}")]), "```"]
+    rep = repeats(runs)
+    if rep:
+        out += ["", "Rows measured by more than one run (img/s per run; spread: max / min - 1):",
+                ""] + [f"- {r['name']}: " + ", ".join(f"run {k} {v:.1f}" for k, v in
+                                                        r["img_s"].items())
+                       + f"; spread {100 * r['spread']:.2f}%" for r in rep]
+    for label, res in runs:
+        if res.get("scan"):
+            sn = res.get("scan_notes", {})
+            out += ["", f"## Selective scan, stage 1 of VMamba-T (run {label})", "",
+                    f"ms: median per call; x floor: ms over the bytes the call must move / the "
+                    f"measured copy bandwidth; f+b/f: forward+backward over forward; err: max "
+                    f"relative error of y and the 7 gradients against {sn.get('reference')}. "
+                    f"chunked: {sn.get('chunked')}; assoc: {sn.get('assoc')}.", "", "```text",
+                    table([s for s in res["scan"] if s.get("fwd_ms")], [
+                        ("gen", "gen", "{}"), ("shape", "b x K*D x L x N", "{}"),
+                        ("path", "path", "{}"), ("fwd_ms", "fwd ms", "{:.3f}"),
+                        ("fwd_x_floor", "x floor", "{:.1f}"),
+                        ("fwd_bwd_ms", "f+b ms", "{:.3f}"),
+                        ("fwd_bwd_x_floor", "x floor", "{:.1f}"),
+                        ("fwd_bwd_over_fwd", "f+b/f", "{:.2f}"),
+                        ("err_max", "err", "{:.0e}"), ("fwd_floor_ms", "floor ms", "{:.3f}")]),
+                    "```"]
+        prof = {k: v for k, v in (res.get("profile") or {}).items()
+                if isinstance(v, dict) and v.get("ms_per_call_by_kind")}
+        if prof:
+            out += ["", f"## Where the device time goes (run {label}, torch.profiler)", "",
+                    f"{OURS}, batch {notes.get('batch')}, fp32; device ms per call by kind of "
+                    f"kernel (gemm: cuBLAS/CUTLASS matrix products; triton: Inductor's fused "
+                    f"kernels, the scans among them):", ""]
+            out += [f"- {k} ({v['mode']}): " + ", ".join(
+                f"{a} {b:.2f}" for a, b in sorted(v["ms_per_call_by_kind"].items(),
+                                                   key=lambda kv: -kv[1]))
+                + f"; total {sum(v['ms_per_call_by_kind'].values()):.2f}"
+                for k, v in prof.items()]
+    t = tests(runs)
+    if t:
+        out += ["", "## CUDA tests", ""] + [f"- {_cell(x)}" for x in t]
+    out += ["", "## Rows (JSON)", "", "`results-cuda.json`: every row above with its run.", ""]
+    return "\n".join(out)
+
+
+def page_json(runs, command):
+    return {"generated_by": "gpu_report.py: do not edit", "command": command,
+            "runs": {label: {"header": res["header"], "card": res.get("card"),
+                             "phases": res.get("phases"), "tests": res.get("tests")}
+                     for label, res in runs},
+            "targets": target_rows(runs), "models": with_ratios(model_rows(runs)),
+            "repeats": repeats(runs),
+            "scan": [dict(s, run=label) for label, res in runs for s in res.get("scan", [])],
+            "profile": {label: res.get("profile") for label, res in runs if res.get("profile")}}
+
+
+def _write(path, text):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)                # a page is whole or absent, never half-written
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="gpu.json files of gpu_check runs, oldest first")
+    p.add_argument("--out-dir", default="docs", help="where results-cuda.md/.json go")
+    args = p.parse_args(argv)
+    runs = load(args.runs)
+    command = " ".join(["python gpu_report.py", *(["--out-dir", args.out_dir]
+                                                  if args.out_dir != "docs" else []),
+                        *args.runs])
+    os.makedirs(args.out_dir, exist_ok=True)
+    md = os.path.join(args.out_dir, f"results-{PLATFORM}.md")
+    _write(os.path.join(args.out_dir, f"results-{PLATFORM}.json"),
+           json.dumps(page_json(runs, command), indent=1) + "\n")
+    _write(md, markdown(runs, command) + "\n")
+    print(f"wrote {md} and results-{PLATFORM}.json from {len(runs)} run(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""gpu_report.py: the CUDA results page is what the command in its header writes from the
+gpu_check runs in docs/gpu/, and its ratios and targets are computed as the page says."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+import gpu_check as gc
+import gpu_report as gr
+
+ROOT = Path(__file__).resolve().parent
+
+
+def committed_command():
+    page = (ROOT / "docs/results-cuda.md").read_text()
+    m = re.search(r"^\| command \| `([^`]+)` \|$", page, flags=re.M)
+    assert m, "docs/results-cuda.md: no command in its header"
+    return m.group(1)
+
+
+@pytest.mark.skipif(not (ROOT / "docs/results-cuda.md").exists(), reason="no CUDA page yet")
+def test_committed_page_is_what_its_command_writes(tmp_path):
+    """Nobody edited the page or its JSON by hand: regenerating from the runs it names gives the
+    same text."""
+    command = committed_command()
+    words = command.split()
+    assert words[:2] == ["python", "gpu_report.py"] and "--out-dir" not in words
+    paths = [str(ROOT / w) for w in words[2:]]
+    assert gr.main(["--out-dir", str(tmp_path), *paths]) == 0
+    for ext in ("md", "json"):
+        fresh = (tmp_path / f"results-cuda.{ext}").read_text()
+        fresh = fresh.replace(" ".join(["python gpu_report.py", "--out-dir", str(tmp_path),
+                                        *paths]), command)
+        assert fresh == (ROOT / f"docs/results-cuda.{ext}").read_text(), ext
+
+
+def row(model, mode, dtype, train, img_s, run_name=None, **kw):
+    short = {gc.OURS: "s1l8", gc.SWIN: "swin-t", gc.VANILLA: "vanilla"}[model]
+    name = run_name or f"{short} {mode} {'fp32' if dtype == 'float32' else 'bf16'} " \
+                       f"{'train' if train else 'infer'}"
+    return dict(model=model, mode=mode, dtype=dtype, train=train, img_s=img_s, name=name,
+                variant=None, **kw)
+
+
+def fake_run(models, scan=()):
+    return {"header": {"command": "python gpu_check.py", "gpu": "G", "commit": "c" * 40},
+            "models": list(models), "scan": list(scan)}
+
+
+def test_targets_ratio_within_kind_and_dtype_across_runs():
+    runs = [("1", fake_run([row(gc.OURS, "compiled", "float32", False, 3000.0, compile_s=40.0),
+                            row(gc.SWIN, "eager", "bfloat16", False, 9000.0),
+                            row(gc.OURS, "compiled", "float32", True, 700.0),
+                            row(gc.SWIN, "eager", "float32", True, 1000.0)])),
+            ("2", fake_run([row(gc.SWIN, "compiled", "float32", False, 2500.0, compile_s=20.0),
+                            row(gc.SWIN, "eager", "float32", False, 2000.0),
+                            row(gc.VANILLA, "compiled", "float32", False, 500.0,
+                                compile_s=90.0)]))]
+    t = {x["target"]: x for x in gr.target_rows(runs)}
+    infer = t["s1l8 compiled inference, fp32, x Swin-T's best"]
+    assert infer["measured"].startswith("1.20x (3000 img/s, run 1; Swin-T: swin-t compiled fp32 "
+                                        "infer (run 2))") and infer["met"] == "yes"
+    train = t["s1l8 compiled training step, fp32, x Swin-T's best"]
+    assert train["measured"].startswith("0.70x") and "Swin-T compiled: not measured" in \
+        train["measured"] and train["met"] == "yes, against eager Swin-T only"
+    assert t["vanilla compiled inference, fp32, x Swin-T's best"]["met"] == "no"   # 0.20x
+    assert t["s1l8 compiled inference, bf16, x Swin-T's best"]["measured"] == "not measured"
+    assert t["stage-1 v2 scan compiled forward, x memory floor"]["measured"] == "not measured"
+    assert t["compile time, vanilla_vmamba_tiny, fp32 inference"]["met"] == "no"
+    assert t["compile time, vmamba_tiny_s1l8, fp32 inference"]["met"] == "yes"
+
+
+def test_scan_targets_take_the_fastest_compiled_big_batch_v2_scan():
+    scan = [dict(gen="v2", batch=128, path="assoc compiled", fwd_ms=1.0, fwd_floor_ms=0.4,
+                 fwd_x_floor=2.5, fwd_bwd_ms=3.5, fwd_bwd_over_fwd=3.5),
+            dict(gen="v2", batch=128, path="chunked compiled", fwd_ms=0.7, fwd_floor_ms=0.4,
+                 fwd_x_floor=1.75, fwd_bwd_ms=2.0, fwd_bwd_over_fwd=2.86),
+            dict(gen="v2", batch=1, path="assoc compiled", fwd_ms=0.01, fwd_floor_ms=0.003,
+                 fwd_x_floor=3.3, fwd_bwd_ms=0.02, fwd_bwd_over_fwd=2.0),
+            dict(gen="v2", batch=128, path="chunked eager", fwd_ms=0.5, fwd_floor_ms=0.4,
+                 fwd_x_floor=1.25, fwd_bwd_ms=1.0, fwd_bwd_over_fwd=2.0)]
+    t = {x["target"]: x for x in gr.target_rows([("1", fake_run([], scan))])}
+    floor = t["stage-1 v2 scan compiled forward, x memory floor"]
+    assert floor["measured"].startswith("1.8x (0.700 ms") and "chunked compiled" in \
+        floor["measured"] and floor["met"] == "yes"
+    assert t["the same scan, forward+backward over forward"]["met"] == "yes"     # 2.86 <= 3
+
+
+def test_rows_measured_twice_are_shown_with_their_spread():
+    runs = [("1", fake_run([row(gc.SWIN, "eager", "float32", False, 2000.0)])),
+            ("2", fake_run([row(gc.SWIN, "eager", "float32", False, 2020.0)]))]
+    (rep,) = gr.repeats(runs)
+    assert rep["img_s"] == {"1": 2000.0, "2": 2020.0} and rep["spread"] == pytest.approx(0.01)
+
+
+def test_a_file_that_is_not_gpu_check_output_is_refused(tmp_path):
+    bad = tmp_path / "bench.json"
+    bad.write_text(json.dumps({"models": []}))
+    with pytest.raises(SystemExit, match="not a gpu_check gpu.json"):
+        gr.main(["--out-dir", str(tmp_path), str(bad)])

@@ -22,11 +22,12 @@ says so in gpu.json, and what a phase leaves goes to the next. A phase that fail
              against the same scan in float64 on the device                          [by 158]
   3 models   batch 128, 224 px, in model_plan's order: vmamba_tiny_s1l8, Swin-T (timm),
              vanilla_vmamba_tiny; inference eager / compiled / compile_blocks, fp32 / bf16
-             autocast; training steps (fwd + CE + bwd + fused AdamW); "floor" (s1l8 with its
-             scan replaced by elementwise work on the same inputs) and "chunked" (compiled
-             with the chunked scan forced) variants; img/s, compile s, peak GB, ratio to
-             Swin-T's best row of the same kind; logits of each inference row against
-             the eager fp32 row of its model                                   [by 374]
+             autocast; training steps (fwd + CE + bwd + fused AdamW); variants "floor" (s1l8
+             with its scan replaced by elementwise work on the same inputs), "chunked"
+             (compiled with the chunked scan forced), "tf32" (TF32 matrix products) and
+             "autotune" (mode max-autotune-no-cudagraphs); img/s, compile s, peak GB, ratio
+             to Swin-T's best row of the same kind and precision; logits of each inference
+             row against the eager fp32 row of its model                       [by 374]
   4 profile  torch.profiler, top 30 ops by self device time: compiled s1l8 inference and one
              training step (eager if it was not compiled in time) -> profile.txt     [by 403]
   5 tests    the CUDA test subset, pytest in a subprocess per set (TEST_SETS)        [by 466]
@@ -106,8 +107,12 @@ MATMUL_N = 8192
 WARMUP, WARM_S, REPS_MIN, REPS_MAX, CELL_S = 2, 0.3, 5, 50, 1.5
 # first guesses of the seconds one item takes (build, compile call, timed calls), replaced by
 # what the run measures; a compiled scan item is two compiles (fwd and fwd+bwd graphs)
-EST_S = {"scan compiled": 40, "scan eager": 6, "model eager": 12, "model compiled": 75,
-         "model blocks": 45, "train eager": 15, "train compiled": 150}
+# (the first H200 run, torch 2.11: compiled scans 15 s (v2) and 93 s (v0, batch 32); models
+# eager 5 s, compiled 33-41 s, vanilla 167 s; training steps eager 5 s, compiled s1l8 140 s)
+EST_S = {"scan compiled": 40, "scan eager": 6, "model eager": 8, "model compiled": 45,
+         "model blocks": 45, "train eager": 8, "train compiled": 150,
+         ("model compiled", "vanilla_vmamba_tiny"): 170, "model compiled autotune": 180,
+         "train compiled autotune": 400}
 # a model's compiled training row, guessed from its compiled inference row: on 2 CPU cores the
 # compile tests took 390 s (training) and 156 s (inference)
 TRAIN_OVER_INFER = 2.5
@@ -154,27 +159,36 @@ class Plan:
 
 
 def model_plan(dry):
-    """The model rows in the order they run. variant: None (the model as it is: compiled on
-    CUDA its scans dispatch to scan_assoc), "floor" (the scan replaced by elementwise work:
-    floor_scan) or "chunked" (compiled with the chunked scan forced: scan._use_assoc off)."""
+    """The model rows in the order they run, the GPU issue's targets first: each ratio's
+    numerator and denominator (ours and Swin-T, same kind and dtype) next to each other, float32
+    inference, training, bf16, then what may make either faster, then the rest. variant: None
+    (the model as it is: compiled on CUDA its scans dispatch to scan_assoc), "floor" (the scan
+    replaced by elementwise work: floor_scan), "chunked" (compiled with the chunked scan
+    forced: scan._use_assoc off), "tf32" (float32 matrix products on TF32 tensor cores, as
+    torch.set_float32_matmul_precision("high") sets) or "autotune" (torch.compile's mode
+    "max-autotune-no-cudagraphs": GEMM templates and kernel configs benchmarked)."""
     def row(model, mode="eager", dtype="float32", train=False, variant=None):
         return dict(model=model, mode=mode, dtype=dtype, train=train, variant=variant)
     if dry:
         return (row(OURS), row(SWIN), row(OURS, train=True), row(OURS, "compiled"),
                 row(OURS, "compiled", train=True), row(OURS, "compiled", variant="floor"),
                 row(OURS, "compiled", variant="chunked"), row(OURS, dtype="bfloat16"),
-                row(OURS, "blocks"))
+                row(OURS, "blocks"), row(OURS, "compiled", variant="tf32"),
+                row(OURS, "compiled", variant="autotune"))
     bf = "bfloat16"
     return (row(OURS), row(SWIN), row(OURS, train=True), row(SWIN, train=True),
-            row(OURS, "compiled"), row(OURS, "compiled", train=True),
-            row(SWIN, "compiled"), row(SWIN, "compiled", train=True),
-            row(OURS, "compiled", variant="floor"), row(OURS, "compiled", variant="chunked"),
+            row(OURS, "compiled"), row(SWIN, "compiled"),
+            row(OURS, "compiled", train=True), row(SWIN, "compiled", train=True),
             row(OURS, dtype=bf), row(SWIN, dtype=bf),
             row(OURS, "compiled", bf), row(SWIN, "compiled", bf),
+            row(OURS, "compiled", variant="tf32"), row(SWIN, "compiled", variant="tf32"),
             row(OURS, "compiled", bf, train=True), row(SWIN, "compiled", bf, train=True),
-            row(OURS, "blocks"), row(OURS, "blocks", bf),
-            row(VANILLA), row(VANILLA, dtype=bf), row(VANILLA, "compiled"),
-            row(VANILLA, "compiled", bf), row(VANILLA, "blocks"),
+            row(OURS, "compiled", variant="autotune"), row(SWIN, "compiled", variant="autotune"),
+            row(VANILLA), row(VANILLA, "compiled"), row(VANILLA, dtype=bf),
+            row(VANILLA, "compiled", bf), row(OURS, "blocks"), row(OURS, "blocks", bf),
+            row(OURS, "compiled", variant="chunked"), row(OURS, "compiled", variant="floor"),
+            row(VANILLA, "blocks"), row(OURS, "compiled", train=True, variant="tf32"),
+            row(SWIN, "compiled", train=True, variant="tf32"),
             row(OURS, "compiled", train=True, variant="floor"),
             row(OURS, "compiled", train=True, variant="chunked"),
             row(VANILLA, "compiled", train=True), row(VANILLA, "compiled", bf, train=True))
@@ -201,7 +215,8 @@ def _plan(args):
     # minutes on a 2-core CPU, and the repository's tests cover them.
     tiny_tests = (("scan", ["test_scan.py", "-k", "golden_selective_scan and plain"]),)
     est = {**EST_S, "scan compiled": 30, "model compiled": 10, "model blocks": 10,
-           "train compiled": 15, ("scan compiled", "assoc compiled"): 10}
+           "train compiled": 15, ("scan compiled", "assoc compiled"): 10,
+           "model compiled autotune": 10, "train compiled autotune": 15}
     cells = tuple(("v2", 2, p) for p in ("chunked eager", "assoc compiled",
                                          "assoc compiled, reduce", "chunked compiled",
                                          "assoc eager")) + \
@@ -479,17 +494,22 @@ def raise_recompile_limits():
             setattr(torch._dynamo.config, name, 1024)
 
 
+def precision(row):
+    """What a row's arithmetic is: its dtype, or "tf32" for float32 with TF32 matrix products."""
+    return "tf32" if row.get("variant") == "tf32" else row["dtype"]
+
+
 def add_swin_ratios(rows):
-    """Each row's img/s over the best Swin-T row of its kind (inference or training) and dtype,
-    eager or compiled: a float32 row is never divided by a bfloat16 one."""
+    """Each row's img/s over the best Swin-T row of its kind (inference or training) and
+    precision, eager or compiled: a float32 row is never divided by a bfloat16 or TF32 one."""
     best = {}
     for r in rows:
         if r.get("model") == SWIN and r.get("img_s"):
-            key = (r["train"], r["dtype"])
+            key = (r["train"], precision(r))
             best[key] = max(best.get(key, 0), r["img_s"])
     for r in rows:
-        if r.get("img_s") and best.get((r["train"], r["dtype"])):
-            r["vs_swin_best"] = r["img_s"] / best[(r["train"], r["dtype"])]
+        if r.get("img_s") and best.get((r["train"], precision(r))):
+            r["vs_swin_best"] = r["img_s"] / best[(r["train"], precision(r))]
 
 
 def run_phase(run, name, fn):
@@ -748,15 +768,16 @@ def scan_cell(run, row, fn, kind, inputs, gy, ref):
 
 def scan_cells(big, small):
     """(gen, batch, path) in the order they run, the most valuable first: the big batches'
-    eager baseline and assoc compiled (what the compiled models run on CUDA), the v2 assoc
-    scan with its group sums as a reduction kernel instead of atomic adds (it decides
-    scan_assoc.GROUP_SUM's default), chunked compiled (what they ran before), then batch 1
-    (comparable with earlier GPU runs), then assoc eager (a log-depth recursion of slices:
-    slow, and only where the state is small)."""
+    eager baseline, then v2's assoc compiled (what the compiled models run on CUDA), the same
+    with its group sums as a reduction kernel instead of atomic adds (it decides
+    scan_assoc.GROUP_SUM's default) and chunked compiled (what they ran before), then the same
+    for v0 (whose first compiles took 93 s on an H200, v2's 15 s), then batch 1 (comparable
+    with earlier GPU runs), then assoc eager (a log-depth recursion of slices: slow, and only
+    where the state is small)."""
     return tuple([(g, b, "chunked eager") for g, b in big] +
-                 [(g, b, "assoc compiled") for g, b in big] +
-                 [(g, b, "assoc compiled, reduce") for g, b in big if g == "v2"] +
-                 [(g, b, "chunked compiled") for g, b in big] +
+                 [(g, b, p) for g, b in big
+                  for p in ("assoc compiled", "assoc compiled, reduce", "chunked compiled")
+                  if g == "v2" or p != "assoc compiled, reduce"] +
                  [(g, b, p) for g, b in small
                   for p in ("chunked eager", "assoc compiled", "chunked compiled")] +
                  [(g, b, "assoc eager") for g, b in big + small])
@@ -885,12 +906,31 @@ def floor_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False,
 
 def variant_patch(variant):
     """The patch a model variant runs under: vmamba_min imports selective_scan by name, so the
-    floor swaps that name for floor_scan; "chunked" turns off the dispatch to scan_assoc."""
+    floor swaps that name for floor_scan; "chunked" turns off the dispatch to scan_assoc;
+    "tf32" allows TF32 matrix products for the row (compile and timed calls); "autotune" needs
+    none (build_runner passes the mode)."""
     import contextlib
     import vmamba_min
     if variant == "floor":
         return Patch(vmamba_min, "selective_scan", floor_scan, mark=True)
+    if variant == "tf32":
+        return tf32_matmuls()
     return force_chunked() if variant == "chunked" else contextlib.nullcontext()
+
+
+class tf32_matmuls:
+    """torch.backends.cuda.matmul.allow_tf32 on while the row runs, as it was afterwards."""
+
+    def __enter__(self):
+        import torch
+        self.was = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+        torch.backends.cuda.matmul.allow_tf32 = self.was
+        return False
 
 
 def row_name(spec):
@@ -916,7 +956,10 @@ def build_runner(run, spec):
     model = model.to(run.dev).train(spec["train"])
     fwd = model
     if spec["mode"] == "compiled":
-        fwd = torch.compile(model, dynamic=False, backend=run.plan.model_backend)
+        # max-autotune's mode is Inductor's (the dry run's aot_eager takes none)
+        mode = "max-autotune-no-cudagraphs" if spec["variant"] == "autotune" and \
+            run.plan.model_backend == "inductor" else None
+        fwd = torch.compile(model, dynamic=False, backend=run.plan.model_backend, mode=mode)
     elif spec["mode"] == "blocks":
         import vmamba_min
         vmamba_min.compile_blocks(model, backend=run.plan.model_backend)
@@ -995,7 +1038,8 @@ def phase_models(run):
         if spec["model"] != SWIN and spec["variant"] != "floor":
             row["scan_path"] = ("chunked" if spec["mode"] == "eager" or
                                 spec["variant"] == "chunked" else compiled_scan_path(run.dev))
-        kind = f"{'train' if spec['train'] else 'model'} {spec['mode']}"
+        kind = f"{'train' if spec['train'] else 'model'} {spec['mode']}" + (
+            " autotune" if spec["variant"] == "autotune" else "")   # benchmarks while compiling
         if spec["model"] == SWIN and not have_timm:
             row["skipped"] = "timm not importable"
         elif spec["model"] == SWIN and spec["mode"] == "blocks":
@@ -1383,7 +1427,7 @@ def summary(res):
                     ("err_max", "err", "{:.0e}"), (note, "note", "{}")])]
     if res.get("models"):
         out += ["", f"models (batch {res['models'][0].get('batch')}, {res['models'][0].get('res')} "
-                "px; vs swin: img/s / Swin-T's best of the same kind and dtype; err: logits vs "
+                "px; vs swin: img/s / Swin-T's best of the same kind and precision; err: logits vs "
                 "eager fp32)",
                 table(res["models"], [
                     ("name", "row", "{}"), ("img_s", "img/s", "{:.0f}"), ("ms", "ms", "{:.1f}"),

@@ -124,7 +124,7 @@ def test_summary_fits_120_columns():
     assert any(ln.startswith("s1l8-chunked compiled bf16 train ") for ln in lines)
 
 
-def test_swin_ratio_divides_by_swin_of_the_same_kind_and_dtype():
+def test_swin_ratio_divides_by_swin_of_the_same_kind_and_precision():
     """Seen on the first H200 run: s1l8's float32 row was divided by Swin-T's bfloat16 row."""
     rows = [dict(model=gc.SWIN, train=False, dtype="float32", img_s=2000.0),
             dict(model=gc.SWIN, train=False, dtype="float32", img_s=2500.0),
@@ -133,9 +133,13 @@ def test_swin_ratio_divides_by_swin_of_the_same_kind_and_dtype():
             dict(model=gc.OURS, train=False, dtype="float32", img_s=3000.0),
             dict(model=gc.OURS, train=False, dtype="bfloat16", img_s=4000.0),
             dict(model=gc.OURS, train=True, dtype="float32", img_s=500.0),
-            dict(model=gc.OURS, train=True, dtype="bfloat16", img_s=600.0)]
+            dict(model=gc.OURS, train=True, dtype="bfloat16", img_s=600.0),
+            dict(model=gc.SWIN, train=False, dtype="float32", variant="tf32", img_s=6000.0),
+            dict(model=gc.OURS, train=False, dtype="float32", variant="tf32", img_s=4500.0),
+            dict(model=gc.OURS, train=False, dtype="float32", variant="autotune", img_s=2000.0)]
     gc.add_swin_ratios(rows)
-    assert [r.get("vs_swin_best") for r in rows[4:]] == [1.2, 0.8, 0.5, None]
+    assert [r.get("vs_swin_best") for r in rows[4:8]] == [1.2, 0.8, 0.5, None]
+    assert [r.get("vs_swin_best") for r in rows[9:]] == [0.75, 0.8]   # TF32 apart, autotune not
 
 
 @pytest.mark.parametrize("argv", [["--budget-s", "-1"], ["--hard-s", "0"], ["--v0-batch", "0"]])

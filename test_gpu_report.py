@@ -35,12 +35,12 @@ def test_committed_page_is_what_its_command_writes(tmp_path):
         assert fresh == (ROOT / f"docs/results-cuda.{ext}").read_text(), ext
 
 
-def row(model, mode, dtype, train, img_s, run_name=None, **kw):
+def row(model, mode, dtype, train, img_s, run_name=None, variant=None, **kw):
     short = {gc.OURS: "s1l8", gc.SWIN: "swin-t", gc.VANILLA: "vanilla"}[model]
     name = run_name or f"{short} {mode} {'fp32' if dtype == 'float32' else 'bf16'} " \
                        f"{'train' if train else 'infer'}"
     return dict(model=model, mode=mode, dtype=dtype, train=train, img_s=img_s, name=name,
-                variant=None, **kw)
+                variant=variant, **kw)
 
 
 def fake_run(models, scan=()):
@@ -54,10 +54,16 @@ def test_targets_ratio_within_kind_and_dtype_across_runs():
                             row(gc.OURS, "compiled", "float32", True, 700.0),
                             row(gc.SWIN, "eager", "float32", True, 1000.0)])),
             ("2", fake_run([row(gc.SWIN, "compiled", "float32", False, 2500.0, compile_s=20.0),
+                            row(gc.SWIN, "compiled", "float32", False, 7000.0,
+                                run_name="swin-t-tf32 compiled fp32 infer", variant="tf32"),
+                            row(gc.OURS, "compiled", "float32", False, 5600.0,
+                                run_name="s1l8-tf32 compiled fp32 infer", variant="tf32"),
                             row(gc.SWIN, "eager", "float32", False, 2000.0),
                             row(gc.VANILLA, "compiled", "float32", False, 500.0,
                                 compile_s=90.0)]))]
     t = {x["target"]: x for x in gr.target_rows(runs)}
+    tf32 = t["s1l8 compiled inference, fp32 with TF32 matmuls, x Swin-T's best"]
+    assert tf32["measured"].startswith("0.80x (5600 img/s, run 2; Swin-T: swin-t-tf32 ")
     infer = t["s1l8 compiled inference, fp32, x Swin-T's best"]
     assert infer["measured"].startswith("1.20x (3000 img/s, run 1; Swin-T: swin-t compiled fp32 "
                                         "infer (run 2))") and infer["met"] == "yes"

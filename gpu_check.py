@@ -24,8 +24,9 @@ says so in gpu.json, and what a phase leaves goes to the next. A phase that fail
              vanilla_vmamba_tiny; inference eager / compiled / compile_blocks, fp32 / bf16
              autocast; training steps (fwd + CE + bwd + fused AdamW); variants "floor" (s1l8
              with its scan replaced by elementwise work on the same inputs), "chunked"
-             (compiled with the chunked scan forced), "tf32" (TF32 matrix products) and
-             "autotune" (mode max-autotune-no-cudagraphs); img/s, compile s, peak GB, ratio
+             (compiled with the chunked scan forced), "tf32" (TF32 matrix products),
+             "coordesc" (Inductor's coordinate_descent_tuning) and "autotune" (mode
+             max-autotune-no-cudagraphs); img/s, compile s, peak GB, ratio
              to Swin-T's best row of the same kind and precision; logits of each inference
              row against the eager fp32 row of its model                       [by 374]
   4 profile  torch.profiler, top 30 ops by self device time: compiled s1l8 inference and one
@@ -112,7 +113,8 @@ WARMUP, WARM_S, REPS_MIN, REPS_MAX, CELL_S = 2, 0.3, 5, 50, 1.5
 EST_S = {"scan compiled": 40, "scan eager": 6, "model eager": 8, "model compiled": 45,
          "model blocks": 45, "train eager": 8, "train compiled": 150,
          ("model compiled", "vanilla_vmamba_tiny"): 170, "model compiled autotune": 180,
-         "train compiled autotune": 400}
+         "train compiled autotune": 400, "model compiled coordesc": 90,
+         "train compiled coordesc": 250}   # the last four: guesses (benchmarks while compiling)
 # a model's compiled training row, guessed from its compiled inference row: on 2 CPU cores the
 # compile tests took 390 s (training) and 156 s (inference)
 TRAIN_OVER_INFER = 2.5
@@ -165,8 +167,11 @@ def model_plan(dry):
     (the model as it is: compiled on CUDA its scans dispatch to scan_assoc), "floor" (the scan
     replaced by elementwise work: floor_scan), "chunked" (compiled with the chunked scan
     forced: scan._use_assoc off), "tf32" (float32 matrix products on TF32 tensor cores, as
-    torch.set_float32_matmul_precision("high") sets) or "autotune" (torch.compile's mode
-    "max-autotune-no-cudagraphs": GEMM templates and kernel configs benchmarked)."""
+    torch.set_float32_matmul_precision("high") sets), "coordesc" (Inductor's
+    coordinate_descent_tuning: each Triton kernel's block sizes and warps searched around the
+    heuristic's pick; the scan kernels' tile decides whether a row's carry crosses warps) or
+    "autotune" (torch.compile's mode "max-autotune-no-cudagraphs": that search, plus GEMM
+    templates benchmarked against cuBLAS)."""
     def row(model, mode="eager", dtype="float32", train=False, variant=None):
         return dict(model=model, mode=mode, dtype=dtype, train=train, variant=variant)
     if dry:
@@ -174,7 +179,7 @@ def model_plan(dry):
                 row(OURS, "compiled", train=True), row(OURS, "compiled", variant="floor"),
                 row(OURS, "compiled", variant="chunked"), row(OURS, dtype="bfloat16"),
                 row(OURS, "blocks"), row(OURS, "compiled", variant="tf32"),
-                row(OURS, "compiled", variant="autotune"))
+                row(OURS, "compiled", variant="autotune"), row(OURS, "compiled", variant="coordesc"))
     bf = "bfloat16"
     return (row(OURS), row(SWIN), row(OURS, train=True), row(SWIN, train=True),
             row(OURS, "compiled"), row(SWIN, "compiled"),
@@ -183,6 +188,7 @@ def model_plan(dry):
             row(OURS, "compiled", bf), row(SWIN, "compiled", bf),
             row(OURS, "compiled", variant="tf32"), row(SWIN, "compiled", variant="tf32"),
             row(OURS, "compiled", bf, train=True), row(SWIN, "compiled", bf, train=True),
+            row(OURS, "compiled", variant="coordesc"), row(SWIN, "compiled", variant="coordesc"),
             row(OURS, "compiled", variant="autotune"), row(SWIN, "compiled", variant="autotune"),
             row(VANILLA), row(VANILLA, "compiled"), row(VANILLA, dtype=bf),
             row(VANILLA, "compiled", bf), row(OURS, "blocks"), row(OURS, "blocks", bf),
@@ -216,7 +222,8 @@ def _plan(args):
     tiny_tests = (("scan", ["test_scan.py", "-k", "golden_selective_scan and plain"]),)
     est = {**EST_S, "scan compiled": 30, "model compiled": 10, "model blocks": 10,
            "train compiled": 15, ("scan compiled", "assoc compiled"): 10,
-           "model compiled autotune": 10, "train compiled autotune": 15}
+           "model compiled autotune": 10, "train compiled autotune": 15,
+           "model compiled coordesc": 10, "train compiled coordesc": 15}
     cells = tuple(("v2", 2, p) for p in ("chunked eager", "assoc compiled",
                                          "assoc compiled, reduce", "chunked compiled",
                                          "assoc eager")) + \
@@ -907,8 +914,8 @@ def floor_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False,
 def variant_patch(variant):
     """The patch a model variant runs under: vmamba_min imports selective_scan by name, so the
     floor swaps that name for floor_scan; "chunked" turns off the dispatch to scan_assoc;
-    "tf32" allows TF32 matrix products for the row (compile and timed calls); "autotune" needs
-    none (build_runner passes the mode)."""
+    "tf32" allows TF32 matrix products for the row (compile and timed calls); "autotune" and
+    "coordesc" need none (build_runner passes them to torch.compile)."""
     import contextlib
     import vmamba_min
     if variant == "floor":
@@ -956,10 +963,16 @@ def build_runner(run, spec):
     model = model.to(run.dev).train(spec["train"])
     fwd = model
     if spec["mode"] == "compiled":
-        # max-autotune's mode is Inductor's (the dry run's aot_eager takes none)
-        mode = "max-autotune-no-cudagraphs" if spec["variant"] == "autotune" and \
-            run.plan.model_backend == "inductor" else None
-        fwd = torch.compile(model, dynamic=False, backend=run.plan.model_backend, mode=mode)
+        # Given to torch.compile, not set globally: Dynamo reuses the graph an equal earlier
+        # torch.compile made (same mode and options) whatever the config says now. Both are
+        # Inductor's (the dry run's aot_eager takes neither).
+        inductor = run.plan.model_backend == "inductor"
+        mode = "max-autotune-no-cudagraphs" if spec["variant"] == "autotune" and inductor \
+            else None
+        options = {"coordinate_descent_tuning": True} if spec["variant"] == "coordesc" and \
+            inductor else None
+        fwd = torch.compile(model, dynamic=False, backend=run.plan.model_backend, mode=mode,
+                            options=options)
     elif spec["mode"] == "blocks":
         import vmamba_min
         vmamba_min.compile_blocks(model, backend=run.plan.model_backend)
@@ -1039,7 +1052,7 @@ def phase_models(run):
             row["scan_path"] = ("chunked" if spec["mode"] == "eager" or
                                 spec["variant"] == "chunked" else compiled_scan_path(run.dev))
         kind = f"{'train' if spec['train'] else 'model'} {spec['mode']}" + (
-            " autotune" if spec["variant"] == "autotune" else "")   # benchmarks while compiling
+            f" {spec['variant']}" if spec["variant"] in ("autotune", "coordesc") else "")
         if spec["model"] == SWIN and not have_timm:
             row["skipped"] = "timm not importable"
         elif spec["model"] == SWIN and spec["mode"] == "blocks":

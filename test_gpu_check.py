@@ -200,3 +200,32 @@ def test_kernel_tar_holds_sources_and_the_autotuners_choices_not_binaries(tmp_pa
     assert names == {"kernels/INDEX.txt", "kernels/ab/wrapper.py", "kernels/ab/kernel.py",
                      "kernels/ab/f00d.best_config"}
     assert "s1l8 compiled fp32 infer" in index and "ab/wrapper.py" in index
+
+
+def test_variants_that_change_the_compiler_are_compile_arguments(tmp_path, monkeypatch):
+    """Dynamo reuses the graph an equal earlier torch.compile made (same mode and options),
+    whatever Inductor's global config says by then: a "coordesc" row set through
+    inductor_config.patch would have timed the plain row's kernels again. So the autotune and
+    coordesc rows must reach torch.compile as arguments, and only Inductor gets them."""
+    import dataclasses
+    seen = []
+
+    def fake_compile(model, **kw):
+        seen.append(kw)
+        return model
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    run = dry_run(tmp_path)
+    spec = dict(model=gc.OURS, mode="compiled", dtype="float32", train=False)
+    for backend in ("inductor", "aot_eager"):
+        run.plan = dataclasses.replace(run.plan, model_backend=backend)
+        for variant in (None, "tf32", "coordesc", "autotune"):
+            gc.build_runner(run, dict(spec, variant=variant))
+    mode_options = [(kw["mode"], kw["options"]) for kw in seen]
+    assert mode_options == [(None, None), (None, None),
+                            (None, {"coordinate_descent_tuning": True}),
+                            ("max-autotune-no-cudagraphs", None)] + [(None, None)] * 4
+    assert all(kw["dynamic"] is False for kw in seen)
+    was = torch.backends.cuda.matmul.allow_tf32
+    with gc.variant_patch("tf32"):
+        assert torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.cuda.matmul.allow_tf32 == was

@@ -222,10 +222,11 @@ def _plan(args):
     tiny_tests = (("scan", ["test_scan.py", "-k", "golden_selective_scan and plain"]),)
     est = {**EST_S, "scan compiled": 30, "model compiled": 10, "model blocks": 10,
            "train compiled": 15, ("scan compiled", "assoc compiled"): 10,
+           ("scan compiled", "assoc compiled, time-major"): 10,
+           ("scan compiled", "assoc compiled, coordesc"): 10,
            "model compiled autotune": 10, "train compiled autotune": 15,
            "model compiled coordesc": 10, "train compiled coordesc": 15}
-    cells = tuple(("v2", 2, p) for p in ("chunked eager", "assoc compiled",
-                                         "assoc compiled, reduce", "chunked compiled",
+    cells = tuple(("v2", 2, p) for p in ("chunked eager", *SCAN_COMPILED_PATHS,
                                          "assoc eager")) + \
         (("v0", 2, "chunked eager"), ("v0", 2, "assoc eager"), ("v2", 1, "chunked eager"))
     return Plan(scan_shapes={"v2": (8, 64, 1), "v0": (16, 64, 16)},
@@ -773,6 +774,18 @@ def scan_cell(run, row, fn, kind, inputs, gy, ref):
             row[f"{p}_x_floor"] = row[f"{p}_ms"] / row[f"{p}_floor_ms"]
 
 
+SCAN_COMPILED_PATHS = ("assoc compiled", "assoc compiled, reduce", "assoc compiled, time-major",
+                       "assoc compiled, coordesc", "chunked compiled")
+SCAN_EXPERIMENTS = ("assoc compiled, time-major", "assoc compiled, coordesc")
+
+
+def time_major(inputs):
+    """The scan's inputs with u and delta (b, K*D, L) stored time-major: same values and
+    shapes, strides (K*D, 1, b*K*D)."""
+    u, delta, *rest = inputs
+    return (*(t.permute(2, 0, 1).contiguous().permute(1, 2, 0) for t in (u, delta)), *rest)
+
+
 def scan_cells(big, small):
     """(gen, batch, path) in the order they run, the most valuable first: the big batches'
     eager baseline, then v2's assoc compiled (what the compiled models run on CUDA), the same
@@ -780,10 +793,12 @@ def scan_cells(big, small):
     scan_assoc.GROUP_SUM's default) and chunked compiled (what they ran before), then the same
     for v0 (whose first compiles took 93 s on an H200, v2's 15 s), then batch 1 (comparable
     with earlier GPU runs), then assoc eager (a log-depth recursion of slices: slow, and only
-    where the state is small)."""
+    where the state is small). Two compiled paths are experiments, not what the models run:
+    "time-major" (u and delta stored time-major, (L, b, K*D), as the scan's output already
+    is: do loads contiguous along the channels, like its stores, make the scan kernel
+    faster?) and "coordesc" (Inductor's coordinate_descent_tuning: does another tile?)."""
     return tuple([(g, b, "chunked eager") for g, b in big] +
-                 [(g, b, p) for g, b in big
-                  for p in ("assoc compiled", "assoc compiled, reduce", "chunked compiled")
+                 [(g, b, p) for g, b in big for p in SCAN_COMPILED_PATHS
                   if g == "v2" or p != "assoc compiled, reduce"] +
                  [(g, b, p) for g, b in small
                   for p in ("chunked eager", "assoc compiled", "chunked compiled")] +
@@ -808,15 +823,20 @@ def phase_scan(run):
                                   "by a reduction kernel; default: atomic adds); its first "
                                   "calls include a Dynamo recompile of the same function",
         "reference": "scan.selective_scan in float64, eager, on the device",
+        "assoc compiled, time-major": "the same with u and delta stored time-major, (L, b, "
+                                      "K*D) (an experiment: the models pass (b, K*D, L))",
+        "assoc compiled, coordesc": "the same compiled with Inductor's "
+                                    "coordinate_descent_tuning (an experiment)",
         "floor": "bytes the call must move (scan_floor) / measured copy bandwidth; a memory "
                  "floor only: at N = 16 the exps (one per state) may bound first",
         "v0 batch": f"{run.args.v0_batch}: at 128 one (b, K*D, L, N) float32 state is "
                     f"19.7 GB (see V0_BATCH)", "backends": run.plan.scan_backends or "inductor"}
 
-    def compiled(name, fn):
+    def compiled(name, fn, **options):
         backend = run.plan.scan_backends.get(name, "inductor")
-        return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
-    # path -> (function, kind, what it runs under)
+        return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend,
+                             options=options if options and backend == "inductor" else None)
+    # path -> (function, kind, what it runs under[, what it does to the inputs])
     paths = {"chunked eager": (chunked, "scan eager", contextlib.nullcontext),
              "chunked compiled": (compiled("chunked compiled", chunked), "scan compiled",
                                   force_chunked)}
@@ -825,6 +845,12 @@ def phase_scan(run):
                                          contextlib.nullcontext),
                       "assoc compiled, reduce": (compiled("assoc compiled", assoc),
                                                  "scan compiled", group_sums_by_reduction),
+                      "assoc compiled, time-major": (compiled("assoc compiled", assoc),
+                                                     "scan compiled", contextlib.nullcontext,
+                                                     time_major),
+                      "assoc compiled, coordesc": (compiled("assoc compiled", assoc,
+                                                            coordinate_descent_tuning=True),
+                                                   "scan compiled", contextlib.nullcontext),
                       "assoc eager": (assoc, "scan eager", contextlib.nullcontext)})
     else:
         run.res["notes"].append(f"assoc paths skipped: {assoc_name}")
@@ -842,10 +868,12 @@ def phase_scan(run):
         elif not run.fits("scan", run.estimate(paths[name][1], name)):
             row["skipped"] = run.skip("scan", what, run.estimate(paths[name][1], name))
         else:
-            fn, kind, context = paths[name]
+            fn, kind, context, *transform = paths[name]
             if (gen, batch) not in shapes:
                 shapes[(gen, batch)] = scan_shape(run, gen, batch, chunked)
             inputs, gy, floor, ref = shapes[(gen, batch)]
+            for t in transform:
+                inputs = t(inputs)
             row.update(floor)
             run.begin(what)
             t = time.time()

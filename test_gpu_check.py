@@ -27,7 +27,9 @@ def test_arguments():
     plan = gc.make_plan(gc.parse_args(["--v0-batch", "16", "--out", "x"]))
     assert ("v0", 16, "assoc compiled") in plan.scan_cells and plan.model_backend == "inductor"
     assert ('v2', 128, 'assoc compiled, reduce') in plan.scan_cells
-    assert len(set(plan.scan_cells)) == len(plan.scan_cells) == 17   # 4 shapes x 4 paths, + 1
+    # 4 shapes x 4 paths (chunked eager and compiled, assoc compiled and eager), + reduce,
+    # time-major and coordesc at both big batches (reduce: v2 only)
+    assert len(set(plan.scan_cells)) == len(plan.scan_cells) == 21
     ends = [plan.phase_end[p] for p in gc.PHASES]
     assert ends == sorted(ends) and ends[-1] == 1.0
     # --rows narrows the model rows to names containing a part, in model_plan's order
@@ -229,3 +231,19 @@ def test_variants_that_change_the_compiler_are_compile_arguments(tmp_path, monke
     with gc.variant_patch("tf32"):
         assert torch.backends.cuda.matmul.allow_tf32
     assert torch.backends.cuda.matmul.allow_tf32 == was
+
+
+def test_time_major_inputs_are_the_same_values_stored_channels_fastest():
+    g = torch.Generator().manual_seed(0)
+    b, KD, L, N = 2, 8, 5, 3
+    inputs = (torch.randn(b, KD, L, generator=g), torch.randn(b, KD, L, generator=g),
+              -torch.rand(KD, N, generator=g), torch.randn(b, 2, N, L, generator=g),
+              torch.randn(b, 2, N, L, generator=g), torch.randn(KD, generator=g),
+              torch.randn(KD, generator=g))
+    moved = gc.time_major(inputs)
+    assert [m.stride() for m in moved[:2]] == [(KD, 1, b * KD)] * 2
+    assert all(torch.equal(a, m) for a, m in zip(inputs, moved)) and moved[2:] == inputs[2:]
+    # the same scan: another layout may reorder float32 sums of at most L*N products
+    y = scan.selective_scan(*inputs, delta_softplus=True)
+    err = (scan.selective_scan(*moved, delta_softplus=True) - y).norm() / y.norm()
+    assert err <= 2 * L * N * torch.finfo(torch.float32).eps

@@ -4,6 +4,8 @@
     python gpu_check.py --phases models,profile  a second run of some phases
     python gpu_check.py --phases models --rows chunked,vanilla    only model rows whose names
                                                 contain one of these (names as in gpu.json)
+    python gpu_check.py --phases scan --scans 'v0 b32 assoc compiled'   likewise scan cells
+                                                (';' between parts: path names hold commas)
     python gpu_check.py --device cpu --dry-run  the same code paths at tiny shapes (CPU, ~3 min;
                                                 aot_eager for most compiles: see _plan)
 
@@ -203,11 +205,38 @@ def model_plan(dry):
 def make_plan(args):
     """The plan of a run, its model rows narrowed to --rows if given."""
     plan = _plan(args)
+    import dataclasses
+    plan = dataclasses.replace(plan, phase_end=asked_phase_ends(plan.phase_end, args.phases))
     if args.rows:
-        import dataclasses
         plan = dataclasses.replace(plan, rows=tuple(
             r for r in plan.rows if any(part in row_name(r) for part in args.rows)))
+    if args.scans:
+        plan = dataclasses.replace(plan, scan_cells=tuple(
+            c for c in plan.scan_cells if any(part in cell_name(c) for part in args.scans)))
     return plan
+
+
+def asked_phase_ends(ends, asked):
+    """The phases' end marks when only some run: each asked phase keeps its share of the budget
+    (its mark minus the previous one's), the shares scaled to fill the whole budget; a phase not
+    asked ends where the last asked one before it ends (card always runs)."""
+    share, prev = {}, 0.0
+    for name in PHASES:
+        share[name], prev = ends[name] - prev, ends[name]
+    runs = [n for n in PHASES if n in asked or n == "card"]
+    total = sum(share[n] for n in runs)
+    out, at = {}, 0.0
+    for name in PHASES:
+        if name in runs:
+            at += share[name] / total
+        out[name] = at
+    out[PHASES[-1] if PHASES[-1] in runs else runs[-1]] = 1.0     # no rounding left over
+    return out
+
+
+def cell_name(cell):
+    gen, batch, path = cell
+    return f"{gen} b{batch} {path}"
 
 
 def _plan(args):
@@ -256,6 +285,10 @@ def build_parser():
     p.add_argument("--rows", type=lambda t: [x for x in t.split(",") if x], default=None,
                    metavar="PARTS", help="model rows whose name contains one of these (comma-"
                    "separated), e.g. 'vanilla,chunked' (names: 's1l8 compiled fp32 train')")
+    p.add_argument("--scans", type=lambda t: [x.strip() for x in t.split(";") if x.strip()],
+                   default=None, metavar="PARTS", help="scan cells whose name contains one of "
+                   "these (';'-separated: paths hold commas), e.g. 'v0 b32 assoc compiled' "
+                   "(names: 'v2 b128 assoc compiled, reduce')")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--t0", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
@@ -284,6 +317,13 @@ def parse_args(argv=None):
         if bad:
             build_parser().error(f"--rows: {', '.join(map(repr, bad))} in no model row's name; "
                                  f"rows: {'; '.join(names)}")
+    if args.scans is not None:
+        names = [cell_name(c) for c in _plan(args).scan_cells]
+        bad = [p for p in args.scans if not any(p in n for n in names)] or \
+            ([] if args.scans else ["(empty)"])
+        if bad:
+            build_parser().error(f"--scans: {', '.join(map(repr, bad))} in no scan cell's "
+                                 f"name; cells: {'; '.join(names)}")
     return args
 
 

@@ -247,3 +247,23 @@ def test_time_major_inputs_are_the_same_values_stored_channels_fastest():
     y = scan.selective_scan(*inputs, delta_softplus=True)
     err = (scan.selective_scan(*moved, delta_softplus=True) - y).norm() / y.norm()
     assert err <= 2 * L * N * torch.finfo(torch.float32).eps
+
+
+def test_a_run_of_some_phases_gives_them_the_whole_budget():
+    """Seen on the H200: a second run of card and models (budget 300 s) ended its models
+    phase at the default mark, 0.78 of the budget, and skipped rows with 66 s unused."""
+    ends = gc.make_plan(gc.parse_args(["--out", "x", "--phases", "card,models"])).phase_end
+    assert ends["models"] == 1.0 and ends["card"] == pytest.approx(0.04 / 0.49)
+    ends = gc.make_plan(gc.parse_args(["--out", "x", "--phases", "scan,tests"])).phase_end
+    assert ends["scan"] == pytest.approx(0.33 / 0.46) and ends["tests"] == 1.0
+    assert gc.make_plan(gc.parse_args(["--out", "x"])).phase_end == gc.PHASE_END
+
+
+def test_scans_narrows_the_scan_cells_and_refuses_a_name_no_cell_has():
+    args = gc.parse_args(["--out", "x", "--scans",
+                          "v0 b32 assoc compiled, time-major; v2 b1 assoc"])
+    cells = [gc.cell_name(c) for c in gc.make_plan(args).scan_cells]
+    assert cells == ["v0 b32 assoc compiled, time-major", "v2 b1 assoc compiled",
+                     "v2 b1 assoc eager"]
+    with pytest.raises(SystemExit):
+        gc.parse_args(["--out", "x", "--scans", "v3"])

@@ -4,7 +4,9 @@
     python cuda_codegen.py model --name vmamba_tiny_s1l8 --batch 128 [--dtype bfloat16] [--chunked]
     python cuda_codegen.py model --name vmamba_tiny_s1l8 --batch 128 --train   (fp32 only)
     (--out DIR writes each graph's generated module; --top N lists the N kernels that move the
-    most bytes; --dynamic compiles with symbolic sizes)
+    most bytes; --dynamic compiles with symbolic sizes; --resources compiles each scan kernel
+    for sm_90a at every launch config Inductor's autotuner would try, and prints registers,
+    spilled bytes, shared memory and warp shuffles per config)
 
 Nothing runs and nothing is timed. Inputs and weights are fake CUDA tensors (shapes only), the
 CUDA device queries answer as an H100/H200 would (compute capability 9.0, 132 SMs), and Inductor
@@ -344,6 +346,92 @@ def report(graphs, floor=None, top=0):
     return "\n".join(lines)
 
 
+KERNEL_RE = re.compile(       # a generated kernel in its wrapper module: name, source
+    r"(\w+) = async_compile\.triton\('\w+', '''(.*?)''', device_str='cuda'\)", re.S)
+HEURISTICS = ("reduction", "persistent_reduction", "pointwise")
+
+
+def kernel_configs(source, folder):
+    """A generated kernel's Triton function and the launch configs its heuristics decorator
+    offers the autotuner (which one runs is decided by timing them on the card). Triton reads
+    a kernel's source from its file: it is written into folder."""
+    import importlib.util
+    from torch._inductor.runtime import triton_heuristics as th
+    seen = {}
+
+    def capture(kind):
+        real = getattr(th, kind)
+
+        def heuristic(*args, **kw):
+            seen["configs"] = real(*args, **dict(kw, return_configs=True))
+            seen["meta"] = kw.get("triton_meta")
+            return lambda fn: fn
+        return heuristic
+    path = os.path.join(folder, f"kernel{len(os.listdir(folder))}.py")
+    with open(path, "w") as f:       # without its first call, which asks for a live driver
+        f.write(source.replace("triton_helpers.set_driver_to_gpu()", ""))
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    mod = importlib.util.module_from_spec(spec)
+    with contextlib.ExitStack() as stack:
+        for kind in HEURISTICS:
+            stack.enter_context(mock.patch.object(th, kind, capture(kind)))
+        spec.loader.exec_module(mod)
+    fn = [v for k, v in mod.__dict__.items() if k.startswith("triton_") and
+          hasattr(v, "arg_names")][-1]
+    return fn, seen["meta"], seen["configs"]
+
+
+def kernel_resources(fn, meta, config, cc=90):
+    """One launch config of a kernel, compiled by Triton for sm_<cc>a and assembled by ptxas
+    (the copy Triton ships): registers per thread, spilled bytes, shared memory, warp shuffles
+    and barriers in the PTX. Nothing runs: no GPU is needed."""
+    import subprocess
+    import tempfile
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    constexprs = {(fn.arg_names.index(k),): v for k, v in config.kwargs.items()}
+    src = ASTSource(fn=fn, signature=meta["signature"], constexprs=constexprs)
+    k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                       options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(k.asm["ptx"])
+        info = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{cc}a", ptx, "-o",
+                               os.path.join(tmp, "k.cubin")], capture_output=True, text=True,
+                              check=True).stderr
+    regs = re.search(r"Used (\d+) registers", info)
+    spill = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", info)]
+    return dict(regs=int(regs.group(1)) if regs else None, spill_bytes=sum(spill),
+                shared=k.metadata.shared, shuffles=k.asm["ptx"].count("shfl."),
+                barriers=k.asm["ptx"].count("bar.sync"))
+
+
+def resources_report(graphs):
+    """Every scan kernel of the graphs at every config its autotuner would try."""
+    import tempfile
+    lines = []
+    folder = tempfile.TemporaryDirectory()
+    for i, g in enumerate(graphs):
+        for name, source in KERNEL_RE.findall(g["code"]):
+            if "tl.associative_scan(" not in source:
+                continue
+            fn, meta, configs = kernel_configs(source, folder.name)
+            numel = ", ".join(f"{k} {v}" for k, v in re.findall(r"(\w+numel) = (\d+)", source))
+            lines.append(f"graph {i} {name[:60]} ({numel}; "
+                         f"{source.count('tl.associative_scan(')} scans)")
+            for c in configs:
+                r = kernel_resources(fn, meta, c)
+                tile = " x ".join(f"{k} {v}" for k, v in c.kwargs.items())
+                lines.append(f"  {tile}, {c.num_warps} warps: {r['regs']} registers, "
+                             f"{r['spill_bytes']} B spilled, {r['shared']} B shared, "
+                             f"{r['shuffles']} shuffles, {r['barriers']} barriers")
+    folder.cleanup()
+    return "\n".join(lines) or "no kernel with tl.associative_scan"
+
+
 def generate_case(args, chunked):
     """The graphs of a scan, a scan's backward or a model's inference, compiled for the fake
     card; with the memory floor of a scan and a description."""
@@ -383,6 +471,9 @@ def main(argv=None):
                    help="model: the training step's forward and backward graphs (fp32, "
                         "drop-path off; the optimizer not counted)")
     p.add_argument("--dynamic", action="store_true", help="torch.compile(dynamic=True)")
+    p.add_argument("--resources", action="store_true",
+                   help="registers, spills, shared memory and shuffles of each scan kernel at "
+                        "each launch config the autotuner would try (Triton and ptxas, sm_90a)")
     p.add_argument("--out", help="folder for each graph's generated module")
     p.add_argument("--top", type=int, default=0, metavar="N",
                    help="also list each graph's N kernels (scheduler nodes) that move the most "
@@ -420,6 +511,8 @@ def main(argv=None):
           f"torch {torch.__version__}, Triton {__import__('triton').__version__}, "
           f"sm_{H100.major}{H100.minor}")
     print(report(graphs, floor, args.top))
+    if args.resources:
+        print(resources_report(graphs))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         for i, g in enumerate(graphs):

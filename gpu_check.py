@@ -181,7 +181,8 @@ def model_plan(dry):
                 row(OURS, "compiled", train=True), row(OURS, "compiled", variant="floor"),
                 row(OURS, "compiled", variant="chunked"), row(OURS, dtype="bfloat16"),
                 row(OURS, "blocks"), row(OURS, "compiled", variant="tf32"),
-                row(OURS, "compiled", variant="autotune"), row(OURS, "compiled", variant="coordesc"))
+                row(OURS, "compiled", variant="autotune"),
+                row(OURS, "compiled", variant="coordesc"))
     bf = "bfloat16"
     return (row(OURS), row(SWIN), row(OURS, train=True), row(SWIN, train=True),
             row(OURS, "compiled"), row(SWIN, "compiled"),

@@ -1113,7 +1113,8 @@ def phase_models(run):
         "the call", "compile_s": "first call (compile + one run)",
         "floor": "s1l8 with vmamba_min.selective_scan replaced by elementwise work (floor_scan)",
         "chunked": "compiled with scan._use_assoc off: the chunked scan, not scan_assoc",
-        "backend": run.plan.model_backend, "paper": PAPER}
+        "compiled": "torch.compile(model, dynamic=False)", "backend": run.plan.model_backend,
+        "paper": PAPER}
     for spec in run.plan.rows:
         name = row_name(spec)
         row = dict(spec, name=name, batch=run.plan.batch, res=run.plan.res)

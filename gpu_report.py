@@ -34,6 +34,9 @@ MODEL_TARGETS = (
     ("vanilla compiled training step, fp32, x Swin-T's best", VANILLA, True, "float32", None),
 )
 SCAN_FLOOR_GOAL, SCAN_FWD_BWD_GOAL, COMPILE_S_GOAL = 2.0, 3.0, 60.0
+# how gpu_check has always compiled a model row (build_runner), for runs whose notes predate
+# the "compiled" note
+COMPILED = "torch.compile(model, dynamic=False)"
 
 
 def load(paths):
@@ -192,8 +195,8 @@ def markdown(runs, command):
             "img/s and ms: median of CUDA-event timings per batch; compile s: the first call; "
             "peak GB: allocated over what was resident; err: logits against the eager fp32 row "
             "of the same model; x swin: img/s over the Swin-T row named in the last column. "
-            f"floor: {notes.get('floor')}. chunked: {notes.get('chunked')}. TF32: "
-            f"{notes.get('tf32')}.", "", "```text",
+            f"compiled: {notes.get('compiled', COMPILED)}. floor: {notes.get('floor')}. "
+            f"chunked: {notes.get('chunked')}. TF32: {notes.get('tf32')}.", "", "```text",
             table(rows, [("name", "row", "{}"), ("run", "run", "{}"),
                          ("img_s", "img/s", "{:.0f}"), ("ms", "ms", "{:.1f}"),
                          ("x_swin", "x swin", "{:.2f}x"), ("compile_s", "compile s", "{:.0f}"),

@@ -1,6 +1,7 @@
 """The Triton code torch.compile would generate for a CUDA GPU, on a machine without one.
 
     python cuda_codegen.py scan  --gen v2 --batch 128 [--path assoc|chunked] [--backward]
+                                 [--time-major]
     python cuda_codegen.py model --name vmamba_tiny_s1l8 --batch 128 [--dtype bfloat16] [--chunked]
     python cuda_codegen.py model --name vmamba_tiny_s1l8 --batch 128 --train   (fp32 only)
     (--out DIR writes each graph's generated module; --top N lists the N kernels that move the
@@ -174,13 +175,16 @@ def generate(fn, args, dynamic=False):
     return graphs
 
 
-def scan_case(gen, batch):
+def scan_case(gen, batch, time_major=False):
     """The stage-1 scan of one generation: fake inputs and its memory floor (read the inputs,
-    write y; a fused kernel keeps the state on chip)."""
+    write y; a fused kernel keeps the state on chip). time_major: u and delta stored
+    (L, b, K*D), channels fastest, as the scan's output is."""
     KD, L, N = SCAN_SHAPES[gen]
     shapes = [(batch, KD, L), (batch, KD, L), (KD, N), (batch, K, N, L), (batch, K, N, L),
               (KD,), (KD,)]
     args = [torch.empty(s, device="cuda") for s in shapes]
+    if time_major:
+        args[:2] = [torch.empty(L, batch, KD, device="cuda").permute(1, 2, 0) for _ in "ud"]
     floor = (sum(math.prod(s) for s in shapes) + batch * KD * L) * 4
     return args, floor
 
@@ -383,8 +387,9 @@ def kernel_configs(source, folder):
 
 def kernel_resources(fn, meta, config, cc=90):
     """One launch config of a kernel, compiled by Triton for sm_<cc>a and assembled by ptxas
-    (the copy Triton ships): registers per thread, spilled bytes, shared memory, warp shuffles
-    and barriers in the PTX. Nothing runs: no GPU is needed."""
+    (the copy Triton ships): registers per thread, bytes spilled per thread (ptxas' spill
+    stores), shared memory, warp shuffles and barriers in the PTX. Nothing runs: no GPU is
+    needed."""
     import subprocess
     import tempfile
     import triton
@@ -403,8 +408,9 @@ def kernel_resources(fn, meta, config, cc=90):
                                os.path.join(tmp, "k.cubin")], capture_output=True, text=True,
                               check=True).stderr
     regs = re.search(r"Used (\d+) registers", info)
-    spill = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", info)]
-    return dict(regs=int(regs.group(1)) if regs else None, spill_bytes=sum(spill),
+    stores = re.search(r"(\d+) bytes spill stores", info)
+    return dict(regs=int(regs.group(1)) if regs else None,
+                spill_bytes=int(stores.group(1)) if stores else 0,    # spilled, per thread
                 shared=k.metadata.shared, shuffles=k.asm["ptx"].count("shfl."),
                 barriers=k.asm["ptx"].count("bar.sync"))
 
@@ -444,8 +450,9 @@ def generate_case(args, chunked):
             what = f"scan {args.gen} assoc backward, batch {args.batch}"
         elif args.what == "scan":
             fn = scan_fn(args.path)
-            inputs, floor = scan_case(args.gen, args.batch)
-            what = f"scan {args.gen} {args.path}, batch {args.batch}"
+            inputs, floor = scan_case(args.gen, args.batch, args.time_major)
+            what = (f"scan {args.gen} {args.path}, batch {args.batch}"
+                    f"{', u and delta time-major' if args.time_major else ''}")
         else:
             fn, inputs = model_case(model, args.batch, args.res, args.dtype)
             what = f"{args.name} {args.dtype}, batch {args.batch}, {args.res} px"
@@ -465,6 +472,8 @@ def main(argv=None):
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--chunked", action="store_true",
                    help="model: the chunked scan (scan._use_assoc off)")
+    p.add_argument("--time-major", action="store_true",
+                   help="scan: u and delta stored (L, b, K*D), channels fastest")
     p.add_argument("--backward", action="store_true",
                    help="scan: the associative scan's backward (scan_assoc._grads) instead")
     p.add_argument("--train", action="store_true",
@@ -481,7 +490,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     # Options of the other subcommand would be ignored: refuse them instead.
-    only = {"scan": ("--gen", "--path", "--backward"),
+    only = {"scan": ("--gen", "--path", "--backward", "--time-major"),
             "model": ("--name", "--res", "--dtype", "--chunked", "--train")}
     other = "model" if args.what == "scan" else "scan"
     given = [f for f in only[other] if any(a == f or a.startswith(f + "=") for a in argv)]
@@ -489,6 +498,8 @@ def main(argv=None):
         p.error(f"{', '.join(given)}: options of `{other}`, not of `{args.what}`")
     if args.batch < 1 or args.res < 4:
         p.error(f"--batch must be >= 1 and --res >= 4, got {args.batch} and {args.res}")
+    if args.time_major and args.backward:
+        p.error("--time-major is for the forward scan (the backward's inputs are its own)")
     if args.backward and (args.what != "scan" or args.path != "assoc"):
         p.error("--backward is for `scan` with --path assoc (a model's backward: model --train)")
     if args.train and (args.what != "model" or args.dtype != "float32" or args.dynamic):

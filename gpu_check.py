@@ -4,8 +4,9 @@
     python gpu_check.py --phases models,profile  a second run of some phases
     python gpu_check.py --phases models --rows chunked,vanilla    only model rows whose names
                                                 contain one of these (names as in gpu.json)
-    python gpu_check.py --phases scan --scans 'v0 b32 assoc compiled'   likewise scan cells
-                                                (';' between parts: path names hold commas)
+    python gpu_check.py --phases scan --scans 'v0 b32 assoc compiled$'  likewise scan cells
+                                                (';' between parts: path names hold commas; a
+                                                part ending in '$' is one cell's whole name)
     python gpu_check.py --device cpu --dry-run  the same code paths at tiny shapes (CPU, ~3 min;
                                                 aot_eager for most compiles: see _plan)
 
@@ -116,7 +117,8 @@ EST_S = {"scan compiled": 40, "scan eager": 6, "model eager": 8, "model compiled
          "model blocks": 45, "train eager": 8, "train compiled": 150,
          ("model compiled", "vanilla_vmamba_tiny"): 170, "model compiled autotune": 180,
          "train compiled autotune": 400, "model compiled coordesc": 90,
-         "train compiled coordesc": 250}   # the last four: guesses (benchmarks while compiling)
+         "train compiled coordesc": 250,   # the last four: guesses (benchmarks while compiling)
+         ("scan compiled", "v2"): 20, ("scan compiled", "v0"): 100}
 # a model's compiled training row, guessed from its compiled inference row: on 2 CPU cores the
 # compile tests took 390 s (training) and 156 s (inference)
 TRAIN_OVER_INFER = 2.5
@@ -213,7 +215,7 @@ def make_plan(args):
             r for r in plan.rows if any(part in row_name(r) for part in args.rows)))
     if args.scans:
         plan = dataclasses.replace(plan, scan_cells=tuple(
-            c for c in plan.scan_cells if any(part in cell_name(c) for part in args.scans)))
+            c for c in plan.scan_cells if any(scan_part_matches(p, c) for p in args.scans)))
     return plan
 
 
@@ -240,6 +242,13 @@ def cell_name(cell):
     return f"{gen} b{batch} {path}"
 
 
+def scan_part_matches(part, cell):
+    """--scans: a part ending in '$' names one cell exactly; any other, every cell whose name
+    contains it ('v0 b32 assoc compiled' also picks its ', reduce', ', time-major'...)."""
+    name = cell_name(cell)
+    return name == part[:-1] if part.endswith("$") else part in name
+
+
 def _plan(args):
     if not args.dry_run:
         big = tuple((g, args.v0_batch if g == "v0" else b) for g, b in SCAN_BIG)
@@ -251,9 +260,7 @@ def _plan(args):
     # minutes on a 2-core CPU, and the repository's tests cover them.
     tiny_tests = (("scan", ["test_scan.py", "-k", "golden_selective_scan and plain"]),)
     est = {**EST_S, "scan compiled": 30, "model compiled": 10, "model blocks": 10,
-           "train compiled": 15, ("scan compiled", "assoc compiled"): 10,
-           ("scan compiled", "assoc compiled, time-major"): 10,
-           ("scan compiled", "assoc compiled, coordesc"): 10,
+           "train compiled": 15, ("scan compiled", "v2"): 10, ("scan compiled", "v0"): 10,
            "model compiled autotune": 10, "train compiled autotune": 15,
            "model compiled coordesc": 10, "train compiled coordesc": 15}
     cells = tuple(("v2", 2, p) for p in ("chunked eager", *SCAN_COMPILED_PATHS,
@@ -288,8 +295,9 @@ def build_parser():
                    "separated), e.g. 'vanilla,chunked' (names: 's1l8 compiled fp32 train')")
     p.add_argument("--scans", type=lambda t: [x.strip() for x in t.split(";") if x.strip()],
                    default=None, metavar="PARTS", help="scan cells whose name contains one of "
-                   "these (';'-separated: paths hold commas), e.g. 'v0 b32 assoc compiled' "
-                   "(names: 'v2 b128 assoc compiled, reduce')")
+                   "these (';'-separated: paths hold commas), e.g. 'v0 b32 assoc compiled'; "
+                   "one ending in '$' is a whole name (names: 'v2 b128 assoc compiled, "
+                   "reduce')")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--t0", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
@@ -319,8 +327,9 @@ def parse_args(argv=None):
             build_parser().error(f"--rows: {', '.join(map(repr, bad))} in no model row's name; "
                                  f"rows: {'; '.join(names)}")
     if args.scans is not None:
-        names = [cell_name(c) for c in _plan(args).scan_cells]
-        bad = [p for p in args.scans if not any(p in n for n in names)] or \
+        cells = _plan(args).scan_cells
+        names = [cell_name(c) for c in cells]
+        bad = [p for p in args.scans if not any(scan_part_matches(p, c) for c in cells)] or \
             ([] if args.scans else ["(empty)"])
         if bad:
             build_parser().error(f"--scans: {', '.join(map(repr, bad))} in no scan cell's "
@@ -846,6 +855,16 @@ def scan_cells(big, small):
                  [(g, b, "assoc eager") for g, b in big + small])
 
 
+def scan_estimate(run, kind, gen, name):
+    """Seconds a scan cell takes: measured or guessed for this generation and path, else the
+    longest measured (or guessed) for this generation, else Run.estimate's fallbacks. Keyed by
+    generation: v0's compiles took 93 s on the H200, v2's 15 s."""
+    for who in (f"{gen} {name}", gen):
+        if (kind, who) in run.measured or (kind, who) in run.plan.est:
+            return run.estimate(kind, who)
+    return run.estimate(kind, name)
+
+
 def phase_scan(run):
     """Stage-1 scans in scan_cells' order: per path fwd and fwd+bwd ms, ratio, x floor, errors
     against float64. Compiles dominate (two per compiled path and shape): ~150 s."""
@@ -906,8 +925,8 @@ def phase_scan(run):
         elif name == "assoc eager" and elems > ERR_MAX_ELEMS:
             row["skipped"] = (f"eager assoc keeps g and h of every state index for its "
                               f"backward: only up to {ERR_MAX_ELEMS:.0e} state elements")
-        elif not run.fits("scan", run.estimate(paths[name][1], name)):
-            row["skipped"] = run.skip("scan", what, run.estimate(paths[name][1], name))
+        elif not run.fits("scan", scan_estimate(run, paths[name][1], gen, name)):
+            row["skipped"] = run.skip("scan", what, scan_estimate(run, paths[name][1], gen, name))
         else:
             fn, kind, context, *transform = paths[name]
             if (gen, batch) not in shapes:
@@ -925,7 +944,9 @@ def phase_scan(run):
                 row["error"] = error_text(e)
                 traceback.print_exc()
             if "error" not in row:
-                run.learn(kind, name, time.time() - t)
+                took = time.time() - t
+                run.learn(kind, f"{gen} {name}", took)
+                run.measured[(kind, gen)] = max(took, run.measured.get((kind, gen), 0.0))
             run.free()
             run.log("  " + scan_line(row))
         run.res["scan"].append(row)

@@ -57,20 +57,47 @@ def model_rows(runs):
             if r.get("img_s")]
 
 
-def best_swin(rows, train, prec):
-    ok = [r for r in rows if r["model"] == SWIN and r["train"] == train and precision(r) == prec]
+def best_swin(rows, train, prec, modes=("eager", "compiled")):
+    ok = [r for r in rows if r["model"] == SWIN and r["train"] == train and precision(r) == prec
+          and r["mode"] in modes]
     return max(ok, key=lambda r: r["img_s"]) if ok else None
 
 
 def with_ratios(rows):
     """Each row with its img/s over Swin-T's best row of the same kind and precision (dtype, or
-    TF32 matrix products; any run), and that row's name and run."""
+    TF32 matrix products; any run), and that row's name and run; and apart, over Swin-T's
+    eager row and over its best compiled row (None where that row was not run)."""
     out = []
     for r in rows:
-        ref = best_swin(rows, r["train"], precision(r))
+        key = (rows, r["train"], precision(r))
+        ref, eager, comp = (best_swin(*key), best_swin(*key, modes=("eager",)),
+                            best_swin(*key, modes=("compiled",)))
         out.append(dict(r, x_swin=ref and r["img_s"] / ref["img_s"],
-                        swin_row=ref and f"{ref['name']} (run {ref['run']})"))
+                        swin_row=ref and f"{ref['name']} (run {ref['run']})",
+                        x_swin_eager=eager and r["img_s"] / eager["img_s"],
+                        x_swin_compiled=comp and r["img_s"] / comp["img_s"]))
     return out
+
+
+def not_run(runs):
+    """Rows some run planned but none measured: (name, run, why)."""
+    done = {r["name"] for r in model_rows(runs)}
+    out = {}
+    for label, res in runs:
+        for r in res.get("models", []):
+            if r["name"] not in done and r["name"] not in out:
+                out[r["name"]] = (label, r.get("skipped") or r.get("error") or "no figure")
+    return [(n, label, why) for n, (label, why) in out.items()]
+
+
+def check_comparable(runs):
+    """Runs joined on one page must share the card, torch, batch and image size."""
+    def key(res):
+        h, m = res["header"], (res.get("models") or [{}])[0]
+        return h.get("gpu"), h.get("torch"), m.get("batch"), m.get("res")
+    keys = {key(res) for _, res in runs if res.get("models")}
+    if len(keys) > 1:
+        raise SystemExit(f"runs differ in card, torch, batch or image size: {sorted(keys)}")
 
 
 def target_rows(runs):
@@ -80,7 +107,8 @@ def target_rows(runs):
     for label, model, train, prec, goal in MODEL_TARGETS:
         mine = [r for r in rows if r["model"] == model and r["train"] == train
                 and precision(r) == prec and r["mode"] == "compiled"
-                and r.get("variant") in (None, "tf32", "autotune")]   # the model as it is
+                and r.get("variant") in (None, "tf32", "autotune", "coordesc")]   # the model
+        # as it is, however torch.compile was asked to tune it
         best = max(mine, key=lambda r: r["img_s"]) if mine else None
         if best is None or best["x_swin"] is None:
             value = "not measured" if best is None else (
@@ -166,6 +194,16 @@ def _run_rows(label, res):
                                      f"{h.get('python')}")]
 
 
+def tf32_text(runs):
+    """The TF32 settings the model rows ran with (torch's defaults, read by gpu_check)."""
+    seen = {json.dumps(res["header"].get("tf32_default"), sort_keys=True) for _, res in runs}
+    if len(seen) != 1 or seen == {"null"}:
+        return "torch's defaults (not recorded alike by every run)"
+    d = json.loads(seen.pop())
+    return (f"torch's defaults, matrix products {'on' if d.get('matmul') else 'off'}, cuDNN "
+            f"convolutions {'on' if d.get('cudnn') else 'off'}")
+
+
 def _cell(v):
     return str(v).replace("|", "\\|")
 
@@ -194,15 +232,30 @@ def markdown(runs, command):
     out += ["", f"## Models: batch {notes.get('batch')}, {notes.get('res')} px", "",
             "img/s and ms: median of CUDA-event timings per batch; compile s: the first call; "
             "peak GB: allocated over what was resident; err: logits against the eager fp32 row "
-            "of the same model; x swin: img/s over the Swin-T row named in the last column. "
+            "of the same model; x eager, x comp: img/s over Swin-T's eager row and over its best "
+            "compiled row of the same kind and precision; x swin: over the Swin-T row named in "
+            "the last column, the faster of the two. "
             f"compiled: {notes.get('compiled', COMPILED)}. floor: {notes.get('floor')}. "
-            f"chunked: {notes.get('chunked')}. TF32: {notes.get('tf32')}.", "", "```text",
+            f"chunked: {notes.get('chunked')}. TF32: {tf32_text(runs)}.", "", "```text",
             table(rows, [("name", "row", "{}"), ("run", "run", "{}"),
                          ("img_s", "img/s", "{:.0f}"), ("ms", "ms", "{:.1f}"),
+                         ("x_swin_eager", "x eager", "{:.2f}x"),
+                         ("x_swin_compiled", "x comp", "{:.2f}x"),
                          ("x_swin", "x swin", "{:.2f}x"), ("compile_s", "compile s", "{:.0f}"),
                          ("peak_gb", "peak GB", "{:.1f}"), ("err_vs_eager_fp32", "err",
                                                             "{:.0e}"),
                          ("swin_row", "against", "{}")]), "```"]
+    floor = [r for r in rows if r.get("variant") == "floor"]
+    for f in floor:
+        real = [r for r in rows if r["model"] == f["model"] and r["train"] == f["train"] and
+                r["dtype"] == f["dtype"] and r["mode"] == f["mode"] and not r.get("variant")]
+        if real and f["img_s"] < max(r["img_s"] for r in real):
+            out += ["", f"{f['name']} ran slower than the model with its real scan: on this "
+                        f"card the stand-in is no lower bound."]
+    missing = not_run(runs)
+    if missing:
+        out += ["", "Rows planned but not measured by any run:", ""] + [
+            f"- {n} (run {label}): {_cell(why)}" for n, label, why in missing]
     rep = repeats(runs)
     if rep:
         out += ["", "Rows measured by more than one run (img/s per run; spread: max / min - 1):",
@@ -251,6 +304,7 @@ def page_json(runs, command):
                              "phases": res.get("phases"), "tests": res.get("tests")}
                      for label, res in runs},
             "targets": target_rows(runs), "models": with_ratios(model_rows(runs)),
+            "not_run": [dict(name=n, run=label, why=why) for n, label, why in not_run(runs)],
             "repeats": repeats(runs),
             "scan": [dict(s, run=label) for label, res in runs for s in res.get("scan", [])],
             "profile": {label: res.get("profile") for label, res in runs if res.get("profile")}}
@@ -270,6 +324,7 @@ def main(argv=None):
     p.add_argument("--out-dir", default="docs", help="where results-cuda.md/.json go")
     args = p.parse_args(argv)
     runs = load(args.runs)
+    check_comparable(runs)
     command = " ".join(["python gpu_report.py", *(["--out-dir", args.out_dir]
                                                   if args.out_dir != "docs" else []),
                         *args.runs])

@@ -250,8 +250,9 @@ def test_time_major_inputs_are_the_same_values_stored_channels_fastest():
 
 
 def test_a_run_of_some_phases_gives_them_the_whole_budget():
-    """Seen on the H200: a second run of card and models (budget 300 s) ended its models
-    phase at the default mark, 0.78 of the budget, and skipped rows with 66 s unused."""
+    """A run of card and models at a 300 s budget ended its models phase at the default mark,
+    0.78 of the budget (234 s on the H200's second run): a row that did not fit by then
+    would have been skipped with 66 s unused."""
     ends = gc.make_plan(gc.parse_args(["--out", "x", "--phases", "card,models"])).phase_end
     assert ends["models"] == 1.0 and ends["card"] == pytest.approx(0.04 / 0.49)
     ends = gc.make_plan(gc.parse_args(["--out", "x", "--phases", "scan,tests"])).phase_end
@@ -261,9 +262,22 @@ def test_a_run_of_some_phases_gives_them_the_whole_budget():
 
 def test_scans_narrows_the_scan_cells_and_refuses_a_name_no_cell_has():
     args = gc.parse_args(["--out", "x", "--scans",
-                          "v0 b32 assoc compiled, time-major; v2 b1 assoc"])
+                          "v0 b32 assoc compiled, time-major; v2 b1 assoc; v0 b32 assoc compiled$"])
     cells = [gc.cell_name(c) for c in gc.make_plan(args).scan_cells]
-    assert cells == ["v0 b32 assoc compiled, time-major", "v2 b1 assoc compiled",
-                     "v2 b1 assoc eager"]
-    with pytest.raises(SystemExit):
-        gc.parse_args(["--out", "x", "--scans", "v3"])
+    assert cells == ["v0 b32 assoc compiled", "v0 b32 assoc compiled, time-major",
+                     "v2 b1 assoc compiled", "v2 b1 assoc eager"]
+    for bad in ("v3", "v0 b32 assoc$"):
+        with pytest.raises(SystemExit):
+            gc.parse_args(["--out", "x", "--scans", bad])
+
+
+def test_scan_estimates_are_per_generation(tmp_path):
+    """Keyed by path alone, v2's measured 15 s stood for v0's 93 s compiles (and after v0, v2's
+    batch-1 cell was skipped as needing ~100 s)."""
+    run = dry_run(tmp_path)
+    run.plan.est.update({("scan compiled", "v2"): 20, ("scan compiled", "v0"): 100})
+    run.learn("scan compiled", "v2 assoc compiled", 15.0)
+    run.measured[("scan compiled", "v2")] = 15.0
+    assert gc.scan_estimate(run, "scan compiled", "v2", "assoc compiled") == 15.0
+    assert gc.scan_estimate(run, "scan compiled", "v2", "assoc compiled, coordesc") == 15.0
+    assert gc.scan_estimate(run, "scan compiled", "v0", "assoc compiled") == 100

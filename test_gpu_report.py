@@ -107,3 +107,19 @@ def test_a_file_that_is_not_gpu_check_output_is_refused(tmp_path):
     bad.write_text(json.dumps({"models": []}))
     with pytest.raises(SystemExit, match="not a gpu_check gpu.json"):
         gr.main(["--out-dir", str(tmp_path), str(bad)])
+
+
+def test_rows_no_run_measured_are_listed_with_why():
+    skipped = dict(row(gc.SWIN, "compiled", "float32", True, None), skipped="needs ~138 s")
+    skipped_then_run = dict(row(gc.SWIN, "compiled", "float32", False, None), skipped="x")
+    runs = [("1", fake_run([skipped, skipped_then_run])),
+            ("2", fake_run([row(gc.SWIN, "compiled", "float32", False, 2500.0)]))]
+    assert gr.not_run(runs) == [("swin-t compiled fp32 train", "1", "needs ~138 s")]
+
+
+def test_runs_of_other_cards_or_batches_are_not_joined():
+    a = fake_run([row(gc.SWIN, "eager", "float32", False, 2000.0, batch=128, res=224)])
+    b = fake_run([row(gc.SWIN, "eager", "float32", False, 2000.0, batch=64, res=224)])
+    with pytest.raises(SystemExit, match="differ"):
+        gr.check_comparable([("1", a), ("2", b)])
+    gr.check_comparable([("1", a), ("2", a)])

@@ -1,7 +1,7 @@
 """gpu_check.py's cheap parts on the CPU (a few seconds): arguments, the card phase, one eager
 scan cell at a tiny shape against float64, the floor model's stand-in scan, the patches, the
 pytest summary parser and the summary table's width. The whole dry run (compiles included,
-~3 minutes) is `python gpu_check.py --device cpu --dry-run`."""
+~4 minutes) is `python gpu_check.py --device cpu --dry-run`."""
 import json
 
 import pytest
@@ -275,7 +275,9 @@ def test_scan_estimates_are_per_generation(tmp_path):
     """Keyed by path alone, v2's measured 15 s stood for v0's 93 s compiles (and after v0, v2's
     batch-1 cell was skipped as needing ~100 s)."""
     run = dry_run(tmp_path)
-    run.plan.est.update({("scan compiled", "v2"): 20, ("scan compiled", "v0"): 100})
+    run.plan.est = {**gc.EST_S}                 # the real run's guesses: none per path
+    assert (run.plan.est[("scan compiled", "v2")], run.plan.est[("scan compiled", "v0")]) == \
+        (20, 100)
     run.learn("scan compiled", "v2 assoc compiled", 15.0)
     run.measured[("scan compiled", "v2")] = 15.0
     assert gc.scan_estimate(run, "scan compiled", "v2", "assoc compiled") == 15.0

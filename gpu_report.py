@@ -143,16 +143,17 @@ def target_rows(runs):
     else:
         out.append({"target": "stage-1 v2 scan compiled forward, x memory floor",
                     "goal": f"<= {SCAN_FLOOR_GOAL:.0f}x", "measured": "not measured", "met": "-"})
-    for model in (OURS, SWIN, VANILLA):
+    for model, train in ((OURS, False), (SWIN, False), (VANILLA, False), (OURS, True)):
         comp = [r for r in rows if r["model"] == model and r["mode"] == "compiled"
-                and not r["train"] and r["dtype"] == "float32" and r.get("compile_s")
+                and r["train"] == train and r["dtype"] == "float32" and r.get("compile_s")
                 and not r.get("variant")]
         slow = max(comp, key=lambda r: r["compile_s"]) if comp else None
-        out.append({"target": f"compile time, {model}, fp32 inference",
-                    "goal": f"<= {COMPILE_S_GOAL:.0f} s",
+        out.append({"target": f"compile time, {model}, fp32 "
+                              f"{'training step' if train else 'inference'}",
+                    "goal": "reported" if train else f"<= {COMPILE_S_GOAL:.0f} s",
                     "measured": f"{slow['compile_s']:.0f} s (run {slow['run']})" if slow
                     else "not measured",
-                    "met": "-" if slow is None else
+                    "met": "-" if slow is None or train else
                     ("yes" if slow["compile_s"] <= COMPILE_S_GOAL else "no")})
     return out
 

@@ -71,7 +71,7 @@ def test_readme_block_runs(index, tmp_path, monkeypatch):
 
 def test_readme_results_come_from_the_reports():
     """Every figure README's Results section quotes from a report (a number with a decimal
-    point, an "x" ratio, "<n> MB" or "<n>%"), CPU and GPU paragraphs alike, appears in a
+    point, an "x" ratio, "<n> MB", "<n> s" or "<n>%"), CPU and GPU paragraphs alike, appears in a
     generated report the section cites, so the front page cannot drift from
     docs/results-<platform>.md."""
     quoted = README.split("\n## Results", 1)[1].split("\n## ", 1)[0]
@@ -79,11 +79,12 @@ def test_readme_results_come_from_the_reports():
                     if (ROOT / f"docs/results-{p}.md").exists()})
     assert cited, "README's Results section cites no existing docs/results-<platform>.md"
     reports = "\n".join((ROOT / f"docs/results-{p}.md").read_text() for p in cited)
-    figures = re.findall(r"(?<![\w.-])\d+\.\d+x?(?![\w.])|(?<![\w.])\d+(?= MB)"
+    figures = re.findall(r"(?<![\w.-])\d+\.\d+x?(?![\w.])|(?<![\w.])\d+(?= MB| s\b)"
                          r"|(?<![\w.])\d+(?:\.\d+)?(?=%)", quoted)
     assert len(figures) >= 10, f"README's Results section quotes few figures: {figures}"
-    missing = [f for f in figures if not re.search(rf"(?<![\w.]){re.escape(f)}(?![\w.])",
-                                                   reports)]
+    seconds = set(re.findall(r"(?<![\w.])\d+(?= s\b)", quoted))   # whole seconds: as "<n> s"
+    missing = [f for f in figures if not re.search(
+        rf"(?<![\w.]){re.escape(f)}{' s' if f in seconds else ''}(?![\w.])", reports)]
     assert not missing, f"README quotes figures its reports do not hold: {missing}"
 
 

@@ -18,6 +18,7 @@ import os
 import sys
 
 from gpu_check import OURS, PAPER, SCAN_EXPERIMENTS, SWIN, VANILLA, precision, table
+from report import _cell, _write        # bench.py's page writer: table cells, whole files
 
 PLATFORM = "cuda"
 # The GPU issue's targets: (label, what it asks). Values come from target_rows().
@@ -127,7 +128,7 @@ def target_rows(runs):
     scans = [dict(s, run=label) for label, res in runs for s in res.get("scan", [])
              if s.get("fwd_ms") and s["gen"] == "v2" and s["batch"] >= 128
              and "compiled" in s["path"] and s["path"] not in SCAN_EXPERIMENTS]
-    fast = min(scans, key=lambda s: s["fwd_ms"]) if scans else None    # a path the models run
+    fast = min(scans, key=lambda s: s["fwd_ms"]) if scans else None    # ours, no experiment
     if fast:
         where = f"{fast['path']}, b {fast['batch']}, run {fast['run']}"
         out.append({"target": "stage-1 v2 scan compiled forward, x memory floor",
@@ -203,10 +204,6 @@ def tf32_text(runs):
     d = json.loads(seen.pop())
     return (f"torch's defaults, matrix products {'on' if d.get('matmul') else 'off'}, cuDNN "
             f"convolutions {'on' if d.get('cudnn') else 'off'}")
-
-
-def _cell(v):
-    return str(v).replace("|", "\\|")
 
 
 def markdown(runs, command):
@@ -309,13 +306,6 @@ def page_json(runs, command):
             "repeats": repeats(runs),
             "scan": [dict(s, run=label) for label, res in runs for s in res.get("scan", [])],
             "profile": {label: res.get("profile") for label, res in runs if res.get("profile")}}
-
-
-def _write(path, text):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)                # a page is whole or absent, never half-written
 
 
 def main(argv=None):

@@ -19,7 +19,6 @@ def committed_command():
     return m.group(1)
 
 
-@pytest.mark.skipif(not (ROOT / "docs/results-cuda.md").exists(), reason="no CUDA page yet")
 def test_committed_page_is_what_its_command_writes(tmp_path):
     """Nobody edited the page or its JSON by hand: regenerating from the runs it names gives the
     same text."""

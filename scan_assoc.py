@@ -50,7 +50,7 @@ from torch._higher_order_ops.associative_scan import associative_scan
 
 from scan import _check_inputs, _compute_dtype, _delta_prime
 
-__all__ = ["selective_scan_assoc"]
+__all__ = ["selective_scan_assoc", "selective_scan_assoc_chunked"]
 
 
 def selective_scan_assoc(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, *,
@@ -61,6 +61,43 @@ def selective_scan_assoc(u, delta, A, B, C, D=None, delta_bias=None, delta_softp
     combine_mode: "pointwise" (one Triton kernel under torch.compile; CUDA/XPU tensors only),
     "generic" (any device, slow: for tests), or None: "pointwise" on CUDA, "generic" elsewhere.
     """
+    return _apply(_AssocScan, (), u, delta, A, B, C, D, delta_bias, delta_softplus, h0,
+                  return_last_state, combine_mode)
+
+
+def selective_scan_assoc_chunked(u, delta, A, B, C, D=None, delta_bias=None,
+                                 delta_softplus=False, *, h0=None, return_last_state=False,
+                                 combine_mode=None, chunk_size=64):
+    """The same scan (arguments, result, dtype and backward as selective_scan_assoc) in chunks
+    of chunk_size steps, for a state of N > 1 on a GPU: an experiment beside
+    selective_scan_assoc, which no dispatch chooses (`VSSMConfig(scan="assoc_chunked")` or a
+    direct call does).
+
+    Why: compiled, selective_scan_assoc scans each row of L steps in one Triton program that
+    walks L in blocks with a carry between them, N scans at a time; at N = 16 that loop is
+    long and each step heavy. Here every scan is along a chunk's T = chunk_size steps, which a
+    program holds whole (Inductor's persistent kernels), and the chunks of a row are chained by
+    a scan along the M = ceil(L / T) chunks. Three passes (L padded to M*T with delta' = 0: a
+    decay of 1 and no input, so the states pass through unchanged):
+    1. where each chunk ends from a zero state, H_m = sum_t exp(A s_t) x_t, with s_t the sum of
+       delta' over the chunk's steps after t (a reversed cumulative sum: sums of terms >= 0,
+       never a difference), and its total decay P_m = exp(A * sum_t delta'_t): one scan of
+       delta' and N reductions over T;
+    2. the chunk chain E_m = P_m E_{m-1} + H_m from E_{-1} = h0 (or 0): N scans over M;
+    3. every chunk scanned again from its start state E_{m-1} (folded into its first input),
+       y = sum_n C h[n] + D u, as in selective_scan_assoc.
+    Bytes: the inputs are read twice (passes 1 and 3), y written once, the (b, K*D, M) chunk
+    sums in between. chunk_size: a positive int (a power of two suits Triton's blocks)."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"selective_scan: chunk_size must be a positive int, got "
+                         f"{chunk_size!r}")
+    return _apply(_ChunkedAssocScan, (chunk_size,), u, delta, A, B, C, D, delta_bias,
+                  delta_softplus, h0, return_last_state, combine_mode)
+
+
+def _apply(function, extra, u, delta, A, B, C, D, delta_bias, delta_softplus, h0,
+           return_last_state, combine_mode):
+    """Checks and casts shared by both scans, the empty cases, then function.apply."""
     if combine_mode not in (None, "pointwise", "generic"):
         raise ValueError(f"selective_scan: combine_mode must be None, 'pointwise' or 'generic', "
                          f"got {combine_mode!r}")
@@ -77,8 +114,8 @@ def selective_scan_assoc(u, delta, A, B, C, D=None, delta_bias=None, delta_softp
         y = u.new_zeros(batch, KD, L)      # scan dim and reshape an empty batch ambiguously)
         h = u.new_zeros(batch, KD, A.shape[1]) if h0 is None else h0.clone()
         return (y, h) if return_last_state else y
-    return _AssocScan.apply(u, delta, A, B, C, D, delta_bias, h0, delta_softplus, combine_mode,
-                            return_last_state)
+    return function.apply(u, delta, A, B, C, D, delta_bias, h0, delta_softplus, combine_mode,
+                          return_last_state, *extra)
 
 
 def _combine(left, right):
@@ -251,3 +288,64 @@ class _AssocScan(torch.autograd.Function):
         u, delta, delta_bias, A, B, C, D, h0 = ctx.saved_tensors
         return _grads(u, delta, delta_bias, A, B, C, D, h0, gy, gh, ctx.softplus,
                       ctx.mode) + (None, None, None)
+
+
+def _chunked(u, delta, A, B, C, D, delta_bias, h0, softplus, mode, T):
+    """y and the last state by the three passes of selective_scan_assoc_chunked."""
+    K, N = B.shape[1], A.shape[1]
+    batch, KD, L = u.shape
+    Dg, M = KD // K, -(-L // T)
+    dt = _delta_prime(delta, delta_bias, softplus)            # delta' (b, K*D, L)
+    dtu, up = dt * u, u
+    if M * T > L:                                             # delta' = 0 on the padding
+        dt, dtu, up, B, C = (F.pad(t, (0, M * T - L)) for t in (dt, dtu, up, B, C))
+    # Every tensor with its chunks as dims (M, T), channels by group (K, D): the products
+    # with B and C broadcast over D, and y keeps the scans' shape until the end (a reshape
+    # between a scan and its users kept Inductor from fusing them).
+    dt, dtu, up = (t.view(batch, K, Dg, M, T) for t in (dt, dtu, up))
+    B, C = B.view(batch, K, N, 1, M, T), C.view(batch, K, N, 1, M, T)
+    A = A.view(K, Dg, N, 1, 1)
+    start = None if h0 is None else h0.view(batch, K, Dg, N, 1)
+    # 1. chunk end states from zero and total decays: reductions, not a scan's last element
+    # (Inductor writes a scan's whole output when a user takes one element of it).
+    after = F.pad(dt[..., 1:], (0, 1)).flip(-1).cumsum(-1).flip(-1)   # s_t = sum_{r>t}
+    total = dt.sum(-1, keepdim=True)                                  # (b, K, D, M, 1)
+    ends = [(torch.exp(after * A[:, :, n]) * dtu * B[:, :, n]).sum(-1) for n in range(N)]
+    decays = [torch.exp(total * A[:, :, n])[..., 0] for n in range(N)]      # (b, K, D, M)
+    # 2. the chain over chunks, h0 folded into the first chunk's end
+    starts, last = [], []
+    for n in range(N):
+        H = ends[n]
+        if start is not None:
+            H = H + F.pad(decays[n][..., :1] * start[:, :, :, n], (0, M - 1))
+        E = _recurrence(decays[n], H, mode)                    # state after chunk m
+        first = torch.zeros_like(E[..., :1]) if start is None else start[:, :, :, n]
+        starts.append(torch.cat([first, E[..., :-1]], dim=-1))        # state before chunk m
+        last.append(E[..., -1])
+    # 3. each chunk from its start state: x_0 += a_0 E_{m-1}
+    y = torch.zeros_like(dtu) if D is None else D.view(K, Dg, 1, 1) * up
+    for n in range(N):
+        a = torch.exp(dt * A[:, :, n])
+        x = dtu * B[:, :, n] + F.pad(a[..., :1] * starts[n][..., None], (0, T - 1))
+        y = y + _recurrence(a, x, mode) * C[:, :, n]
+    y = y.reshape(batch, KD, M * T)[..., :L]
+    return y, torch.stack(last, dim=-1).reshape(batch, KD, N)
+
+
+class _ChunkedAssocScan(torch.autograd.Function):
+    """selective_scan_assoc_chunked as one autograd node. Its gradients are _AssocScan's:
+    `_grads` depends on the inputs alone, however the forward computed y."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, h0, softplus, mode, with_last, T):
+        y, last = _chunked(u, delta, A, B, C, D, delta_bias, h0, softplus, mode, T)
+        ctx.save_for_backward(u, delta, delta_bias, A, B, C, D, h0)   # no state, nor delta'
+        ctx.softplus, ctx.mode = softplus, mode
+        ctx.set_materialize_grads(False)
+        return (y, last) if with_last else y
+
+    @staticmethod
+    def backward(ctx, gy, gh=None):
+        u, delta, delta_bias, A, B, C, D, h0 = ctx.saved_tensors
+        return _grads(u, delta, delta_bias, A, B, C, D, h0, gy, gh, ctx.softplus,
+                      ctx.mode) + (None, None, None, None)

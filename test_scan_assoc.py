@@ -28,7 +28,7 @@ import scan_assoc
 import vmamba_min as vm
 from conftest import DEVICE
 from scan import selective_scan, selective_scan_ref
-from scan_assoc import selective_scan_assoc
+from scan_assoc import selective_scan_assoc, selective_scan_assoc_chunked
 from test_scan import (N_EXAMPLES, PATHS, call, check_against_exact, compile_problem,
                        edge_problem, good_args, keep_problem, magnitudes, run, scan_problems,
                        with_exponents)
@@ -139,6 +139,80 @@ def test_dtypes_shapes_and_empty_sequence():
         for fn in (selective_scan_ref, selective_scan_assoc):
             y, h = fn(*args, h0=h0[sl], return_last_state=True)
             assert y.shape == u[sl].shape and h.shape == h0[sl].shape, fn.__name__
+
+
+# The chunked experiment (selective_scan_assoc_chunked): the same checks with chunks of any
+# length, L a multiple of T or padded. Its tolerance is the same table's: its pass 1 takes
+# exp(A * s) of sums s of up to T delta' values where the loop multiplies their exps, exactly
+# the exponent rounding `with_exponents` bounds (as for scan.selective_scan, whose chunks take
+# the same exps; test_scan.py).
+@pytest.mark.parametrize("path", list(PATHS))
+@settings(max_examples=2 * N_EXAMPLES)
+@given(data=st.data())
+def test_chunked_assoc_matches_reference_float32_and_float64(path, data):
+    p = data.draw(scan_problems(**PATHS[path]), label="problem")
+    T = data.draw(st.integers(1, 40), label="chunk_size")
+    check(lambda *a, **k: selective_scan_assoc_chunked(*a, chunk_size=T, **k), p["inputs"],
+          p["softplus"], p["L"], p["gy"], p["gh"], f"assoc chunked T={T}")
+
+
+@pytest.mark.parametrize("N", [1, 4])
+@pytest.mark.parametrize("L, T", [(1, 8), (7, 8), (8, 8), (9, 8), (65, 8), (64, 64), (3, 1)])
+def test_chunked_assoc_domain_edges_and_chunk_boundaries(N, L, T):
+    g = torch.Generator().manual_seed(L * 10 + N)
+    Bb, K, Dk = 1, 2, 2
+    inputs = edge_problem(g, Bb, K, Dk, N, L)
+    gy, gh = torch.randn(Bb, K * Dk, L, generator=g), torch.randn(Bb, K * Dk, N, generator=g)
+    check(lambda *a, **k: selective_scan_assoc_chunked(*a, chunk_size=T, **k), inputs, False,
+          L, gy, gh, f"chunked edges L={L} T={T} N={N}", dtypes=(torch.float32,))
+
+
+def test_chunked_assoc_gradcheck_dtypes_and_empty_sequence():
+    """Finite differences through the chunked forward's autograd node (its backward is
+    _AssocScan's, one more argument), dtypes as selective_scan_assoc's, and L = 0."""
+    g = torch.Generator().manual_seed(5)
+    Bb, K, Dk, N, L = 1, 2, 2, 3, 7
+    KD = K * Dk
+    f64 = dict(generator=g, dtype=torch.float64)
+    args = [torch.randn(Bb, KD, L, **f64), torch.randn(Bb, KD, L, **f64),
+            -torch.rand(KD, N, **f64) * 2, torch.randn(Bb, K, N, L, **f64),
+            torch.randn(Bb, K, N, L, **f64), torch.randn(KD, **f64),
+            torch.randn(KD, **f64), torch.randn(Bb, KD, N, **f64)]
+    args = [a.to(DEVICE).requires_grad_() for a in args]
+
+    def f(*a):
+        return selective_scan_assoc_chunked(*a[:7], True, h0=a[7], return_last_state=True,
+                                            chunk_size=3)
+
+    assert torch.autograd.gradcheck(f, args)
+    u, delta = torch.randn(2, 6, 5, generator=g), torch.rand(2, 6, 5, generator=g)
+    A, Bm, Cm = (-torch.rand(6, 3, generator=g), torch.randn(2, 3, 3, 5, generator=g),
+                 torch.randn(2, 3, 3, 5, generator=g))
+    for dtype, want in ((torch.bfloat16, torch.float32), (torch.float64, torch.float64)):
+        y, h = selective_scan_assoc_chunked(u.to(dtype), delta, A, Bm, Cm,
+                                            return_last_state=True, chunk_size=2)
+        assert y.shape == (2, 6, 5) and y.dtype == want and h.shape == (2, 6, 3)
+    h0 = torch.randn(2, 6, 3, generator=g)
+    y, h = selective_scan_assoc_chunked(u[..., :0], delta[..., :0], A, Bm[..., :0],
+                                        Cm[..., :0], h0=h0, return_last_state=True)
+    assert y.shape == (2, 6, 0) and torch.equal(h, h0)
+
+
+@pytest.mark.parametrize("bad", [0, -4, 2.0, True, None])
+def test_chunked_assoc_bad_chunk_size_raises(bad):
+    with pytest.raises(ValueError, match=r"chunk_size must be a positive int, got "):
+        call(selective_scan_assoc_chunked, good_args(), chunk_size=bad)
+
+
+def test_chunked_assoc_backward_keeps_no_state():
+    inputs = keep_problem(1, 2, 4, 8, 50, DEVICE)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        selective_scan_assoc_chunked(**inputs, delta_softplus=True, chunk_size=16)
+
+    def key(t):
+        return t.data_ptr(), tuple(t.shape)
+    assert sorted(map(key, saved)) == sorted(map(key, inputs.values()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,23 +354,25 @@ def test_selective_scan_hands_over_when_the_predicate_says_so(monkeypatch):
 def test_model_with_assoc_scan_matches_chunked(generation):
     x = torch.randn(2, 3, 28, 36, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     outs, grads = [], []
-    for which in ("chunked", "assoc"):
+    for which, chunk in (("chunked", None), ("assoc", None), ("assoc_chunked", 16)):
         torch.manual_seed(1)                             # same weights each time
         cfg = vm.VSSMConfig(generation=generation, dim=24, depths=(1, 1), num_classes=10,
-                            drop_path_rate=0.0, scan=which)
+                            drop_path_rate=0.0, scan=which, chunk_size=chunk)
         model = vm.VSSM(cfg).to(DEVICE)
         out = model(x)
         out.square().sum().backward()
         outs.append(out.detach())
         grads.append(model.layers[0].blocks[0].self_attention.A_logs.grad)
-    # As test_model.py: two float32 summation orders of one recurrence move logits of size ~1
-    # by ~1e-6; 1e-5 keeps 10x margin, a real bug moves them by 0.05 or more.
-    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
-    # dL/dA of the first block sums b * K*D * N * L terms through the whole network: norm-wise,
-    # both within a few eps * sqrt(L) of the truth as the scan is; 1e-5 relative is rtol(L)
-    # at the first stage's L = 63 (8.5e-6) rounded up, far below any real bug (O(1)).
-    err = (grads[1] - grads[0]).norm() / grads[0].norm()
-    assert err <= 1e-5, f"relative error of dL/dA_logs {float(err):.3g}"
+    for i in (1, 2):             # assoc, then assoc_chunked (L = 63: three chunks and padding)
+        # As test_model.py: two float32 summation orders of one recurrence move logits of size
+        # ~1 by ~1e-6; 1e-5 keeps 10x margin, a real bug moves them by 0.05 or more.
+        torch.testing.assert_close(outs[i], outs[0], rtol=0, atol=1e-5)
+        # dL/dA of the first block sums b * K*D * N * L terms through the whole network:
+        # norm-wise, both within a few eps * sqrt(L) of the truth as the scan is; 1e-5
+        # relative is rtol(L) at the first stage's L = 63 (8.5e-6) rounded up, far below any
+        # real bug (O(1)).
+        err = (grads[i] - grads[0]).norm() / grads[0].norm()
+        assert err <= 1e-5, f"path {i}: relative error of dL/dA_logs {float(err):.3g}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from scan import (allow_compile, cross_merge, cross_scan, route_each, selective_scan,
                   selective_scan_ref)
-from scan_assoc import selective_scan_assoc
+from scan_assoc import selective_scan_assoc, selective_scan_assoc_chunked
 
 __all__ = ["VSSMConfig", "VSSM", "Backbone", "CONFIGS", "build", "build_config",
            "from_official_kwargs", "convert_official_state_dict", "load_official_checkpoint",
@@ -80,9 +80,10 @@ class VSSMConfig:
     drop_path_rate: float = 0.1
     grad_checkpointing: bool = False
     scan: str = "chunked"             # "chunked" (scan.selective_scan: picks its path itself),
-                                      # "reference" (the loop) or "assoc" (forced: scan_assoc)
-    chunk_size: Optional[int] = None  # chunk length of the chunked scan (speed only); None:
-                                      # scan.py's choice by state size
+                                      # "reference" (the loop), "assoc" (forced: scan_assoc) or
+                                      # "assoc_chunked" (scan_assoc's chunked experiment)
+    chunk_size: Optional[int] = None  # chunk length of the chunked scans (speed only); None:
+                                      # scan.py's choice by state size (assoc_chunked: 64)
 
     def __post_init__(self):
         def need(ok, msg):
@@ -127,8 +128,9 @@ class VSSMConfig:
              f"drop_path_rate must be a number in [0, 1), got {self.drop_path_rate!r}")
         need(isinstance(self.grad_checkpointing, bool),
              f"grad_checkpointing must be True or False, got {self.grad_checkpointing!r}")
-        need(self.scan in ("chunked", "reference", "assoc"),
-             f"scan must be 'chunked', 'reference' or 'assoc', got {self.scan!r}")
+        need(self.scan in ("chunked", "reference", "assoc", "assoc_chunked"),
+             f"scan must be 'chunked', 'reference', 'assoc' or 'assoc_chunked', got "
+             f"{self.scan!r}")
 
     @property
     def n_state(self) -> int:
@@ -257,6 +259,10 @@ class SS2D(nn.Module):
             y = selective_scan_ref(*scan_args, delta_softplus=True)       # (b, K*D, L)
         elif self.scan == "assoc":
             y = selective_scan_assoc(*scan_args, delta_softplus=True)
+        elif self.scan == "assoc_chunked":
+            y = selective_scan_assoc_chunked(*scan_args, delta_softplus=True,
+                                             **({} if self.chunk_size is None
+                                                else dict(chunk_size=self.chunk_size)))
         else:
             y = selective_scan(*scan_args, delta_softplus=True, chunk_size=self.chunk_size)
         y = cross_merge(y.view(batch, K, D, H, W))           # (b, D, L)

@@ -387,10 +387,15 @@ COMPILE_SHAPES = [(1, 2, 2, 3, 11, 0, True, True), (2, 2, 2, 1, 11, 0, True, Fal
                   (2, 1, 3, 2, 9, 0, False, False)]
 
 
-@pytest.fixture(scope="module")
-def compiled_assoc():
-    fn = torch.compile(selective_scan_assoc, fullgraph=True, dynamic=False)
-    yield fn
+def _chunked_by_4(*args, **kwargs):
+    return selective_scan_assoc_chunked(*args, chunk_size=4, **kwargs)
+
+
+@pytest.fixture(scope="module", params=["assoc", "assoc chunked"])
+def compiled_assoc(request):
+    """Each associative path compiled (the chunked one in chunks of 4: L = 9 and 11 pad)."""
+    fn = selective_scan_assoc if request.param == "assoc" else _chunked_by_4
+    yield torch.compile(fn, fullgraph=True, dynamic=False)
     torch._dynamo.reset()
 
 

@@ -7,6 +7,8 @@
     python gpu_check.py --phases scan --scans 'v0 b32 assoc compiled$'  likewise scan cells
                                                 (';' between parts: path names hold commas; a
                                                 part ending in '$' is one cell's whole name)
+    python gpu_check.py --phases tests --tests all --budget-s 300   the whole test suite on the
+                                                card (pytest-xdist workers if installed)
     python gpu_check.py --device cpu --dry-run  the same code paths at tiny shapes (CPU, ~4 min;
                                                 aot_eager for most compiles: see _plan)
 
@@ -19,7 +21,8 @@ says so in gpu.json, and what a phase leaves goes to the next. A phase that fail
              TFLOP/s                                                                 [by 19]
   2 scan     stage-1 scans of VMamba-T, v2 (b x 384 x 3136, N = 1) and v0 (b x 768 x 3136,
              N = 16), in scan_cells' order: chunked eager / compiled, assoc compiled (v2 also
-             with GROUP_SUM = "reduce") / eager,
+             with GROUP_SUM = "reduce") / eager, experiments (SCAN_EXPERIMENTS: assoc chunks,
+             time-major inputs, coordinate descent),
              big batch first; fwd and fwd+bwd ms, their ratio, "x floor" (ms over the bytes the
              call must move / the measured copy bandwidth), errors of y and all 7 gradients
              against the same scan in float64 on the device                          [by 158]
@@ -28,13 +31,15 @@ says so in gpu.json, and what a phase leaves goes to the next. A phase that fail
              autocast; training steps (fwd + CE + bwd + fused AdamW); variants "floor" (s1l8
              with its scan replaced by elementwise work on the same inputs), "chunked"
              (compiled with the chunked scan forced), "tf32" (TF32 matrix products),
-             "coordesc" (Inductor's coordinate_descent_tuning) and "autotune" (mode
-             max-autotune-no-cudagraphs); img/s, compile s, peak GB, ratio
+             "coordesc" (Inductor's coordinate_descent_tuning), "autotune" (mode
+             max-autotune-no-cudagraphs) and "assoc-chunks" (scan="assoc_chunked"); img/s,
+             compile s, peak GB, ratio
              to Swin-T's best row of the same kind and precision; logits of each inference
              row against the eager fp32 row of its model                       [by 374]
   4 profile  torch.profiler, top 30 ops by self device time: compiled s1l8 inference and one
              training step (eager if it was not compiled in time) -> profile.txt     [by 403]
-  5 tests    the CUDA test subset, pytest in a subprocess per set (TEST_SETS)        [by 466]
+  5 tests    the CUDA test subset, pytest in a subprocess per set (TEST_SETS), or with
+             --tests all the whole suite                                             [by 466]
   6 report   bench.py --report, if bench.py has it and time is left                  [by 480]
 The parent kills the run at --hard-s (budget + HARD_GRACE_S = 540 s), for a compile that ran
 long. Exit status 1 when the child failed, was killed or found no card (nothing measured);
@@ -138,6 +143,11 @@ TEST_SETS = (
      ["test_compile.py::test_compile_blocks_inference_equals_eager_with_one_graph_per_stage"]),
 )
 TEST_MIN_S = 15               # a test set starts only with this much of the phase left
+# --tests all: the whole suite as one set, spread over pytest-xdist workers where it is
+# installed (compiles are CPU work; the GPU machines have 16 cores), without -x so that one
+# run lists every failure
+ALL_TESTS = ("all", ["."])
+XDIST_WORKERS = 8
 PYTEST_FLAGS = ["-x", "-q", "-p", "no:cacheprovider"]
 KERNEL_TAR_MAX = 120 << 20    # uncompressed bytes of generated code packed (text: ~10x smaller)
 LOG_MAX = 15 << 20            # gpu.log stops growing here (a file comes back only up to 16 MiB)
@@ -173,9 +183,11 @@ def model_plan(dry):
     forced: scan._use_assoc off), "tf32" (float32 matrix products on TF32 tensor cores, as
     torch.set_float32_matmul_precision("high") sets), "coordesc" (Inductor's
     coordinate_descent_tuning: each Triton kernel's block sizes and warps searched around the
-    heuristic's pick; the scan kernels' tile decides whether a row's carry crosses warps) or
+    heuristic's pick; the scan kernels' tile decides whether a row's carry crosses warps),
     "autotune" (torch.compile's mode "max-autotune-no-cudagraphs": that search, plus GEMM
-    templates benchmarked against cuBLAS)."""
+    templates benchmarked against cuBLAS) or "assoc-chunks" (built with
+    scan="assoc_chunked": scan_assoc.selective_scan_assoc_chunked, an experiment for
+    vanilla's N = 16, whose compiled inference ran at 0.13x Swin-T)."""
     def row(model, mode="eager", dtype="float32", train=False, variant=None):
         return dict(model=model, mode=mode, dtype=dtype, train=train, variant=variant)
     if dry:
@@ -184,7 +196,8 @@ def model_plan(dry):
                 row(OURS, "compiled", variant="chunked"), row(OURS, dtype="bfloat16"),
                 row(OURS, "blocks"), row(OURS, "compiled", variant="tf32"),
                 row(OURS, "compiled", variant="autotune"),
-                row(OURS, "compiled", variant="coordesc"))
+                row(OURS, "compiled", variant="coordesc"),
+                row(OURS, "compiled", variant="assoc-chunks"))
     bf = "bfloat16"
     return (row(OURS), row(SWIN), row(OURS, train=True), row(SWIN, train=True),
             row(OURS, "compiled"), row(SWIN, "compiled"),
@@ -195,14 +208,18 @@ def model_plan(dry):
             row(OURS, "compiled", bf, train=True), row(SWIN, "compiled", bf, train=True),
             row(OURS, "compiled", variant="coordesc"), row(SWIN, "compiled", variant="coordesc"),
             row(OURS, "compiled", variant="autotune"), row(SWIN, "compiled", variant="autotune"),
-            row(VANILLA), row(VANILLA, "compiled"), row(VANILLA, dtype=bf),
+            row(VANILLA), row(VANILLA, "compiled"),
+            row(VANILLA, "compiled", variant="assoc-chunks"), row(VANILLA, dtype=bf),
             row(VANILLA, "compiled", bf), row(OURS, "blocks"), row(OURS, "blocks", bf),
             row(OURS, "compiled", variant="chunked"), row(OURS, "compiled", variant="floor"),
             row(VANILLA, "blocks"), row(OURS, "compiled", train=True, variant="tf32"),
             row(SWIN, "compiled", train=True, variant="tf32"),
             row(OURS, "compiled", train=True, variant="floor"),
             row(OURS, "compiled", train=True, variant="chunked"),
-            row(VANILLA, "compiled", train=True), row(VANILLA, "compiled", bf, train=True))
+            row(VANILLA, "compiled", train=True),
+            row(VANILLA, "compiled", train=True, variant="assoc-chunks"),
+            row(VANILLA, "compiled", bf, train=True),
+            row(OURS, "compiled", variant="assoc-chunks"))
 
 
 def make_plan(args):
@@ -216,6 +233,8 @@ def make_plan(args):
     if args.scans:
         plan = dataclasses.replace(plan, scan_cells=tuple(
             c for c in plan.scan_cells if any(scan_part_matches(p, c) for p in args.scans)))
+    if args.tests == "all":
+        plan = dataclasses.replace(plan, tests=(ALL_TESTS,))
     return plan
 
 
@@ -263,20 +282,24 @@ def _plan(args):
            "train compiled": 15, ("scan compiled", "v2"): 10, ("scan compiled", "v0"): 10,
            **{("scan compiled", f"v2 {p}"): 10 for p in SCAN_COMPILED_PATHS},
            "model compiled autotune": 10, "train compiled autotune": 15,
-           "model compiled coordesc": 10, "train compiled coordesc": 15}
+           "model compiled coordesc": 10, "train compiled coordesc": 15,
+           ("scan compiled", "v2 assoc chunks compiled"): 20}
     # every path once; coordesc right after assoc compiled: aot_eager takes no options, so
     # Dynamo reuses that graph (on the card coordesc compiles anew)
     cells = tuple(("v2", 2, p) for p in ("chunked eager", "chunked compiled", "assoc compiled",
                                          "assoc compiled, coordesc",
                                          "assoc compiled, time-major", "assoc compiled, reduce",
                                          "assoc eager")) + \
-        (("v0", 2, "chunked eager"), ("v0", 2, "assoc eager"), ("v2", 1, "chunked eager"))
+        (("v2", 2, "assoc chunks compiled"), ("v0", 2, "chunked eager"),
+         ("v0", 2, "assoc eager"), ("v2", 1, "chunked eager"))
     return Plan(scan_shapes={"v2": (8, 64, 1), "v0": (16, 64, 16)},
                 scan_cells=cells, batch=2, res=64,
                 ours_overrides=dict(depths=(1, 1, 1, 1), dim=16), copy_bytes=16 << 20,
                 matmul_n=256, reps=(1, 0.0, 2, 2, 0.0), est=est, tests=tiny_tests,
                 rows=model_plan(True), model_backend="aot_eager",
-                scan_backends={"assoc compiled": "aot_eager"}, phase_end=DRY_PHASE_END)
+                scan_backends={"assoc compiled": "aot_eager",
+                               "assoc chunks compiled": "aot_eager"},
+                phase_end=DRY_PHASE_END)
 
 
 def build_parser():
@@ -303,6 +326,10 @@ def build_parser():
                    "these (';'-separated: paths hold commas), e.g. 'v0 b32 assoc compiled'; "
                    "one ending in '$' is a whole name (names: 'v2 b128 assoc compiled, "
                    "reduce')")
+    p.add_argument("--tests", choices=("subset", "all"), default="subset",
+                   help="tests phase: the CUDA subset (TEST_SETS, most valuable first) or the "
+                        "whole suite in one pytest (xdist workers if installed), e.g. "
+                        "--phases tests --tests all")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--t0", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
@@ -742,10 +769,10 @@ def compiled_scan_path(device):
     return "chunked"
 
 
-def assoc_scan_fn():
+def assoc_scan_fn(name="selective_scan_assoc"):
     try:
         import scan_assoc
-        return scan_assoc.selective_scan_assoc, "scan_assoc.selective_scan_assoc"
+        return getattr(scan_assoc, name), f"scan_assoc.{name}"
     except (ImportError, AttributeError) as e:
         return None, error_text(e)
 
@@ -829,9 +856,11 @@ def scan_cell(run, row, fn, kind, inputs, gy, ref):
             row[f"{p}_x_floor"] = row[f"{p}_ms"] / row[f"{p}_floor_ms"]
 
 
-SCAN_COMPILED_PATHS = ("assoc compiled", "assoc compiled, reduce", "assoc compiled, time-major",
-                       "assoc compiled, coordesc", "chunked compiled")
-SCAN_EXPERIMENTS = ("assoc compiled, time-major", "assoc compiled, coordesc")
+SCAN_COMPILED_PATHS = ("assoc compiled", "assoc chunks compiled", "assoc compiled, reduce",
+                       "assoc compiled, time-major", "assoc compiled, coordesc",
+                       "chunked compiled")
+SCAN_EXPERIMENTS = ("assoc chunks compiled", "assoc compiled, time-major",
+                    "assoc compiled, coordesc")
 
 
 def time_major(inputs):
@@ -851,7 +880,10 @@ def scan_cells(big, small):
     where the state is small). Two compiled paths are experiments, not what the models run:
     "time-major" (u and delta stored time-major, (L, b, K*D), as the scan's output already
     is: do loads contiguous along the channels, like its stores, make the scan kernel
-    faster?) and "coordesc" (Inductor's coordinate_descent_tuning: does another tile?)."""
+    faster?), "coordesc" (Inductor's coordinate_descent_tuning: does another tile?) and "assoc
+    chunks" (scan_assoc.selective_scan_assoc_chunked: scans along chunks of 64 steps that a
+    Triton program holds whole, chained by a scan over chunks; for v0, whose one-pass kernel
+    ran at 28.7x its floor on the H200)."""
     return tuple([(g, b, "chunked eager") for g, b in big] +
                  [(g, b, p) for g, b in big for p in SCAN_COMPILED_PATHS
                   if g == "v2" or p != "assoc compiled, reduce"] +
@@ -883,6 +915,7 @@ def phase_scan(run):
     raise_recompile_limits()
     chunked = scan.selective_scan            # eager: always the chunked scan
     assoc, assoc_name = assoc_scan_fn()
+    assoc_chunked, assoc_chunked_name = assoc_scan_fn("selective_scan_assoc_chunked")
     run.res["scan_notes"] = {
         "chunked": "scan.selective_scan (compiled: with scan._use_assoc off, if it exists)",
         "assoc": assoc_name, "tf32": "off", "ms": "median per call, CUDA events",
@@ -894,6 +927,7 @@ def phase_scan(run):
                                       "K*D) (an experiment: the models pass (b, K*D, L))",
         "assoc compiled, coordesc": "the same compiled with Inductor's "
                                     "coordinate_descent_tuning (an experiment)",
+        "assoc chunks compiled": f"{assoc_chunked_name}, chunks of 64 steps (an experiment)",
         "floor": "bytes the call must move (scan_floor) / measured copy bandwidth; a memory "
                  "floor only: at N = 16 the exps (one per state) may bound first",
         "v0 batch": f"{run.args.v0_batch}: at 128 one (b, K*D, L, N) float32 state is "
@@ -921,6 +955,9 @@ def phase_scan(run):
                       "assoc eager": (assoc, "scan eager", contextlib.nullcontext)})
     else:
         run.res["notes"].append(f"assoc paths skipped: {assoc_name}")
+    if assoc_chunked is not None:
+        paths["assoc chunks compiled"] = (compiled("assoc chunks compiled", assoc_chunked),
+                                           "scan compiled", contextlib.nullcontext)
     shapes = {}                              # (gen, batch) -> inputs, gy, floor, ref: made once
     for gen, batch, name in run.plan.scan_cells:
         KD, L, N = run.plan.scan_shapes[gen]
@@ -928,7 +965,7 @@ def phase_scan(run):
         row = dict(gen=gen, batch=batch, shape=f"{batch}x{KD}x{L}x{N}", path=name)
         what = f"scan {gen} {row['shape']} {name}"
         if name not in paths:
-            row["skipped"] = assoc_name
+            row["skipped"] = assoc_chunked_name if "chunks" in name else assoc_name
         elif name == "assoc eager" and elems > ERR_MAX_ELEMS:
             row["skipped"] = (f"eager assoc keeps g and h of every state index for its "
                               f"backward: only up to {ERR_MAX_ELEMS:.0e} state elements")
@@ -1056,7 +1093,10 @@ def build_runner(run, spec):
         model = timm.create_model(SWIN, pretrained=False, **kw)
     else:
         import vmamba_min
-        model = vmamba_min.build(spec["model"], **run.plan.ours_overrides)
+        overrides = dict(run.plan.ours_overrides)
+        if spec["variant"] == "assoc-chunks":
+            overrides["scan"] = "assoc_chunked"
+        model = vmamba_min.build(spec["model"], **overrides)
     model = model.to(run.dev).train(spec["train"])
     fwd = model
     if spec["mode"] == "compiled":
@@ -1141,14 +1181,18 @@ def phase_models(run):
         "the call", "compile_s": "first call (compile + one run)",
         "floor": "s1l8 with vmamba_min.selective_scan replaced by elementwise work (floor_scan)",
         "chunked": "compiled with scan._use_assoc off: the chunked scan, not scan_assoc",
+        "assoc-chunks": "built with scan='assoc_chunked': "
+                         "scan_assoc.selective_scan_assoc_chunked (an experiment)",
         "compiled": "torch.compile(model, dynamic=False)", "backend": run.plan.model_backend,
         "paper": PAPER}
     for spec in run.plan.rows:
         name = row_name(spec)
         row = dict(spec, name=name, batch=run.plan.batch, res=run.plan.res)
         if spec["model"] != SWIN and spec["variant"] != "floor":
-            row["scan_path"] = ("chunked" if spec["mode"] == "eager" or
-                                spec["variant"] == "chunked" else compiled_scan_path(run.dev))
+            row["scan_path"] = (
+                "assoc in chunks (scan='assoc_chunked')" if spec["variant"] == "assoc-chunks"
+                else "chunked" if spec["mode"] == "eager" or spec["variant"] == "chunked"
+                else compiled_scan_path(run.dev))
         kind = f"{'train' if spec['train'] else 'model'} {spec['mode']}" + (
             f" {spec['variant']}" if spec["variant"] in ("autotune", "coordesc") else "")
         if spec["model"] == SWIN and not have_timm:
@@ -1368,6 +1412,18 @@ def existing_test(here, target):
         return target if f"def {name}(" in f.read() else path
 
 
+def pytest_flags(label):
+    """PYTEST_FLAGS; for the whole suite without -x, on xdist workers when xdist is there."""
+    if label != ALL_TESTS[0]:
+        return PYTEST_FLAGS
+    import importlib.util
+    flags = [f for f in PYTEST_FLAGS if f != "-x"]
+    if importlib.util.find_spec("xdist") is None:
+        return flags
+    workers = max(1, min(XDIST_WORKERS, (os.cpu_count() or 2) // 2))
+    return flags + ["-n", str(workers), "--dist", "worksteal"]
+
+
 def phase_tests(run):
     """pytest in a subprocess per test set (VMAMBA_TEST_DEVICE, -x), most valuable first, each
     with what is left of the phase; the summary into gpu.json, the output into gpu.log. ~70 s:
@@ -1387,7 +1443,7 @@ def phase_tests(run):
             rec["skipped"] = run.skip("tests", f"pytest {label}", TEST_MIN_S)
             run.res["tests"].append(rec)
             continue
-        cmd = [sys.executable, "-m", "pytest", *PYTEST_FLAGS, *targets]
+        cmd = [sys.executable, "-m", "pytest", *pytest_flags(label), *targets]
         run.begin(f"tests {label}: {' '.join(cmd[1:])} (timeout {share:.0f} s)")
         t = time.time()
         code, tail = run_logged(run, cmd, share, env, here)

@@ -28,8 +28,13 @@ def test_arguments():
     assert ("v0", 16, "assoc compiled") in plan.scan_cells and plan.model_backend == "inductor"
     assert ('v2', 128, 'assoc compiled, reduce') in plan.scan_cells
     # 4 shapes x 4 paths (chunked eager and compiled, assoc compiled and eager), + reduce,
-    # time-major and coordesc at both big batches (reduce: v2 only)
-    assert len(set(plan.scan_cells)) == len(plan.scan_cells) == 21
+    # time-major, coordesc and assoc chunks at both big batches (reduce: v2 only)
+    assert len(set(plan.scan_cells)) == len(plan.scan_cells) == 23
+    assert ("v0", 16, "assoc chunks compiled") in plan.scan_cells
+    # the chunked experiment's names do not contain "chunked": --rows chunked and --scans
+    # 'chunked compiled' pick what they picked before
+    assert not any("chunked" in gc.cell_name(c) for c in plan.scan_cells
+                   if c[2] == "assoc chunks compiled")
     ends = [plan.phase_end[p] for p in gc.PHASES]
     assert ends == sorted(ends) and ends[-1] == 1.0
     # --rows narrows the model rows to names containing a part, in model_plan's order
@@ -41,6 +46,27 @@ def test_arguments():
     for bad in ("resnet", "chunked,vanila", ","):         # every part must name a row
         with pytest.raises(SystemExit):
             gc.parse_args(["--rows", bad, "--out", "x"])
+
+
+def test_tests_all_is_the_whole_suite_without_x(monkeypatch):
+    """--tests all: one set, the whole suite, no -x (every failure listed), on xdist workers
+    where xdist is installed (half the cores, at most XDIST_WORKERS), serial where not."""
+    plan = gc.make_plan(gc.parse_args(["--tests", "all", "--out", "x"]))
+    assert plan.tests == (gc.ALL_TESTS,)
+    assert gc.make_plan(gc.parse_args(["--out", "x"])).tests == gc.TEST_SETS
+    assert gc.pytest_flags("assoc") == gc.PYTEST_FLAGS and "-x" in gc.PYTEST_FLAGS
+    import importlib.util
+    monkeypatch.setattr(gc.os, "cpu_count", lambda: 16)
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "xdist" else found(name, *a))
+    assert gc.pytest_flags("all") == ["-q", "-p", "no:cacheprovider", "-n", "8", "--dist",
+                                      "worksteal"]
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "xdist" else found(name, *a))
+    assert gc.pytest_flags("all") == ["-q", "-p", "no:cacheprovider"]
+    with pytest.raises(SystemExit):
+        gc.parse_args(["--tests", "some", "--out", "x"])
 
 
 def test_card_and_one_eager_scan_cell(tmp_path):

@@ -79,10 +79,8 @@ def selective_scan_assoc_chunked(u, delta, A, B, C, D=None, delta_bias=None,
     program holds whole (Inductor's persistent kernels), and the chunks of a row are chained by
     a scan along the M = ceil(L / T) chunks. Three passes (L padded to M*T with delta' = 0: a
     decay of 1 and no input, so the states pass through unchanged):
-    1. where each chunk ends from a zero state, H_m = sum_t exp(A s_t) x_t, with s_t the sum of
-       delta' over the chunk's steps after t (a reversed cumulative sum: sums of terms >= 0,
-       never a difference), and its total decay P_m = exp(A * sum_t delta'_t): one scan of
-       delta' and N reductions over T;
+    1. where each chunk ends from a zero state, H_m (N scans along T, each chunk's last step),
+       and its total decay P_m = exp(A * sum_t delta'_t);
     2. the chunk chain E_m = P_m E_{m-1} + H_m from E_{-1} = h0 (or 0): N scans over M;
     3. every chunk scanned again from its start state E_{m-1} (folded into its first input),
        y = sum_n C h[n] + D u, as in selective_scan_assoc.
@@ -306,12 +304,14 @@ def _chunked(u, delta, A, B, C, D, delta_bias, h0, softplus, mode, T):
     B, C = B.view(batch, K, N, 1, M, T), C.view(batch, K, N, 1, M, T)
     A = A.view(K, Dg, N, 1, 1)
     start = None if h0 is None else h0.view(batch, K, Dg, N, 1)
-    # 1. chunk end states from zero and total decays: reductions, not a scan's last element
-    # (Inductor writes a scan's whole output when a user takes one element of it).
-    after = F.pad(dt[..., 1:], (0, 1)).flip(-1).cumsum(-1).flip(-1)   # s_t = sum_{r>t}
+    # 1. chunk end states from zero and total decays. The end state is the scan's last step,
+    # taken as a sum over the chunk with every other step masked out: Inductor writes a
+    # scan's whole output when a user indexes one element of it, but fuses a reduction of it.
+    last_step = (torch.arange(T, device=dt.device) == T - 1).to(dt.dtype)
+    ends = [(_recurrence(torch.exp(dt * A[:, :, n]), dtu * B[:, :, n], mode) * last_step).sum(-1)
+            for n in range(N)]                                        # (b, K, D, M)
     total = dt.sum(-1, keepdim=True)                                  # (b, K, D, M, 1)
-    ends = [(torch.exp(after * A[:, :, n]) * dtu * B[:, :, n]).sum(-1) for n in range(N)]
-    decays = [torch.exp(total * A[:, :, n])[..., 0] for n in range(N)]      # (b, K, D, M)
+    decays = [torch.exp(total * A[:, :, n])[..., 0] for n in range(N)]
     # 2. the chain over chunks, h0 folded into the first chunk's end
     starts, last = [], []
     for n in range(N):

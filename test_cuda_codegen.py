@@ -46,6 +46,34 @@ def test_assoc_scan_is_one_kernel_at_the_memory_floor():
         cg.SCAN_SHAPES.update(shapes)
 
 
+def test_chunked_assoc_scan_is_three_kernels():
+    """The chunked experiment (selective_scan_assoc_chunked) at v0's small shape, 4 chunks of
+    16: three kernels (the N end-state scans with their masked sums, the N chains over chunks,
+    the N rescans with y), no host loop, and under 2x the floor: the inputs read twice, y
+    written once, the chunk sums and delta' (written by the first pass, read by the third)
+    in between (1.75x here). Taking each chunk's last step by indexing the scan instead of by
+    the masked sum made Inductor write the N whole scans: 3.3x."""
+    from scan_assoc import selective_scan_assoc_chunked
+    shapes = dict(cg.SCAN_SHAPES)
+    try:
+        cg.SCAN_SHAPES.update(v0=(8, 64, 16))
+        floor = []
+
+        def make():
+            inputs, f = cg.scan_case("v0", 2)
+            floor.append(f)
+            return (lambda *a: selective_scan_assoc_chunked(*a, delta_softplus=True,
+                                                            chunk_size=16)), inputs
+        (graph,) = graphs_of(make)
+        s = cg.summarize(graph["code"])
+        assert (s["triton_kernels"], s["associative_scans"], s["host_loops"]) == \
+            (3, 48, 0), s
+        assert graph["kernel_bytes"] < 2 * floor[0], graph["kernel_bytes"] / floor[0]
+    finally:
+        cg.SCAN_SHAPES.clear()
+        cg.SCAN_SHAPES.update(shapes)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("generation", [0, 2])
 def test_compiled_model_takes_the_associative_scan(generation, dtype):

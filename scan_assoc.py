@@ -85,7 +85,8 @@ def selective_scan_assoc_chunked(u, delta, A, B, C, D=None, delta_bias=None,
     3. every chunk scanned again from its start state E_{m-1} (folded into its first input),
        y = sum_n C h[n] + D u, as in selective_scan_assoc.
     Bytes: the inputs are read twice (passes 1 and 3), y written once, the (b, K*D, M) chunk
-    sums in between. chunk_size: a positive int (a power of two suits Triton's blocks)."""
+    sums in between; compiled, Inductor also writes delta' in pass 1 for pass 3 (docs/design.md
+    has the figures). chunk_size: a positive int (a power of two suits Triton's blocks)."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"selective_scan: chunk_size must be a positive int, got "
                          f"{chunk_size!r}")

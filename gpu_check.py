@@ -123,7 +123,10 @@ EST_S = {"scan compiled": 40, "scan eager": 6, "model eager": 8, "model compiled
          ("model compiled", "vanilla_vmamba_tiny"): 170, "model compiled autotune": 180,
          "train compiled autotune": 400, "model compiled coordesc": 90,
          "train compiled coordesc": 250,   # the last four: guesses (benchmarks while compiling)
-         ("scan compiled", "v2"): 20, ("scan compiled", "v0"): 100}
+         ("scan compiled", "v2"): 20, ("scan compiled", "v0"): 100,
+         # forward only (FORWARD_ONLY): v0's forward compile took 11 s, v2's 6 s (one-pass)
+         ("scan compiled", "v2 assoc chunks compiled"): 15,
+         ("scan compiled", "v0 assoc chunks compiled"): 30}
 # a model's compiled training row, guessed from its compiled inference row: on 2 CPU cores the
 # compile tests took 390 s (training) and 156 s (inference)
 TRAIN_OVER_INFER = 2.5
@@ -821,8 +824,9 @@ def scan_reference(inputs, gy, fn):
     return ref
 
 
-def scan_cell(run, row, fn, kind, inputs, gy, ref):
-    """Time one path: fwd under no_grad, then fwd+bwd of <y, gy> into all 7 inputs; errors."""
+def scan_cell(run, row, fn, kind, inputs, gy, ref, backward=True):
+    """Time one path: fwd under no_grad, then (backward) fwd+bwd of <y, gy> into all 7 inputs;
+    errors."""
     import torch
 
     def fwd():
@@ -841,7 +845,13 @@ def scan_cell(run, row, fn, kind, inputs, gy, ref):
         row["err_y"] = rel_err(fwd(), ref["y"])
     t = run.measure(fwd)
     row.update(fwd_ms=t["ms"], fwd_reps=t["reps"], fwd_iqr_rel=t["iqr_rel"])
+    if row.get("fwd_floor_ms"):
+        row["fwd_x_floor"] = row["fwd_ms"] / row["fwd_floor_ms"]
     run.save()
+    if not backward:
+        if "err_y" in row:
+            row["err_max"] = row["err_y"]
+        return
     first_b = run.tracked(row, fwd_bwd) if compiled else run.time_once(fwd_bwd)
     row["first_fwd_bwd_s"] = first_b
     if ref is not None:
@@ -861,6 +871,10 @@ SCAN_COMPILED_PATHS = ("assoc compiled", "assoc chunks compiled", "assoc compile
                        "chunked compiled")
 SCAN_EXPERIMENTS = ("assoc chunks compiled", "assoc compiled, time-major",
                     "assoc compiled, coordesc")
+# paths whose backward is another path's code, timed there: only their forward is timed (the
+# chunked experiment's backward is scan_assoc._grads, "assoc compiled"'s; its compile took 82
+# of v0's 93 s)
+FORWARD_ONLY = ("assoc chunks compiled",)
 
 
 def time_major(inputs):
@@ -927,7 +941,8 @@ def phase_scan(run):
                                       "K*D) (an experiment: the models pass (b, K*D, L))",
         "assoc compiled, coordesc": "the same compiled with Inductor's "
                                     "coordinate_descent_tuning (an experiment)",
-        "assoc chunks compiled": f"{assoc_chunked_name}, chunks of 64 steps (an experiment)",
+        "assoc chunks compiled": f"{assoc_chunked_name}, chunks of 64 steps (an experiment); "
+                                 f"forward only: its backward is assoc compiled's",
         "floor": "bytes the call must move (scan_floor) / measured copy bandwidth; a memory "
                  "floor only: at N = 16 the exps (one per state) may bound first",
         "v0 batch": f"{run.args.v0_batch}: at 128 one (b, K*D, L, N) float32 state is "
@@ -983,7 +998,8 @@ def phase_scan(run):
             t = time.time()
             try:
                 with context():
-                    scan_cell(run, row, fn, kind, inputs, gy, ref)
+                    scan_cell(run, row, fn, kind, inputs, gy, ref,
+                              backward=name not in FORWARD_ONLY)
             except Exception as e:           # noqa: BLE001 -- recorded in the row
                 row["error"] = error_text(e)
                 traceback.print_exc()

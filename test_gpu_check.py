@@ -69,6 +69,23 @@ def test_tests_all_is_the_whole_suite_without_x(monkeypatch):
         gc.parse_args(["--tests", "some", "--out", "x"])
 
 
+def test_a_forward_only_cell_times_no_backward(tmp_path):
+    """FORWARD_ONLY paths (the chunked experiment: its backward is assoc compiled's code) get
+    forward figures, their error and x floor, and no fwd+bwd figure."""
+    assert gc.FORWARD_ONLY == ("assoc chunks compiled",)
+    run = dry_run(tmp_path)
+    gc.phase_card(run)
+    KD, L, N = run.plan.scan_shapes["v0"]
+    inputs, gy = gc.scan_inputs(run, KD, L, N, 1)
+    ref = gc.scan_reference(inputs, gy, scan.selective_scan)
+    row = dict(path="assoc chunks compiled", **gc.scan_floor(run, inputs, gy))
+    gc.scan_cell(run, row, scan.selective_scan, "scan eager", inputs, gy, ref, backward=False)
+    assert row["fwd_ms"] > 0 and row["fwd_x_floor"] > 0 and row["err_max"] == row["err_y"] < 1e-5
+    timed_bwd = ("fwd_bwd_ms", "fwd_bwd_x_floor", "fwd_bwd_over_fwd", "first_fwd_bwd_s",
+                 "err_grads")
+    assert not [k for k in timed_bwd if k in row]
+
+
 def test_card_and_one_eager_scan_cell(tmp_path):
     run = dry_run(tmp_path)
     gc.phase_card(run)

@@ -63,6 +63,7 @@ names the commit (the header has a hash of every .py file in any case).
 Letters as in scan.py: b batch, K = 4 routes, D channels per route, L = H*W, N state size.
 """
 import argparse
+import functools
 import gc
 import io
 import json
@@ -126,7 +127,9 @@ EST_S = {"scan compiled": 40, "scan eager": 6, "model eager": 8, "model compiled
          ("scan compiled", "v2"): 20, ("scan compiled", "v0"): 100,
          # forward only (FORWARD_ONLY): v0's forward compile took 11 s, v2's 6 s (one-pass)
          ("scan compiled", "v2 assoc chunks compiled"): 15,
-         ("scan compiled", "v0 assoc chunks compiled"): 30}
+         ("scan compiled", "v0 assoc chunks compiled"): 30,
+         **{("scan compiled", f"v0 {p}"): 30 for p in ("assoc chunks compiled, T=32",
+                                                       "assoc chunks compiled, T=128")}}
 # a model's compiled training row, guessed from its compiled inference row: on 2 CPU cores the
 # compile tests took 390 s (training) and 156 s (inference)
 TRAIN_OVER_INFER = 2.5
@@ -286,14 +289,16 @@ def _plan(args):
            **{("scan compiled", f"v2 {p}"): 10 for p in SCAN_COMPILED_PATHS},
            "model compiled autotune": 10, "train compiled autotune": 15,
            "model compiled coordesc": 10, "train compiled coordesc": 15,
-           ("scan compiled", "v2 assoc chunks compiled"): 20}
+           ("scan compiled", "v2 assoc chunks compiled"): 20,
+           ("scan compiled", "v2 assoc chunks compiled, T=32"): 20}
     # every path once; coordesc right after assoc compiled: aot_eager takes no options, so
     # Dynamo reuses that graph (on the card coordesc compiles anew)
     cells = tuple(("v2", 2, p) for p in ("chunked eager", "chunked compiled", "assoc compiled",
                                          "assoc compiled, coordesc",
                                          "assoc compiled, time-major", "assoc compiled, reduce",
                                          "assoc eager")) + \
-        (("v2", 2, "assoc chunks compiled"), ("v0", 2, "chunked eager"),
+        (("v2", 2, "assoc chunks compiled"), ("v2", 2, "assoc chunks compiled, T=32"),
+         ("v0", 2, "chunked eager"),
          ("v0", 2, "assoc eager"), ("v2", 1, "chunked eager"))
     return Plan(scan_shapes={"v2": (8, 64, 1), "v0": (16, 64, 16)},
                 scan_cells=cells, batch=2, res=64,
@@ -301,7 +306,8 @@ def _plan(args):
                 matmul_n=256, reps=(1, 0.0, 2, 2, 0.0), est=est, tests=tiny_tests,
                 rows=model_plan(True), model_backend="aot_eager",
                 scan_backends={"assoc compiled": "aot_eager",
-                               "assoc chunks compiled": "aot_eager"},
+                               "assoc chunks compiled": "aot_eager",
+                               "assoc chunks compiled, T=32": "aot_eager"},
                 phase_end=DRY_PHASE_END)
 
 
@@ -866,15 +872,20 @@ def scan_cell(run, row, fn, kind, inputs, gy, ref, backward=True):
             row[f"{p}_x_floor"] = row[f"{p}_ms"] / row[f"{p}_floor_ms"]
 
 
-SCAN_COMPILED_PATHS = ("assoc compiled", "assoc chunks compiled", "assoc compiled, reduce",
-                       "assoc compiled, time-major", "assoc compiled, coordesc",
-                       "chunked compiled")
-SCAN_EXPERIMENTS = ("assoc chunks compiled", "assoc compiled, time-major",
+# The chunked experiment's chunk sizes besides its default 64, for v0 only: offline code
+# generation (stage-1 v0, batch 32) put them at 2.31x (T = 32), 1.98x (64) and 1.83x (128)
+# the floor, with different tiles (docs/design.md).
+CHUNK_SWEEP = (32, 128)
+CHUNK_SWEEP_PATHS = tuple(f"assoc chunks compiled, T={t}" for t in CHUNK_SWEEP)
+SCAN_COMPILED_PATHS = ("assoc compiled", "assoc chunks compiled", *CHUNK_SWEEP_PATHS,
+                       "assoc compiled, reduce", "assoc compiled, time-major",
+                       "assoc compiled, coordesc", "chunked compiled")
+SCAN_EXPERIMENTS = ("assoc chunks compiled", *CHUNK_SWEEP_PATHS, "assoc compiled, time-major",
                     "assoc compiled, coordesc")
 # paths whose backward is another path's code, timed there: only their forward is timed (the
 # chunked experiment's backward is scan_assoc._grads, "assoc compiled"'s; its compile took 82
 # of v0's 93 s)
-FORWARD_ONLY = ("assoc chunks compiled",)
+FORWARD_ONLY = ("assoc chunks compiled", *CHUNK_SWEEP_PATHS)
 
 
 def time_major(inputs):
@@ -897,10 +908,11 @@ def scan_cells(big, small):
     faster?), "coordesc" (Inductor's coordinate_descent_tuning: does another tile?) and "assoc
     chunks" (scan_assoc.selective_scan_assoc_chunked: scans along chunks of 64 steps that a
     Triton program holds whole, chained by a scan over chunks; for v0, whose one-pass kernel
-    ran at 28.7x its floor on the H200)."""
+    ran at 28.7x its floor on the H200; v0 also with chunks of 32 and 128 steps)."""
     return tuple([(g, b, "chunked eager") for g, b in big] +
                  [(g, b, p) for g, b in big for p in SCAN_COMPILED_PATHS
-                  if g == "v2" or p != "assoc compiled, reduce"] +
+                  if (g == "v2" or p != "assoc compiled, reduce")
+                  and (g == "v0" or p not in CHUNK_SWEEP_PATHS)] +
                  [(g, b, p) for g, b in small
                   for p in ("chunked eager", "assoc compiled", "chunked compiled")] +
                  [(g, b, "assoc eager") for g, b in big + small])
@@ -943,6 +955,7 @@ def phase_scan(run):
                                     "coordinate_descent_tuning (an experiment)",
         "assoc chunks compiled": f"{assoc_chunked_name}, chunks of 64 steps (an experiment); "
                                  f"forward only: its backward is assoc compiled's",
+        **{p: f"the same in chunks of {t} steps" for t, p in zip(CHUNK_SWEEP, CHUNK_SWEEP_PATHS)},
         "floor": "bytes the call must move (scan_floor) / measured copy bandwidth; a memory "
                  "floor only: at N = 16 the exps (one per state) may bound first",
         "v0 batch": f"{run.args.v0_batch}: at 128 one (b, K*D, L, N) float32 state is "
@@ -973,6 +986,9 @@ def phase_scan(run):
     if assoc_chunked is not None:
         paths["assoc chunks compiled"] = (compiled("assoc chunks compiled", assoc_chunked),
                                            "scan compiled", contextlib.nullcontext)
+        for t, name in zip(CHUNK_SWEEP, CHUNK_SWEEP_PATHS):
+            paths[name] = (compiled(name, functools.partial(assoc_chunked, chunk_size=t)),
+                           "scan compiled", contextlib.nullcontext)
     shapes = {}                              # (gen, batch) -> inputs, gy, floor, ref: made once
     for gen, batch, name in run.plan.scan_cells:
         KD, L, N = run.plan.scan_shapes[gen]

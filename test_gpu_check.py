@@ -28,9 +28,12 @@ def test_arguments():
     assert ("v0", 16, "assoc compiled") in plan.scan_cells and plan.model_backend == "inductor"
     assert ('v2', 128, 'assoc compiled, reduce') in plan.scan_cells
     # 4 shapes x 4 paths (chunked eager and compiled, assoc compiled and eager), + reduce,
-    # time-major, coordesc and assoc chunks at both big batches (reduce: v2 only)
-    assert len(set(plan.scan_cells)) == len(plan.scan_cells) == 23
+    # time-major, coordesc and assoc chunks at both big batches (reduce: v2 only), assoc
+    # chunks of 32 and 128 steps (v0 only)
+    assert len(set(plan.scan_cells)) == len(plan.scan_cells) == 25
     assert ("v0", 16, "assoc chunks compiled") in plan.scan_cells
+    assert ("v0", 16, "assoc chunks compiled, T=32") in plan.scan_cells
+    assert ("v2", 128, "assoc chunks compiled, T=32") not in plan.scan_cells
     # the chunked experiment's names do not contain "chunked": --rows chunked and --scans
     # 'chunked compiled' pick what they picked before
     assert not any("chunked" in gc.cell_name(c) for c in plan.scan_cells
@@ -72,7 +75,8 @@ def test_tests_all_is_the_whole_suite_without_x(monkeypatch):
 def test_a_forward_only_cell_times_no_backward(tmp_path):
     """FORWARD_ONLY paths (the chunked experiment: its backward is assoc compiled's code) get
     forward figures, their error and x floor, and no fwd+bwd figure."""
-    assert gc.FORWARD_ONLY == ("assoc chunks compiled",)
+    assert gc.FORWARD_ONLY == ("assoc chunks compiled", "assoc chunks compiled, T=32",
+                               "assoc chunks compiled, T=128")
     run = dry_run(tmp_path)
     gc.phase_card(run)
     KD, L, N = run.plan.scan_shapes["v0"]

@@ -67,7 +67,7 @@ def selective_scan_assoc(u, delta, A, B, C, D=None, delta_bias=None, delta_softp
 
 def selective_scan_assoc_chunked(u, delta, A, B, C, D=None, delta_bias=None,
                                  delta_softplus=False, *, h0=None, return_last_state=False,
-                                 combine_mode=None, chunk_size=64):
+                                 combine_mode=None, chunk_size=None):
     """The same scan (arguments, result, dtype and backward as selective_scan_assoc) in chunks
     of chunk_size steps, for a state of N > 1 on a GPU: an experiment beside
     selective_scan_assoc, which no dispatch chooses (`VSSMConfig(scan="assoc_chunked")` or a
@@ -86,9 +86,12 @@ def selective_scan_assoc_chunked(u, delta, A, B, C, D=None, delta_bias=None,
        y = sum_n C h[n] + D u, as in selective_scan_assoc.
     Bytes: the inputs are read twice (passes 1 and 3), y written once, the (b, K*D, M) chunk
     sums in between; compiled, Inductor also writes delta' in pass 1 for pass 3 (docs/design.md
-    has the figures). chunk_size: a positive int (a power of two suits Triton's blocks)."""
+    has the figures). chunk_size: a positive int (a power of two suits Triton's blocks), or
+    None: 64."""
+    if chunk_size is None:
+        chunk_size = 64
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"selective_scan: chunk_size must be a positive int, got "
+        raise ValueError(f"selective_scan: chunk_size must be None or a positive int, got "
                          f"{chunk_size!r}")
     return _apply(_ChunkedAssocScan, (chunk_size,), u, delta, A, B, C, D, delta_bias,
                   delta_softplus, h0, return_last_state, combine_mode)

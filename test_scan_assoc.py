@@ -142,10 +142,10 @@ def test_dtypes_shapes_and_empty_sequence():
 
 
 # The chunked experiment (selective_scan_assoc_chunked): the same checks with chunks of any
-# length, L a multiple of T or padded. Its tolerance is the same table's: its pass 1 takes
-# exp(A * s) of sums s of up to T delta' values where the loop multiplies their exps, exactly
-# the exponent rounding `with_exponents` bounds (as for scan.selective_scan, whose chunks take
-# the same exps; test_scan.py).
+# length, L a multiple of T or padded. Its tolerance is the same table's: its chunk decays
+# exp(A * S) take sums S of up to T delta' values where the loop multiplies their exps,
+# exactly the exponent rounding `with_exponents` bounds (as for scan.selective_scan, whose
+# chunks take the same exps; test_scan.py).
 @pytest.mark.parametrize("path", list(PATHS))
 @settings(max_examples=2 * N_EXAMPLES)
 @given(data=st.data())
@@ -198,10 +198,14 @@ def test_chunked_assoc_gradcheck_dtypes_and_empty_sequence():
     assert y.shape == (2, 6, 0) and torch.equal(h, h0)
 
 
-@pytest.mark.parametrize("bad", [0, -4, 2.0, True, None])
+@pytest.mark.parametrize("bad", [0, -4, 2.0, True, "64"])
 def test_chunked_assoc_bad_chunk_size_raises(bad):
-    with pytest.raises(ValueError, match=r"chunk_size must be a positive int, got "):
+    with pytest.raises(ValueError, match=r"chunk_size must be None or a positive int, got "):
         call(selective_scan_assoc_chunked, good_args(), chunk_size=bad)
+    # None is the default, 64 steps
+    torch.testing.assert_close(call(selective_scan_assoc_chunked, good_args(), chunk_size=None),
+                               call(selective_scan_assoc_chunked, good_args(), chunk_size=64),
+                               rtol=0, atol=0)
 
 
 def test_chunked_assoc_backward_keeps_no_state():
@@ -410,16 +414,18 @@ def test_compiled_matches_reference(compiled_assoc, shape, data):
         check(compiled_assoc, inputs, sp, L, None, None, "compiled assoc fwd", (torch.float32,))
 
 
+@pytest.mark.parametrize("scan_path, chunk", [("assoc", None), ("assoc_chunked", 16)])
 @pytest.mark.parametrize("fullgraph", [False, True])
 @pytest.mark.parametrize("generation", [pytest.param(g, marks=COMPILE) for g in (0, 2)])
-def test_compiled_model_with_assoc_scan_matches_eager(generation, fullgraph):
-    """torch.compile(model) with scan="assoc", batch 2, with and without fullgraph: logits and
-    dL/dA_logs of the first block against the same model in eager mode (tolerances as in
+def test_compiled_model_with_assoc_scan_matches_eager(generation, fullgraph, scan_path, chunk):
+    """torch.compile(model) with scan="assoc" (and the chunked experiment, 4 chunks of 16 with
+    padding at L = 63), batch 2, with and without fullgraph: logits and dL/dA_logs of the first
+    block against the same model in eager mode (tolerances as in
     test_model_with_assoc_scan_matches_chunked: two float32 summation orders)."""
     x = torch.randn(2, 3, 28, 36, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     torch.manual_seed(1)
     cfg = vm.VSSMConfig(generation=generation, dim=24, depths=(1, 1), num_classes=10,
-                        drop_path_rate=0.0, scan="assoc")
+                        drop_path_rate=0.0, scan=scan_path, chunk_size=chunk)
     model = vm.VSSM(cfg).to(DEVICE)
     outs, grads = [], []
     torch._dynamo.reset()

@@ -261,8 +261,7 @@ class SS2D(nn.Module):
             y = selective_scan_assoc(*scan_args, delta_softplus=True)
         elif self.scan == "assoc_chunked":
             y = selective_scan_assoc_chunked(*scan_args, delta_softplus=True,
-                                             **({} if self.chunk_size is None
-                                                else dict(chunk_size=self.chunk_size)))
+                                             chunk_size=self.chunk_size)
         else:
             y = selective_scan(*scan_args, delta_softplus=True, chunk_size=self.chunk_size)
         y = cross_merge(y.view(batch, K, D, H, W))           # (b, D, L)

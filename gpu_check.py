@@ -122,6 +122,9 @@ WARMUP, WARM_S, REPS_MIN, REPS_MAX, CELL_S = 2, 0.3, 5, 50, 1.5
 EST_S = {"scan compiled": 40, "scan eager": 6, "model eager": 8, "model compiled": 45,
          "model blocks": 45, "train eager": 8, "train compiled": 150,
          ("model compiled", "vanilla_vmamba_tiny"): 170, "model compiled autotune": 180,
+         # vanilla through compile_blocks: its offline code generation (cuda_codegen's fake
+         # card) took 37 s for the four block graphs against 126 s for the whole model
+         ("model blocks", "vanilla_vmamba_tiny"): 60,
          "train compiled autotune": 400, "model compiled coordesc": 90,
          "train compiled coordesc": 250,   # the last four: guesses (benchmarks while compiling)
          ("scan compiled", "v2"): 20, ("scan compiled", "v0"): 100,
@@ -134,6 +137,8 @@ EST_S = {"scan compiled": 40, "scan eager": 6, "model eager": 8, "model compiled
 # compile tests took 390 s (training) and 156 s (inference)
 TRAIN_OVER_INFER = 2.5
 PROFILE_ROWS = 30
+TOP_KERNELS = 25       # kernels and matrix-product shapes per profiled call kept in gpu.json
+MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::convolution")
 # (label, pytest arguments), most valuable first; each set may use all the time left in the
 # phase (a set cut off reports what passed until then). On 2 CPU cores the compile tests took
 # 156 s (inference), 390 s (training), 110 s (blocks) and test_scan.py ~200 s. The associative
@@ -181,9 +186,13 @@ class Plan:
 
 
 def model_plan(dry):
-    """The model rows in the order they run, the GPU issue's targets first: each ratio's
-    numerator and denominator (ours and Swin-T, same kind and dtype) next to each other, float32
-    inference, training, bf16, then what may make either faster, then the rest. variant: None
+    """The model rows in the order they run, each ratio's numerator and denominator (ours and
+    Swin-T, same kind and dtype) next to each other: float32 inference, then with TF32 matrix
+    products (the paper's arithmetic, docs/design.md), vanilla through compile_blocks (its
+    target, and its compile time: whole, it compiled for 161 s on the H200) and with the chunked
+    scan experiment, eager training, what may make s1l8 faster, bf16, compiled training (the
+    first H200 run met its target against eager Swin-T; each such row compiles for ~140 s),
+    then the rest. variant: None
     (the model as it is: compiled on CUDA its scans dispatch to scan_assoc), "floor" (the scan
     replaced by elementwise work: floor_scan), "chunked" (compiled with the chunked scan
     forced: scan._use_assoc off), "tf32" (float32 matrix products on TF32 tensor cores, as
@@ -205,20 +214,22 @@ def model_plan(dry):
                 row(OURS, "compiled", variant="coordesc"),
                 row(OURS, "compiled", variant="assoc-chunks"))
     bf = "bfloat16"
-    return (row(OURS), row(SWIN), row(OURS, train=True), row(SWIN, train=True),
-            row(OURS, "compiled"), row(SWIN, "compiled"),
-            row(OURS, "compiled", train=True), row(SWIN, "compiled", train=True),
+    return (row(OURS), row(SWIN), row(OURS, "compiled"), row(SWIN, "compiled"),
+            row(OURS, "compiled", variant="tf32"), row(SWIN, "compiled", variant="tf32"),
+            row(VANILLA), row(VANILLA, "blocks"),
+            row(VANILLA, "blocks", variant="assoc-chunks"),
+            row(OURS, train=True), row(SWIN, train=True),
+            row(OURS, "compiled", variant="coordesc"), row(OURS, "blocks"),
             row(OURS, dtype=bf), row(SWIN, dtype=bf),
             row(OURS, "compiled", bf), row(SWIN, "compiled", bf),
-            row(OURS, "compiled", variant="tf32"), row(SWIN, "compiled", variant="tf32"),
+            row(OURS, "compiled", train=True), row(SWIN, "compiled", train=True),
             row(OURS, "compiled", bf, train=True), row(SWIN, "compiled", bf, train=True),
-            row(OURS, "compiled", variant="coordesc"), row(SWIN, "compiled", variant="coordesc"),
+            row(SWIN, "compiled", variant="coordesc"),
             row(OURS, "compiled", variant="autotune"), row(SWIN, "compiled", variant="autotune"),
-            row(VANILLA), row(VANILLA, "compiled"),
-            row(VANILLA, "compiled", variant="assoc-chunks"), row(VANILLA, dtype=bf),
-            row(VANILLA, "compiled", bf), row(OURS, "blocks"), row(OURS, "blocks", bf),
+            row(VANILLA, "compiled"), row(VANILLA, "compiled", variant="assoc-chunks"),
+            row(VANILLA, dtype=bf), row(VANILLA, "blocks", bf), row(OURS, "blocks", bf),
             row(OURS, "compiled", variant="chunked"), row(OURS, "compiled", variant="floor"),
-            row(VANILLA, "blocks"), row(OURS, "compiled", train=True, variant="tf32"),
+            row(OURS, "compiled", train=True, variant="tf32"),
             row(SWIN, "compiled", train=True, variant="tf32"),
             row(OURS, "compiled", train=True, variant="floor"),
             row(OURS, "compiled", train=True, variant="chunked"),
@@ -1288,11 +1299,10 @@ KERNEL_KINDS = (("triton", ("triton",)),           # Inductor's generated kernel
                 ("copy", ("memcpy", "memset", "copy")))
 
 
-def kernel_groups(prof, dev, calls):
-    """Self time per call (ms) by kind of kernel: Inductor's Triton kernels, GEMMs, convs,
-    copies, the rest. On CUDA only the device's own events (kernels, copies) count: the CPU op
-    that launched a kernel reports the same time again as its self device time."""
-    groups = {}
+def device_events(prof, dev):
+    """(name, self time in us, count) of each event the time is counted on: on CUDA only the
+    device's own events (kernels, copies), since the CPU op that launched a kernel reports the
+    same time again as its self device time; on a CPU, every op's self CPU time."""
     for e in prof.key_averages():
         if dev == "cuda":
             if not str(getattr(e, "device_type", "")).endswith("CUDA"):
@@ -1302,12 +1312,52 @@ def kernel_groups(prof, dev, calls):
                 us = getattr(e, "self_cuda_time_total", 0)
         else:
             us = e.self_cpu_time_total
-        if not us:
-            continue
-        name = e.key.lower()
-        kind = next((k for k, marks in KERNEL_KINDS if any(m in name for m in marks)), "other")
+        if us:
+            yield e.key, us, e.count
+
+
+def kernel_kind(name):
+    name = name.lower()
+    return next((k for k, marks in KERNEL_KINDS if any(m in name for m in marks)), "other")
+
+
+def kernel_groups(prof, dev, calls):
+    """Self time per call (ms) by kind of kernel: Inductor's Triton kernels, GEMMs, convs,
+    copies, the rest."""
+    groups = {}
+    for name, us, _ in device_events(prof, dev):
+        kind = kernel_kind(name)
         groups[kind] = groups.get(kind, 0.0) + us / 1e3 / calls
     return groups
+
+
+def top_kernels(prof, dev, calls, n=TOP_KERNELS):
+    """The n kernels (ops on a CPU) with the most self time: name (cut to 160 characters),
+    kind, ms and launches per call. Kept in gpu.json, where the profiler's table (profile.txt)
+    is not: which GEMM kernel cuBLAS picked (SIMT sgemm or tensor cores) shows in its name."""
+    rows = [dict(name=name[:160], kind=kernel_kind(name), ms=us / 1e3 / calls,
+                 launches=count / calls) for name, us, count in device_events(prof, dev)]
+    return sorted(rows, key=lambda r: -r["ms"])[:n]
+
+
+def matmul_shapes(prof, dev, calls, n=TOP_KERNELS):
+    """Device time per call (CPU time on a CPU) of each matrix product and convolution by its
+    input shapes (the profile records shapes), most first: which of the model's products
+    cost what. Inductor's compiled code calls them as ATen ops (extern kernels)."""
+    rows = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key not in MATMUL_OPS:
+            continue
+        if dev == "cuda":
+            us = getattr(e, "device_time_total", None)
+            if us is None:
+                us = getattr(e, "cuda_time_total", 0)
+        else:
+            us = e.cpu_time_total
+        if us:
+            rows.append(dict(op=e.key, shapes=str(e.input_shapes)[:200], ms=us / 1e3 / calls,
+                             calls=e.count / calls))
+    return sorted(rows, key=lambda r: -r["ms"])[:n]
 
 
 def phase_profile(run):
@@ -1335,7 +1385,7 @@ def phase_profile(run):
                 fn()
             fn()
             run.sync()
-            with profile(activities=acts) as prof:
+            with profile(activities=acts, record_shapes=True) as prof:
                 for _ in range(calls):
                     fn()
                 run.sync()
@@ -1345,8 +1395,10 @@ def phase_profile(run):
             out.append(f"\n=== {what}, {mode}: {calls} calls ({task}), top {PROFILE_ROWS} "
                        f"by {key} ===\n{table}\n")
             groups = kernel_groups(prof, run.dev, calls)
-            run.res["profile"][what] = {"mode": mode, "calls": calls, "sort": key,
-                                        "ms_per_call_by_kind": groups}
+            run.res["profile"][what] = {
+                "mode": mode, "calls": calls, "sort": key, "ms_per_call_by_kind": groups,
+                "top_kernels": top_kernels(prof, run.dev, calls),
+                "matmul_shapes": matmul_shapes(prof, run.dev, calls)}
             out.append("device time per call by kind of kernel (ms): "
                        + ", ".join(f"{k} {v:.2f}" for k, v in sorted(groups.items())) + "\n")
             with open(os.path.join(run.args.out, "profile.txt"), "w") as f:

@@ -330,3 +330,27 @@ def test_scan_estimates_are_per_generation(tmp_path):
     assert gc.scan_estimate(run, "scan compiled", "v2", "assoc compiled") == 15.0
     assert gc.scan_estimate(run, "scan compiled", "v2", "assoc compiled, coordesc") == 15.0
     assert gc.scan_estimate(run, "scan compiled", "v0", "assoc compiled") == 100
+
+
+def test_profile_keeps_the_top_kernels_and_the_matrix_products_by_shape():
+    """What the profile phase writes into gpu.json beside the totals by kind: the ops with the
+    most self time (on a CPU: ops; on CUDA: kernels) and each matrix product's and
+    convolution's time by input shapes, per call of the model."""
+    from torch.profiler import ProfilerActivity, profile
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 6 * 6, 5))
+    x = torch.randn(4, 3, 8, 8)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(2):
+            model(x)
+    top = gc.top_kernels(prof, "cpu", calls=2)
+    assert [r["ms"] for r in top] == sorted((r["ms"] for r in top), reverse=True)
+    assert {"aten::addmm", "aten::convolution"} <= {r["name"] for r in top}
+    assert all(r["launches"] == 1 for r in top if r["name"] == "aten::addmm")   # per call
+    kinds = {r["name"]: r["kind"] for r in top}
+    assert kinds["aten::convolution"] == "conv"
+    shapes = {r["op"]: r for r in gc.matmul_shapes(prof, "cpu", calls=2)}
+    assert set(shapes) == {"aten::addmm", "aten::convolution"}
+    assert shapes["aten::addmm"]["shapes"].startswith("[[5], [4, 288], [288, 5]")
+    assert shapes["aten::addmm"]["calls"] == 1
+    assert shapes["aten::convolution"]["shapes"].startswith("[[4, 3, 8, 8], [8, 3, 3, 3]")

@@ -1316,26 +1316,50 @@ def device_events(prof, dev):
             yield e.key, us, e.count
 
 
-def kernel_kind(name):
+def scan_kernel_names(cache):
+    """Names of the Triton kernels in Inductor's cache (sources, under `cache`) whose code holds
+    a tl.associative_scan: the fused scan kernels. Inductor names a kernel after the ops fused
+    into it, and a scan's name does not say "scan"; a wrapper module holds every kernel of its
+    graph, so each `def triton_...` is judged by its own body."""
+    names = set()
+    for f in code_files(cache) if cache and os.path.isdir(cache) else ():
+        try:
+            with open(os.path.join(cache, f)) as fh:
+                text = fh.read()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if "tl.associative_scan(" not in text:
+            continue
+        parts = re.split(r"\bdef (triton_\w+)\(", text)    # [before, name, body, name, ...]
+        names.update(name for name, body in zip(parts[1::2], parts[2::2])
+                     if "tl.associative_scan(" in body)
+    return names
+
+
+def kernel_kind(name, scans=()):
+    """A kernel's kind: "scan" (its name in `scans`, from scan_kernel_names), else by marks in
+    its name (KERNEL_KINDS), else "other"."""
+    if name in scans:
+        return "scan"
     name = name.lower()
     return next((k for k, marks in KERNEL_KINDS if any(m in name for m in marks)), "other")
 
 
-def kernel_groups(prof, dev, calls):
-    """Self time per call (ms) by kind of kernel: Inductor's Triton kernels, GEMMs, convs,
-    copies, the rest."""
+def kernel_groups(prof, dev, calls, scans=()):
+    """Self time per call (ms) by kind of kernel: the scans (Triton kernels with a
+    tl.associative_scan), Inductor's other Triton kernels, GEMMs, convs, copies, the rest."""
     groups = {}
     for name, us, _ in device_events(prof, dev):
-        kind = kernel_kind(name)
+        kind = kernel_kind(name, scans)
         groups[kind] = groups.get(kind, 0.0) + us / 1e3 / calls
     return groups
 
 
-def top_kernels(prof, dev, calls, n=TOP_KERNELS):
+def top_kernels(prof, dev, calls, scans=(), n=TOP_KERNELS):
     """The n kernels (ops on a CPU) with the most self time: name (cut to 160 characters),
     kind, ms and launches per call. Kept in gpu.json, where the profiler's table (profile.txt)
     is not: which GEMM kernel cuBLAS picked (SIMT sgemm or tensor cores) shows in its name."""
-    rows = [dict(name=name[:160], kind=kernel_kind(name), ms=us / 1e3 / calls,
+    rows = [dict(name=name[:160], kind=kernel_kind(name, scans), ms=us / 1e3 / calls,
                  launches=count / calls) for name, us, count in device_events(prof, dev)]
     return sorted(rows, key=lambda r: -r["ms"])[:n]
 
@@ -1394,10 +1418,11 @@ def phase_profile(run):
                     "training steps: fwd + CE + bwd + fused AdamW")
             out.append(f"\n=== {what}, {mode}: {calls} calls ({task}), top {PROFILE_ROWS} "
                        f"by {key} ===\n{table}\n")
-            groups = kernel_groups(prof, run.dev, calls)
+            scans = scan_kernel_names(run.cache)
+            groups = kernel_groups(prof, run.dev, calls, scans)
             run.res["profile"][what] = {
                 "mode": mode, "calls": calls, "sort": key, "ms_per_call_by_kind": groups,
-                "top_kernels": top_kernels(prof, run.dev, calls),
+                "top_kernels": top_kernels(prof, run.dev, calls, scans),
                 "matmul_shapes": matmul_shapes(prof, run.dev, calls)}
             out.append("device time per call by kind of kernel (ms): "
                        + ", ".join(f"{k} {v:.2f}" for k, v in sorted(groups.items())) + "\n")

@@ -328,10 +328,13 @@ def markdown(runs, command):
         prof = {k: v for k, v in (res.get("profile") or {}).items()
                 if isinstance(v, dict) and v.get("ms_per_call_by_kind")}
         if prof:
+            scans = any("scan" in v["ms_per_call_by_kind"] for v in prof.values())
             out += ["", f"## Where the device time goes (run {label}, torch.profiler)", "",
                     f"{OURS}, batch {notes.get('batch')}, fp32; device ms per call by kind of "
-                    f"kernel (gemm: cuBLAS/CUTLASS matrix products; triton: Inductor's fused "
-                    f"kernels, the scans among them):", ""]
+                    f"kernel (gemm: cuBLAS/CUTLASS matrix products; "
+                    + ("scan: Inductor's kernels that hold a tl.associative_scan; triton: its "
+                       "other fused kernels):" if scans else
+                       "triton: Inductor's fused kernels, the scans among them):"), ""]
             out += [f"- {k} ({v['mode']}): " + ", ".join(
                 f"{a} {b:.2f}" for a, b in sorted(v["ms_per_call_by_kind"].items(),
                                                    key=lambda kv: -kv[1]))

@@ -354,3 +354,28 @@ def test_profile_keeps_the_top_kernels_and_the_matrix_products_by_shape():
     assert shapes["aten::addmm"]["shapes"].startswith("[[5], [4, 288], [288, 5]")
     assert shapes["aten::addmm"]["calls"] == 1
     assert shapes["aten::convolution"]["shapes"].startswith("[[4, 3, 8, 8], [8, 3, 3, 3]")
+
+
+def test_scan_kernels_are_found_by_their_own_code(tmp_path):
+    """A wrapper module holds every kernel of its graph: only the kernel whose own body holds a
+    tl.associative_scan is a scan, in a wrapper or in a kernel file of its own."""
+    wrapper = ("import triton\n"
+               "k0 = async_compile.triton('triton_poi_fused_add_0', '''\n"
+               "def triton_poi_fused_add_0(in_ptr0, out_ptr0, xnumel, XBLOCK):\n"
+               "    tmp0 = tl.load(in_ptr0)\n''')\n"
+               "k1 = async_compile.triton('triton_red_fused_exp_flip_1', '''\n"
+               "def triton_red_fused_exp_flip_1(in_ptr0, out_ptr1, xnumel, r0_numel):\n"
+               "    tmp5 = tl.associative_scan((tmp3, tmp4), 1, _combine)\n''')\n"
+               "def call(args):\n    k0.run()\n    k1.run()\n")
+    (tmp_path / "ab").mkdir()
+    (tmp_path / "ab" / "wrapper.py").write_text(wrapper)
+    (tmp_path / "cd").mkdir()
+    (tmp_path / "cd" / "kernel.py").write_text(
+        "def triton_per_fused_view_2(in_ptr0):\n    x = tl.associative_scan(a, 1, f)\n")
+    (tmp_path / "cd" / "other.py").write_text("def triton_poi_fused_mul_3(in_ptr0):\n    pass\n")
+    scans = gc.scan_kernel_names(str(tmp_path))
+    assert scans == {"triton_red_fused_exp_flip_1", "triton_per_fused_view_2"}
+    assert gc.kernel_kind("triton_per_fused_view_2", scans) == "scan"
+    assert gc.kernel_kind("triton_poi_fused_add_0", scans) == "triton"
+    assert gc.kernel_kind("sm90_xmma_gemm_f32f32_f32f32_f32_nn_n", scans) == "gemm"
+    assert gc.scan_kernel_names("") == set() == gc.scan_kernel_names(str(tmp_path / "none"))

@@ -212,7 +212,7 @@ def model_plan(dry):
                 row(OURS, "blocks"), row(OURS, "compiled", variant="tf32"),
                 row(OURS, "compiled", variant="autotune"),
                 row(OURS, "compiled", variant="coordesc"),
-                row(OURS, "compiled", variant="assoc-chunks"))
+                row(OURS, "compiled", variant="assoc-chunks"), row(VANILLA, "blocks"))
     bf = "bfloat16"
     return (row(OURS), row(SWIN), row(OURS, "compiled"), row(SWIN, "compiled"),
             row(OURS, "compiled", variant="tf32"), row(SWIN, "compiled", variant="tf32"),
@@ -1258,6 +1258,10 @@ def phase_models(run):
                     if spec["model"] == OURS and spec["mode"] == "compiled" and \
                             spec["dtype"] == "float32":
                         run.keep["train" if spec["train"] else "infer"] = fn
+                    elif spec["model"] == VANILLA and spec["mode"] != "eager" and \
+                            spec["dtype"] == "float32" and not spec["train"] and \
+                            "vanilla infer" not in run.keep:
+                        run.keep["vanilla infer"] = (fn, spec["mode"])
                     fn = None
             except Exception as e:           # noqa: BLE001 -- recorded in the row
                 row["error"] = error_text(e)
@@ -1387,16 +1391,23 @@ def matmul_shapes(prof, dev, calls, n=TOP_KERNELS):
 def phase_profile(run):
     """torch.profiler over the compiled s1l8 calls kept from phase 3, else compiled here if the
     estimate fits, else the eager model (said in the file): 3 inference calls, 2 training
-    steps. ~30 s with both kept."""
+    steps; and 2 inference calls of vanilla if phase 3 compiled it (fp32; never compiled
+    here). ~30 s with all kept."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if run.dev == "cuda" else [])
-    out = [f"torch.profiler, {OURS}, batch {run.plan.batch}, {run.plan.res} px, fp32 (TF32 "
-           f"defaults), {run.res['header'].get('gpu', run.dev)}, torch "
+    out = [f"torch.profiler, {OURS} (and {VANILLA}), batch {run.plan.batch}, {run.plan.res} "
+           f"px, fp32 (TF32 defaults), {run.res['header'].get('gpu', run.dev)}, torch "
            f"{run.res['header'].get('torch')}; compiled: torch.compile(model), its scans "
            f"{compiled_scan_path(run.dev)}\n"]
-    for what, calls in (("infer", 3), ("train", 2)):
-        try:
+    for what, calls in (("infer", 3), ("train", 2), ("vanilla infer", 2)):
+        if what == "vanilla infer":       # only as the models phase compiled it: no time here
+            if what not in run.keep:
+                continue
+            fn, mode = run.keep[what]
+            mode = {"blocks": "compile_blocks"}.get(mode, mode)
+        else:
             fn, mode = run.keep.get(what), "compiled"
+        try:
             run.begin(f"profile {what}")
             if fn is None:
                 kind = "model compiled" if what == "infer" else "train compiled"
@@ -1414,13 +1425,14 @@ def phase_profile(run):
                     fn()
                 run.sync()
             key, table = profile_table(prof, run.dev)
-            task = ("inference, no_grad" if what == "infer" else
-                    "training steps: fwd + CE + bwd + fused AdamW")
+            task = ("training steps: fwd + CE + bwd + fused AdamW" if what == "train" else
+                    "inference, no_grad")
             out.append(f"\n=== {what}, {mode}: {calls} calls ({task}), top {PROFILE_ROWS} "
                        f"by {key} ===\n{table}\n")
             scans = scan_kernel_names(run.cache)
             groups = kernel_groups(prof, run.dev, calls, scans)
             run.res["profile"][what] = {
+                "model": VANILLA if what == "vanilla infer" else OURS,
                 "mode": mode, "calls": calls, "sort": key, "ms_per_call_by_kind": groups,
                 "top_kernels": top_kernels(prof, run.dev, calls, scans),
                 "matmul_shapes": matmul_shapes(prof, run.dev, calls)}

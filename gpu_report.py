@@ -330,7 +330,8 @@ def markdown(runs, command):
         if prof:
             scans = any("scan" in v["ms_per_call_by_kind"] for v in prof.values())
             out += ["", f"## Where the device time goes (run {label}, torch.profiler)", "",
-                    f"{OURS}, batch {notes.get('batch')}, fp32; device ms per call by kind of "
+                    f"{OURS} (vanilla: {VANILLA}), batch {notes.get('batch')}, fp32; device "
+                    f"ms per call by kind of "
                     f"kernel (gemm: cuBLAS/CUTLASS matrix products; "
                     + ("scan: Inductor's kernels that hold a tl.associative_scan; triton: its "
                        "other fused kernels):" if scans else

@@ -37,7 +37,10 @@ says so in gpu.json, and what a phase leaves goes to the next. A phase that fail
              to Swin-T's best row of the same kind and precision; logits of each inference
              row against the eager fp32 row of its model                       [by 374]
   4 profile  torch.profiler, top 30 ops by self device time: compiled s1l8 inference and one
-             training step (eager if it was not compiled in time) -> profile.txt     [by 403]
+             training step (eager if it was not compiled in time), and vanilla's fp32 and
+             s1l8's bf16 inference if phase 3 compiled them -> profile.txt; into gpu.json
+             device ms by kind (scan kernels apart), the top kernels and the matrix
+             products by input shapes                                                [by 403]
   5 tests    the CUDA test subset, pytest in a subprocess per set (TEST_SETS), or with
              --tests all the whole suite                                             [by 466]
   6 report   bench.py --report, if bench.py has it and time is left                  [by 480]
@@ -213,7 +216,8 @@ def model_plan(dry):
                 row(OURS, "blocks"), row(OURS, "compiled", variant="tf32"),
                 row(OURS, "compiled", variant="autotune"),
                 row(OURS, "compiled", variant="coordesc"),
-                row(OURS, "compiled", variant="assoc-chunks"), row(VANILLA, "blocks"))
+                row(OURS, "compiled", variant="assoc-chunks"), row(VANILLA, "blocks"),
+                row(OURS, "compiled", "bfloat16"))
     bf = "bfloat16"
     return (row(OURS), row(SWIN), row(VANILLA), row(VANILLA, "blocks"),
             row(VANILLA, "blocks", variant="assoc-chunks"),
@@ -1256,13 +1260,9 @@ def phase_models(run):
                         row["error"] = "the patch missed: vmamba_min.selective_scan never called"
                 else:
                     fn = model_row(run, spec, row)
-                    if spec["model"] == OURS and spec["mode"] == "compiled" and \
-                            spec["dtype"] == "float32":
-                        run.keep["train" if spec["train"] else "infer"] = fn
-                    elif spec["model"] == VANILLA and spec["mode"] != "eager" and \
-                            spec["dtype"] == "float32" and not spec["train"] and \
-                            "vanilla infer" not in run.keep:
-                        run.keep["vanilla infer"] = (fn, spec["mode"])
+                    what = profile_item(spec)
+                    if what and what not in run.keep:      # for the profile phase
+                        run.keep[what] = (fn, spec["mode"])
                     fn = None
             except Exception as e:           # noqa: BLE001 -- recorded in the row
                 row["error"] = error_text(e)
@@ -1389,34 +1389,48 @@ def matmul_shapes(prof, dev, calls, n=TOP_KERNELS):
     return sorted(rows, key=lambda r: -r["ms"])[:n]
 
 
+# What the profile phase profiles: (item, model, dtype, training, calls, whether the phase may
+# compile it itself when the models phase did not). The models phase keeps the callable of the
+# first compiled row (the model as it is: no variant) that matches an item.
+PROFILE_ITEMS = (("infer", OURS, "float32", False, 3, True),
+                 ("train", OURS, "float32", True, 2, True),
+                 ("vanilla infer", VANILLA, "float32", False, 2, False),
+                 ("bf16 infer", OURS, "bfloat16", False, 3, False))
+
+
+def profile_item(spec):
+    """The PROFILE_ITEMS name a model row serves, or None."""
+    if spec["mode"] == "eager" or spec["variant"]:
+        return None
+    return next((what for what, model, dtype, train, _, _ in PROFILE_ITEMS
+                 if (model, dtype, train) == (spec["model"], spec["dtype"], spec["train"])),
+                None)
+
+
 def phase_profile(run):
-    """torch.profiler over the compiled s1l8 calls kept from phase 3, else compiled here if the
-    estimate fits, else the eager model (said in the file): 3 inference calls, 2 training
-    steps; and 2 inference calls of vanilla if phase 3 compiled it (fp32; never compiled
-    here). ~30 s with all kept."""
+    """torch.profiler over the compiled calls kept from phase 3 (PROFILE_ITEMS): s1l8's
+    inference (3 calls) and training step (2), each compiled here if the models phase did not
+    and the estimate fits, else eager (said in the file); vanilla's fp32 inference and s1l8's
+    bf16 inference only as the models phase compiled them. ~30 s with all kept."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if run.dev == "cuda" else [])
-    out = [f"torch.profiler, {OURS} (and {VANILLA}), batch {run.plan.batch}, {run.plan.res} "
-           f"px, fp32 (TF32 defaults), {run.res['header'].get('gpu', run.dev)}, torch "
-           f"{run.res['header'].get('torch')}; compiled: torch.compile(model), its scans "
-           f"{compiled_scan_path(run.dev)}\n"]
-    for what, calls in (("infer", 3), ("train", 2), ("vanilla infer", 2)):
-        if what == "vanilla infer":       # only as the models phase compiled it: no time here
-            if what not in run.keep:
-                continue
-            fn, mode = run.keep[what]
-            mode = {"blocks": "compile_blocks"}.get(mode, mode)
-        else:
-            fn, mode = run.keep.get(what), "compiled"
+    out = [f"torch.profiler, batch {run.plan.batch}, {run.plan.res} px, TF32 defaults, "
+           f"{run.res['header'].get('gpu', run.dev)}, torch {run.res['header'].get('torch')}; "
+           f"compiled: its scans {compiled_scan_path(run.dev)}\n"]
+    for what, model, dtype, train, calls, may_compile in PROFILE_ITEMS:
+        if what not in run.keep and not may_compile:
+            continue
+        fn, mode = run.keep.get(what, (None, "compiled"))
+        mode = {"blocks": "compile_blocks"}.get(mode, mode)
         try:
             run.begin(f"profile {what}")
             if fn is None:
-                kind = "model compiled" if what == "infer" else "train compiled"
-                if not run.fits("profile", run.estimate(kind, OURS)):
-                    run.skip("profile", f"compiled {what}", run.estimate(kind, OURS))
+                kind = "train compiled" if train else "model compiled"
+                if not run.fits("profile", run.estimate(kind, model)):
+                    run.skip("profile", f"compiled {what}", run.estimate(kind, model))
                     mode = "eager (no time to compile)"
-                spec = dict(model=OURS, mode="compiled" if mode == "compiled" else "eager",
-                            dtype="float32", train=what == "train", variant=None)
+                spec = dict(model=model, mode="compiled" if mode == "compiled" else "eager",
+                            dtype=dtype, train=train, variant=None)
                 fn = build_runner(run, spec)
                 fn()
             fn()
@@ -1426,15 +1440,14 @@ def phase_profile(run):
                     fn()
                 run.sync()
             key, table = profile_table(prof, run.dev)
-            task = ("training steps: fwd + CE + bwd + fused AdamW" if what == "train" else
-                    "inference, no_grad")
-            out.append(f"\n=== {what}, {mode}: {calls} calls ({task}), top {PROFILE_ROWS} "
-                       f"by {key} ===\n{table}\n")
+            task = "training steps: fwd + CE + bwd + fused AdamW" if train else "inference, no_grad"
+            out.append(f"\n=== {what}, {model}, {dtype}, {mode}: {calls} calls ({task}), top "
+                       f"{PROFILE_ROWS} by {key} ===\n{table}\n")
             scans = scan_kernel_names(run.cache)
             groups = kernel_groups(prof, run.dev, calls, scans)
             run.res["profile"][what] = {
-                "model": VANILLA if what == "vanilla infer" else OURS,
-                "mode": mode, "calls": calls, "sort": key, "ms_per_call_by_kind": groups,
+                "model": model, "dtype": dtype, "mode": mode, "calls": calls, "sort": key,
+                "ms_per_call_by_kind": groups,
                 "top_kernels": top_kernels(prof, run.dev, calls, scans),
                 "matmul_shapes": matmul_shapes(prof, run.dev, calls)}
             out.append("device time per call by kind of kernel (ms): "
@@ -1444,7 +1457,8 @@ def phase_profile(run):
             run.save()
             del prof
         except Exception as e:               # noqa: BLE001 -- recorded; the other item runs
-            run.res["profile"][what] = {"mode": mode, "error": error_text(e)}
+            run.res["profile"][what] = {"model": model, "dtype": dtype, "mode": mode,
+                                        "error": error_text(e)}
             traceback.print_exc()
             run.save()
         fn = prof = None

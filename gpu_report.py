@@ -188,18 +188,25 @@ def paper_arithmetic(rows):
             "met": "-"}
 
 
+def short(prof):
+    """A profiled item's model, dtype and compiler in a few words (runs before these were
+    recorded profiled s1l8 in float32)."""
+    name = {OURS: "s1l8", VANILLA: "vanilla", SWIN: "swin-t"}.get(prof.get("model", OURS))
+    return f"{name}, {prof.get('dtype', 'float32')}, {prof['mode']}"
+
+
 def profile_tables(what, prof, kernels=12, products=10):
     """The kernels with the most device time per call, and the matrix products and
     convolutions by input shapes (runs that recorded them)."""
     out = []
     if prof.get("top_kernels"):
-        out += ["", f"{what} ({prof['mode']}), the {kernels} kernels with the most device time "
+        out += ["", f"{what} ({short(prof)}), the {kernels} kernels with the most device time "
                 f"(ms and launches per call):", "", "```text",
                 table([dict(r, name=r["name"][:100]) for r in prof["top_kernels"][:kernels]],
                       [("kind", "kind", "{}"), ("ms", "ms", "{:.3f}"),
                        ("launches", "launches", "{:.0f}"), ("name", "kernel", "{}")]), "```"]
     if prof.get("matmul_shapes"):
-        out += ["", f"{what} ({prof['mode']}), matrix products and convolutions by input shapes "
+        out += ["", f"{what} ({short(prof)}), matrix products and convolutions by input shapes "
                 f"(device ms and calls per call of the model):", "", "```text",
                 table(prof["matmul_shapes"][:products],
                       [("op", "op", "{}"), ("ms", "ms", "{:.3f}"), ("calls", "calls", "{:.0f}"),
@@ -330,13 +337,12 @@ def markdown(runs, command):
         if prof:
             scans = any("scan" in v["ms_per_call_by_kind"] for v in prof.values())
             out += ["", f"## Where the device time goes (run {label}, torch.profiler)", "",
-                    f"{OURS} (vanilla: {VANILLA}), batch {notes.get('batch')}, fp32; device "
-                    f"ms per call by kind of "
+                    f"Batch {notes.get('batch')}; device ms per call by kind of "
                     f"kernel (gemm: cuBLAS/CUTLASS matrix products; "
                     + ("scan: Inductor's kernels that hold a tl.associative_scan; triton: its "
                        "other fused kernels):" if scans else
                        "triton: Inductor's fused kernels, the scans among them):"), ""]
-            out += [f"- {k} ({v['mode']}): " + ", ".join(
+            out += [f"- {k} ({short(v)}): " + ", ".join(
                 f"{a} {b:.2f}" for a, b in sorted(v["ms_per_call_by_kind"].items(),
                                                    key=lambda kv: -kv[1]))
                 + f"; total {sum(v['ms_per_call_by_kind'].values()):.2f}"

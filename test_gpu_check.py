@@ -379,3 +379,16 @@ def test_scan_kernels_are_found_by_their_own_code(tmp_path):
     assert gc.kernel_kind("triton_poi_fused_add_0", scans) == "triton"
     assert gc.kernel_kind("sm90_xmma_gemm_f32f32_f32f32_f32_nn_n", scans) == "gemm"
     assert gc.scan_kernel_names("") == set() == gc.scan_kernel_names(str(tmp_path / "none"))
+
+
+def test_the_profile_takes_the_first_compiled_row_of_each_item_as_it_is():
+    def spec(model, mode, dtype="float32", train=False, variant=None):
+        return dict(model=model, mode=mode, dtype=dtype, train=train, variant=variant)
+    assert gc.profile_item(spec(gc.OURS, "compiled")) == "infer"
+    assert gc.profile_item(spec(gc.OURS, "compiled", train=True)) == "train"
+    assert gc.profile_item(spec(gc.VANILLA, "blocks")) == "vanilla infer"
+    assert gc.profile_item(spec(gc.OURS, "compiled", "bfloat16")) == "bf16 infer"
+    assert gc.profile_item(spec(gc.OURS, "eager")) is None
+    assert gc.profile_item(spec(gc.OURS, "compiled", variant="tf32")) is None
+    assert gc.profile_item(spec(gc.VANILLA, "blocks", variant="assoc-chunks")) is None
+    assert gc.profile_item(spec(gc.SWIN, "compiled")) is None

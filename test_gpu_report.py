@@ -156,4 +156,4 @@ def test_profile_tables_show_the_top_kernels_and_matrix_products():
     assert gemm.split()[1:3] == ["1.500", "14"] and len(gemm) < 140      # the name cut to 100
     assert any(ln.split()[:3] == ["aten::mm", "0.900", "2"] and "[[401408, 96]" in ln
                for ln in lines)
-    assert "- infer (compiled): gemm 2.00; total 2.00" in lines
+    assert "- infer (s1l8, float32, compiled): gemm 2.00; total 2.00" in lines

@@ -124,10 +124,12 @@ WARMUP, WARM_S, REPS_MIN, REPS_MAX, CELL_S = 2, 0.3, 5, 50, 1.5
 # eager 5 s, compiled 33-41 s, vanilla 167 s; training steps eager 5 s, compiled s1l8 140 s)
 EST_S = {"scan compiled": 40, "scan eager": 6, "model eager": 8, "model compiled": 45,
          "model blocks": 45, "train eager": 8, "train compiled": 150,
+         "model blocks coordesc": 120, "model blocks autotune": 200,
          ("model compiled", "vanilla_vmamba_tiny"): 170, "model compiled autotune": 180,
          # vanilla through compile_blocks: its offline code generation (cuda_codegen's fake
          # card) took 37 s for the four block graphs against 126 s for the whole model
          ("model blocks", "vanilla_vmamba_tiny"): 60, ("model eager", "vanilla_vmamba_tiny"): 20,
+         ("model blocks coordesc", "vanilla_vmamba_tiny"): 150,     # a guess, as above
          "train compiled autotune": 400, "model compiled coordesc": 90,
          "train compiled coordesc": 250,   # the last four: guesses (benchmarks while compiling)
          ("scan compiled", "v2"): 20, ("scan compiled", "v0"): 100,
@@ -217,10 +219,11 @@ def model_plan(dry):
                 row(OURS, "compiled", variant="autotune"),
                 row(OURS, "compiled", variant="coordesc"),
                 row(OURS, "compiled", variant="assoc-chunks"), row(VANILLA, "blocks"),
-                row(OURS, "compiled", "bfloat16"))
+                row(VANILLA, "blocks", variant="coordesc"), row(OURS, "compiled", "bfloat16"))
     bf = "bfloat16"
     return (row(OURS), row(SWIN), row(VANILLA), row(VANILLA, "blocks"),
             row(VANILLA, "blocks", variant="assoc-chunks"),
+            row(VANILLA, "blocks", variant="coordesc"),
             row(OURS, "compiled"), row(SWIN, "compiled"),
             row(OURS, "compiled", variant="tf32"), row(SWIN, "compiled", variant="tf32"),
             row(OURS, train=True), row(SWIN, train=True),
@@ -305,6 +308,7 @@ def _plan(args):
            **{("scan compiled", f"v2 {p}"): 10 for p in SCAN_COMPILED_PATHS},
            "model compiled autotune": 10, "train compiled autotune": 15,
            "model compiled coordesc": 10, "train compiled coordesc": 15,
+           "model blocks coordesc": 10, "model blocks autotune": 10,
            ("scan compiled", "v2 assoc chunks compiled"): 20,
            ("scan compiled", "v2 assoc chunks compiled, T=32"): 20}
     # every path once; coordesc right after assoc compiled: aot_eager takes no options, so
@@ -1147,20 +1151,20 @@ def build_runner(run, spec):
         model = vmamba_min.build(spec["model"], **overrides)
     model = model.to(run.dev).train(spec["train"])
     fwd = model
+    # Given to torch.compile, not set globally: Dynamo reuses the graph an equal earlier
+    # torch.compile made (same mode and options) whatever the config says now. Both are
+    # Inductor's (the dry run's aot_eager takes neither).
+    inductor = run.plan.model_backend == "inductor"
+    mode = "max-autotune-no-cudagraphs" if spec["variant"] == "autotune" and inductor else None
+    options = {"coordinate_descent_tuning": True} if spec["variant"] == "coordesc" and \
+        inductor else None
     if spec["mode"] == "compiled":
-        # Given to torch.compile, not set globally: Dynamo reuses the graph an equal earlier
-        # torch.compile made (same mode and options) whatever the config says now. Both are
-        # Inductor's (the dry run's aot_eager takes neither).
-        inductor = run.plan.model_backend == "inductor"
-        mode = "max-autotune-no-cudagraphs" if spec["variant"] == "autotune" and inductor \
-            else None
-        options = {"coordinate_descent_tuning": True} if spec["variant"] == "coordesc" and \
-            inductor else None
         fwd = torch.compile(model, dynamic=False, backend=run.plan.model_backend, mode=mode,
                             options=options)
     elif spec["mode"] == "blocks":
         import vmamba_min
-        vmamba_min.compile_blocks(model, backend=run.plan.model_backend)
+        vmamba_min.compile_blocks(model, backend=run.plan.model_backend, mode=mode,
+                                  options=options)
     batch, res = run.plan.batch, run.plan.res
     x = torch.randn(batch, 3, res, res, device=run.dev)
     dtype = getattr(torch, spec["dtype"])

@@ -274,6 +274,14 @@ def test_variants_that_change_the_compiler_are_compile_arguments(tmp_path, monke
                             (None, {"coordinate_descent_tuning": True}),
                             ("max-autotune-no-cudagraphs", None)] + [(None, None)] * 4
     assert all(kw["dynamic"] is False for kw in seen)
+    # compile_blocks hands them to every block's compile (nn.Module.compile)
+    blocks = []
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, **kw: blocks.append(kw), raising=False)
+    run.plan = dataclasses.replace(run.plan, model_backend="inductor")
+    gc.build_runner(run, dict(spec, model=gc.VANILLA, mode="blocks", variant="coordesc"))
+    assert blocks and all(kw["options"] == {"coordinate_descent_tuning": True} and
+                          kw["mode"] is None and kw["dynamic"] is False for kw in blocks)
     was = torch.backends.cuda.matmul.allow_tf32
     with gc.variant_patch("tf32"):
         assert torch.backends.cuda.matmul.allow_tf32

@@ -124,14 +124,15 @@ WARMUP, WARM_S, REPS_MIN, REPS_MAX, CELL_S = 2, 0.3, 5, 50, 1.5
 # eager 5 s, compiled 33-41 s, vanilla 167 s; training steps eager 5 s, compiled s1l8 140 s)
 EST_S = {"scan compiled": 40, "scan eager": 6, "model eager": 8, "model compiled": 45,
          "model blocks": 45, "train eager": 8, "train compiled": 150,
-         "model blocks coordesc": 120, "model blocks autotune": 200,
-         ("model compiled", "vanilla_vmamba_tiny"): 170, "model compiled autotune": 180,
+         ("model compiled", "vanilla_vmamba_tiny"): 170, ("model eager", "vanilla_vmamba_tiny"): 20,
          # vanilla through compile_blocks: its offline code generation (cuda_codegen's fake
          # card) took 37 s for the four block graphs against 126 s for the whole model
-         ("model blocks", "vanilla_vmamba_tiny"): 60, ("model eager", "vanilla_vmamba_tiny"): 20,
-         ("model blocks coordesc", "vanilla_vmamba_tiny"): 150,     # a guess, as above
-         "train compiled autotune": 400, "model compiled coordesc": 90,
-         "train compiled coordesc": 250,   # the last four: guesses (benchmarks while compiling)
+         ("model blocks", "vanilla_vmamba_tiny"): 60,
+         # guesses (these benchmark kernels while compiling)
+         "model compiled autotune": 180, "train compiled autotune": 400,
+         "model compiled coordesc": 90, "train compiled coordesc": 250,
+         "model blocks autotune": 200, "model blocks coordesc": 120,
+         ("model blocks coordesc", "vanilla_vmamba_tiny"): 150,
          ("scan compiled", "v2"): 20, ("scan compiled", "v0"): 100,
          # forward only (FORWARD_ONLY): v0's forward compile took 11 s, v2's 6 s (one-pass)
          ("scan compiled", "v2 assoc chunks compiled"): 15,

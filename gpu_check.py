@@ -32,7 +32,8 @@ says so in gpu.json, and what a phase leaves goes to the next. A phase that fail
              with its scan replaced by elementwise work on the same inputs), "chunked"
              (compiled with the chunked scan forced), "tf32" (TF32 matrix products),
              "coordesc" (Inductor's coordinate_descent_tuning), "autotune" (mode
-             max-autotune-no-cudagraphs) and "assoc-chunks" (scan="assoc_chunked"); img/s,
+             max-autotune-no-cudagraphs), "cudagraphs" (mode reduce-overhead) and
+             "assoc-chunks" (scan="assoc_chunked"); img/s,
              compile s, peak GB, ratio
              to Swin-T's best row of the same kind and precision; logits of each inference
              row against the eager fp32 row of its model                       [by 374]
@@ -132,6 +133,7 @@ EST_S = {"scan compiled": 40, "scan eager": 6, "model eager": 8, "model compiled
          "model compiled autotune": 180, "train compiled autotune": 400,
          "model compiled coordesc": 90, "train compiled coordesc": 250,
          "model blocks autotune": 200, "model blocks coordesc": 120,
+         "model compiled cudagraphs": 50,
          ("model blocks coordesc", "vanilla_vmamba_tiny"): 150,
          ("scan compiled", "v2"): 20, ("scan compiled", "v0"): 100,
          # forward only (FORWARD_ONLY): v0's forward compile took 11 s, v2's 6 s (one-pass)
@@ -139,6 +141,9 @@ EST_S = {"scan compiled": 40, "scan eager": 6, "model eager": 8, "model compiled
          ("scan compiled", "v0 assoc chunks compiled"): 30,
          **{("scan compiled", f"v0 {p}"): 30 for p in ("assoc chunks compiled, T=32",
                                                        "assoc chunks compiled, T=128")}}
+# model variants that only change how torch.compile compiles the model as it is (mode or
+# options): their rows count as the model's own, and their compile time is estimated apart
+COMPILER_VARIANTS = ("autotune", "coordesc", "cudagraphs")
 # a model's compiled training row, guessed from its compiled inference row: on 2 CPU cores the
 # compile tests took 390 s (training) and 156 s (inference)
 TRAIN_OVER_INFER = 2.5
@@ -207,7 +212,9 @@ def model_plan(dry):
     coordinate_descent_tuning: each Triton kernel's block sizes and warps searched around the
     heuristic's pick; the scan kernels' tile decides whether a row's carry crosses warps),
     "autotune" (torch.compile's mode "max-autotune-no-cudagraphs": that search, plus GEMM
-    templates benchmarked against cuBLAS) or "assoc-chunks" (built with
+    templates benchmarked against cuBLAS), "cudagraphs" (mode "reduce-overhead": the compiled
+    model replayed as CUDA graphs, no launch overhead; the scans' kernels have no host loop
+    on this path) or "assoc-chunks" (built with
     scan="assoc_chunked": scan_assoc.selective_scan_assoc_chunked, an experiment for
     vanilla's N = 16, whose compiled inference ran at 0.13x Swin-T)."""
     def row(model, mode="eager", dtype="float32", train=False, variant=None):
@@ -228,6 +235,8 @@ def model_plan(dry):
             row(OURS, "compiled"), row(SWIN, "compiled"),
             row(OURS, "compiled", variant="tf32"), row(SWIN, "compiled", variant="tf32"),
             row(OURS, train=True), row(SWIN, train=True),
+            row(OURS, "compiled", variant="cudagraphs"),
+            row(SWIN, "compiled", variant="cudagraphs"),
             row(OURS, "compiled", variant="coordesc"), row(OURS, "blocks"),
             row(OURS, dtype=bf), row(SWIN, dtype=bf),
             row(OURS, "compiled", bf), row(SWIN, "compiled", bf),
@@ -1101,8 +1110,8 @@ def floor_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False,
 def variant_patch(variant):
     """The patch a model variant runs under: vmamba_min imports selective_scan by name, so the
     floor swaps that name for floor_scan; "chunked" turns off the dispatch to scan_assoc;
-    "tf32" allows TF32 matrix products for the row (compile and timed calls); "autotune" and
-    "coordesc" need none (build_runner passes them to torch.compile)."""
+    "tf32" allows TF32 matrix products for the row (compile and timed calls); the
+    COMPILER_VARIANTS need none (build_runner passes them to torch.compile)."""
     import contextlib
     import vmamba_min
     if variant == "floor":
@@ -1156,7 +1165,8 @@ def build_runner(run, spec):
     # torch.compile made (same mode and options) whatever the config says now. Both are
     # Inductor's (the dry run's aot_eager takes neither).
     inductor = run.plan.model_backend == "inductor"
-    mode = "max-autotune-no-cudagraphs" if spec["variant"] == "autotune" and inductor else None
+    mode = {"autotune": "max-autotune-no-cudagraphs", "cudagraphs": "reduce-overhead"}.get(
+        spec["variant"]) if inductor else None
     options = {"coordinate_descent_tuning": True} if spec["variant"] == "coordesc" and \
         inductor else None
     if spec["mode"] == "compiled":
@@ -1247,7 +1257,7 @@ def phase_models(run):
                 else "chunked" if spec["mode"] == "eager" or spec["variant"] == "chunked"
                 else compiled_scan_path(run.dev))
         kind = f"{'train' if spec['train'] else 'model'} {spec['mode']}" + (
-            f" {spec['variant']}" if spec["variant"] in ("autotune", "coordesc") else "")
+            f" {spec['variant']}" if spec["variant"] in COMPILER_VARIANTS else "")
         if spec["model"] == SWIN and not have_timm:
             row["skipped"] = "timm not importable"
         elif spec["model"] == SWIN and spec["mode"] == "blocks":

@@ -17,7 +17,8 @@ import json
 import os
 import sys
 
-from gpu_check import OURS, PAPER, SCAN_EXPERIMENTS, SWIN, VANILLA, precision, table
+from gpu_check import (COMPILER_VARIANTS, OURS, PAPER, SCAN_EXPERIMENTS, SWIN, VANILLA,
+                       precision, table)
 from report import _cell, _write        # bench.py's page writer: table cells, whole files
 
 PLATFORM = "cuda"
@@ -172,7 +173,7 @@ def best_compiled(rows, model, train, prec):
     however the compiler was asked to tune it (no scan experiment, no stand-in), or None."""
     mine = [r for r in rows if r["model"] == model and r["train"] == train
             and precision(r) == prec and r["mode"] in COMPILERS
-            and r.get("variant") in (None, "tf32", "autotune", "coordesc")]
+            and r.get("variant") in (None, "tf32") + COMPILER_VARIANTS]
     return max(mine, key=lambda r: r["img_s"]) if mine else None
 
 

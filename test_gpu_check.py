@@ -267,12 +267,13 @@ def test_variants_that_change_the_compiler_are_compile_arguments(tmp_path, monke
     spec = dict(model=gc.OURS, mode="compiled", dtype="float32", train=False)
     for backend in ("inductor", "aot_eager"):
         run.plan = dataclasses.replace(run.plan, model_backend=backend)
-        for variant in (None, "tf32", "coordesc", "autotune"):
+        for variant in (None, "tf32", "coordesc", "autotune", "cudagraphs"):
             gc.build_runner(run, dict(spec, variant=variant))
     mode_options = [(kw["mode"], kw["options"]) for kw in seen]
     assert mode_options == [(None, None), (None, None),
                             (None, {"coordinate_descent_tuning": True}),
-                            ("max-autotune-no-cudagraphs", None)] + [(None, None)] * 4
+                            ("max-autotune-no-cudagraphs", None),
+                            ("reduce-overhead", None)] + [(None, None)] * 5
     assert all(kw["dynamic"] is False for kw in seen)
     # compile_blocks hands them to every block's compile (nn.Module.compile)
     blocks = []

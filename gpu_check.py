@@ -129,11 +129,11 @@ EST_S = {"scan compiled": 40, "scan eager": 6, "model eager": 8, "model compiled
          # vanilla through compile_blocks: its offline code generation (cuda_codegen's fake
          # card) took 37 s for the four block graphs against 126 s for the whole model
          ("model blocks", "vanilla_vmamba_tiny"): 60,
+         "model compiled cudagraphs": 50,     # a compile as usual, then CUDA graphs recorded
          # guesses (these benchmark kernels while compiling)
          "model compiled autotune": 180, "train compiled autotune": 400,
          "model compiled coordesc": 90, "train compiled coordesc": 250,
          "model blocks autotune": 200, "model blocks coordesc": 120,
-         "model compiled cudagraphs": 50,
          ("model blocks coordesc", "vanilla_vmamba_tiny"): 150,
          ("scan compiled", "v2"): 20, ("scan compiled", "v0"): 100,
          # forward only (FORWARD_ONLY): v0's forward compile took 11 s, v2's 6 s (one-pass)
@@ -149,7 +149,8 @@ COMPILER_VARIANTS = ("autotune", "coordesc", "cudagraphs")
 TRAIN_OVER_INFER = 2.5
 PROFILE_ROWS = 30
 TOP_KERNELS = 25       # kernels and matrix-product shapes per profiled call kept in gpu.json
-MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::convolution")
+MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::convolution",
+              "aten::convolution_backward")
 # (label, pytest arguments), most valuable first; each set may use all the time left in the
 # phase (a set cut off reports what passed until then). On 2 CPU cores the compile tests took
 # 156 s (inference), 390 s (training), 110 s (blocks) and test_scan.py ~200 s. The associative
@@ -198,13 +199,14 @@ class Plan:
 
 def model_plan(dry):
     """The model rows in the order they run, each ratio's numerator and denominator (ours and
-    Swin-T, same kind and dtype) next to each other: eager inference (the logits every later
-    row is checked against), vanilla through compile_blocks (its target, and its compile time:
-    whole, it compiled for 161 s on the H200) and with the chunked scan experiment (what the
-    first H200 run did not measure first), then float32 inference compiled, with TF32 matrix
-    products (the paper's arithmetic, docs/design.md), eager training, what may make s1l8
-    faster, bf16, compiled training (the first H200 run met its target against eager Swin-T;
-    each such row compiles for ~140 s), then the rest. variant: None
+    Swin-T, same kind and dtype) next to each other (phase_models runs such a pair whole or
+    not at all): eager inference (the logits every later row is checked against), float32
+    inference compiled, vanilla through compile_blocks (its target, and its compile time:
+    whole, it compiled for 161 s on the H200) and with the chunked scan experiment, TF32 matrix
+    products (the paper's arithmetic, docs/design.md), vanilla with tuned tiles, eager
+    training, what may make s1l8 faster, bf16, compiled training (the first H200 run met its
+    target against eager Swin-T; each such row compiles for ~140 s), then the rest. variant:
+    None
     (the model as it is: compiled on CUDA its scans dispatch to scan_assoc), "floor" (the scan
     replaced by elementwise work: floor_scan), "chunked" (compiled with the chunked scan
     forced: scan._use_assoc off), "tf32" (float32 matrix products on TF32 tensor cores, as
@@ -229,20 +231,19 @@ def model_plan(dry):
                 row(OURS, "compiled", variant="assoc-chunks"), row(VANILLA, "blocks"),
                 row(VANILLA, "blocks", variant="coordesc"), row(OURS, "compiled", "bfloat16"))
     bf = "bfloat16"
-    return (row(OURS), row(SWIN), row(VANILLA), row(VANILLA, "blocks"),
-            row(VANILLA, "blocks", variant="assoc-chunks"),
-            row(VANILLA, "blocks", variant="coordesc"),
+    return (row(OURS), row(SWIN), row(VANILLA),
             row(OURS, "compiled"), row(SWIN, "compiled"),
+            row(VANILLA, "blocks"), row(VANILLA, "blocks", variant="assoc-chunks"),
             row(OURS, "compiled", variant="tf32"), row(SWIN, "compiled", variant="tf32"),
+            row(VANILLA, "blocks", variant="coordesc"),
             row(OURS, train=True), row(SWIN, train=True),
             row(OURS, "compiled", variant="cudagraphs"),
             row(SWIN, "compiled", variant="cudagraphs"),
-            row(OURS, "compiled", variant="coordesc"), row(OURS, "blocks"),
-            row(OURS, dtype=bf), row(SWIN, dtype=bf),
+            row(OURS, "compiled", variant="coordesc"), row(SWIN, "compiled", variant="coordesc"),
+            row(OURS, "blocks"), row(OURS, dtype=bf), row(SWIN, dtype=bf),
             row(OURS, "compiled", bf), row(SWIN, "compiled", bf),
             row(OURS, "compiled", train=True), row(SWIN, "compiled", train=True),
             row(OURS, "compiled", bf, train=True), row(SWIN, "compiled", bf, train=True),
-            row(SWIN, "compiled", variant="coordesc"),
             row(OURS, "compiled", variant="autotune"), row(SWIN, "compiled", variant="autotune"),
             row(VANILLA, "compiled"), row(VANILLA, "compiled", variant="assoc-chunks"),
             row(VANILLA, dtype=bf), row(VANILLA, "blocks", bf), row(OURS, "blocks", bf),
@@ -319,6 +320,8 @@ def _plan(args):
            "model compiled autotune": 10, "train compiled autotune": 15,
            "model compiled coordesc": 10, "train compiled coordesc": 15,
            "model blocks coordesc": 10, "model blocks autotune": 10,
+           ("model compiled", VANILLA): 10, ("model blocks", VANILLA): 10,
+           ("model eager", VANILLA): 8, ("model blocks coordesc", VANILLA): 10,
            ("scan compiled", "v2 assoc chunks compiled"): 20,
            ("scan compiled", "v2 assoc chunks compiled, T=32"): 20}
     # every path once; coordesc right after assoc compiled: aot_eager takes no options, so
@@ -478,7 +481,7 @@ class Run:
         self.cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
         self.res = {"header": {}, "phases": {}, "card": {}, "scan": [], "models": [],
                     "profile": {}, "tests": [], "report": {}, "notes": []}
-        self.keep = {}                    # compiled s1l8 callables, for the profile phase
+        self.keep = {}                    # PROFILE_ITEMS -> (callable, mode), for phase_profile
         self.ref_logits = {}              # model -> eager fp32 logits (check_logits)
         self.measured = {}                # what the compile calls took, for the estimates
 
@@ -1248,7 +1251,8 @@ def phase_models(run):
                          "scan_assoc.selective_scan_assoc_chunked (an experiment)",
         "compiled": "torch.compile(model, dynamic=False)", "backend": run.plan.model_backend,
         "paper": PAPER}
-    for spec in run.plan.rows:
+    rows = run.plan.rows
+    for i, spec in enumerate(rows):
         name = row_name(spec)
         row = dict(spec, name=name, batch=run.plan.batch, res=run.plan.res)
         if spec["model"] != SWIN and spec["variant"] != "floor":
@@ -1262,11 +1266,15 @@ def phase_models(run):
             row["skipped"] = "timm not importable"
         elif spec["model"] == SWIN and spec["mode"] == "blocks":
             row["skipped"] = "compile_blocks is ours only"
-        elif not run.fits("models", run.estimate(kind, spec["model"])):
-            row["skipped"] = run.skip("models", name, run.estimate(kind, spec["model"]))
+        elif i and swin_partner(rows[i - 1], spec) and run.res["models"][-1].get("skipped"):
+            row["skipped"] = "its pair's s1l8 row was skipped"
+        elif not run.fits("models", pair_estimate(run, kind, rows, i, have_timm)):
+            row["skipped"] = run.skip("models", name, pair_estimate(run, kind, rows, i, have_timm))
         else:
             run.begin(f"model {name}")
             t = time.time()
+            from torch._dynamo.utils import counters
+            graph_skips = counters["inductor"]["cudagraph_skips"]
             try:
                 if spec["variant"]:
                     with variant_patch(spec["variant"]) as patch:
@@ -1276,9 +1284,16 @@ def phase_models(run):
                 else:
                     fn = model_row(run, spec, row)
                     what = profile_item(spec)
-                    if what and what not in run.keep:      # for the profile phase
-                        run.keep[what] = (fn, spec["mode"])
+                    if what and what not in run.keep and "profile" in run.args.phases:
+                        run.keep[what] = (fn, spec["mode"])      # for phase_profile
                     fn = None
+                if spec["variant"] == "cudagraphs":
+                    # Inductor falls back to plain launches where it cannot graph (a CPU op,
+                    # a mutated input): then the row is no CUDA-graph row, and says so. The
+                    # graphs' memory is a pool reserved once, not allocated per call.
+                    row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - \
+                        graph_skips
+                    row["peak_gb"] = None
             except Exception as e:           # noqa: BLE001 -- recorded in the row
                 row["error"] = error_text(e)
                 traceback.print_exc()
@@ -1288,6 +1303,22 @@ def phase_models(run):
             run.log("  " + model_line(row))
         run.res["models"].append(row)
         run.save()
+
+
+def swin_partner(ours, swin):
+    """Whether swin is the Swin-T row of ours' ratio: same mode, dtype, kind and variant."""
+    return ours["model"] == OURS and swin["model"] == SWIN and \
+        all(ours[k] == swin[k] for k in ("mode", "dtype", "train", "variant"))
+
+
+def pair_estimate(run, kind, rows, i, have_timm):
+    """Seconds row i needs: its own estimate, plus its Swin-T partner's when that is the next
+    row, so that a ratio's numerator is not measured without its denominator (and
+    phase_models skips the partner of a skipped s1l8 row)."""
+    own = run.estimate(kind, rows[i]["model"])
+    if have_timm and i + 1 < len(rows) and swin_partner(rows[i], rows[i + 1]):
+        return own + run.estimate(kind, SWIN)
+    return own
 
 
 def model_line(r):
@@ -1435,7 +1466,7 @@ def phase_profile(run):
     for what, model, dtype, train, calls, may_compile in PROFILE_ITEMS:
         if what not in run.keep and not may_compile:
             continue
-        fn, mode = run.keep.get(what, (None, "compiled"))
+        fn, mode = run.keep.pop(what, (None, "compiled"))
         mode = {"blocks": "compile_blocks"}.get(mode, mode)
         try:
             run.begin(f"profile {what}")
@@ -1579,6 +1610,8 @@ def phase_tests(run):
     """pytest in a subprocess per test set (VMAMBA_TEST_DEVICE, -x), most valuable first, each
     with what is left of the phase; the summary into gpu.json, the output into gpu.log. ~70 s:
     the first one or two sets (the rest: `VMAMBA_TEST_DEVICE=cuda python -m pytest ...`)."""
+    run.keep.clear()            # models the profile phase had no time for: free for the tests
+    run.free()
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, VMAMBA_TEST_DEVICE=run.dev,
                TORCHINDUCTOR_CACHE_DIR=os.path.join(run.args.work, "inductor_tests"))

@@ -401,3 +401,24 @@ def test_the_profile_takes_the_first_compiled_row_of_each_item_as_it_is():
     assert gc.profile_item(spec(gc.OURS, "compiled", variant="tf32")) is None
     assert gc.profile_item(spec(gc.VANILLA, "blocks", variant="assoc-chunks")) is None
     assert gc.profile_item(spec(gc.SWIN, "compiled")) is None
+
+
+def test_a_ratio_pair_runs_whole_or_not_at_all(tmp_path):
+    """s1l8's row counts its Swin-T partner's estimate when that is the next row (same mode,
+    dtype, kind and variant): a numerator is not measured without its denominator."""
+    run = dry_run(tmp_path)
+
+    def spec(model, mode="compiled", variant=None):
+        return dict(model=model, mode=mode, dtype="float32", train=False, variant=variant)
+    rows = (spec(gc.OURS), spec(gc.SWIN), spec(gc.OURS, variant="tf32"), spec(gc.VANILLA),
+            spec(gc.OURS, variant="coordesc"), spec(gc.SWIN, variant="coordesc"))
+    one = run.estimate("model compiled", gc.OURS)
+    assert gc.pair_estimate(run, "model compiled", rows, 0, True) == \
+        one + run.estimate("model compiled", gc.SWIN)
+    assert gc.pair_estimate(run, "model compiled", rows, 0, False) == one     # no timm
+    assert gc.pair_estimate(run, "model compiled", rows, 1, True) == \
+        run.estimate("model compiled", gc.SWIN)                              # Swin-T alone
+    assert gc.pair_estimate(run, "model compiled", rows, 2, True) == one     # next: vanilla
+    kind = "model compiled coordesc"
+    assert gc.pair_estimate(run, kind, rows, 4, True) == 2 * run.estimate(kind, gc.OURS)
+    assert gc.pair_estimate(run, kind, rows, 5, True) == run.estimate(kind, gc.SWIN)

@@ -306,6 +306,13 @@ def markdown(runs, command):
         if real and f["img_s"] < max(r["img_s"] for r in real):
             out += ["", f"{f['name']} ran slower than the model with its real scan: on this "
                         f"card the stand-in is no lower bound."]
+    for r in rows:
+        if r.get("variant") == "cudagraphs":
+            out += ["", f"{r['name']} (run {r['run']}): " + (
+                f"Inductor skipped CUDA graphs {r['cudagraph_skips']} time(s): the row ran "
+                f"without them, as a plain compiled row." if r.get("cudagraph_skips") else
+                "replayed as CUDA graphs (torch.compile mode reduce-overhead); no peak memory: "
+                "the graphs' pool is reserved once.")]
     missing = not_run(runs)
     if missing:
         out += ["", "Rows planned but not measured by any run:", ""] + [

@@ -157,3 +157,16 @@ def test_profile_tables_show_the_top_kernels_and_matrix_products():
     assert any(ln.split()[:3] == ["aten::mm", "0.900", "2"] and "[[401408, 96]" in ln
                for ln in lines)
     assert "- infer (s1l8, float32, compiled): gemm 2.00; total 2.00" in lines
+
+
+def test_a_cudagraphs_row_says_whether_inductor_kept_the_graphs():
+    res = fake_run([row(gc.OURS, "compiled", "float32", False, 3300.0,
+                        run_name="s1l8-cudagraphs compiled fp32 infer", variant="cudagraphs",
+                        cudagraph_skips=0),
+                    row(gc.SWIN, "compiled", "float32", False, 3600.0,
+                        run_name="swin-t-cudagraphs compiled fp32 infer", variant="cudagraphs",
+                        cudagraph_skips=2)])
+    page = gr.markdown([("1", res)], "python gpu_report.py x.json")
+    assert "s1l8-cudagraphs compiled fp32 infer (run 1): replayed as CUDA graphs" in page
+    assert "swin-t-cudagraphs compiled fp32 infer (run 1): Inductor skipped CUDA graphs 2 " \
+           "time(s)" in page

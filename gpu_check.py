@@ -202,11 +202,11 @@ def model_plan(dry):
     Swin-T, same kind and dtype) next to each other (phase_models runs such a pair whole or
     not at all): eager inference (the logits every later row is checked against), float32
     inference compiled, vanilla through compile_blocks (its target, and its compile time:
-    whole, it compiled for 161 s on the H200) and with the chunked scan experiment, TF32 matrix
-    products (the paper's arithmetic, docs/design.md), vanilla with tuned tiles, eager
-    training, what may make s1l8 faster, bf16, compiled training (the first H200 run met its
-    target against eager Swin-T; each such row compiles for ~140 s), then the rest. variant:
-    None
+    whole, it compiled for 161 s on the H200), with the chunked scan experiment and with tiles
+    tuned by coordinate descent (its N = 16 scan kernel ran at 28.7x its floor), TF32 matrix
+    products (the paper's arithmetic, docs/design.md), eager training, what may make s1l8
+    faster, bf16, compiled training (the first H200 run met its target against eager Swin-T;
+    each such row compiles for ~140 s), then the rest. variant: None
     (the model as it is: compiled on CUDA its scans dispatch to scan_assoc), "floor" (the scan
     replaced by elementwise work: floor_scan), "chunked" (compiled with the chunked scan
     forced: scan._use_assoc off), "tf32" (float32 matrix products on TF32 tensor cores, as
@@ -234,8 +234,8 @@ def model_plan(dry):
     return (row(OURS), row(SWIN), row(VANILLA),
             row(OURS, "compiled"), row(SWIN, "compiled"),
             row(VANILLA, "blocks"), row(VANILLA, "blocks", variant="assoc-chunks"),
-            row(OURS, "compiled", variant="tf32"), row(SWIN, "compiled", variant="tf32"),
             row(VANILLA, "blocks", variant="coordesc"),
+            row(OURS, "compiled", variant="tf32"), row(SWIN, "compiled", variant="tf32"),
             row(OURS, train=True), row(SWIN, train=True),
             row(OURS, "compiled", variant="cudagraphs"),
             row(SWIN, "compiled", variant="cudagraphs"),

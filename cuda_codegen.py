@@ -4,6 +4,7 @@
                                  [--time-major]
     python cuda_codegen.py model --name vmamba_tiny_s1l8 --batch 128 [--dtype bfloat16] [--chunked]
     python cuda_codegen.py model --name vmamba_tiny_s1l8 --batch 128 --train   (fp32 only)
+    python cuda_codegen.py model --name vanilla_vmamba_tiny --blocks   (compile_blocks' graphs)
     (--out DIR writes each graph's generated module; --top N lists the N kernels that move the
     most bytes; --dynamic compiles with symbolic sizes; --resources compiles each scan kernel
     for sm_90a at every launch config Inductor's autotuner would try, and prints registers,
@@ -43,6 +44,7 @@ import math
 import os
 import re
 import sys
+import time
 from unittest import mock
 
 import torch
@@ -247,6 +249,27 @@ def model_case(model, batch, res, dtype):
     return fn, [x]
 
 
+def blocks_cases(model, batch, res, dtype):
+    """Inside the fake mode: what compile_blocks compiles, one VSSBlock per stage (a stage's
+    blocks share one compiled graph), each with its stage's input tokens: [(fn, inputs,
+    blocks in the stage, label)]."""
+    model = model.to("cuda").eval()
+    cast = getattr(torch, dtype)
+    H = W = -(-res // 4)                                     # the stem: 4x4 patches
+    cases = []
+    for i, stage in enumerate(model.layers):
+        block = stage.blocks[0]
+        x = torch.empty(batch, H * W, block.ln_1.weight.shape[0], device="cuda")
+
+        def fn(x, block=block, H=H, W=W):
+            with torch.no_grad(), torch.autocast("cuda", dtype=cast,
+                                                 enabled=cast != torch.float32):
+                return block(x, H, W)
+        cases.append((fn, [x], len(stage.blocks), f"stage {i}, {H}x{W} tokens"))
+        H, W = -(-H // 2), -(-W // 2)
+    return cases
+
+
 def _pointwise_scan(combine_fn, xs, dim, reverse=False, combine_mode=None):
     """torch's associative_scan in pointwise mode on any device: its front end refuses CPU
     tensors for that mode, but the operator it calls traces the same on any device. Stands in
@@ -340,9 +363,18 @@ def report(graphs, floor=None, top=0):
                 f", host loops {s['host_loops']}, kernel bytes {g['kernel_bytes'] / 1e9:.3f} GB")
         if s["host_loops"]:
             line += " (a host loop's body counts once, not per step)"
+        if g.get("label"):
+            line += (f" [{g['label']}, {g['blocks']} block(s); generated in "
+                     f"{g['seconds']:.1f} s]")
         lines.append(line)
         for size, what in sorted(g["nodes"], key=lambda n: -n[0])[:top]:
             lines.append(f"  {size / 1e9:7.3f} GB  {what}")
+    if graphs and all(g.get("blocks") for g in graphs):
+        lines.append(f"compile_blocks: {len(graphs)} graphs generated in "
+                     f"{sum(g['seconds'] for g in graphs):.1f} s; the model's blocks move "
+                     f"{sum(g['kernel_bytes'] * g['blocks'] for g in graphs) / 1e9:.3f} GB "
+                     f"(each graph's bytes times its stage's blocks; stem, downsampling and "
+                     f"head not counted)")
     if floor:
         total = sum(g["kernel_bytes"] for g in graphs)
         lines.append(f"memory floor {floor / 1e9:.3f} GB: the kernels move {total / floor:.2f}x "
@@ -453,6 +485,17 @@ def generate_case(args, chunked):
             inputs, floor = scan_case(args.gen, args.batch, args.time_major)
             what = (f"scan {args.gen} {args.path}, batch {args.batch}"
                     f"{', u and delta time-major' if args.time_major else ''}")
+        elif args.blocks:
+            what = (f"{args.name} {args.dtype}, batch {args.batch}, {args.res} px, "
+                    f"compile_blocks' graphs")
+            graphs = []
+            with chunked_only() if chunked else contextlib.nullcontext():
+                for fn, inputs, n, label in blocks_cases(model, args.batch, args.res,
+                                                         args.dtype):
+                    t = time.time()
+                    graphs += [dict(g, label=label, blocks=n) for g in generate(fn, inputs)]
+                    graphs[-1]["seconds"] = time.time() - t
+            return graphs, floor, what
         else:
             fn, inputs = model_case(model, args.batch, args.res, args.dtype)
             what = f"{args.name} {args.dtype}, batch {args.batch}, {args.res} px"
@@ -479,6 +522,9 @@ def main(argv=None):
     p.add_argument("--train", action="store_true",
                    help="model: the training step's forward and backward graphs (fp32, "
                         "drop-path off; the optimizer not counted)")
+    p.add_argument("--blocks", action="store_true",
+                   help="model: the graphs compile_blocks compiles, one block per stage, each "
+                        "with the seconds its code generation took")
     p.add_argument("--dynamic", action="store_true", help="torch.compile(dynamic=True)")
     p.add_argument("--resources", action="store_true",
                    help="registers, spills, shared memory and shuffles of each scan kernel at "
@@ -491,7 +537,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     # Options of the other subcommand would be ignored: refuse them instead.
     only = {"scan": ("--gen", "--path", "--backward", "--time-major"),
-            "model": ("--name", "--res", "--dtype", "--chunked", "--train")}
+            "model": ("--name", "--res", "--dtype", "--chunked", "--train", "--blocks")}
     other = "model" if args.what == "scan" else "scan"
     given = [f for f in only[other] if any(a == f or a.startswith(f + "=") for a in argv)]
     if given:
@@ -500,6 +546,10 @@ def main(argv=None):
         p.error(f"--batch must be >= 1 and --res >= 4, got {args.batch} and {args.res}")
     if args.time_major and args.backward:
         p.error("--time-major is for the forward scan (the backward's inputs are its own)")
+    if args.blocks and (args.train or args.dynamic):
+        p.error("--blocks is for inference with static sizes (compile_blocks' default)")
+    if args.blocks and args.name.startswith(("swin", "deit", "convnext")):
+        p.error(f"--blocks: {args.name} has no VSS blocks (compile_blocks is ours only)")
     if args.backward and (args.what != "scan" or args.path != "assoc"):
         p.error("--backward is for `scan` with --path assoc (a model's backward: model --train)")
     if args.train and (args.what != "model" or args.dtype != "float32" or args.dynamic):

@@ -105,6 +105,28 @@ def test_compiled_model_takes_the_associative_scan(generation, dtype):
     assert any("associative_scan" in what for _, what in graph["nodes"])
 
 
+def test_compile_blocks_graphs_are_one_block_per_stage():
+    """model --blocks: one graph per stage, each a block at its stage's width and tokens (the
+    second stage's maps are half the first's, rounded up), with its stage's block count; the
+    report weighs each graph's bytes by its blocks."""
+    import vmamba_min as vm
+    cfg = vm.VSSMConfig(generation=2, dim=16, depths=(2, 1), num_classes=10,
+                        drop_path_rate=0.0)
+    model = vm.VSSM(cfg)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with cg.fake_cuda(), FakeTensorMode(allow_non_fake_inputs=True):
+        cases = cg.blocks_cases(model, 2, 36, "float32")
+        assert [(inputs[0].shape, n) for _, inputs, n, _ in cases] == \
+            [((2, 81, 16), 2), ((2, 25, 32), 1)]                     # 9x9, then 5x5 tokens
+        graphs = []
+        for fn, inputs, n, label in cases:
+            graphs += [dict(g, blocks=n, label=label, seconds=0.0) for g in cg.generate(fn, inputs)]
+    assert len(graphs) == 2
+    assert all(cg.summarize(g["code"])["associative_scans"] == 1 for g in graphs)
+    weighed = [dict(graphs[0], kernel_bytes=2e9), dict(graphs[1], kernel_bytes=1e9)]
+    assert "the model's blocks move 5.000 GB" in cg.report(weighed).splitlines()[-1]
+
+
 def launches(code):
     """(kernel name, elements it iterates over) per Triton launch of a generated module: the
     launch's trailing integer arguments are its sizes (xnumel[, r0_numel])."""

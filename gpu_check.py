@@ -127,7 +127,7 @@ EST_S = {"scan compiled": 40, "scan eager": 6, "model eager": 8, "model compiled
          "model blocks": 45, "train eager": 8, "train compiled": 150,
          ("model compiled", "vanilla_vmamba_tiny"): 170, ("model eager", "vanilla_vmamba_tiny"): 20,
          # vanilla through compile_blocks: its offline code generation (cuda_codegen.py model
-         # --blocks) took 34-37 s for the four block graphs against 126 s for the whole model
+         # --blocks) took 31-37 s for the four block graphs against 126 s for the whole model
          ("model blocks", "vanilla_vmamba_tiny"): 60,
          "model compiled cudagraphs": 50,     # a compile as usual, then CUDA graphs recorded
          # guesses (these benchmark kernels while compiling)

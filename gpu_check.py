@@ -1435,13 +1435,14 @@ def matmul_shapes(prof, dev, calls, n=TOP_KERNELS):
     return sorted(rows, key=lambda r: -r["ms"])[:n]
 
 
-# What the profile phase profiles: (item, model, dtype, training, calls, whether the phase may
-# compile it itself when the models phase did not). The models phase keeps the callable of the
-# first compiled row (the model as it is: no variant) that matches an item.
-PROFILE_ITEMS = (("infer", OURS, "float32", False, 3, True),
-                 ("train", OURS, "float32", True, 2, True),
-                 ("vanilla infer", VANILLA, "float32", False, 2, False),
-                 ("bf16 infer", OURS, "bfloat16", False, 3, False))
+# What the profile phase profiles: (item, model, dtype, training, calls, what it does when the
+# models phase did not compile the item: compile it here if the estimate fits, else profile it
+# eager ("eager") or leave it out ("skip"); None: leave it out). The models phase keeps the
+# callable of the first compiled row (the model as it is: no variant) that matches an item.
+PROFILE_ITEMS = (("infer", OURS, "float32", False, 3, "eager"),
+                 ("train", OURS, "float32", True, 2, "eager"),
+                 ("vanilla infer", VANILLA, "float32", False, 2, None),
+                 ("bf16 infer", OURS, "bfloat16", False, 3, "skip"))
 
 
 def profile_item(spec):
@@ -1456,22 +1457,26 @@ def profile_item(spec):
 def phase_profile(run):
     """torch.profiler over the compiled calls kept from phase 3 (PROFILE_ITEMS): s1l8's
     inference (3 calls) and training step (2), each compiled here if the models phase did not
-    and the estimate fits, else eager (said in the file); vanilla's fp32 inference and s1l8's
-    bf16 inference only as the models phase compiled them. ~30 s with all kept."""
+    and the estimate fits, else eager (said in the file); s1l8's bf16 inference likewise, but
+    left out rather than eager; vanilla's fp32 inference only as the models phase compiled it.
+    ~30 s with all kept."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if run.dev == "cuda" else [])
     out = [f"torch.profiler, batch {run.plan.batch}, {run.plan.res} px, TF32 defaults, "
            f"{run.res['header'].get('gpu', run.dev)}, torch {run.res['header'].get('torch')}; "
            f"compiled: its scans {compiled_scan_path(run.dev)}\n"]
-    for what, model, dtype, train, calls, may_compile in PROFILE_ITEMS:
-        if what not in run.keep and not may_compile:
+    for what, model, dtype, train, calls, otherwise in PROFILE_ITEMS:
+        kind = "train compiled" if train else "model compiled"
+        if what not in run.keep and (otherwise is None or otherwise == "skip" and
+                                     not run.fits("profile", run.estimate(kind, model))):
+            if otherwise:
+                run.skip("profile", f"compiled {what}", run.estimate(kind, model))
             continue
         fn, mode = run.keep.pop(what, (None, "compiled"))
         mode = {"blocks": "compile_blocks"}.get(mode, mode)
         try:
             run.begin(f"profile {what}")
             if fn is None:
-                kind = "train compiled" if train else "model compiled"
                 if not run.fits("profile", run.estimate(kind, model)):
                     run.skip("profile", f"compiled {what}", run.estimate(kind, model))
                     mode = "eager (no time to compile)"

@@ -38,8 +38,9 @@ says so in gpu.json, and what a phase leaves goes to the next. A phase that fail
              to Swin-T's best row of the same kind and precision; logits of each inference
              row against the eager fp32 row of its model                       [by 374]
   4 profile  torch.profiler, top 30 ops by self device time: compiled s1l8 inference and one
-             training step (eager if it was not compiled in time), and vanilla's fp32 and
-             s1l8's bf16 inference if phase 3 compiled them -> profile.txt; into gpu.json
+             training step (eager if it was not compiled in time), s1l8's bf16 inference
+             (if compiled in time) and vanilla's fp32 one (if phase 3 compiled it) ->
+             profile.txt; into gpu.json
              device ms by kind (scan kernels apart), the top kernels and the matrix
              products by input shapes                                                [by 403]
   5 tests    the CUDA test subset, pytest in a subprocess per set (TEST_SETS), or with

@@ -1356,16 +1356,20 @@ def device_events(prof, dev):
     device's own events (kernels, copies), since the CPU op that launched a kernel reports the
     same time again as its self device time; on a CPU, every op's self CPU time."""
     for e in prof.key_averages():
-        if dev == "cuda":
-            if not str(getattr(e, "device_type", "")).endswith("CUDA"):
-                continue
-            us = getattr(e, "self_device_time_total", None)
-            if us is None:
-                us = getattr(e, "self_cuda_time_total", 0)
-        else:
-            us = e.self_cpu_time_total
+        if dev == "cuda" and not str(getattr(e, "device_type", "")).endswith("CUDA"):
+            continue
+        us = event_us(e, dev, "self_")
         if us:
             yield e.key, us, e.count
+
+
+def event_us(e, dev, kind=""):
+    """An averaged profiler event's total time in us (kind "self_": its self time): device
+    time on CUDA (named cuda_* before torch 2.4's device_*), CPU time on a CPU."""
+    if dev != "cuda":
+        return getattr(e, f"{kind}cpu_time_total")
+    us = getattr(e, f"{kind}device_time_total", None)
+    return getattr(e, f"{kind}cuda_time_total", 0) if us is None else us
 
 
 def scan_kernel_names(cache):
@@ -1424,12 +1428,7 @@ def matmul_shapes(prof, dev, calls, n=TOP_KERNELS):
     for e in prof.key_averages(group_by_input_shape=True):
         if e.key not in MATMUL_OPS:
             continue
-        if dev == "cuda":
-            us = getattr(e, "device_time_total", None)
-            if us is None:
-                us = getattr(e, "cuda_time_total", 0)
-        else:
-            us = e.cpu_time_total
+        us = event_us(e, dev)
         if us:
             rows.append(dict(op=e.key, shapes=str(e.input_shapes)[:200], ms=us / 1e3 / calls,
                              calls=e.count / calls))

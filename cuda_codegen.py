@@ -5,6 +5,7 @@
     python cuda_codegen.py model --name vmamba_tiny_s1l8 --batch 128 [--dtype bfloat16] [--chunked]
     python cuda_codegen.py model --name vmamba_tiny_s1l8 --batch 128 --train   (fp32 only)
     python cuda_codegen.py model --name vanilla_vmamba_tiny --blocks   (compile_blocks' graphs)
+    python cuda_codegen.py model --name vanilla_vmamba_tiny --inline   (no nested regions)
     (--out DIR writes each graph's generated module; --top N lists the N kernels that move the
     most bytes; --dynamic compiles with symbolic sizes; --resources compiles each scan kernel
     for sm_90a at every launch config Inductor's autotuner would try, and prints registers,
@@ -15,7 +16,8 @@ CUDA device queries answer as an H100/H200 would (compute capability 9.0, 132 SM
 lowers, fuses and writes its Triton kernels as it does on the card; the step that would compile
 and load them is replaced by one that keeps the source. For each graph it prints how many Triton
 kernels the graph launches, the library calls (matmuls, convolutions) and host-side loops, and
-the bytes the fused kernels read and write by Inductor's own per-kernel estimate. For a scan it
+the bytes the fused kernels read and write by Inductor's own per-kernel estimate (a nested
+compile region's kernels, vmamba_min.BLOCK_REGIONS, once per call of it). For a scan it
 also prints the memory floor: the bytes the call must move at all (inputs and y), so that
 bytes / floor bounds what the generated code can reach on a memory-bound card.
 
@@ -125,7 +127,7 @@ def capture_graphs():
     def keep(self):
         wrapper, kernels = self.codegen()
         code = wrapper.value + (kernels.value if kernels else "")
-        nodes = [(n.get_read_write_buffers_sizes(), _describe(n)) for n in self.scheduler.nodes]
+        nodes = _scheduled(self.scheduler.nodes, {})
         graphs.append(dict(code=code, kernel_bytes=sum(b for b, _ in nodes), nodes=nodes))
 
         class NotRun:
@@ -142,6 +144,27 @@ def capture_graphs():
         yield graphs
 
 
+def _scheduled(nodes, subgraphs):
+    """(bytes, description) of each scheduler node, a call of a nested compile region
+    (vmamba_min.BLOCK_REGIONS: ir.InvokeSubgraph) replaced by its subgraph's nodes: every call
+    runs them. subgraphs: name -> nodes, filled on the way (Inductor generates a subgraph's
+    code, and schedules it, for its first call only)."""
+    from torch._inductor.virtualized import V
+    out = []
+    for n in nodes:
+        sub = getattr(getattr(n, "node", None), "subgraph", None)
+        if type(getattr(n, "node", None)).__name__ != "InvokeSubgraph" or sub is None:
+            out.append((n.get_read_write_buffers_sizes(), _describe(n)))
+            continue
+        if sub.name not in subgraphs and getattr(sub.graph, "scheduler", None) is not None:
+            with V.set_graph_handler(sub.graph):          # sizes are looked up in V.graph
+                subgraphs[sub.name] = _scheduled(sub.graph.scheduler.nodes, subgraphs)
+        if sub.name not in subgraphs:
+            raise RuntimeError(f"cuda_codegen: subgraph {sub.name} was not scheduled")
+        out += subgraphs[sub.name]
+    return out
+
+
 def _describe(node):
     """A scheduler node in words: its kind and the ATen ops its kernel was fused from."""
     ops = sorted({str(o.target).split(".")[-2] if str(o.target).count(".") > 1 else str(o.target)
@@ -150,16 +173,24 @@ def _describe(node):
 
 
 def summarize(code):
-    """Launches in a generated module: Triton kernels defined, library calls, host loops."""
+    """Launches in a generated module: Triton kernels defined, library calls, host loops. A
+    nested compile region's code is a function of the module (`def repeated_subgraph0(args)`):
+    what it launches counts once per call."""
     call = code[code.find("def call("):]
+    # each subgraph function's body: from its def to the next top-level statement
+    bodies = dict(re.findall(r"^def (\w*subgraph\w*)\(args\):\n((?:[ \t]+.*\n|\n)*)", code,
+                             flags=re.M))
+    runs = [call] + [body for name, body in bodies.items()
+                     for _ in re.findall(rf"= {name}\(", call)]
+
+    def count(pattern):
+        return collections.Counter(x for text in runs for x in re.findall(pattern, text))
     return dict(
         triton_kernels=len(re.findall(r"async_compile\.triton\(", code)),
-        triton_launches=len(re.findall(r"\.run\(", call)),
-        extern_calls=sorted(collections.Counter(
-            re.findall(r"extern_kernels\.(\w+)\(", call)).items()),
-        fallback_ops=sorted(collections.Counter(
-            re.findall(r"torch\.ops\.aten\.(\w+)\.\w+\(", call)).items()),
-        host_loops=len(re.findall(r"^\s+while ", call, flags=re.M)),
+        triton_launches=sum(len(re.findall(r"\.run\(", text)) for text in runs),
+        extern_calls=sorted(count(r"extern_kernels\.(\w+)\(").items()),
+        fallback_ops=sorted(count(r"torch\.ops\.aten\.(\w+)\.\w+\(").items()),
+        host_loops=sum(len(re.findall(r"^\s+while ", text, flags=re.M)) for text in runs),
         associative_scans=len(re.findall(r"tl\.associative_scan\(", code)))
 
 
@@ -525,6 +556,9 @@ def main(argv=None):
     p.add_argument("--blocks", action="store_true",
                    help="model: the graphs compile_blocks compiles, one block per stage, each "
                         "with the seconds its code generation took")
+    p.add_argument("--inline", action="store_true",
+                   help="model: every block traced in line (vmamba_min.BLOCK_REGIONS off), not "
+                        "one nested compile region per stage (inference's default)")
     p.add_argument("--dynamic", action="store_true", help="torch.compile(dynamic=True)")
     p.add_argument("--resources", action="store_true",
                    help="registers, spills, shared memory and shuffles of each scan kernel at "
@@ -537,7 +571,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     # Options of the other subcommand would be ignored: refuse them instead.
     only = {"scan": ("--gen", "--path", "--backward", "--time-major"),
-            "model": ("--name", "--res", "--dtype", "--chunked", "--train", "--blocks")}
+            "model": ("--name", "--res", "--dtype", "--chunked", "--train", "--blocks",
+                      "--inline")}
     other = "model" if args.what == "scan" else "scan"
     given = [f for f in only[other] if any(a == f or a.startswith(f + "=") for a in argv)]
     if given:
@@ -560,6 +595,9 @@ def main(argv=None):
         sys.exit(f"cuda_codegen: {why}")
     floor = None
     chunked = args.path == "chunked" if args.what == "scan" else args.chunked
+    if args.inline:
+        import vmamba_min
+        vmamba_min.BLOCK_REGIONS = False     # read when Dynamo traces Stage.forward
     if args.train:
         model = build_model(args.name, drop_path_rate=0.0)
         with fake_cuda():
@@ -568,7 +606,8 @@ def main(argv=None):
                 f"{args.batch}, {args.res} px")
     else:
         graphs, floor, what = generate_case(args, chunked)
-    print(f"{what}{', chunked scan' if chunked else ''}{', dynamic' if args.dynamic else ''} | "
+    print(f"{what}{', chunked scan' if chunked else ''}{', dynamic' if args.dynamic else ''}"
+          f"{', blocks in line' if args.inline else ''} | "
           f"torch {torch.__version__}, Triton {__import__('triton').__version__}, "
           f"sm_{H100.major}{H100.minor}")
     print(report(graphs, floor, args.top))

@@ -30,7 +30,8 @@ says so in gpu.json, and what a phase leaves goes to the next. A phase that fail
              vanilla_vmamba_tiny; inference eager / compiled / compile_blocks, fp32 / bf16
              autocast; training steps (fwd + CE + bwd + fused AdamW); variants "floor" (s1l8
              with its scan replaced by elementwise work on the same inputs), "chunked"
-             (compiled with the chunked scan forced), "tf32" (TF32 matrix products),
+             (compiled with the chunked scan forced), "inline" (compiled with the blocks'
+             nested compile regions off), "tf32" (TF32 matrix products),
              "coordesc" (Inductor's coordinate_descent_tuning), "autotune" (mode
              max-autotune-no-cudagraphs), "cudagraphs" (mode reduce-overhead) and
              "assoc-chunks" (scan="assoc_chunked"); img/s,
@@ -204,14 +205,17 @@ def model_plan(dry):
     not at all): eager inference (the logits every later row is checked against), float32
     inference compiled, vanilla through compile_blocks (its target, and its compile time:
     whole, it compiled for 161 s on the H200), with the chunked scan experiment and with tiles
-    tuned by coordinate descent (its N = 16 scan kernel ran at 28.7x its floor), TF32 matrix
+    tuned by coordinate descent (its N = 16 scan kernel ran at 28.7x its floor), s1l8 with
+    its blocks traced in line (what the nested compile regions cost or save), TF32 matrix
     products (the paper's arithmetic, docs/design.md), eager training, what may make s1l8
     faster, bf16, compiled training (the first H200 run met its target against eager Swin-T;
     each such row compiles for ~140 s), then the rest. variant: None
     (the model as it is: compiled on CUDA its scans dispatch to scan_assoc), "floor" (the scan
     replaced by elementwise work: floor_scan), "chunked" (compiled with the chunked scan
     forced: scan._use_assoc off), "tf32" (float32 matrix products on TF32 tensor cores, as
-    torch.set_float32_matmul_precision("high") sets), "coordesc" (Inductor's
+    torch.set_float32_matmul_precision("high") sets), "inline" (compiled with
+    vmamba_min.BLOCK_REGIONS off: every block traced into the graph in line, as the first
+    H200 run compiled it, instead of one subgraph per stage), "coordesc" (Inductor's
     coordinate_descent_tuning: each Triton kernel's block sizes and warps searched around the
     heuristic's pick; the scan kernels' tile decides whether a row's carry crosses warps),
     "autotune" (torch.compile's mode "max-autotune-no-cudagraphs": that search, plus GEMM
@@ -230,12 +234,13 @@ def model_plan(dry):
                 row(OURS, "compiled", variant="autotune"),
                 row(OURS, "compiled", variant="coordesc"),
                 row(OURS, "compiled", variant="assoc-chunks"), row(VANILLA, "blocks"),
+                row(OURS, "compiled", variant="inline"),
                 row(VANILLA, "blocks", variant="coordesc"), row(OURS, "compiled", "bfloat16"))
     bf = "bfloat16"
     return (row(OURS), row(SWIN), row(VANILLA),
             row(OURS, "compiled"), row(SWIN, "compiled"),
             row(VANILLA, "blocks"), row(VANILLA, "blocks", variant="assoc-chunks"),
-            row(VANILLA, "blocks", variant="coordesc"),
+            row(VANILLA, "blocks", variant="coordesc"), row(OURS, "compiled", variant="inline"),
             row(OURS, "compiled", variant="tf32"), row(SWIN, "compiled", variant="tf32"),
             row(OURS, train=True), row(SWIN, train=True),
             row(OURS, "compiled", variant="cudagraphs"),
@@ -1114,7 +1119,8 @@ def floor_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False,
 def variant_patch(variant):
     """The patch a model variant runs under: vmamba_min imports selective_scan by name, so the
     floor swaps that name for floor_scan; "chunked" turns off the dispatch to scan_assoc;
-    "tf32" allows TF32 matrix products for the row (compile and timed calls); the
+    "tf32" allows TF32 matrix products for the row (compile and timed calls); "inline" turns
+    off the blocks' nested compile regions (Dynamo guards on the flag it read); the
     COMPILER_VARIANTS need none (build_runner passes them to torch.compile)."""
     import contextlib
     import vmamba_min
@@ -1122,6 +1128,8 @@ def variant_patch(variant):
         return Patch(vmamba_min, "selective_scan", floor_scan, mark=True)
     if variant == "tf32":
         return tf32_matmuls()
+    if variant == "inline":
+        return Patch(vmamba_min, "BLOCK_REGIONS", False)
     return force_chunked() if variant == "chunked" else contextlib.nullcontext()
 
 
@@ -1248,6 +1256,8 @@ def phase_models(run):
         "the call", "compile_s": "first call (compile + one run)",
         "floor": "s1l8 with vmamba_min.selective_scan replaced by elementwise work (floor_scan)",
         "chunked": "compiled with scan._use_assoc off: the chunked scan, not scan_assoc",
+        "inline": "compiled with vmamba_min.BLOCK_REGIONS off: every block traced in line, "
+                  "not one nested compile region per stage",
         "assoc-chunks": "built with scan='assoc_chunked': "
                          "scan_assoc.selective_scan_assoc_chunked (an experiment)",
         "compiled": "torch.compile(model, dynamic=False)", "backend": run.plan.model_backend,

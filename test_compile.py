@@ -12,6 +12,7 @@ two stages of one block each (1 and 2 where compile_blocks must share a stage's 
 length 4 so that chunk boundaries, the padded last chunk and the chunk-to-chunk chain are all
 exercised (stage 0 has L = 30: 8 chunks, the last half empty).
 """
+import collections
 import copy
 from dataclasses import replace
 
@@ -72,6 +73,61 @@ def test_plain_compile_inference_equals_eager_at_two_batches_and_sizes():
             assert g.shape == (batch, 5)
             torch.testing.assert_close(g, w, rtol=0, atol=LOGIT_ATOL)
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_whole_model_compile_traces_a_stage_once():
+    """torch.compile(model) traces the blocks of a stage as one nested compile region
+    (vmamba_min.BLOCK_REGIONS): each stage of two blocks calls one subgraph twice, whatever a
+    torch version does with a stage's single block (2.13 inlines a region called once, 2.11
+    keeps it); with the regions off, no block is a subgraph. Dynamo's graph is read through a
+    backend that runs it as traced (no Inductor), so this takes seconds."""
+    import vmamba_min
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    def region_calls():
+        graphs.clear()
+        torch._dynamo.reset()
+        x = torch.randn(2, 3, 24, 20, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+        with torch.no_grad():
+            for g, w in zip(torch.compile(model, backend=keep)(x), model(x)):
+                torch.testing.assert_close(g, w, rtol=0, atol=LOGIT_ATOL)
+        return collections.Counter(n.args[0].target for gm in graphs for n in gm.graph.nodes
+                                   if n.target is torch.ops.higher_order.invoke_subgraph)
+
+    model = _Both().eval()                                   # stages of 1 and 2 blocks, twice
+    calls = region_calls()
+    assert len(graphs) == 1
+    assert sorted(n for n in calls.values() if n > 1) == [2, 2], calls
+    assert len(calls) <= 4, calls
+    try:
+        vmamba_min.BLOCK_REGIONS = False
+        assert not region_calls()
+    finally:
+        vmamba_min.BLOCK_REGIONS = True
+
+
+def test_whole_model_compile_in_training_traces_blocks_in_line():
+    """In training each block's drop-path rate is a constant to Dynamo, so no two blocks could
+    share a region, and torch 2.13 raised a RuntimeError past 8 subgraphs of one function:
+    training traces every block in line. A stage of 10 blocks, rates 0 to 0.3, traces without
+    error and without a region."""
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = VSSM(replace(small(2), depths=(10,), drop_path_rate=0.3)).train().to(DEVICE)
+    with torch.no_grad():          # train mode, so drop-path is on; no backward needed to trace
+        torch.compile(model, backend=keep)(torch.randn(2, 3, 24, 20, device=DEVICE))
+    calls = [n for gm in graphs for n in gm.graph.nodes
+             if n.target is torch.ops.higher_order.invoke_subgraph]
+    assert len(graphs) == 1 and not calls
 
 
 def _max_rel(a, b):

@@ -127,6 +127,29 @@ def test_compile_blocks_graphs_are_one_block_per_stage():
     assert "the model's blocks move 5.000 GB" in cg.report(weighed).splitlines()[-1]
 
 
+def test_a_nested_region_counts_once_per_call(monkeypatch):
+    """torch.compile(model) in inference calls a stage's blocks as one nested compile region
+    (vmamba_min.BLOCK_REGIONS): its kernels are generated once, in a function of the module,
+    and count once per call, so a stage of two blocks shows two scan kernels, as with every
+    block in line; the launches count the region's per call too."""
+    import vmamba_min as vm
+    cfg = vm.VSSMConfig(generation=2, dim=16, depths=(2, 1), num_classes=10,
+                        drop_path_rate=0.0)
+    found = {}
+    for regions in (True, False):
+        monkeypatch.setattr(vm, "BLOCK_REGIONS", regions)
+        torch.manual_seed(0)
+        model = vm.VSSM(cfg)                            # model_case moves it to the fake card
+        (graph,) = graphs_of(lambda: cg.model_case(model, 2, 32, "float32"))
+        scans = [b for b, what in graph["nodes"] if "associative_scan" in what]
+        found[regions] = (graph, cg.summarize(graph["code"]), scans)
+    (g_r, s_r, scans_r), (g_l, s_l, scans_l) = found[True], found[False]
+    assert "def repeated_subgraph" in g_r["code"] and "def repeated_subgraph" not in g_l["code"]
+    assert len(scans_r) == len(scans_l) == 3
+    assert sorted(scans_r) == sorted(scans_l)          # the same scan kernels, per block
+    assert s_r["triton_launches"] > s_r["triton_kernels"] - s_r["associative_scans"] >= 0
+
+
 def launches(code):
     """(kernel name, elements it iterates over) per Triton launch of a generated module: the
     launch's trailing integer arguments are its sizes (xnumel[, r0_numel])."""

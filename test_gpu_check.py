@@ -287,6 +287,10 @@ def test_variants_that_change_the_compiler_are_compile_arguments(tmp_path, monke
     with gc.variant_patch("tf32"):
         assert torch.backends.cuda.matmul.allow_tf32
     assert torch.backends.cuda.matmul.allow_tf32 == was
+    import vmamba_min
+    with gc.variant_patch("inline"):
+        assert vmamba_min.BLOCK_REGIONS is False
+    assert vmamba_min.BLOCK_REGIONS is True
 
 
 def test_time_major_inputs_are_the_same_values_stored_channels_fastest():

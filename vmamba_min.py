@@ -386,6 +386,22 @@ class ConvDownsample(nn.Module):
         return self.norm(tokens(x)), *x.shape[2:]            # (b, L', 2C), ceil(H/2), ceil(W/2)
 
 
+# Inference (eval mode, no autograd) under torch.compile(model) calls each block as a "nested
+# compile region": Dynamo traces a stage's first block into a subgraph and the stage's other
+# blocks, their weights of the same shapes, call it, so Inductor generates one block per stage
+# instead of every block in line (docs/design.md, "Nested compile regions"). Not with autograd:
+# in training each block's drop-path rate is a constant to Dynamo, so every block would need a
+# subgraph of its own (torch 2.13 raises past 8), and regions split into forward and backward
+# have not run on a GPU yet. Outside torch.compile it is a plain call. False: every block in
+# line.
+@torch.compiler.nested_compile_region
+def _block_region(blk, x, H, W):
+    return blk(x, H, W)
+
+
+BLOCK_REGIONS = True
+
+
 class Stage(nn.Module):
     """The blocks of one width, then (except after the last stage) the downsample."""
 
@@ -402,6 +418,8 @@ class Stage(nn.Module):
         for blk in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(blk, x, H, W, use_reentrant=False)   # recompute in backward
+            elif BLOCK_REGIONS and not self.training and not torch.is_grad_enabled():
+                x = _block_region(blk, x, H, W)
             else:
                 x = blk(x, H, W)
         if self.downsample is None:

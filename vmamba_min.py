@@ -901,8 +901,9 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     """Per-block ("regional") compilation: torch.compile every VSS block of model in place
     (nn.Module.compile), the stem, downsampling and head stay eager. Blocks of one stage share
     one compiled graph, so Inductor compiles four blocks instead of tracing all of them into
-    one graph: it compiles in about a third of torch.compile(model)'s time and runs about as
-    fast (docs/design.md).
+    one graph, and runs about as fast (docs/results-cpu.md): for training it compiles in about
+    a third of torch.compile(model)'s time, for inference in about half (torch.compile(model)
+    then compiles a stage's block once as well: BLOCK_REGIONS).
     dynamic=False unless given: with a block's sizes left symbolic, Inductor (torch 2.13)
     failed on the second stage's block in training. Each DropPath gets its rate as a tensor
     (see DropPath: its masks then come from another random stream than eager's). Returns

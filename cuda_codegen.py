@@ -17,7 +17,8 @@ lowers, fuses and writes its Triton kernels as it does on the card; the step tha
 and load them is replaced by one that keeps the source. For each graph it prints how many Triton
 kernels the graph launches, the library calls (matmuls, convolutions) and host-side loops, and
 the bytes the fused kernels read and write by Inductor's own per-kernel estimate (a nested
-compile region's kernels, vmamba_min.BLOCK_REGIONS, once per call of it). For a scan it
+compile region's bytes and launches, vmamba_min.BLOCK_REGIONS, once per call of it; kernels
+defined are counted once). For a scan it
 also prints the memory floor: the bytes the call must move at all (inputs and y), so that
 bytes / floor bounds what the generated code can reach on a memory-bound card.
 

@@ -60,10 +60,11 @@ def test_plain_compile_inference_equals_eager_at_two_batches_and_sizes():
     at batch 3 and another image size: the second call recompiles with a dynamic batch and the
     new, static, H and W (with H, W symbolic, Inductor failed: `run_stages` keeps them
     static). No graph breaks either (fullgraph=True: the training test below, and
-    test_model.py's compiled pair in the slow set)."""
+    test_model.py's compiled pair in the slow set). Each model's second stage has two blocks,
+    so Inductor runs them through one nested compile region (vmamba_min.BLOCK_REGIONS)."""
     torch._dynamo.reset()
     counters.clear()
-    model = _Both(depths=(1, 1)).eval()
+    model = _Both().eval()              # a stage of 2 blocks: a region Inductor calls twice
     compiled = torch.compile(model)
     for batch, H, W in ((1, 24, 20), (3, 32, 28)):
         x = torch.randn(batch, 3, H, W, generator=torch.Generator().manual_seed(batch)).to(DEVICE)
@@ -103,6 +104,19 @@ def test_whole_model_compile_traces_a_stage_once():
     assert len(graphs) == 1
     assert sorted(n for n in calls.values() if n > 1) == [2, 2], calls
     assert len(calls) <= 4, calls
+    # one compiled function calling the models at three image sizes: 12 block signatures, past
+    # torch 2.13's default limit of 8 subgraphs per region function (a RuntimeError there)
+    graphs.clear()
+    torch._dynamo.reset()
+    sizes = ((24, 20), (32, 28), (16, 16))
+    with torch.no_grad():
+        torch.compile(lambda x: [model(nn.functional.interpolate(x, size=s)) for s in sizes],
+                      backend=keep)(torch.randn(1, 3, 24, 20, device=DEVICE))
+    assert len(graphs) == 1
+    # torch.export keeps an exported program plain ATen: no region
+    with torch.no_grad():
+        exported = torch.export.export(model, (torch.randn(2, 3, 24, 20, device=DEVICE),))
+    assert not [n for n in exported.graph.nodes if "invoke_subgraph" in str(n.target)]
     try:
         vmamba_min.BLOCK_REGIONS = False
         assert not region_calls()

@@ -147,7 +147,8 @@ def test_a_nested_region_counts_once_per_call(monkeypatch):
     assert "def repeated_subgraph" in g_r["code"] and "def repeated_subgraph" not in g_l["code"]
     assert len(scans_r) == len(scans_l) == 3
     assert sorted(scans_r) == sorted(scans_l)          # the same scan kernels, per block
-    assert s_r["triton_launches"] > s_r["triton_kernels"] - s_r["associative_scans"] >= 0
+    # the module's text holds each region's launches once; per call, the twice-called one adds
+    assert s_r["triton_launches"] > len(re.findall(r"\.run\(", g_r["code"]))
 
 
 def launches(code):

@@ -25,6 +25,7 @@ convolution channels-last strides, which for a (b, H, W, C) map put H innermost 
 transposes around every LayerNorm and Linear (docs/design.md).
 """
 import collections
+import inspect
 import math
 import os
 import pickle
@@ -391,12 +392,35 @@ class ConvDownsample(nn.Module):
 # blocks, their weights of the same shapes, call it, so Inductor generates one block per stage
 # instead of every block in line (docs/design.md, "Nested compile regions"). Not with autograd:
 # in training each block's drop-path rate is a constant to Dynamo, so every block would need a
-# subgraph of its own (torch 2.13 raises past 8), and regions split into forward and backward
-# have not run on a GPU yet. Outside torch.compile it is a plain call. False: every block in
-# line.
-@torch.compiler.nested_compile_region
-def _block_region(blk, x, H, W):
+# subgraph of its own, and regions split into forward and backward have not run on a GPU yet.
+# Not under torch.export either (an exported program stays plain ATen). Outside torch.compile
+# it is a plain call. False: every block in line.
+def _call_block(blk, x, H, W):
     return blk(x, H, W)
+
+
+# One subgraph per distinct block signature in a compiled graph: 4 per model and image size.
+# torch 2.13 raises past max_reuse_entries (8 by default: two image sizes in one compiled
+# function, say a multi-scale evaluation, passed it); torch 2.11 has no such limit.
+_REUSE = ({"max_reuse_entries": 1024} if "max_reuse_entries" in
+          inspect.signature(torch.compiler.nested_compile_region).parameters else {})
+_block_region = torch.compiler.nested_compile_region(_call_block, **_REUSE)
+
+
+def _in_compiled_inference(training):
+    """Whether a block call goes through the region: Dynamo tracing (torch.compile, or a
+    strict torch.export), eval mode, no autograd, and not an export that torch can tell apart.
+    Outside Dynamo the region must not be reached: torch 2.11's non-strict export called it
+    and reused one stage's subgraph for the next stage's wider block (a LayerNorm shape
+    error). torch 2.11's Dynamo answers True to torch.compiler.is_exporting() in every trace,
+    torch.compile's included (2.13 tells them apart), so there a strict export keeps the
+    regions (its outputs are the same)."""
+    return (torch.compiler.is_dynamo_compiling() and not training
+            and not torch.is_grad_enabled()
+            and not (_TELLS_EXPORT and torch.compiler.is_exporting()))
+
+
+_TELLS_EXPORT = torch.torch_version.TorchVersion(torch.__version__) >= (2, 13)
 
 
 BLOCK_REGIONS = True
@@ -418,7 +442,7 @@ class Stage(nn.Module):
         for blk in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(blk, x, H, W, use_reentrant=False)   # recompute in backward
-            elif BLOCK_REGIONS and not self.training and not torch.is_grad_enabled():
+            elif BLOCK_REGIONS and _in_compiled_inference(self.training):
                 x = _block_region(blk, x, H, W)
             else:
                 x = blk(x, H, W)

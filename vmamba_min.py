@@ -393,15 +393,16 @@ class ConvDownsample(nn.Module):
 # instead of every block in line (docs/design.md, "Nested compile regions"). Not with autograd:
 # in training each block's drop-path rate is a constant to Dynamo, so every block would need a
 # subgraph of its own, and regions split into forward and backward have not run on a GPU yet.
-# Not under torch.export either (an exported program stays plain ATen). Outside torch.compile
-# it is a plain call. False: every block in line.
+# Not under torch.export where torch can tell it apart (_in_compiled_inference), nor outside
+# Dynamo. False: every block in line.
 def _call_block(blk, x, H, W):
     return blk(x, H, W)
 
 
 # One subgraph per distinct block signature in a compiled graph: 4 per model and image size.
-# torch 2.13 raises past max_reuse_entries (8 by default: two image sizes in one compiled
-# function, say a multi-scale evaluation, passed it); torch 2.11 has no such limit.
+# torch 2.13 raises past max_reuse_entries (8 by default: three image sizes in one compiled
+# function, say a multi-scale evaluation, passed it); torch 2.11 has no such argument, and
+# compiled the three sizes.
 _REUSE = ({"max_reuse_entries": 1024} if "max_reuse_entries" in
           inspect.signature(torch.compiler.nested_compile_region).parameters else {})
 _block_region = torch.compiler.nested_compile_region(_call_block, **_REUSE)

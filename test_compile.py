@@ -94,7 +94,7 @@ def test_whole_model_compile_traces_a_stage_once():
         torch._dynamo.reset()
         x = torch.randn(2, 3, 24, 20, generator=torch.Generator().manual_seed(0)).to(DEVICE)
         with torch.no_grad():
-            for g, w in zip(torch.compile(model, backend=keep)(x), model(x)):
+            for g, w in zip(torch.compile(model, backend=keep, fullgraph=True)(x), model(x)):
                 torch.testing.assert_close(g, w, rtol=0, atol=LOGIT_ATOL)
         return collections.Counter(n.args[0].target for gm in graphs for n in gm.graph.nodes
                                    if n.target is torch.ops.higher_order.invoke_subgraph)

@@ -387,46 +387,6 @@ class ConvDownsample(nn.Module):
         return self.norm(tokens(x)), *x.shape[2:]            # (b, L', 2C), ceil(H/2), ceil(W/2)
 
 
-# Inference (eval mode, no autograd) under torch.compile(model) calls each block as a "nested
-# compile region": Dynamo traces a stage's first block into a subgraph and the stage's other
-# blocks, their weights of the same shapes, call it, so Inductor generates one block per stage
-# instead of every block in line (docs/design.md, "Nested compile regions"). Not with autograd:
-# in training each block's drop-path rate is a constant to Dynamo, so every block would need a
-# subgraph of its own, and regions split into forward and backward have not run on a GPU yet.
-# Not under torch.export where torch can tell it apart (_in_compiled_inference), nor outside
-# Dynamo. False: every block in line.
-def _call_block(blk, x, H, W):
-    return blk(x, H, W)
-
-
-# One subgraph per distinct block signature in a compiled graph: 4 per model and image size.
-# torch 2.13 raises past max_reuse_entries (8 by default: three image sizes in one compiled
-# function, say a multi-scale evaluation, passed it); torch 2.11 has no such argument, and
-# compiled the three sizes.
-_REUSE = ({"max_reuse_entries": 1024} if "max_reuse_entries" in
-          inspect.signature(torch.compiler.nested_compile_region).parameters else {})
-_block_region = torch.compiler.nested_compile_region(_call_block, **_REUSE)
-
-
-def _in_compiled_inference(training):
-    """Whether a block call goes through the region: Dynamo tracing (torch.compile, or a
-    strict torch.export), eval mode, no autograd, and not an export that torch can tell apart.
-    Outside Dynamo the region must not be reached: torch 2.11's non-strict export called it
-    and reused one stage's subgraph for the next stage's wider block (a LayerNorm shape
-    error). torch 2.11's Dynamo answers True to torch.compiler.is_exporting() in every trace,
-    torch.compile's included (2.13 tells them apart), so there a strict export keeps the
-    regions (its outputs are the same)."""
-    return (torch.compiler.is_dynamo_compiling() and not training
-            and not torch.is_grad_enabled()
-            and not (_TELLS_EXPORT and torch.compiler.is_exporting()))
-
-
-_TELLS_EXPORT = torch.torch_version.TorchVersion(torch.__version__) >= (2, 13)
-
-
-BLOCK_REGIONS = True
-
-
 class Stage(nn.Module):
     """The blocks of one width, then (except after the last stage) the downsample."""
 
@@ -443,7 +403,7 @@ class Stage(nn.Module):
         for blk in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(blk, x, H, W, use_reentrant=False)   # recompute in backward
-            elif BLOCK_REGIONS and _in_compiled_inference(self.training):
+            elif BLOCK_REGIONS and _in_compiled_inference(self.training):   # see Compiling
                 x = _block_region(blk, x, H, W)
             else:
                 x = blk(x, H, W)
@@ -920,6 +880,49 @@ def build_config(name: str, **overrides) -> VSSMConfig:
 def build(name: str, **overrides) -> VSSM:
     """A released configuration by name, e.g. build("vmamba_tiny_s1l8", num_classes=10)."""
     return VSSM(build_config(name, **overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiling: a stage's blocks compiled once (torch.compile(model) in inference, compile_blocks)
+# ---------------------------------------------------------------------------------------------
+# Inference (eval mode, no autograd) under torch.compile(model) calls each block as a "nested
+# compile region": Dynamo traces a stage's first block into a subgraph and the stage's other
+# blocks, their weights of the same shapes, call it, so Inductor generates one block per stage
+# instead of every block in line (docs/design.md, "Nested compile regions"). Not with autograd:
+# in training each block's drop-path rate is a constant to Dynamo, so every block would need a
+# subgraph of its own, and regions split into forward and backward have not run on a GPU yet.
+# Not under torch.export where torch can tell it apart (_in_compiled_inference), nor outside
+# Dynamo. False: every block in line.
+def _call_block(blk, x, H, W):
+    return blk(x, H, W)
+
+
+# One subgraph per distinct block signature in a compiled graph: 4 per model and image size.
+# torch 2.13 raises past max_reuse_entries (8 by default: three image sizes in one compiled
+# function, say a multi-scale evaluation, passed it); torch 2.11 has no such argument, and
+# compiled the three sizes.
+_REUSE = ({"max_reuse_entries": 1024} if "max_reuse_entries" in
+          inspect.signature(torch.compiler.nested_compile_region).parameters else {})
+_block_region = torch.compiler.nested_compile_region(_call_block, **_REUSE)
+
+
+def _in_compiled_inference(training):
+    """Whether a block call goes through the region: Dynamo tracing (torch.compile, or a
+    strict torch.export), eval mode, no autograd, and not an export that torch can tell apart.
+    Outside Dynamo the region must not be reached: torch 2.11's non-strict export called it
+    and reused one stage's subgraph for the next stage's wider block (a LayerNorm shape
+    error). torch 2.11's Dynamo answers True to torch.compiler.is_exporting() in every trace,
+    torch.compile's included (2.13 tells them apart), so there a strict export keeps the
+    regions (its outputs are the same)."""
+    return (torch.compiler.is_dynamo_compiling() and not training
+            and not torch.is_grad_enabled()
+            and not (_TELLS_EXPORT and torch.compiler.is_exporting()))
+
+
+_TELLS_EXPORT = torch.torch_version.TorchVersion(torch.__version__) >= (2, 13)
+
+
+BLOCK_REGIONS = True
 
 
 def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:

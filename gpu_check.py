@@ -1,4 +1,5 @@
-"""gpu_check.py: the one prepared GPU run, about 9 minutes on one H100/H200 with every compile.
+"""gpu_check.py: the one prepared GPU run, about 8 minutes on one H100/H200 with every compile
+(a hard stop at 9).
 
     OUT=DIR python gpu_check.py                 all phases, files into $OUT (or --out DIR)
     python gpu_check.py --phases models,profile  a second run of some phases
@@ -22,7 +23,8 @@ says so in gpu.json, and what a phase leaves goes to the next. A phase that fail
   2 scan     stage-1 scans of VMamba-T, v2 (b x 384 x 3136, N = 1) and v0 (b x 768 x 3136,
              N = 16), in scan_cells' order: chunked eager / compiled, assoc compiled (v2 also
              with GROUP_SUM = "reduce") / eager, experiments (SCAN_EXPERIMENTS: assoc chunks,
-             time-major inputs, coordinate descent),
+             u time-major as the models pass it, u and delta time-major, coordinate
+             descent),
              big batch first; fwd and fwd+bwd ms, their ratio, "x floor" (ms over the bytes the
              call must move / the measured copy bandwidth), errors of y and all 7 gradients
              against the same scan in float64 on the device                          [by 158]
@@ -334,6 +336,7 @@ def _plan(args):
     # Dynamo reuses that graph (on the card coordesc compiles anew)
     cells = tuple(("v2", 2, p) for p in ("chunked eager", "chunked compiled", "assoc compiled",
                                          "assoc compiled, coordesc",
+                                         "assoc compiled, u time-major",
                                          "assoc compiled, time-major", "assoc compiled, reduce",
                                          "assoc eager")) + \
         (("v2", 2, "assoc chunks compiled"), ("v2", 2, "assoc chunks compiled, T=32"),
@@ -917,21 +920,28 @@ def scan_cell(run, row, fn, kind, inputs, gy, ref, backward=True):
 CHUNK_SWEEP = (32, 128)
 CHUNK_SWEEP_PATHS = tuple(f"assoc chunks compiled, T={t}" for t in CHUNK_SWEEP)
 SCAN_COMPILED_PATHS = ("assoc compiled", "assoc chunks compiled", *CHUNK_SWEEP_PATHS,
-                       "assoc compiled, reduce", "assoc compiled, time-major",
-                       "assoc compiled, coordesc", "chunked compiled")
-SCAN_EXPERIMENTS = ("assoc chunks compiled", *CHUNK_SWEEP_PATHS, "assoc compiled, time-major",
-                    "assoc compiled, coordesc")
+                       "assoc compiled, reduce", "assoc compiled, u time-major",
+                       "assoc compiled, time-major", "assoc compiled, coordesc",
+                       "chunked compiled")
+SCAN_EXPERIMENTS = ("assoc chunks compiled", *CHUNK_SWEEP_PATHS, "assoc compiled, u time-major",
+                    "assoc compiled, time-major", "assoc compiled, coordesc")
 # paths whose backward is another path's code, timed there: only their forward is timed (the
 # chunked experiment's backward is scan_assoc._grads, "assoc compiled"'s; its compile took 82
 # of v0's 93 s)
 FORWARD_ONLY = ("assoc chunks compiled", *CHUNK_SWEEP_PATHS)
 
 
-def time_major(inputs):
-    """The scan's inputs with u and delta (b, K*D, L) stored time-major: same values and
-    shapes, strides (K*D, 1, b*K*D)."""
-    u, delta, *rest = inputs
-    return (*(t.permute(2, 0, 1).contiguous().permute(1, 2, 0) for t in (u, delta)), *rest)
+def time_major(inputs, which=2):
+    """The scan's inputs with u and delta (which=2), or u alone (which=1), (b, K*D, L), stored
+    time-major: same values and shapes, strides (K*D, 1, b*K*D)."""
+    moved = tuple(t.permute(2, 0, 1).contiguous().permute(1, 2, 0) for t in inputs[:which])
+    return moved + tuple(inputs[which:])
+
+
+def u_time_major(inputs):
+    """u time-major, delta along L: the layout the models pass (u is routed from the
+    channels-last map; delta is the dt projection's (b, K, D, L) output)."""
+    return time_major(inputs, which=1)
 
 
 def scan_cells(big, small):
@@ -941,13 +951,16 @@ def scan_cells(big, small):
     scan_assoc.GROUP_SUM's default) and chunked compiled (what they ran before), then the same
     for v0 (whose first compiles took 93 s on an H200, v2's 15 s), then batch 1 (comparable
     with earlier GPU runs), then assoc eager (a log-depth recursion of slices: slow, and only
-    where the state is small). Two compiled paths are experiments, not what the models run:
-    "time-major" (u and delta stored time-major, (L, b, K*D), as the scan's output already
-    is: do loads contiguous along the channels, like its stores, make the scan kernel
-    faster?), "coordesc" (Inductor's coordinate_descent_tuning: does another tile?) and "assoc
-    chunks" (scan_assoc.selective_scan_assoc_chunked: scans along chunks of 64 steps that a
-    Triton program holds whole, chained by a scan over chunks; for v0, whose one-pass kernel
-    ran at 28.7x its floor on the H200; v0 also with chunks of 32 and 128 steps)."""
+    where the state is small). "u time-major" gives the scan the layout the models pass it
+    (u routed from a channels-last map, delta along L), which the plain cells do not. Three
+    compiled paths are experiments: "time-major" (u and delta stored time-major, (L, b, K*D),
+    as the scan's output already is: do loads contiguous along the channels, like its stores,
+    make the scan kernel faster? Against "u time-major": what a dt projection writing delta
+    channels-fastest would give the models), "coordesc" (Inductor's
+    coordinate_descent_tuning: does another tile?) and "assoc chunks"
+    (scan_assoc.selective_scan_assoc_chunked: scans along chunks of 64 steps that a Triton
+    program holds whole, chained by a scan over chunks; for v0, whose one-pass kernel ran at
+    28.7x its floor on the H200; v0 also with chunks of 32 and 128 steps)."""
     return tuple([(g, b, "chunked eager") for g, b in big] +
                  [(g, b, p) for g, b in big for p in SCAN_COMPILED_PATHS
                   if (g == "v2" or p != "assoc compiled, reduce")
@@ -988,8 +1001,10 @@ def phase_scan(run):
                                   "by a reduction kernel; default: atomic adds); its first "
                                   "calls include a Dynamo recompile of the same function",
         "reference": "scan.selective_scan in float64, eager, on the device",
+        "assoc compiled, u time-major": "the same with u stored time-major, (L, b, K*D), "
+                                        "delta along L: the layout the models pass",
         "assoc compiled, time-major": "the same with u and delta stored time-major, (L, b, "
-                                      "K*D) (an experiment: the models pass (b, K*D, L))",
+                                      "K*D) (an experiment: the models' delta is along L)",
         "assoc compiled, coordesc": "the same compiled with Inductor's "
                                     "coordinate_descent_tuning (an experiment)",
         "assoc chunks compiled": f"{assoc_chunked_name}, chunks of 64 steps (an experiment); "
@@ -1013,6 +1028,9 @@ def phase_scan(run):
                                          contextlib.nullcontext),
                       "assoc compiled, reduce": (compiled("assoc compiled", assoc),
                                                  "scan compiled", group_sums_by_reduction),
+                      "assoc compiled, u time-major": (compiled("assoc compiled", assoc),
+                                                       "scan compiled", contextlib.nullcontext,
+                                                       u_time_major),
                       "assoc compiled, time-major": (compiled("assoc compiled", assoc),
                                                      "scan compiled", contextlib.nullcontext,
                                                      time_major),

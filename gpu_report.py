@@ -43,11 +43,11 @@ COMPILERS = {"compiled": "torch.compile(model)", "blocks": "compile_blocks"}
 # What the paper's throughput compares (read in the official code; see docs/design.md).
 PAPER_ARITHMETIC = (
     "The paper's VMamba-T (norm_layer=\"ln2d\" in the official code) computes its "
-    "projections and MLP as 1x1 convolutions, which cuDNN runs on TF32 tensor cores under "
-    "torch's defaults, while Swin-T's nn.Linear products stay float32 (the official analyze/tp.py "
-    "sets no precision): its 1.36x sets TF32 products against float32 ones. The line with TF32 "
-    "matmuls over Swin-T's fp32 row is the one to compare with it; the fp32 and TF32 lines give "
-    "each model the same arithmetic.")
+    "projections and MLP as 1x1 convolutions, which cuDNN may run on TF32 tensor cores under "
+    "torch's defaults, while Swin-T's nn.Linear products stay float32 (the official "
+    "analyze/tp.py sets no precision): its 1.36x likely sets TF32 products against float32 "
+    "ones. The line with TF32 matmuls over Swin-T's fp32 row is the one to compare with it; "
+    "the fp32 and TF32 lines give each model the same arithmetic.")
 
 
 def load(paths):

@@ -10,7 +10,9 @@ K scan routes (groups), D channels per route, N state size, T chunk length, M = 
 
 Two implementations of one signature:
   selective_scan_ref  the obvious loop over time, the readable reference;
-  selective_scan      a chunked scan, exact at any chunk size, that torch.compile fuses.
+  selective_scan      a chunked scan, exact at any chunk size, that torch.compile fuses (on
+                      CUDA under torch.compile it hands the call to
+                      scan_assoc.selective_scan_assoc: `_use_assoc`).
 """
 import torch
 import torch._functorch.config

@@ -227,6 +227,29 @@ def test_compile_blocks_training():
     assert _unique_graphs() == 2
 
 
+def test_compile_blocks_keeps_compiling_past_eight_graphs(monkeypatch):
+    """A training loop's graphs: four stages, training and evaluation, two batch sizes (a last
+    partial batch): 16 graphs of one code object, VSSBlock.forward. With Dynamo's default
+    limit of 8 the ninth fails under fullgraph=True (without it, the blocks ran eager); the
+    limit compile_blocks sets is 8 per stage. Dynamo only (backend "eager"): the limit is
+    Dynamo's."""
+    import vmamba_min
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    monkeypatch.setattr(vmamba_min, "_STAGES_COMPILED", 0)
+    torch.manual_seed(0)
+    model = VSSM(replace(small(2), depths=(1, 1, 1, 1), drop_path_rate=0.1)).to(DEVICE)
+    compile_blocks(model, fullgraph=True, backend="eager")
+    assert torch._dynamo.config.recompile_limit == 32
+    for batch in (2, 1):
+        x = torch.randn(batch, 3, 32, 32, device=DEVICE)
+        model.train()(x).sum().backward()
+        with torch.no_grad():
+            model.eval()(x)
+    assert _unique_graphs() == 16
+
+
 def test_compile_blocks_rejects_what_it_cannot_compile():
     with pytest.raises(ValueError, match="no VSSBlock"):
         compile_blocks(nn.Linear(2, 2))

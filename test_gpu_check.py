@@ -28,9 +28,9 @@ def test_arguments():
     assert ("v0", 16, "assoc compiled") in plan.scan_cells and plan.model_backend == "inductor"
     assert ('v2', 128, 'assoc compiled, reduce') in plan.scan_cells
     # 4 shapes x 4 paths (chunked eager and compiled, assoc compiled and eager), + reduce,
-    # time-major, coordesc and assoc chunks at both big batches (reduce: v2 only), assoc
-    # chunks of 32 and 128 steps (v0 only)
-    assert len(set(plan.scan_cells)) == len(plan.scan_cells) == 25
+    # u time-major, time-major, coordesc and assoc chunks at both big batches (reduce: v2
+    # only), assoc chunks of 32 and 128 steps (v0 only)
+    assert len(set(plan.scan_cells)) == len(plan.scan_cells) == 27
     assert ("v0", 16, "assoc chunks compiled") in plan.scan_cells
     assert ("v0", 16, "assoc chunks compiled, T=32") in plan.scan_cells
     assert ("v2", 128, "assoc chunks compiled, T=32") not in plan.scan_cells
@@ -303,6 +303,9 @@ def test_time_major_inputs_are_the_same_values_stored_channels_fastest():
     moved = gc.time_major(inputs)
     assert [m.stride() for m in moved[:2]] == [(KD, 1, b * KD)] * 2
     assert all(torch.equal(a, m) for a, m in zip(inputs, moved)) and moved[2:] == inputs[2:]
+    models = gc.u_time_major(inputs)               # the models' layout: delta stays along L
+    assert models[0].stride() == (KD, 1, b * KD) and models[1] is inputs[1]
+    assert all(torch.equal(a, m) for a, m in zip(inputs, models)) and models[2:] == inputs[2:]
     # the same scan: another layout may reorder float32 sums of at most L*N products
     y = scan.selective_scan(*inputs, delta_softplus=True)
     err = (scan.selective_scan(*moved, delta_softplus=True) - y).norm() / y.norm()

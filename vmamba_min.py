@@ -18,11 +18,12 @@ Letters used in every shape comment:
 Layout: between the convolutions the feature map travels as tokens, (b, L, C) in row-major
 order, with its height and width beside it: every Linear and LayerNorm acts on the last dim with
 no permute, and a conv (or the scan) sees the same memory as (b, C, H, W) through a view, `grid`
-(channels-last strides), whose output `tokens` views back. Maps (b, H, W, C) exist only as the
-outputs of forward_features, forward_intermediates and Backbone. Why tokens and not
-(b, H, W, C) maps: under torch.compile, Inductor gives every 4-D tensor on a path into a
-convolution channels-last strides, which for a (b, H, W, C) map put H innermost and add
-transposes around every LayerNorm and Linear (docs/design.md).
+(channels-last strides), whose output `tokens` views back. Maps exist only as outputs:
+(b, H, W, C) from forward_features, (b, C, H, W) from Backbone and forward_intermediates (or
+NHWC with output_fmt="NHWC"). Why tokens and not (b, H, W, C) maps: under torch.compile,
+Inductor gives every 4-D tensor on a path into a convolution channels-last strides, which for a
+(b, H, W, C) map put H innermost and add transposes around every LayerNorm and Linear
+(docs/design.md).
 """
 import collections
 import inspect
@@ -934,8 +935,14 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     then compiles a stage's block once as well: BLOCK_REGIONS).
     dynamic=False unless given: with a block's sizes left symbolic, Inductor (torch 2.13)
     failed on the second stage's block in training. Each DropPath gets its rate as a tensor
-    (see DropPath: its masks then come from another random stream than eager's). Returns
-    model."""
+    (see DropPath: its masks then come from another random stream than eager's).
+    Every block shares one code object, VSSBlock.forward, and Dynamo keeps at most
+    `recompile_limit` graphs (8 by default) per code object: four stages in training and in
+    evaluation already fill it, and past it a new batch size ran the blocks eager (with
+    fullgraph=True: an error). So this raises the limit for the process, never lowers it,
+    to 8 graphs for each stage compiled so far, as if each stage's block were a function of
+    its own. Returns model."""
+    global _STAGES_COMPILED
     compile_kwargs.setdefault("dynamic", False)
     blocks = [m for m in model.modules() if isinstance(m, VSSBlock)]
     if not blocks:
@@ -946,7 +953,18 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     for block in blocks:
         block.drop_path.rate = torch.tensor(block.drop_path.p, device=device)   # see DropPath
         block.compile(**compile_kwargs)
+    _STAGES_COMPILED += sum(1 for m in model.modules() if isinstance(m, Stage) and m.blocks)
+    _raise_recompile_limit(_DYNAMO_DEFAULT_LIMIT * _STAGES_COMPILED)
     return model
+
+
+_STAGES_COMPILED = 0          # stages whose blocks compile_blocks compiled in this process
+_DYNAMO_DEFAULT_LIMIT = 8     # torch._dynamo.config.recompile_limit's default
+
+
+def _raise_recompile_limit(limit):
+    import torch._dynamo
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
 
 
 # ---------------------------------------------------------------------------------------------

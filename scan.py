@@ -259,6 +259,21 @@ def _sizes_static_by_config():
     return config.assume_static_by_default and not config.automatic_dynamic_shapes
 
 
+def _first_order_only():
+    """Refuse a backward asked to build a graph of its own (create_graph=True: double backward,
+    a gradient penalty, a Hessian-vector product). The two backwards below read tensors their
+    forward computed outside autograd (delta', re-laid-out inputs, states), so differentiating
+    them gave wrong second derivatives (off by 20-136% for a model's parameters under an
+    input-gradient penalty), silently. Compiled code is left alone: AOTAutograd refuses double
+    backward itself, and traces backwards with grad mode on."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            "selective_scan: the chunked scan's backward is first-order only; for double "
+            "backward (create_graph=True) use scan_assoc.selective_scan_assoc (a model: "
+            "VSSMConfig(scan=\"assoc\")) or selective_scan_ref (scan=\"reference\"), whose "
+            "backwards are differentiable")
+
+
 class _ChunkedScan(torch.autograd.Function):
     """The chunked scan as one autograd node: autograd through the step loop would keep every
     step's state (the (batch, K*D, L, N) tensor, about 29x the call's inputs and output).
@@ -310,6 +325,7 @@ class _ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, gh):
+        _first_order_only()
         ut, dt, A, Bt, Ct, D, h_in = ctx.saved_tensors
         lay = ctx.lay
         Ak = lay.state_view(A)
@@ -581,6 +597,7 @@ class _ScanState1(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, gh):
+        _first_order_only()
         u, dt, A, B, C, D, h, h0 = ctx.saved_tensors
         batch, KD, L = u.shape
         K = B.shape[1]

@@ -601,6 +601,29 @@ def test_gradcheck(fn, with_h0, N):
     assert torch.autograd.gradcheck(f, args)
 
 
+@pytest.mark.parametrize("N", [2, 1], ids=["N2", "N1"])
+def test_double_backward_is_refused_not_wrong(N):
+    """The chunked scan's backward is first-order only (its forward's delta', re-laid-out
+    inputs and states are outside autograd): a gradient of a gradient must raise, not come out
+    wrong (it did, silently, before: gradgradcheck failed for both paths). The reference
+    loop's backward is autograd's own and differentiable; a first-order backward still works."""
+    g = torch.Generator().manual_seed(4)
+    KD, L = 4, 6
+    u, delta = (torch.randn(1, KD, L, generator=g, dtype=torch.float64) for _ in range(2))
+    A = -torch.rand(KD, N, generator=g, dtype=torch.float64) - 0.1
+    B, C = (torch.randn(1, 2, N, L, generator=g, dtype=torch.float64) for _ in range(2))
+    delta = delta.to(DEVICE).requires_grad_()
+    args = [t.to(DEVICE) for t in (u, A, B, C)]
+    for fn in (selective_scan_ref, selective_scan):
+        y = fn(args[0], delta, *args[1:], delta_softplus=True)
+        gd, = torch.autograd.grad(y.pow(2).sum(), delta, create_graph=fn is selective_scan_ref)
+        if fn is selective_scan_ref:
+            torch.autograd.grad(gd.pow(2).sum(), delta)      # differentiable: no error
+    y = selective_scan(args[0], delta, *args[1:], delta_softplus=True)
+    with pytest.raises(RuntimeError, match="first-order only"):
+        torch.autograd.grad(y.pow(2).sum(), delta, create_graph=True)
+
+
 def small_step_problem(N, L=50, seed=0):
     """softplus on, every z = delta + delta_bias in [-16, -10]: delta' ~ 1e-7 .. 4.5e-5, the
     slow-forgetting end of the domain, where softplus'(z) = sigmoid(z) = 1 - exp(-delta') is

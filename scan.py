@@ -264,8 +264,8 @@ def _first_order_only():
     a gradient penalty, a Hessian-vector product). The two backwards below read tensors their
     forward computed outside autograd (delta', re-laid-out inputs, states), so differentiating
     them gave wrong second derivatives (off by 20-136% for a model's parameters under an
-    input-gradient penalty), silently. Compiled code is left alone: AOTAutograd refuses double
-    backward itself, and traces backwards with grad mode on."""
+    input-gradient penalty), silently. Not checked while compiling: a compiled function's
+    double backward raises in AOTAutograd ("does not currently support double backward")."""
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         raise RuntimeError(
             "selective_scan: the chunked scan's backward is first-order only; for double "

@@ -53,7 +53,7 @@ def allow_compile():
 # ---------------------------------------------------------------------------------------------
 # Input checks shared by both scans: bad shapes fail loudly, never broadcast into nonsense.
 # ---------------------------------------------------------------------------------------------
-def _check_inputs(u, delta, A, B, C, D, delta_bias, h0):
+def _check_inputs(u, delta, A, B, C, D, delta_bias, h0, delta_softplus):
     def fail(msg):
         shapes = ", ".join(f"{n}={tuple(t.shape)}" for n, t in
                            (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C))
@@ -73,8 +73,16 @@ def _check_inputs(u, delta, A, B, C, D, delta_bias, h0):
                           ("C", C, 4)):
         if t.dim() != rank:
             fail(f"{name} must have rank {rank}, got rank {t.dim()}")
+    given = {n: t for n, t in named.items() if t is not None}
+    if len({t.device for t in given.values()}) > 1:
+        fail("all tensors must be on one device, got " +
+             ", ".join(f"{n} on {t.device}" for n, t in given.items()))
+    if not isinstance(delta_softplus, bool):
+        fail(f"delta_softplus must be True or False, got {delta_softplus!r}")
     batch, KD, L = u.shape
     K, N = B.shape[1], A.shape[1]
+    if N < 1:
+        fail("A must be (K*D, N) with a state size N >= 1")
     if delta.shape != u.shape:
         fail(f"delta must have the shape of u (b, K*D, L) = {tuple(u.shape)}")
     if A.shape[0] != KD:
@@ -100,7 +108,7 @@ def _compute_dtype(u):
 
 def _prepare(u, delta, A, B, C, D, delta_bias, delta_softplus, h0):
     """Checks, casts to the compute dtype, and applies delta' = softplus(delta + delta_bias)."""
-    _check_inputs(u, delta, A, B, C, D, delta_bias, h0)
+    _check_inputs(u, delta, A, B, C, D, delta_bias, h0, delta_softplus)
     dt = _compute_dtype(u)
     u, delta, A, B, C = (t.to(dt) for t in (u, delta, A, B, C))
     if delta_bias is not None:
@@ -209,7 +217,7 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fa
                                    not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"selective_scan: chunk_size must be None or an int >= 1, got "
                          f"{chunk_size!r}")
-    _check_inputs(u, delta, A, B, C, D, delta_bias, h0)
+    _check_inputs(u, delta, A, B, C, D, delta_bias, h0, delta_softplus)
     if _use_assoc(u, A):                # the one place that picks the associative scan
         return scan_assoc.selective_scan_assoc(u, delta, A, B, C, D, delta_bias, delta_softplus,
                                                h0=h0, return_last_state=return_last_state)

@@ -103,7 +103,7 @@ def _apply(function, extra, u, delta, A, B, C, D, delta_bias, delta_softplus, h0
     if combine_mode not in (None, "pointwise", "generic"):
         raise ValueError(f"selective_scan: combine_mode must be None, 'pointwise' or 'generic', "
                          f"got {combine_mode!r}")
-    _check_inputs(u, delta, A, B, C, D, delta_bias, h0)
+    _check_inputs(u, delta, A, B, C, D, delta_bias, h0, delta_softplus)
     if GROUP_SUM not in ("atomic", "reduce"):
         raise ValueError(f"scan_assoc.GROUP_SUM must be 'atomic' or 'reduce', got {GROUP_SUM!r}")
     if combine_mode is None:

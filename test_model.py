@@ -10,6 +10,7 @@ import collections
 import json
 import math
 import re
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -268,6 +269,9 @@ def test_build_forwards_overrides_and_rejects_unknowns():
         build("vmamba_tiny")
     with pytest.raises(ValueError, match="num_clases"):
         build("vmamba_tiny_s1l8", num_clases=10)
+    for not_a_name in (["vmamba_tiny_s1l8"], VSSMConfig()):    # was "unhashable type"
+        with pytest.raises(TypeError, match="configuration name.*valid names"):
+            build(not_a_name)
 
 
 @pytest.mark.parametrize("bad", [dict(generation=1), dict(scan="fast"), dict(chunk_size=0),
@@ -595,11 +599,15 @@ def test_backbone_out_indices():
     with torch.no_grad():
         outs = backbone(torch.randn(1, 3, 64, 64))
     assert [o.shape for o in outs] == [(1, 48, 8, 8), (1, 192, 2, 2)]
-    for bad in ((4,), (True,), 3, None, ()):
+    for bad in ((4,), (True,), 3, (), (-1,)):
         with pytest.raises(ValueError, match=f"out_indices.*got {re.escape(repr(bad))}$"):
             Backbone(tiny(2), out_indices=bad)
     with pytest.raises(TypeError, match="build_config"):
         Backbone("vmamba_tiny_s1l8")
+    # the default is every stage, however many the configuration has (it was (0, 1, 2, 3),
+    # an error for three stages that blamed an argument the caller never passed)
+    three = replace(tiny(2), depths=(1, 1, 1))
+    assert Backbone(three).out_indices == (0, 1, 2) == Backbone(three, range(3)).out_indices
 
 
 # ---------------------------------------------------------------------------------------------
@@ -897,6 +905,16 @@ def test_prune_intermediate_layers():
         assert isinstance(model.norm, nn.Identity) and isinstance(model.head, nn.Identity)
         pruned = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
     assert all(torch.equal(a, b) for a, b in zip(full, pruned))
+    # what describes the model follows the kept stages: a new head fits, the pooled features
+    # and feature_info have stage 1's width (they kept the full model's before)
+    width = model.config.stage_dim(1)
+    assert model.num_features == width and model.config.depths == tiny(0).depths[:2]
+    assert [f["num_chs"] for f in model.feature_info] == [model.config.stage_dim(0), width]
+    model.reset_classifier(3)
+    with torch.no_grad():
+        assert model(x).shape == (1, 3)
+    with pytest.raises(ValueError, match="prune_head=True"):   # a head sized for the last stage
+        VSSM(tiny(0)).prune_intermediate_layers([1], prune_head=False)
     keep_all = VSSM(tiny(0))
     assert keep_all.prune_intermediate_layers(None, prune_head=False) == [0, 1, 2, 3]
     assert isinstance(keep_all.norm, nn.LayerNorm) and isinstance(keep_all.head, nn.Linear)
@@ -1030,14 +1048,28 @@ def test_load_official_checkpoint_bare_state_dict_and_errors(tmp_path):
         vm.load_official_checkpoint(tmp_path / "legacy.pth")
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         vm.load_official_checkpoint(tmp_path / "missing.pth")
-    with pytest.raises(FileNotFoundError, match="no such file"):
-        vm.load_official_checkpoint(tmp_path)                  # a directory
+    with pytest.raises(FileNotFoundError, match="a directory, not a file"):
+        vm.load_official_checkpoint(tmp_path)
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as z:   # a zip, not torch.save's
+        z.writestr("notes.txt", "hello")
+    with pytest.raises(ValueError, match="not a file torch.save wrote"):
+        vm.load_official_checkpoint(tmp_path / "other.zip")
     with pytest.raises(TypeError, match="file path"):
         with open(tmp_path / "bare.pth", "rb") as f:
             vm.load_official_checkpoint(f)
     torch.save(torch.zeros(3), tmp_path / "tensor.pth")
     with pytest.raises(TypeError, match="expected a dict.*got Tensor"):
         vm.load_official_checkpoint(tmp_path / "tensor.pth")
+
+
+def test_load_official_checkpoint_under_forced_weights_only_loading_says_why(tmp_path,
+                                                                            monkeypatch):
+    """TORCH_FORCE_WEIGHTS_ONLY_LOAD makes torch.load refuse any pickle_module, even for a bare
+    state dict: torch's message named neither the variable nor a way out."""
+    torch.save({"w": torch.zeros(2)}, tmp_path / "bare.pth")
+    monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(RuntimeError, match="TORCH_FORCE_WEIGHTS_ONLY_LOAD.*weights_only=True"):
+        vm.load_official_checkpoint(tmp_path / "bare.pth")
 
 
 def test_allow_list_unpickler_turns_unknown_globals_into_records():

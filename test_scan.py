@@ -24,7 +24,7 @@ from hypothesis.control import currently_in_test_context
 import scan
 from conftest import DEVICE
 from scan import cross_merge, cross_scan, route_each, selective_scan, selective_scan_ref
-from scan_assoc import selective_scan_assoc
+from scan_assoc import selective_scan_assoc, selective_scan_assoc_chunked
 
 THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
 N_EXAMPLES = settings().max_examples                 # the active profile's (see conftest.py)
@@ -946,6 +946,26 @@ def test_bad_input_raises_naming_the_argument(fn, case):
     assert "u=(" in msg and "B=(" in msg, f"the message should show the shapes: {msg}"
     if isinstance(bad, torch.Tensor) and name in ("u", "A", "B", "C"):
         assert str(tuple(bad.shape)) in msg, msg
+
+
+@pytest.mark.parametrize("fn", [selective_scan_ref, selective_scan, selective_scan_assoc,
+                                selective_scan_assoc_chunked])
+def test_empty_state_other_devices_and_a_non_bool_softplus_raise(fn):
+    """N = 0 (no state: y would be D u alone, or a crash in a stack of no scans), tensors on
+    two devices (torch's own message names no argument) and delta_softplus not a bool ("no"
+    was taken as True)."""
+    a = good_args()
+    a["A"], a["B"], a["C"] = torch.zeros(6, 0), torch.zeros(2, 2, 0, 5), torch.zeros(2, 2, 0, 5)
+    a["h0"] = None
+    with pytest.raises(ValueError, match=r"state size N >= 1"):
+        call(fn, a)
+    a = good_args()
+    a["D"] = a["D"].to("meta")
+    with pytest.raises(ValueError, match=r"one device, got .*D on meta"):
+        call(fn, a)
+    a = good_args()
+    with pytest.raises(ValueError, match=r"delta_softplus must be True or False, got 'no'"):
+        fn(a["u"], a["delta"], a["A"], a["B"], a["C"], delta_softplus="no")
 
 
 @pytest.mark.parametrize("fn", [selective_scan_ref, selective_scan])

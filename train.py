@@ -223,9 +223,11 @@ def main(argv=None):
                                ("--threads", args.threads, 0)):
         if value < least:
             p.error(f"{flag} must be >= {least}, got {value}")
-    if not args.lr > 0 or not 0 <= args.drop_path < 1:
-        p.error(f"--lr must be > 0 and --drop-path in [0, 1), got {args.lr} and "
+    if not 0 < args.lr < math.inf or not 0 <= args.drop_path < 1:
+        p.error(f"--lr must be finite and > 0 and --drop-path in [0, 1), got {args.lr} and "
                 f"{args.drop_path}")
+    if not 0 <= args.seed < 2 ** 32:            # the split's random_state (scikit-learn)
+        p.error(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.save and os.path.exists(args.save) and not os.path.isdir(args.save):
         p.error(f"--save must name a folder, {args.save!r} is a file")   # not after training
 
@@ -240,6 +242,9 @@ def main(argv=None):
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)                      # the same initial weights in every process
     x_tr, y_tr, x_te, y_te = load_digits_split(args.res, args.seed)
+    if args.batch_size > len(y_tr):
+        p.error(f"--batch-size {args.batch_size} is larger than the training set "
+                f"({len(y_tr)} samples): no full batch to train on")
     model_kw = {**MODEL, "drop_path_rate": args.drop_path}
     # Conv weights channels-last, like the maps they meet (vmamba_min's `grid` views): their
     # gradients can come back channels-last, and a depthwise weight (C, 1, 3, 3) whose strides
@@ -268,10 +273,7 @@ def main(argv=None):
     # processes share it.
     sampler = DistributedSampler(y_tr, num_replicas=world, rank=rank, shuffle=True,
                                  seed=args.seed, drop_last=True)
-    steps_per_epoch = len(y_tr) // args.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {args.batch_size} is larger than the training set "
-                         f"({len(y_tr)} samples): no full batch to train on")
+    steps_per_epoch = len(y_tr) // args.batch_size           # >= 1: checked above
     total = args.epochs * steps_per_epoch
     if args.max_steps:
         total = min(total, args.max_steps)

@@ -492,11 +492,22 @@ class VSSM(nn.Module):
                                   prune_head: bool = True):
         """timm's feature API: drop the stages after the last of `indices` (and, as timm does,
         the final norm when any stage goes or prune_norm, the head when prune_head). Returns
-        the kept stage numbers, counted from 0."""
+        the kept stage numbers, counted from 0. num_features, feature_info and config.depths
+        follow the kept stages; a head cannot stay (prune_head=False) when stages go: it is
+        sized for the last stage's width."""
         take = stage_indices(len(self.layers), indices)
-        if take[-1] < len(self.layers) - 1:
-            self.layers = self.layers[:take[-1] + 1]
+        keep = take[-1] + 1
+        if keep < len(self.layers):
+            width = self.config.stage_dim(take[-1])
+            if not prune_head and isinstance(self.head, nn.Linear):
+                raise ValueError(f"prune_intermediate_layers: the head takes "
+                                 f"{self.num_features} features and stage {take[-1]} gives "
+                                 f"{width}; pass prune_head=True (then reset_classifier(n) "
+                                 f"makes a new head)")
+            self.layers = self.layers[:keep]
             self.layers[-1].downsample = None                # nothing follows it any more
+            self.config = replace(self.config, depths=tuple(self.config.depths[:keep]))
+            self.num_features, self.feature_info = width, self.feature_info[:keep]
             prune_norm = True                                # the norm is sized for 8C
         if prune_norm:
             self.norm = nn.Identity()
@@ -611,20 +622,26 @@ def _init_weights(m):
 class Backbone(nn.Module):
     """Multi-scale features for detection/segmentation (the official Backbone_VSSM).
 
-    Backbone(config, out_indices=(0, 1, 2, 3)): forward(image) returns a list, one NCHW map
-    (b, C*2^i, H/2^(i+2), W/2^(i+2)) per chosen stage i, each the stage's block output (before
-    downsampling) through its own LayerNorm `out_norms.i`. No final norm, no head. Weights:
-    `convert_official_state_dict` maps the official `outnorm{i}` names; a classifier checkpoint
-    loads with strict=False (only out_norms missing, norm/head unexpected), as officially.
+    Backbone(config, out_indices=None): forward(image) returns a list, one NCHW map
+    (b, C*2^i, H/2^(i+2), W/2^(i+2)) per chosen stage i (None: every stage), each the stage's
+    block output (before downsampling) through its own LayerNorm `out_norms.i`. No final norm,
+    no head. Weights: `convert_official_state_dict` maps the official `outnorm{i}` names; a
+    classifier checkpoint loads with strict=False (only out_norms missing, norm/head
+    unexpected), as officially. As officially too, every stage is built, so with the last stage
+    left out its weights get no gradient: under DistributedDataParallel pass
+    find_unused_parameters=True.
     """
 
-    def __init__(self, config: VSSMConfig, out_indices=(0, 1, 2, 3)):
+    def __init__(self, config: VSSMConfig, out_indices=None):
         super().__init__()
         if not isinstance(config, VSSMConfig):
             raise TypeError(f"Backbone takes a VSSMConfig (build_config(name) for a named one), "
                             f"got {type(config).__name__}")
         n, given = len(config.depths), out_indices
-        out_indices = tuple(out_indices) if isinstance(out_indices, (tuple, list)) else None
+        if out_indices is None:
+            out_indices = range(n)
+        out_indices = (tuple(out_indices) if isinstance(out_indices, (tuple, list, range))
+                       else None)
         if not out_indices or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n
                                   for i in out_indices):
             raise ValueError(f"Backbone: out_indices must be a tuple of stage numbers in "
@@ -780,11 +797,21 @@ def load_official_checkpoint(path, ema: bool = False):
         raise TypeError(f"load_official_checkpoint: expected a file path, got "
                         f"{type(path).__name__}")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"load_official_checkpoint: {path}: no such file")
+        what = "a directory, not a file" if os.path.isdir(path) else "no such file"
+        raise FileNotFoundError(f"load_official_checkpoint: {path}: {what}")
     if not zipfile.is_zipfile(path):   # the pre-1.6 torch.save format reads with plain pickle
         raise ValueError(f"{path}: not a torch.save zip archive (torch >= 1.6 format)")
-    obj = torch.load(path, map_location="cpu", weights_only=False,
-                     pickle_module=_allow_list_pickle)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False,
+                         pickle_module=_allow_list_pickle)
+    except RuntimeError as e:
+        if "pickle_module" in str(e):    # TORCH_FORCE_WEIGHTS_ONLY_LOAD set: torch's own
+            raise RuntimeError(           # weights-only loader, which refuses ours
+                f"{path}: TORCH_FORCE_WEIGHTS_ONLY_LOAD makes torch.load refuse this loader's "
+                f"unpickler (which also executes nothing from the file: it admits tensors and "
+                f"containers only); unset it for this call, or read a bare state dict with "
+                f"torch.load(path, weights_only=True)") from e
+        raise ValueError(f"{path}: not a file torch.save wrote ({e})") from e
     if not isinstance(obj, Mapping):
         raise TypeError(f"{path}: expected a dict (a checkpoint or a state dict), got "
                         f"{type(obj).__name__}")
@@ -869,6 +896,9 @@ CONFIGS = {
 def build_config(name: str, **overrides) -> VSSMConfig:
     """The VSSMConfig of a released configuration, with keyword overrides (what build builds;
     Backbone takes one)."""
+    if not isinstance(name, str):
+        raise TypeError(f"a configuration name (a str) is expected, got {type(name).__name__}; "
+                        f"valid names: {', '.join(CONFIGS)}")
     if name not in CONFIGS:
         raise ValueError(f"unknown configuration {name!r}; valid names: {', '.join(CONFIGS)}")
     known = {f.name for f in fields(VSSMConfig)}

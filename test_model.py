@@ -281,6 +281,7 @@ def test_build_forwards_overrides_and_rejects_unknowns():
                                  dict(generation=False), dict(depths=(True, 1)),
                                  dict(d_state=True), dict(num_classes=True), dict(depths=2),
                                  dict(ssm_ratio="2"), dict(ssm_ratio=float("inf")),
+                                 dict(mlp_ratio=0.001),
                                  dict(mlp_ratio=None, drop_path_rate=None),
                                  dict(grad_checkpointing="yes"),
                                  dict(dt_rank=0), dict(d_state=0),   # 0 is not "auto"

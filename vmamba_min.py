@@ -126,6 +126,12 @@ class VSSMConfig:
              f"{self.ssm_ratio!r}")
         need(self.mlp_ratio is None or (is_real(self.mlp_ratio) and self.mlp_ratio >= 0),
              f"mlp_ratio must be None or a number >= 0, got {self.mlp_ratio!r}")
+        # an MLP in every block or in none: a ratio giving stage 0 no hidden unit dropped its
+        # MLPs alone (the official code builds a zero-width one, whose output is its bias)
+        need(self.mlp_ratio is None or self.mlp_ratio == 0 or
+             int(self.mlp_ratio * self.dim) >= 1,
+             f"mlp_ratio must be 0 or give int(mlp_ratio * dim) >= 1 hidden units, got "
+             f"{self.mlp_ratio!r} with dim {self.dim}")
         need(is_real(self.drop_path_rate) and 0 <= self.drop_path_rate < 1,
              f"drop_path_rate must be a number in [0, 1), got {self.drop_path_rate!r}")
         need(isinstance(self.grad_checkpointing, bool),

@@ -33,7 +33,8 @@ says so in gpu.json, and what a phase leaves goes to the next. A phase that fail
              autocast; training steps (fwd + CE + bwd + fused AdamW); variants "floor" (s1l8
              with its scan replaced by elementwise work on the same inputs), "chunked"
              (compiled with the chunked scan forced), "inline" (compiled with the blocks'
-             nested compile regions off), "tf32" (TF32 matrix products),
+             nested compile regions off), "time-major" (delta computed channels-fastest),
+             "tf32" (TF32 matrix products),
              "coordesc" (Inductor's coordinate_descent_tuning), "autotune" (mode
              max-autotune-no-cudagraphs), "cudagraphs" (mode reduce-overhead) and
              "assoc-chunks" (scan="assoc_chunked"); img/s,
@@ -208,7 +209,9 @@ def model_plan(dry):
     inference compiled, vanilla through compile_blocks (its target, and its compile time:
     whole, it compiled for 161 s on the H200), with the chunked scan experiment and with tiles
     tuned by coordinate descent (its N = 16 scan kernel ran at 28.7x its floor), s1l8 with
-    its blocks traced in line (what the nested compile regions cost or save), TF32 matrix
+    its blocks traced in line (what the nested compile regions cost or save), s1l8 with delta
+    computed channels-fastest (what the scan cells "u time-major" and "time-major" compare,
+    in the model), TF32 matrix
     products (the paper's arithmetic, docs/design.md), eager training, what may make s1l8
     faster, bf16, compiled training (the first H200 run met its target against eager Swin-T;
     each such row compiles for ~140 s), then the rest. variant: None
@@ -217,7 +220,8 @@ def model_plan(dry):
     forced: scan._use_assoc off), "tf32" (float32 matrix products on TF32 tensor cores, as
     torch.set_float32_matmul_precision("high") sets), "inline" (compiled with
     vmamba_min.BLOCK_REGIONS off: every block traced into the graph in line, as the first
-    H200 run compiled it, instead of one subgraph per stage), "coordesc" (Inductor's
+    H200 run compiled it, instead of one subgraph per stage), "time-major" (delta computed
+    channels-fastest and routed as u is: selection_time_major), "coordesc" (Inductor's
     coordinate_descent_tuning: each Triton kernel's block sizes and warps searched around the
     heuristic's pick; the scan kernels' tile decides whether a row's carry crosses warps),
     "autotune" (torch.compile's mode "max-autotune-no-cudagraphs": that search, plus GEMM
@@ -237,12 +241,14 @@ def model_plan(dry):
                 row(OURS, "compiled", variant="coordesc"),
                 row(OURS, "compiled", variant="assoc-chunks"), row(VANILLA, "blocks"),
                 row(OURS, "compiled", variant="inline"),
+                row(OURS, "compiled", variant="time-major"),
                 row(VANILLA, "blocks", variant="coordesc"), row(OURS, "compiled", "bfloat16"))
     bf = "bfloat16"
     return (row(OURS), row(SWIN), row(VANILLA),
             row(OURS, "compiled"), row(SWIN, "compiled"),
             row(VANILLA, "blocks"), row(VANILLA, "blocks", variant="assoc-chunks"),
             row(VANILLA, "blocks", variant="coordesc"), row(OURS, "compiled", variant="inline"),
+            row(OURS, "compiled", variant="time-major"),
             row(OURS, "compiled", variant="tf32"), row(SWIN, "compiled", variant="tf32"),
             row(OURS, train=True), row(SWIN, train=True),
             row(OURS, "compiled", variant="cudagraphs"),
@@ -1134,12 +1140,31 @@ def floor_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False,
     return y if D is None else y + D.float()[:, None] * u
 
 
+def selection_time_major(self, x):
+    """SS2D.selection with delta computed time-major: dt_proj applied to the unrouted map as
+    dts^T W^T, (b, K, L, D) with the channels fastest, then routed as u is, so that compiled,
+    the scan kernel reads delta along the channels, as it reads u (in the model delta is
+    the bmm's (b, K, D, L) output, along L). The same values."""
+    import torch
+    from scan import route_each
+    batch, D, H, W = x.shape
+    K, R, N = 4, self.dt_rank, self.d_state
+    x_dbl = torch.matmul(self.x_proj_weight.reshape(K * (R + 2 * N), D),
+                         x.flatten(2)).view(batch, K, R + 2 * N, H, W)
+    delta = torch.matmul(x_dbl[:, :, :R].flatten(3).transpose(-1, -2),
+                         self.dt_projs_weight.transpose(-1, -2))          # (b, K, L, D)
+    delta = route_each(delta.transpose(-1, -2).view(batch, K, D, H, W))  # (b, K, D, L)
+    Bs, Cs = route_each(x_dbl[:, :, R:]).split([N, N], dim=2)
+    return delta, Bs, Cs
+
+
 def variant_patch(variant):
     """The patch a model variant runs under: vmamba_min imports selective_scan by name, so the
     floor swaps that name for floor_scan; "chunked" turns off the dispatch to scan_assoc;
     "tf32" allows TF32 matrix products for the row (compile and timed calls); "inline" turns
-    off the blocks' nested compile regions (Dynamo guards on the flag it read); the
-    COMPILER_VARIANTS need none (build_runner passes them to torch.compile)."""
+    off the blocks' nested compile regions (Dynamo guards on the flag it read); "time-major"
+    swaps SS2D.selection for selection_time_major; the COMPILER_VARIANTS need none
+    (build_runner passes them to torch.compile)."""
     import contextlib
     import vmamba_min
     if variant == "floor":
@@ -1148,6 +1173,8 @@ def variant_patch(variant):
         return tf32_matmuls()
     if variant == "inline":
         return Patch(vmamba_min, "BLOCK_REGIONS", False)
+    if variant == "time-major":
+        return Patch(vmamba_min.SS2D, "selection", selection_time_major)
     return force_chunked() if variant == "chunked" else contextlib.nullcontext()
 
 
@@ -1276,6 +1303,8 @@ def phase_models(run):
         "chunked": "compiled with scan._use_assoc off: the chunked scan, not scan_assoc",
         "inline": "compiled with vmamba_min.BLOCK_REGIONS off: every block traced in line, "
                   "not one nested compile region per stage",
+        "time-major": "delta computed channels-fastest (gpu_check.selection_time_major) and "
+                      "routed as u is; the model's is along L (an experiment)",
         "assoc-chunks": "built with scan='assoc_chunked': "
                          "scan_assoc.selective_scan_assoc_chunked (an experiment)",
         "compiled": "torch.compile(model, dynamic=False)", "backend": run.plan.model_backend,

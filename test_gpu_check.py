@@ -293,6 +293,42 @@ def test_variants_that_change_the_compiler_are_compile_arguments(tmp_path, monke
     assert vmamba_min.BLOCK_REGIONS is True
 
 
+@pytest.mark.parametrize("generation", [0, 2])
+def test_time_major_selection_is_the_models_with_delta_stored_channels_fastest(generation):
+    """The "time-major" variant's SS2D.selection: the same delta, B and C (delta's R-term sums
+    may round in another order: at most R eps of the sum of the terms' magnitudes); the model
+    under the patch gives the same logits. (The layout it is for is Inductor's: compiled, the
+    scan kernel reads the matmul's (b, K, L, D) output through the route gathers.)"""
+    import vmamba_min
+    torch.manual_seed(0)
+    model = vmamba_min.VSSM(vmamba_min.VSSMConfig(generation=generation, dim=16,
+                                                   depths=(1, 1), num_classes=3)).eval()
+    ss2d = model.layers[0].blocks[0].self_attention
+    x = torch.randn(2, ss2d.dt_projs_weight.shape[1], 5, 7)
+    with torch.no_grad():
+        want, got = ss2d.selection(x), gc.selection_time_major(ss2d, x)
+        magnitude = vmamba_min.SS2D.selection(_absolute(ss2d), x.abs())[0]
+        with gc.variant_patch("time-major"):
+            assert vmamba_min.SS2D.selection is gc.selection_time_major
+            logits = model(torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+        assert vmamba_min.SS2D.selection is not gc.selection_time_major
+        plain = model(torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    eps = torch.finfo(torch.float32).eps
+    assert ((got[0] - want[0]).abs() <= ss2d.dt_rank * eps * magnitude).all()
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    assert got[0].shape == want[0].shape    # eager stacks the routes: the layout is compiled
+    torch.testing.assert_close(logits, plain, rtol=0, atol=1e-5)
+
+
+def _absolute(ss2d):
+    """A copy of ss2d with |weights|: the selection of |x| then bounds each term's size."""
+    import copy
+    twin = copy.deepcopy(ss2d)
+    for p in twin.parameters():
+        p.data.abs_()
+    return twin
+
+
 def test_time_major_inputs_are_the_same_values_stored_channels_fastest():
     g = torch.Generator().manual_seed(0)
     b, KD, L, N = 2, 8, 5, 3

@@ -240,6 +240,17 @@ class SS2D(nn.Module):
             y = y * F.silu(z)
         return self.out_proj(y)                              # (b, L, C)
 
+    def selection(self, x):                                  # (b, D, H, W)
+        """The scan's input-dependent parameters, in each route's order: delta (b, K, D, L),
+        from x_proj's low-rank dt (R channels) through dt_proj, and B, C (b, K, N, L)."""
+        batch, D, H, W = x.shape
+        R, N = self.dt_rank, self.d_state
+        x_dbl = torch.matmul(self.x_proj_weight.reshape(K * (R + 2 * N), D),
+                             x.flatten(2))                   # (b, K*(R+2N), L)
+        x_dbl = route_each(x_dbl.view(batch, K, R + 2 * N, H, W))  # (b, K, R+2N, L)
+        dts, Bs, Cs = x_dbl.split([R, N, N], dim=2)          # (b, K, R|N|N, L)
+        return torch.matmul(self.dt_projs_weight, dts), Bs, Cs
+
     def ssm(self, x):                                        # (b, D, H, W)
         """Cross-scan, the selective scan along each route, cross-merge.
 
@@ -251,14 +262,10 @@ class SS2D(nn.Module):
         torch.compile this spares the memory traffic of D-channel route copies: the
         projection reads the map itself, and the merge reads the scans' outputs, not u."""
         batch, D, H, W = x.shape
-        R, N, L = self.dt_rank, self.d_state, H * W
-        x_dbl = torch.matmul(self.x_proj_weight.reshape(K * (R + 2 * N), D),
-                             x.flatten(2))                   # (b, K*(R+2N), L)
-        x_dbl = route_each(x_dbl.view(batch, K, R + 2 * N, H, W))  # (b, K, R+2N, L)
-        dts, Bs, Cs = x_dbl.split([R, N, N], dim=2)          # (b, K, R|N|N, L)
-        dts = torch.matmul(self.dt_projs_weight, dts)        # (b, K, D, L)
+        L = H * W
+        delta, Bs, Cs = self.selection(x)                    # (b, K, D|N|N, L), route order
         state = torch.promote_types(self.A_logs.dtype, torch.float32)   # the scans' dtype
-        scan_args = (cross_scan(x).reshape(batch, K * D, L), dts.reshape(batch, K * D, L),
+        scan_args = (cross_scan(x).reshape(batch, K * D, L), delta.reshape(batch, K * D, L),
                      -torch.exp(self.A_logs.to(state)), Bs.contiguous(), Cs.contiguous(),
                      None, self.dt_projs_bias.to(state).reshape(K * D))   # D: added below
         # Under bf16 autocast the projections above run in bf16, but both scans cast their

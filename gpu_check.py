@@ -207,11 +207,12 @@ def model_plan(dry):
     Swin-T, same kind and dtype) next to each other (phase_models runs such a pair whole or
     not at all): eager inference (the logits every later row is checked against), float32
     inference compiled, vanilla through compile_blocks (its target, and its compile time:
-    whole, it compiled for 161 s on the H200), with the chunked scan experiment and with tiles
-    tuned by coordinate descent (its N = 16 scan kernel ran at 28.7x its floor), s1l8 with
+    whole, it compiled for 161 s on the H200) and with the chunked scan experiment, s1l8 with
     its blocks traced in line (what the nested compile regions cost or save), s1l8 with delta
     computed channels-fastest (what the scan cells "u time-major" and "time-major" compare,
-    in the model), TF32 matrix
+    in the model), vanilla with tiles tuned by coordinate descent (its N = 16 scan kernel ran
+    at 28.7x its floor; a ~150 s compile, after s1l8's experiments, as s1l8 is nearer its
+    target), TF32 matrix
     products (the paper's arithmetic, docs/design.md), eager training, what may make s1l8
     faster, bf16, compiled training (the first H200 run met its target against eager Swin-T;
     each such row compiles for ~140 s), then the rest. variant: None
@@ -247,8 +248,8 @@ def model_plan(dry):
     return (row(OURS), row(SWIN), row(VANILLA),
             row(OURS, "compiled"), row(SWIN, "compiled"),
             row(VANILLA, "blocks"), row(VANILLA, "blocks", variant="assoc-chunks"),
-            row(VANILLA, "blocks", variant="coordesc"), row(OURS, "compiled", variant="inline"),
-            row(OURS, "compiled", variant="time-major"),
+            row(OURS, "compiled", variant="inline"), row(OURS, "compiled", variant="time-major"),
+            row(VANILLA, "blocks", variant="coordesc"),
             row(OURS, "compiled", variant="tf32"), row(SWIN, "compiled", variant="tf32"),
             row(OURS, train=True), row(SWIN, train=True),
             row(OURS, "compiled", variant="cudagraphs"),

@@ -23,7 +23,7 @@ says so in gpu.json, and what a phase leaves goes to the next. A phase that fail
   2 scan     stage-1 scans of VMamba-T, v2 (b x 384 x 3136, N = 1) and v0 (b x 768 x 3136,
              N = 16), in scan_cells' order: chunked eager / compiled, assoc compiled (v2 also
              with GROUP_SUM = "reduce") / eager, experiments (SCAN_EXPERIMENTS: assoc chunks,
-             u time-major as the models pass it, u and delta time-major, coordinate
+             u time-major as near the compiled models, u and delta time-major, coordinate
              descent),
              big batch first; fwd and fwd+bwd ms, their ratio, "x floor" (ms over the bytes the
              call must move / the measured copy bandwidth), errors of y and all 7 gradients
@@ -946,8 +946,10 @@ def time_major(inputs, which=2):
 
 
 def u_time_major(inputs):
-    """u time-major, delta along L: the layout the models pass (u is routed from the
-    channels-last map; delta is the dt projection's (b, K, D, L) output)."""
+    """u time-major, delta along L: near what the compiled models pass. There u is gathered
+    from the channels-last map along each route (channels fastest, the batch outermost: not
+    (L, b, K*D) exactly) and delta is the dt projection's (b, K, D, L) output; eager models
+    pass both contiguous, as the plain cells do."""
     return time_major(inputs, which=1)
 
 
@@ -958,9 +960,9 @@ def scan_cells(big, small):
     scan_assoc.GROUP_SUM's default) and chunked compiled (what they ran before), then the same
     for v0 (whose first compiles took 93 s on an H200, v2's 15 s), then batch 1 (comparable
     with earlier GPU runs), then assoc eager (a log-depth recursion of slices: slow, and only
-    where the state is small). "u time-major" gives the scan the layout the models pass it
-    (u routed from a channels-last map, delta along L), which the plain cells do not. Three
-    compiled paths are experiments: "time-major" (u and delta stored time-major, (L, b, K*D),
+    where the state is small). Experiments, none of them a target's cell: "u time-major" (u
+    channels-fastest, delta along L: near what the compiled models pass the scan, which the
+    plain cells do not), "time-major" (u and delta stored time-major, (L, b, K*D),
     as the scan's output already is: do loads contiguous along the channels, like its stores,
     make the scan kernel faster? Against "u time-major": what a dt projection writing delta
     channels-fastest would give the models), "coordesc" (Inductor's
@@ -1009,7 +1011,8 @@ def phase_scan(run):
                                   "calls include a Dynamo recompile of the same function",
         "reference": "scan.selective_scan in float64, eager, on the device",
         "assoc compiled, u time-major": "the same with u stored time-major, (L, b, K*D), "
-                                        "delta along L: the layout the models pass",
+                                        "delta along L: near the compiled models' layout "
+                                        "(their u is gathered channels-fastest)",
         "assoc compiled, time-major": "the same with u and delta stored time-major, (L, b, "
                                       "K*D) (an experiment: the models' delta is along L)",
         "assoc compiled, coordesc": "the same compiled with Inductor's "

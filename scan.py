@@ -272,12 +272,15 @@ def _first_order_only():
     a gradient penalty, a Hessian-vector product). The two backwards below read tensors their
     forward computed outside autograd (delta', re-laid-out inputs, states), so differentiating
     them gave wrong second derivatives (off by 20-136% for a model's parameters under an
-    input-gradient penalty), silently. Not checked while compiling: a compiled function's
+    input-gradient penalty), silently. torch.autograd.functional.jvp, which differentiates a
+    backward with respect to its output gradient only, came out right and is refused too: the
+    backward cannot tell what will be differentiated. Not checked while compiling: a compiled function's
     double backward raises in AOTAutograd ("does not currently support double backward")."""
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         raise RuntimeError(
             "selective_scan: the chunked scan's backward is first-order only; for double "
-            "backward (create_graph=True) use scan_assoc.selective_scan_assoc (a model: "
+            "backward (create_graph=True, and torch.autograd.functional's jvp, hvp and "
+            "hessian, which use one) use scan_assoc.selective_scan_assoc (a model: "
             "VSSMConfig(scan=\"assoc\")) or selective_scan_ref (scan=\"reference\"), whose "
             "backwards are differentiable")
 

@@ -236,17 +236,19 @@ def test_compile_blocks_keeps_compiling_past_eight_graphs(monkeypatch):
     import vmamba_min
     torch._dynamo.reset()
     counters.clear()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     monkeypatch.setattr(vmamba_min, "_STAGES_COMPILED", 0)
     torch.manual_seed(0)
     model = VSSM(replace(small(2), depths=(1, 1, 1, 1), drop_path_rate=0.1)).to(DEVICE)
-    compile_blocks(model, fullgraph=True, backend="eager")
-    assert torch._dynamo.config.recompile_limit == 32
-    for batch in (2, 1):
-        x = torch.randn(batch, 3, 32, 32, device=DEVICE)
-        model.train()(x).sum().backward()
-        with torch.no_grad():
-            model.eval()(x)
+    # torch's own patch, not monkeypatch: pytest >= 9.2 deleted the setting on undo (Dynamo's
+    # config module keeps no value in its __dict__), and every later compile failed
+    with torch._dynamo.config.patch(recompile_limit=8):
+        compile_blocks(model, fullgraph=True, backend="eager")
+        assert torch._dynamo.config.recompile_limit == 32
+        for batch in (2, 1):
+            x = torch.randn(batch, 3, 32, 32, device=DEVICE)
+            model.train()(x).sum().backward()
+            with torch.no_grad():
+                model.eval()(x)
     assert _unique_graphs() == 16
 
 

@@ -1053,7 +1053,7 @@ def test_load_official_checkpoint_bare_state_dict_and_errors(tmp_path):
         vm.load_official_checkpoint(tmp_path)
     with zipfile.ZipFile(tmp_path / "other.zip", "w") as z:   # a zip, not torch.save's
         z.writestr("notes.txt", "hello")
-    with pytest.raises(ValueError, match="not a file torch.save wrote"):
+    with pytest.raises(ValueError, match="not readable as a torch.save archive"):
         vm.load_official_checkpoint(tmp_path / "other.zip")
     with pytest.raises(TypeError, match="file path"):
         with open(tmp_path / "bare.pth", "rb") as f:

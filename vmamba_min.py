@@ -824,7 +824,7 @@ def load_official_checkpoint(path, ema: bool = False):
                 f"unpickler (which also executes nothing from the file: it admits tensors and "
                 f"containers only); unset it for this call, or read a bare state dict with "
                 f"torch.load(path, weights_only=True)") from e
-        raise ValueError(f"{path}: not a file torch.save wrote ({e})") from e
+        raise ValueError(f"{path}: not readable as a torch.save archive ({e})") from e
     if not isinstance(obj, Mapping):
         raise TypeError(f"{path}: expected a dict (a checkpoint or a state dict), got "
                         f"{type(obj).__name__}")
@@ -983,8 +983,8 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     `recompile_limit` graphs (8 by default) per code object: four stages in training and in
     evaluation already fill it, and past it a new batch size ran the blocks eager (with
     fullgraph=True: an error). So this raises the limit for the process, never lowers it,
-    to 8 graphs for each stage compiled so far, as if each stage's block were a function of
-    its own. Returns model."""
+    to 8 graphs for each stage of every model it was given so far, as if each stage's block
+    were a function of its own. Returns model."""
     global _STAGES_COMPILED
     compile_kwargs.setdefault("dynamic", False)
     blocks = [m for m in model.modules() if isinstance(m, VSSBlock)]

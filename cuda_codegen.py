@@ -6,6 +6,8 @@
     python cuda_codegen.py model --name vmamba_tiny_s1l8 --batch 128 --train   (fp32 only)
     python cuda_codegen.py model --name vanilla_vmamba_tiny --blocks   (compile_blocks' graphs)
     python cuda_codegen.py model --name vanilla_vmamba_tiny --inline   (no nested regions)
+    python cuda_codegen.py model --name vmamba_tiny_s1l8 --variant time-major   (gpu_check's
+                                                        model variants "floor", "time-major")
     (--out DIR writes each graph's generated module; --top N lists the N kernels that move the
     most bytes; --dynamic compiles with symbolic sizes; --resources compiles each scan kernel
     for sm_90a at every launch config Inductor's autotuner would try, and prints registers,
@@ -560,6 +562,10 @@ def main(argv=None):
     p.add_argument("--inline", action="store_true",
                    help="model: every block traced in line (vmamba_min.BLOCK_REGIONS off), not "
                         "one nested compile region per stage (inference's default)")
+    p.add_argument("--variant", choices=("floor", "time-major"),
+                   help="model: under gpu_check's patch of that model variant (floor: the "
+                        "scan replaced by elementwise work; time-major: delta computed "
+                        "channels-fastest)")
     p.add_argument("--dynamic", action="store_true", help="torch.compile(dynamic=True)")
     p.add_argument("--resources", action="store_true",
                    help="registers, spills, shared memory and shuffles of each scan kernel at "
@@ -573,7 +579,7 @@ def main(argv=None):
     # Options of the other subcommand would be ignored: refuse them instead.
     only = {"scan": ("--gen", "--path", "--backward", "--time-major"),
             "model": ("--name", "--res", "--dtype", "--chunked", "--train", "--blocks",
-                      "--inline")}
+                      "--inline", "--variant")}
     other = "model" if args.what == "scan" else "scan"
     given = [f for f in only[other] if any(a == f or a.startswith(f + "=") for a in argv)]
     if given:
@@ -599,16 +605,22 @@ def main(argv=None):
     if args.inline:
         import vmamba_min
         vmamba_min.BLOCK_REGIONS = False     # read when Dynamo traces Stage.forward
-    if args.train:
-        model = build_model(args.name, drop_path_rate=0.0)
-        with fake_cuda():
-            graphs = generate_training(model, args.batch, args.res, chunked=chunked)
-        what = (f"{args.name} training step (forward, loss, backward), float32, batch "
-                f"{args.batch}, {args.res} px")
-    else:
-        graphs, floor, what = generate_case(args, chunked)
+    variant = contextlib.nullcontext()
+    if args.variant:
+        import gpu_check
+        variant = gpu_check.variant_patch(args.variant)
+    with variant:
+        if args.train:
+            model = build_model(args.name, drop_path_rate=0.0)
+            with fake_cuda():
+                graphs = generate_training(model, args.batch, args.res, chunked=chunked)
+            what = (f"{args.name} training step (forward, loss, backward), float32, batch "
+                    f"{args.batch}, {args.res} px")
+        else:
+            graphs, floor, what = generate_case(args, chunked)
     print(f"{what}{', chunked scan' if chunked else ''}{', dynamic' if args.dynamic else ''}"
-          f"{', blocks in line' if args.inline else ''} | "
+          f"{', blocks in line' if args.inline else ''}"
+          f"{f', variant {args.variant}' if args.variant else ''} | "
           f"torch {torch.__version__}, Triton {__import__('triton').__version__}, "
           f"sm_{H100.major}{H100.minor}")
     print(report(graphs, floor, args.top))

@@ -247,3 +247,22 @@ def test_the_inputs_layout_decides_which_tiles_are_offered(time_major):
         assert len(configs) > 1 and "ReductionHint.INNER" not in source
     else:
         assert [c.kwargs["XBLOCK"] for c in configs] == [1] and "ReductionHint.INNER" in source
+
+
+def test_a_model_variant_is_gpu_checks_patch_for_models_only(monkeypatch):
+    """model --variant runs the code generation under gpu_check.variant_patch (the patch the
+    GPU row of that variant runs under), and only for `model`."""
+    import gpu_check
+    import vmamba_min as vm
+    with pytest.raises(SystemExit):
+        cg.main(["scan", "--variant", "floor"])
+    seen = []
+
+    def generate_case(args, chunked):
+        seen.append(vm.SS2D.selection)
+        return [], None, "case"
+    monkeypatch.setattr(cg, "generate_case", generate_case)
+    monkeypatch.setattr(cg, "report", lambda *a: "")
+    cg.main(["model", "--name", "vmamba_tiny_s1l8", "--variant", "time-major"])
+    assert seen == [gpu_check.selection_time_major]
+    assert vm.SS2D.selection is not gpu_check.selection_time_major      # undone after

@@ -291,6 +291,19 @@ def test_config_validation(bad):
         VSSMConfig(**bad)
 
 
+def test_config_cannot_change_after_validation():
+    """A config is validated once, when made: changing a field afterwards (model.config.dim =
+    0) passed silently and left the record describing another model. replace() makes a new,
+    validated one."""
+    import dataclasses
+    cfg = tiny(2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.dim = 0
+    assert replace(cfg, dim=32).dim == 32 and cfg.dim == 24
+    with pytest.raises(ValueError, match="VSSMConfig"):
+        replace(cfg, dim=0)
+
+
 def test_from_official_kwargs_rejects_what_it_does_not_support():
     kwargs = load_fixture("v2_s1l8_cf_d24_sq64.pt")["kwargs"]
     assert resolved(from_official_kwargs(kwargs)) == resolved(tiny(2, ssm_ratio=1.0,

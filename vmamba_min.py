@@ -68,7 +68,7 @@ def tokens(x):                                               # (b, C, H, W) -> (
 # ---------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class VSSMConfig:
     generation: int = 2               # 0 = vanilla (seed) VMamba, 2 = released v2 (see docstring)
     dim: int = 96                     # C of stage 0; stage i has C * 2**i
@@ -104,7 +104,7 @@ class VSSMConfig:
         # defaults instead of carrying generation 2's d_state 1 and MLP along.
         need(isinstance(self.depths, (tuple, list)),
              f"depths must be a sequence of ints (one per stage), got {self.depths!r}")
-        self.depths = tuple(self.depths)
+        object.__setattr__(self, "depths", tuple(self.depths))     # frozen: set once, here
         need(len(self.depths) >= 1 and all(is_int(d) and d >= 1 for d in self.depths),
              f"depths must be positive ints, got {self.depths!r}")
         need(self.d_state is None or (is_int(self.d_state) and self.d_state >= 1),

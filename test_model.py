@@ -896,7 +896,8 @@ def test_forward_intermediates_stop_early_runs_no_later_stage():
 
 @pytest.mark.parametrize("indices, error", [
     (0, ValueError), (5, ValueError), ([4], ValueError), ([-5], ValueError), ([], ValueError),
-    ([True], ValueError), ([1.0], ValueError), ("0", TypeError)])
+    ([True], ValueError), ([1.0], ValueError), ("0", TypeError),
+    (torch.tensor(1), TypeError)])       # was "iteration over a 0-d tensor"
 def test_forward_intermediates_validates_indices(indices, error):
     model = VSSM(tiny(2))
     with pytest.raises(error, match="indices"):

@@ -591,7 +591,7 @@ def stage_indices(n, indices):
         if not 1 <= indices <= n:
             raise ValueError(f"indices: the last {indices} stages asked for, the model has {n}")
         return list(range(n - indices, n))
-    if isinstance(indices, (str, bytes)) or not hasattr(indices, "__iter__"):
+    if isinstance(indices, (str, bytes, torch.Tensor)) or not hasattr(indices, "__iter__"):
         raise TypeError(f"indices must be None, an int or a sequence of ints, got {indices!r}")
     indices = list(indices)
     if not indices or not all(is_int(i) and -n <= i < n for i in indices):

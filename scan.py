@@ -688,14 +688,18 @@ def _linear_scan(a, x, h0, T, reverse=False):
 # ---------------------------------------------------------------------------------------------
 # 3. Cross-scan and cross-merge: the four routes over an (H, W) map.
 # ---------------------------------------------------------------------------------------------
+def _described(t):
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 def cross_scan(x):
     """(b, D, H, W) -> (b, 4, D, L): the four routes of VMamba's Cross-Scan Module.
 
     Route 0 row-major (l = h*W + w), route 1 column-major (l = w*H + h), routes 2 and 3 the
     same two reversed.
     """
-    if x.dim() != 4:
-        raise ValueError(f"cross_scan: x must be (b, D, H, W), got shape {tuple(x.shape)}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"cross_scan: x must be a (b, D, H, W) tensor, got {_described(x)}")
     rows = x.flatten(2)                                      # (b, D, L)  row-major
     cols = x.transpose(2, 3).flatten(2)                      # (b, D, L)  column-major
     return torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)   # (b, 4, D, L)
@@ -704,8 +708,8 @@ def cross_scan(x):
 def route_each(t):
     """(b, 4, C, H, W) -> (b, 4, C, L): map k read along route k (cross_scan's routes; cross_scan
     reads one map along all four). SS2D uses it for per-route maps computed on the grid."""
-    if t.dim() != 5 or t.shape[1] != 4:
-        raise ValueError(f"route_each: t must be (b, 4, C, H, W), got shape {tuple(t.shape)}")
+    if not isinstance(t, torch.Tensor) or t.dim() != 5 or t.shape[1] != 4:
+        raise ValueError(f"route_each: t must be a (b, 4, C, H, W) tensor, got {_described(t)}")
     rows, cols = t[:, 0].flatten(2), t[:, 1].transpose(2, 3).flatten(2)
     rows_reversed, cols_reversed = t[:, 2].flatten(2), t[:, 3].transpose(2, 3).flatten(2)
     return torch.stack([rows, cols, rows_reversed.flip(-1), cols_reversed.flip(-1)], dim=1)
@@ -717,8 +721,9 @@ def cross_merge(ys):
     ys[:, k] holds route k's outputs in route k's own order, viewed as an (H, W) grid only for
     its shape: route 1/3 sequences are column-major, so they are read as (W, H) and transposed.
     """
-    if ys.dim() != 5 or ys.shape[1] != 4:
-        raise ValueError(f"cross_merge: ys must be (b, 4, D, H, W), got shape {tuple(ys.shape)}")
+    if not isinstance(ys, torch.Tensor) or ys.dim() != 5 or ys.shape[1] != 4:
+        raise ValueError(f"cross_merge: ys must be a (b, 4, D, H, W) tensor, got "
+                         f"{_described(ys)}")
     batch, _, D, H, W = ys.shape
     ys = ys.flatten(3)                                       # (b, 4, D, L)
     ys = ys[:, :2] + ys[:, 2:].flip(-1)                      # (b, 2, D, L)  un-reverse 2 and 3

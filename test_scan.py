@@ -511,6 +511,9 @@ def test_cross_scan_merge_errors():
         cross_merge(torch.zeros(1, 4, 2, 4))
     with pytest.raises(ValueError, match=r"route_each: t must be .*\(1, 3, 2, 2, 2\)"):
         route_each(torch.zeros(1, 3, 2, 2, 2))
+    for fn in (cross_scan, cross_merge, route_each):      # not tensors: 'has no attribute dim'
+        with pytest.raises(ValueError, match=r"tensor, got list"):
+            fn([[0.0]])
 
 
 # ---------------------------------------------------------------------------------------------

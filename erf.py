@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import vmamba_min
-from vmamba_min import SS2D, build, convert_official_state_dict, grid, tokens
+from vmamba_min import SS2D, build, grid, load_official_checkpoint, tokens
 
 # ---------------------------------------------------------------------------------------------
 # Defaults (each one a CLI flag)
@@ -99,11 +99,11 @@ class WindowAttention(nn.Module):
 
 def make_model(name, kind, weights=None):
     """The --model configuration with its mixers swapped for `kind` ('vmamba', 'conv',
-    'window'); eval mode (no drop-path). Weights load into the VMamba only."""
+    'window'); eval mode (no drop-path). weights: a state dict (load_official_checkpoint's),
+    loaded into the VMamba only."""
     model = build(name)
-    if weights:
-        sd = torch.load(weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(convert_official_state_dict(sd))
+    if weights is not None:
+        model.load_state_dict(weights)
     for layer in model.layers:
         for j, blk in enumerate(layer.blocks):
             if kind == "conv":
@@ -203,8 +203,13 @@ def main(argv=None):
     if any(b not in BASELINES for b in baselines) or len(set(baselines)) != len(baselines):
         p.error(f"--baselines: distinct names out of {','.join(BASELINES)}, got "
                 f"{args.baselines!r}")
-    if args.weights is not None and not os.path.isfile(args.weights):
-        p.error(f"--weights {args.weights}: no such file")
+    weights = None
+    if args.weights is not None:         # an official file (trainer's, bare or mmcv's), checked
+        try:                             # against --model here, not after the first map
+            weights = load_official_checkpoint(args.weights)
+            build(args.model).load_state_dict(weights)
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
+            p.error(f"--weights {args.weights}: {type(e).__name__}: {str(e).splitlines()[0]}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out}: exists and is not a folder")
     if args.threads:
@@ -223,7 +228,7 @@ def main(argv=None):
     # the conv twin first: its zero set defines "beyond" for the others
     for kind in sorted(kinds, key=lambda k: k != "conv"):
         torch.manual_seed(args.seed)
-        model = make_model(args.model, kind, args.weights if kind == "vmamba" else None)
+        model = make_model(args.model, kind, weights if kind == "vmamba" else None)
         t0 = time.perf_counter()
         m = erf_map(model, args.res, args.n, stage, args.seed)
         sec = time.perf_counter() - t0

@@ -223,6 +223,25 @@ def test_erf_conv_twin_reach_is_its_receptive_field_and_vmamba_is_global():
     assert bool((vm > 0).all())
 
 
+def test_erf_weights_take_the_official_trainers_file(tmp_path, capsys):
+    """--weights reads what load_official_checkpoint reads: the trainer's dict (model,
+    model_ema, epoch, ...) failed in erf.py's own torch.load path; a file for another --model
+    is a usage error before any map is computed."""
+    import erf
+    from vmamba_min import build
+    torch.manual_seed(0)
+    sd = build("vmamba_tiny_s1l8").state_dict()
+    torch.save({"model": sd, "model_ema": sd, "epoch": 1}, tmp_path / "ckpt.pth")
+    erf.main(["--weights", str(tmp_path / "ckpt.pth"), "--n", "1", "--res", "32",
+              "--baselines", "", "--out", str(tmp_path / "out")])
+    assert "weights " in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        erf.main(["--weights", str(tmp_path / "ckpt.pth"), "--model", "vanilla_vmamba_tiny",
+                  "--n", "1", "--res", "32", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--weights" in err.split("error: ", 1)[1]
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["--stage", "4"], "--stage"), (["--stage=-5"], "--stage"), (["--n", "0"], "--n"),
     (["--res", "8"], "--res"), (["--baselines", "conv,foo"], "--baselines"),

@@ -173,8 +173,8 @@ def parse_args(argv=None):
         parser.error(f"--compile-mode {','.join(graphs)}: CUDA graphs need --device cuda")
     for flag, value, least in (("--res", args.res, 4), ("--warmup", args.warmup, 0),
                                ("--chunk", args.chunk, 1), ("--min-time", args.min_time, 0)):
-        if value is not None and value < least:
-            parser.error(f"{flag} must be >= {least}, got {value}")
+        if value is not None and not least <= value < math.inf:   # nan and inf: never ended
+            parser.error(f"{flag} must be finite and >= {least}, got {value}")
     if args.scaling and len(args.dtype) > 1:
         parser.error("--scaling runs one dtype: give --dtype float32 or --dtype bfloat16")
     if args.only is not None:

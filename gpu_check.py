@@ -400,13 +400,17 @@ def parse_args(argv=None):
         args.budget_s = float(DRY_BUDGET_S if args.dry_run else BUDGET_S)
     if args.hard_s is None:
         args.hard_s = args.budget_s + (40 if args.dry_run else HARD_GRACE_S)
-    if args.budget_s <= 0 or args.hard_s <= 0 or args.v0_batch < 1:
-        build_parser().error(f"--budget-s and --hard-s must be > 0 and --v0-batch >= 1, got "
-                             f"{args.budget_s}, {args.hard_s}, {args.v0_batch}")
+    # finite, and the hard stop no earlier than the budget: nan reached select() in the parent
+    # (a ValueError after the child had started, outside the cleanup), inf meant no hard stop
+    if not (0 < args.budget_s <= args.hard_s < math.inf) or args.v0_batch < 1:
+        build_parser().error(f"--budget-s must be > 0, --hard-s finite and >= --budget-s, and "
+                             f"--v0-batch >= 1, got {args.budget_s}, {args.hard_s}, "
+                             f"{args.v0_batch}")
     args.phases = [s for s in args.phases.split(",") if s]
     bad = [s for s in args.phases if s not in PHASES]
-    if bad:
-        build_parser().error(f"--phases: unknown {bad}; choose from {','.join(PHASES)}")
+    if bad or not args.phases or len(set(args.phases)) != len(args.phases):
+        build_parser().error(f"--phases: distinct names out of {','.join(PHASES)}, got "
+                             f"{args.phases}")
     if args.out is None:
         args.out = os.environ.get("OUT") or "gpu_out"
     if args.rows is not None:

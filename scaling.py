@@ -64,9 +64,9 @@ def parse_args(argv=None):
         args.res = res_list(RES[args.device] if args.res is None else args.res)
     except ValueError:
         p.error(f"--res: want distinct sizes >= 32 such as 224,512, got {args.res!r}")
-    if args.batch < 1 or args.warmup < 0 or args.min_time < 0:
-        p.error(f"--batch must be >= 1, --warmup and --min-time >= 0, got {args.batch}, "
-                f"{args.warmup}, {args.min_time}")
+    if args.batch < 1 or args.warmup < 0 or not 0 <= args.min_time < math.inf:
+        p.error(f"--batch must be >= 1, --warmup >= 0 and --min-time finite and >= 0, got "
+                f"{args.batch}, {args.warmup}, {args.min_time}")
     return p, args
 
 

@@ -440,7 +440,8 @@ def test_a_run_cut_off_inside_a_table_leaves_the_rows_it_timed(tmp_path, monkeyp
 
 @pytest.mark.parametrize("argv, match", [
     (["--res", "0"], "--res"), (["--chunk", "0"], "--chunk"), (["--warmup", "-1"], "--warmup"),
-    (["--min-time", "-5"], "--min-time"), (["--stages", "5"], "--stages"),
+    (["--min-time", "-5"], "--min-time"), (["--min-time", "inf"], "--min-time"),
+    (["--min-time", "nan"], "--min-time"), (["--stages", "5"], "--stages"),
     (["--scaling", "--dtype", "float32,bfloat16"], "one dtype"),
     (["--models", "--only", "vmamba_nosuch"], "vmamba_nosuch"),
     (["--models", "--only", "vmamba_tiny_s1l8,vmamba_tiny_s1l8"], "distinct"),
@@ -455,7 +456,8 @@ def test_bad_options_are_usage_errors(argv, match, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("argv", [["--res", ""], ["--res", "32,32"], ["--res", "16"],
-                                  ["--batch", "0"]])
+                                  ["--batch", "0"], ["--min-time", "inf"],
+                                  ["--min-time", "nan"]])
 def test_scaling_rejects_bad_sizes_and_batches(argv):
     import scaling
     with pytest.raises(SystemExit) as e:

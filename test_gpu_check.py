@@ -22,8 +22,11 @@ def test_arguments():
     args = gc.parse_args(["--out", "x"])
     assert args.budget_s == gc.BUDGET_S and args.device == "cuda" and args.phases == list(gc.PHASES)
     assert gc.parse_args(["--dry-run", "--out", "x"]).budget_s == gc.DRY_BUDGET_S
-    with pytest.raises(SystemExit):
-        gc.parse_args(["--phases", "scan,nonsense"])
+    for bad in (["--phases", "scan,nonsense"], ["--phases", "models,models"], ["--phases", ""],
+                ["--budget-s", "nan"], ["--budget-s", "inf"], ["--hard-s", "inf"],
+                ["--budget-s", "300", "--hard-s", "10"]):
+        with pytest.raises(SystemExit):
+            gc.parse_args(["--out", "x", *bad])
     plan = gc.make_plan(gc.parse_args(["--v0-batch", "16", "--out", "x"]))
     assert ("v0", 16, "assoc compiled") in plan.scan_cells and plan.model_backend == "inductor"
     assert ('v2', 128, 'assoc compiled, reduce') in plan.scan_cells

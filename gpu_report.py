@@ -52,12 +52,20 @@ PAPER_ARITHMETIC = (
 
 def load(paths):
     """[(label, gpu.json)]: runs labelled 1, 2, ... in the order given."""
-    runs = []
+    runs, seen = [], {}
     for i, p in enumerate(paths, 1):
-        with open(p) as f:
-            res = json.load(f)
-        if "header" not in res or "models" not in res:
+        try:
+            with open(p) as f:
+                res = json.load(f)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"{p}: cannot read a gpu.json ({type(e).__name__}: {e})")
+        if not isinstance(res, dict) or "header" not in res or "models" not in res:
             raise SystemExit(f"{p}: not a gpu_check gpu.json (no header or models)")
+        # one run given twice would show as two runs agreeing to 0.00%
+        same = json.dumps(res.get("header"), sort_keys=True)
+        if same in seen:
+            raise SystemExit(f"{p}: the same run as {seen[same]} (the same header)")
+        seen[same] = p
         runs.append((str(i), res))
     return runs
 
@@ -108,7 +116,8 @@ def check_comparable(runs):
         return h.get("gpu"), h.get("torch"), m.get("batch"), m.get("res")
     keys = {key(res) for _, res in runs if res.get("models")}
     if len(keys) > 1:
-        raise SystemExit(f"runs differ in card, torch, batch or image size: {sorted(keys)}")
+        raise SystemExit(f"runs differ in card, torch, batch or image size: "
+                         f"{sorted(keys, key=repr)}")
 
 
 def target_rows(runs):
@@ -382,6 +391,8 @@ def main(argv=None):
     p.add_argument("runs", nargs="+", help="gpu.json files of gpu_check runs, oldest first")
     p.add_argument("--out-dir", default="docs", help="where results-cuda.md/.json go")
     args = p.parse_args(argv)
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        p.error(f"--out-dir {args.out_dir}: exists and is not a folder")
     runs = load(args.runs)
     check_comparable(runs)
     command = " ".join(["python gpu_report.py", *(["--out-dir", args.out_dir]

@@ -125,6 +125,20 @@ def test_a_file_that_is_not_gpu_check_output_is_refused(tmp_path):
         gr.main(["--out-dir", str(tmp_path), str(bad)])
 
 
+def test_one_run_given_twice_or_an_unreadable_file_is_refused(tmp_path):
+    """The same gpu.json twice made a page of two runs agreeing to 0.00%; a missing or
+    non-JSON file, or an --out-dir that is a file, ended in a traceback."""
+    run = str(ROOT / "docs" / "gpu" / "h200-2026-12-04-1.json")
+    with pytest.raises(SystemExit, match="the same run as"):
+        gr.main(["--out-dir", str(tmp_path), run, run])
+    (tmp_path / "notes.txt").write_text("not json")
+    for bad in (tmp_path / "missing.json", tmp_path / "notes.txt"):
+        with pytest.raises(SystemExit, match="cannot read a gpu.json"):
+            gr.main(["--out-dir", str(tmp_path), str(bad)])
+    with pytest.raises(SystemExit):
+        gr.main(["--out-dir", str(tmp_path / "notes.txt"), run])
+
+
 def test_rows_no_run_measured_are_listed_with_why():
     skipped = dict(row(gc.SWIN, "compiled", "float32", True, None), skipped="needs ~138 s")
     skipped_then_run = dict(row(gc.SWIN, "compiled", "float32", False, None), skipped="x")

@@ -539,7 +539,9 @@ def generate_case(args, chunked):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # allow_abbrev off: an abbreviation ("scan --nam x") slipped past the check below for the
+    # other subcommand's options, and was ignored
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("what", choices=("scan", "model"))
     p.add_argument("--gen", choices=tuple(SCAN_SHAPES), default="v2")
     p.add_argument("--path", choices=("assoc", "chunked"), default="assoc")
@@ -584,8 +586,9 @@ def main(argv=None):
     given = [f for f in only[other] if any(a == f or a.startswith(f + "=") for a in argv)]
     if given:
         p.error(f"{', '.join(given)}: options of `{other}`, not of `{args.what}`")
-    if args.batch < 1 or args.res < 4:
-        p.error(f"--batch must be >= 1 and --res >= 4, got {args.batch} and {args.res}")
+    if args.batch < 1 or args.res < 4 or args.top < 0:
+        p.error(f"--batch must be >= 1, --res >= 4 and --top >= 0, got {args.batch}, "
+                f"{args.res} and {args.top}")
     if args.time_major and args.backward:
         p.error("--time-major is for the forward scan (the backward's inputs are its own)")
     if args.blocks and (args.train or args.dynamic):

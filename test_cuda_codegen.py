@@ -254,8 +254,10 @@ def test_a_model_variant_is_gpu_checks_patch_for_models_only(monkeypatch):
     GPU row of that variant runs under), and only for `model`."""
     import gpu_check
     import vmamba_min as vm
-    with pytest.raises(SystemExit):
-        cg.main(["scan", "--variant", "floor"])
+    for wrong in (["scan", "--variant", "floor"], ["scan", "--nam", "vanilla_vmamba_tiny"],
+                  ["model", "--top", "-1"]):          # an abbreviation passed the check before
+        with pytest.raises(SystemExit):
+            cg.main(wrong)
     seen = []
 
     def generate_case(args, chunked):

@@ -32,6 +32,7 @@ import argparse
 import math
 import os
 import statistics
+import sys
 import time
 import traceback
 
@@ -581,7 +582,22 @@ def main(argv=None):
     else:
         print_results(result)
         print(f"\ntotal {result['wall_s']:.0f} s")
+    empty = unmeasured(result, [name for name in ("scan", "models", "train", "scaling")
+                                if getattr(args, name)])
+    if empty:                           # a script or CI must not take this run for a result
+        print(f"bench.py: nothing measured in {', '.join(empty)} (see the errors above)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def unmeasured(result, tables):
+    """The tables asked for that failed, or whose every row is an error."""
+    def rows(table):
+        got = result.get(table)
+        return got.get("rows", []) if isinstance(got, dict) else (got or [])
+    return [t for t in tables if not any(not r.get("error") for r in rows(t))]
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -471,3 +471,14 @@ def test_scaling_sizes_are_sorted_so_growth_spans_smallest_to_largest():
     assert args.res == [224, 320, 448]
     _, args = bench.parse_args(["--scaling", "--scaling-res", "320,224"])
     assert args.scaling_res == [224, 320]
+
+
+def test_a_run_that_measured_nothing_exits_nonzero():
+    """Seen: every row of the only table asked for failed (a peer at too small a size), and
+    bench.py exited 0. unmeasured names each table asked for that failed or has only errors;
+    main returns 1 then."""
+    ok, bad = {"model": "a", "img_s": 1.0}, {"model": "b", "error": "RuntimeError: x"}
+    result = {"models": [bad], "train": [ok, bad], "scaling": {"rows": [bad]}}
+    assert bench.unmeasured(result, ["models", "train", "scaling", "scan"]) == \
+        ["models", "scaling", "scan"]
+    assert bench.unmeasured(result, ["train"]) == []

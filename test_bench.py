@@ -473,12 +473,21 @@ def test_scaling_sizes_are_sorted_so_growth_spans_smallest_to_largest():
     assert args.scaling_res == [224, 320]
 
 
-def test_a_run_that_measured_nothing_exits_nonzero():
+def test_a_run_that_measured_nothing_exits_nonzero(monkeypatch, capsys):
     """Seen: every row of the only table asked for failed (a peer at too small a size), and
-    bench.py exited 0. unmeasured names each table asked for that failed or has only errors;
-    main returns 1 then."""
-    ok, bad = {"model": "a", "img_s": 1.0}, {"model": "b", "error": "RuntimeError: x"}
-    result = {"models": [bad], "train": [ok, bad], "scaling": {"rows": [bad]}}
+    bench.py exited 0. unmeasured names each table asked for that failed or has no timed row
+    (a scan row whose compile failed keeps its eager times: measured); main returns 1 then,
+    0 otherwise."""
+    ok, bad = {"model": "a", "ms": 5.0, "img_s": 1.0}, {"model": "b", "error": "RuntimeError: x"}
+    scan_row = {"naive_ms": 50.0, "eager_ms": 5.0, "error": "compiled: RuntimeError: x"}
+    result = {"models": [bad], "train": [ok, bad], "scaling": {"rows": [bad]}, "scan": [scan_row]}
     assert bench.unmeasured(result, ["models", "train", "scaling", "scan"]) == \
-        ["models", "scaling", "scan"]
-    assert bench.unmeasured(result, ["train"]) == []
+        ["models", "scaling"]
+    assert bench.unmeasured({}, ["scan"]) == ["scan"]           # the table itself failed
+    for rows, status in (([bad], 1), ([ok], 0)):
+        monkeypatch.setattr(bench, "run_all", lambda args, t0=None, rows=rows: {
+            "header": {}, "notes": [], "models": rows, "summary": {}})
+        monkeypatch.setattr(bench, "print_results", lambda result: None)
+        monkeypatch.setattr(bench.report, "make_charts", lambda result, out: {})
+        assert bench.main(["--models", "--no-malloc-fix"]) == status
+    capsys.readouterr()

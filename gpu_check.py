@@ -413,6 +413,14 @@ def parse_args(argv=None):
                              f"{args.phases}")
     if args.out is None:
         args.out = os.environ.get("OUT") or "gpu_out"
+    # a filter for a phase the run does not have was ignored: a device run spent on the
+    # wrong thing
+    for flag, given, phase in (("--rows", args.rows is not None, "models"),
+                               ("--scans", args.scans is not None, "scan"),
+                               ("--tests all", args.tests == "all", "tests")):
+        if given and phase not in args.phases:
+            build_parser().error(f"{flag} is for the {phase} phase, which --phases "
+                                 f"{','.join(args.phases)} does not run")
     if args.rows is not None:
         names = [row_name(r) for r in model_plan(args.dry_run)]
         bad = [p for p in args.rows if not any(p in n for n in names)] or \

@@ -24,7 +24,9 @@ def test_arguments():
     assert gc.parse_args(["--dry-run", "--out", "x"]).budget_s == gc.DRY_BUDGET_S
     for bad in (["--phases", "scan,nonsense"], ["--phases", "models,models"], ["--phases", ""],
                 ["--budget-s", "nan"], ["--budget-s", "inf"], ["--hard-s", "inf"],
-                ["--budget-s", "300", "--hard-s", "10"]):
+                ["--budget-s", "300", "--hard-s", "10"],
+                ["--phases", "scan", "--rows", "tf32"], ["--phases", "models", "--scans", "v2"],
+                ["--phases", "card,models", "--tests", "all"]):
         with pytest.raises(SystemExit):
             gc.parse_args(["--out", "x", *bad])
     plan = gc.make_plan(gc.parse_args(["--v0-batch", "16", "--out", "x"]))

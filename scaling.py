@@ -5,6 +5,8 @@ Swin-T (inference, batch 1 by default): the paper's resolution study.
     python scaling.py --res 224,512,1024    other sizes
     python scaling.py --compile             compiled models (minutes per size on a CPU)
     python scaling.py --json                one JSON object instead of the table
+                                            (either way scaling.csv and .png go to --out,
+                                            bench_out/ by default)
     python bench.py --scaling --report      the same study inside bench.py's results page
 
 The paper's claim is linear cost in the number of tokens L = (res / patch)^2 for VMamba against
@@ -59,11 +61,15 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-malloc-fix", action="store_true")
+    p.add_argument("--out", default=OUT_DIR, metavar="DIR",
+                   help=f"where scaling.csv and scaling.png go (default {OUT_DIR}/)")
     args = p.parse_args(argv)
     try:
         args.res = res_list(RES[args.device] if args.res is None else args.res)
     except ValueError:
         p.error(f"--res: want distinct sizes >= 32 such as 224,512, got {args.res!r}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out}: exists and is not a folder")
     if args.batch < 1 or args.warmup < 0 or not 0 <= args.min_time < math.inf:
         p.error(f"--batch must be >= 1, --warmup >= 0 and --min-time finite and >= 0, got "
                 f"{args.batch}, {args.warmup}, {args.min_time}")
@@ -193,8 +199,8 @@ def main(argv=None):
     result = {"header": bk.header(args.device, args.dtype)}
     result.update(study(args.res, args.batch, args.device, args.dtype, args.min_time,
                         args.warmup, args.compile))
-    result["csv"] = write_csv(result["rows"], os.path.join(OUT_DIR, "scaling.csv"))
-    result["plot"] = plot(result["rows"], os.path.join(OUT_DIR, "scaling.png"))
+    result["csv"] = write_csv(result["rows"], os.path.join(args.out, "scaling.csv"))
+    result["plot"] = plot(result["rows"], os.path.join(args.out, "scaling.png"))
     result["wall_s"] = time.perf_counter() - t0
     if args.json:
         import json

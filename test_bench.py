@@ -457,7 +457,7 @@ def test_bad_options_are_usage_errors(argv, match, capsys, monkeypatch):
 
 @pytest.mark.parametrize("argv", [["--res", ""], ["--res", "32,32"], ["--res", "16"],
                                   ["--batch", "0"], ["--min-time", "inf"],
-                                  ["--min-time", "nan"]])
+                                  ["--min-time", "nan"], ["--out", __file__]])
 def test_scaling_rejects_bad_sizes_and_batches(argv):
     import scaling
     with pytest.raises(SystemExit) as e:

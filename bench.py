@@ -10,10 +10,13 @@
     python bench.py --compile-models --compile-mode default,max-autotune-no-cudagraphs
                                        compiled rows per torch.compile mode, tagged in the label
     python bench.py --dtype float32,bfloat16   rows per dtype (bfloat16: autocast)
-    python bench.py --report ...       also docs/results-<cpu|cuda>.md/.json and charts (report.py)
+    python bench.py --report ...       also docs/results-<cpu|cuda>.md/.json and charts (report.py;
+                                       --report-dir: elsewhere than docs/, which it replaces)
     python bench.py --json             one JSON object (every row) instead of tables
     python bench.py --device cuda --scan --models --train --batch 1,128 --compile-models --report
                                        on a GPU (naming one table, e.g. --train, runs only it)
+Without --report or --json, the charts go to bench_out/ in the current folder. Exit status 1
+when a table asked for failed or timed no row.
 
 Scan tables: naive loop (scan.selective_scan_ref) against the chunked scan (scan.selective_scan),
 eager and compiled, at VMamba-T's stage shapes (batch 1), fwd and fwd+bwd; a timing table and a

@@ -181,6 +181,13 @@ def parse_args(argv=None):
             parser.error(f"{flag} must be finite and >= {least}, got {value}")
     if args.scaling and len(args.dtype) > 1:
         parser.error("--scaling runs one dtype: give --dtype float32 or --dtype bfloat16")
+    # an option for a table the run does not make was ignored
+    for flag, given, needs, tables in (
+            ("--only", args.only is not None, args.models or args.train, "--models or --train"),
+            ("--scaling-res", args.scaling_res is not None, args.scaling, "--scaling"),
+            ("--report-dir", args.report_dir != REPORT_DIR, args.report, "--report")):
+        if given and not needs:
+            parser.error(f"{flag} is for {tables}, which this run does not make")
     if args.only is not None:
         check_model_names(parser, args.only)
     if args.report and os.path.exists(args.report_dir) and not os.path.isdir(args.report_dir):

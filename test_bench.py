@@ -446,7 +446,10 @@ def test_a_run_cut_off_inside_a_table_leaves_the_rows_it_timed(tmp_path, monkeyp
     (["--models", "--only", "vmamba_nosuch"], "vmamba_nosuch"),
     (["--models", "--only", "vmamba_tiny_s1l8,vmamba_tiny_s1l8"], "distinct"),
     (["--scaling", "--scaling-res", "32,32"], "--scaling-res"),
-    (["--report", "--report-dir", "bench.py"], "not a folder")])
+    (["--report", "--report-dir", "bench.py"], "not a folder"),
+    (["--scan", "--only", "vmamba_tiny_s1l8"], "--only"),
+    (["--models", "--scaling-res", "224,320"], "--scaling-res"),
+    (["--models", "--report-dir", "elsewhere"], "--report-dir")])
 def test_bad_options_are_usage_errors(argv, match, capsys, monkeypatch):
     """Each of these was accepted and then ignored, or failed after minutes of timing."""
     monkeypatch.chdir(HERE)

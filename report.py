@@ -149,16 +149,17 @@ def plot_bars(rows, path, title):
 
 
 def make_charts(result, directory, prefix=""):
-    """One chart per table present: {name: path, or None where matplotlib is missing}."""
+    """One chart per table with a timed row: {name: path, or None where matplotlib is
+    missing} (a table of errors only gets no entry, not the matplotlib hint)."""
     import scaling
     head, cfg = result["header"], result["config"]
     where = f"{head['device']}, {cfg['res']} px"
     out = {}
     for table, kind in KINDS.items():
-        if table in result:
+        if table in result and any(r.get("img_s") for r in result[table]):
             out[table] = plot_bars(result[table], os.path.join(directory, f"{prefix}{table}.png"),
                                    f"{kind}, {where}")
-    if "scaling" in result:
+    if "scaling" in result and any(r.get("ms") for r in result["scaling"]["rows"]):
         out["scaling"] = scaling.plot(result["scaling"]["rows"],
                                       os.path.join(directory, f"{prefix}scaling.png"),
                                       f"input scaling, {head['device']}")

@@ -494,3 +494,13 @@ def test_a_run_that_measured_nothing_exits_nonzero(monkeypatch, capsys):
         monkeypatch.setattr(bench.report, "make_charts", lambda result, out: {})
         assert bench.main(["--models", "--no-malloc-fix"]) == status
     capsys.readouterr()
+
+
+def test_a_table_of_errors_gets_no_chart_and_no_matplotlib_hint(tmp_path):
+    """Seen: a run whose only rows failed said "no models chart: matplotlib is not installed"
+    with matplotlib installed; a table with no timed row now gets no chart entry at all."""
+    import report
+    bad = {"model": "b", "mode": "eager", "batch": 1, "dtype": "float32", "error": "x"}
+    result = {"header": {"device": "cpu"}, "config": {"res": 32}, "models": [bad],
+              "scaling": {"rows": [dict(bad, res=224)]}}
+    assert report.make_charts(result, str(tmp_path)) == {}

@@ -541,6 +541,9 @@ def test_gradient_checkpointing_changes_nothing(generation):
     torch.testing.assert_close(out1, out0, rtol=0, atol=0)
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=0, atol=0, msg=n)
+    backbone = Backbone(tiny(generation))                # the detection backbone has the switch
+    backbone.set_grad_checkpointing()
+    assert backbone.config.grad_checkpointing and all(s.grad_checkpointing for s in backbone.layers)
 
 
 def test_drop_path_is_random_in_training_and_off_in_eval():

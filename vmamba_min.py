@@ -670,6 +670,8 @@ class Backbone(nn.Module):
         check_generation(state_dict, self.config.generation, type(self).__name__)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
+    set_grad_checkpointing = VSSM.set_grad_checkpointing     # the same stages, the same switch
+
     def forward(self, x):                                    # (b, 3, H, W)
         check_image(x, self.config.in_chans, self.patch_embed)
         maps = run_stages(self.patch_embed, self.layers, x, self.out_indices)

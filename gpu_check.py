@@ -786,7 +786,11 @@ class Patch:
     """Swap module.name for value while a row compiles and runs: Dynamo bakes the function it
     traced into the graph and guards on it, so the swap must last the whole row. With mark,
     the stand-in sets self.hit when it runs (a store, not a count: Dynamo guards on values a
-    traced function reads, so `calls += 1` recompiled on every call)."""
+    traced function reads, so `calls += 1` recompiled on every call).
+    Dynamo guards a module global it read (vmamba_min.selective_scan), not a method swapped
+    on a class: a fresh model compiled under Patch(SS2D, "selection", ...) alone reused the
+    graph an earlier row had compiled without it (torch 2.13, backend "eager"). Such a swap
+    goes with a guarded global's (Patches, time_major_patch)."""
 
     def __init__(self, module, name, value, mark=False):
         self.module, self.name, self.value, self.mark, self.hit = module, name, value, mark, False
@@ -803,6 +807,40 @@ class Patch:
 
     def __exit__(self, *exc):
         setattr(self.module, self.name, self.orig)
+
+
+class Patches:
+    """Several Patch swaps at once; hit and name are those of the marked one."""
+
+    def __init__(self, *patches):
+        self.patches = patches
+        self.marked = next(p for p in patches if p.mark)
+
+    def __enter__(self):
+        for p in self.patches:
+            p.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for p in reversed(self.patches):
+            p.__exit__(*exc)
+
+    hit = property(lambda self: self.marked.hit)
+    name = property(lambda self: self.marked.name)
+
+
+def time_major_patch():
+    """The "time-major" variant: SS2D.selection swapped for selection_time_major, and, as
+    Dynamo does not guard a class's method, vmamba_min.route_each for a new function object
+    that selection_time_major calls: graphs compiled before it (guarded on the original
+    route_each) are not reused under it, nor its graph after it (guarded on the new one)."""
+    import vmamba_min
+    route_each = vmamba_min.route_each
+
+    def routed(t):
+        return route_each(t)
+    return Patches(Patch(vmamba_min, "route_each", routed),
+                   Patch(vmamba_min.SS2D, "selection", selection_time_major, mark=True))
 
 
 def never(*args, **kwargs):
@@ -1162,7 +1200,8 @@ def selection_time_major(self, x):
     the scan kernel reads delta along the channels, as it reads u (in the model delta is
     the bmm's (b, K, D, L) output, along L). The same values."""
     import torch
-    from scan import route_each
+    import vmamba_min
+    route_each = vmamba_min.route_each          # read at trace time: see time_major_patch
     batch, D, H, W = x.shape
     K, R, N = 4, self.dt_rank, self.d_state
     x_dbl = torch.matmul(self.x_proj_weight.reshape(K * (R + 2 * N), D),
@@ -1190,7 +1229,7 @@ def variant_patch(variant):
     if variant == "inline":
         return Patch(vmamba_min, "BLOCK_REGIONS", False)
     if variant == "time-major":
-        return Patch(vmamba_min.SS2D, "selection", selection_time_major)
+        return time_major_patch()
     return force_chunked() if variant == "chunked" else contextlib.nullcontext()
 
 
@@ -1353,8 +1392,9 @@ def phase_models(run):
                 if spec["variant"]:
                     with variant_patch(spec["variant"]) as patch:
                         model_row(run, spec, row)
-                    if spec["variant"] == "floor" and not patch.hit:
-                        row["error"] = "the patch missed: vmamba_min.selective_scan never called"
+                    if spec["variant"] in ("floor", "time-major") and not patch.hit:
+                        row["error"] = (f"the patch missed: {patch.name} never called (a graph "
+                                        f"compiled without it reused?)")
                 else:
                     fn = model_row(run, spec, row)
                     what = profile_item(spec)

@@ -252,19 +252,18 @@ def test_the_inputs_layout_decides_which_tiles_are_offered(time_major):
 def test_a_model_variant_is_gpu_checks_patch_for_models_only(monkeypatch):
     """model --variant runs the code generation under gpu_check.variant_patch (the patch the
     GPU row of that variant runs under), and only for `model`."""
-    import gpu_check
     import vmamba_min as vm
     for wrong in (["scan", "--variant", "floor"], ["scan", "--nam", "vanilla_vmamba_tiny"],
                   ["model", "--top", "-1"]):          # an abbreviation passed the check before
         with pytest.raises(SystemExit):
             cg.main(wrong)
-    seen = []
+    seen, selection, route_each = [], vm.SS2D.selection, vm.route_each
 
     def generate_case(args, chunked):
-        seen.append(vm.SS2D.selection)
+        seen.append((vm.SS2D.selection is not selection, vm.route_each is not route_each))
         return [], None, "case"
     monkeypatch.setattr(cg, "generate_case", generate_case)
     monkeypatch.setattr(cg, "report", lambda *a: "")
     cg.main(["model", "--name", "vmamba_tiny_s1l8", "--variant", "time-major"])
-    assert seen == [gpu_check.selection_time_major]
-    assert vm.SS2D.selection is not gpu_check.selection_time_major      # undone after
+    assert seen == [(True, True)]                        # gpu_check's time_major_patch
+    assert vm.SS2D.selection is selection and vm.route_each is route_each      # undone after

@@ -313,16 +313,47 @@ def test_time_major_selection_is_the_models_with_delta_stored_channels_fastest(g
     with torch.no_grad():
         want, got = ss2d.selection(x), gc.selection_time_major(ss2d, x)
         magnitude = vmamba_min.SS2D.selection(_absolute(ss2d), x.abs())[0]
-        with gc.variant_patch("time-major"):
-            assert vmamba_min.SS2D.selection is gc.selection_time_major
+        with gc.variant_patch("time-major") as patch:
             logits = model(torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
-        assert vmamba_min.SS2D.selection is not gc.selection_time_major
+        assert patch.hit and vmamba_min.SS2D.selection is not gc.selection_time_major
         plain = model(torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
     eps = torch.finfo(torch.float32).eps
     assert ((got[0] - want[0]).abs() <= ss2d.dt_rank * eps * magnitude).all()
     assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
     assert got[0].shape == want[0].shape    # eager stacks the routes: the layout is compiled
     torch.testing.assert_close(logits, plain, rtol=0, atol=1e-5)
+
+
+def test_the_time_major_row_compiles_its_own_graph_and_leaves_none_behind():
+    """Dynamo does not guard a method swapped on a class: a fresh model compiled under
+    Patch(SS2D, "selection", ...) alone reused the graph of the row before it, silently
+    measuring the unpatched model. The time-major patch also swaps vmamba_min.route_each for
+    a new function object (a guarded global): its stand-in runs even after an unpatched
+    compile of the same shapes, and an unpatched compile after it does not run its graph
+    (the mark, a store Dynamo replays, tells which graph ran)."""
+    import vmamba_min
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def compiled():
+        torch.manual_seed(0)
+        model = vmamba_min.VSSM(vmamba_min.VSSMConfig(generation=2, dim=16, depths=(1, 1),
+                                                      num_classes=3)).eval()
+        return torch.compile(model, backend="eager", dynamic=False)(x)
+    with torch.no_grad():
+        plain = compiled()                                   # the row before: no patch
+        with gc.variant_patch("time-major") as patch:
+            swapped = compiled()
+        assert patch.hit and patch.name == "selection"
+        patch.marked.hit = False
+        after = compiled()
+        assert not patch.hit                                 # the time-major graph: not rerun
+        with gc.variant_patch("time-major") as again:        # a second time-major row
+            compiled()
+        assert again.hit
+    assert vmamba_min.SS2D.selection is not gc.selection_time_major
+    assert vmamba_min.route_each is scan.route_each
+    torch.testing.assert_close(swapped, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(after, plain, rtol=0, atol=0)
 
 
 def _absolute(ss2d):

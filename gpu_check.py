@@ -34,6 +34,7 @@ says so in gpu.json, and what a phase leaves goes to the next. A phase that fail
              with its scan replaced by elementwise work on the same inputs), "chunked"
              (compiled with the chunked scan forced), "inline" (compiled with the blocks'
              nested compile regions off), "time-major" (delta computed channels-fastest),
+             "per-route" (one scan per route, delta computed in its scan kernel),
              "tf32" (TF32 matrix products),
              "coordesc" (Inductor's coordinate_descent_tuning), "autotune" (mode
              max-autotune-no-cudagraphs), "cudagraphs" (mode reduce-overhead) and
@@ -208,7 +209,9 @@ def model_plan(dry):
     not at all): eager inference (the logits every later row is checked against), float32
     inference compiled, vanilla through compile_blocks (its target, and its compile time:
     whole, it compiled for 161 s on the H200) and with the chunked scan experiment, s1l8 with
-    its blocks traced in line (what the nested compile regions cost or save), s1l8 with delta
+    its blocks traced in line (what the nested compile regions cost or save), s1l8 with one
+    scan per route and delta computed in the scan kernels (offline 9% fewer bytes, no dt bmm,
+    fewer registers per scan kernel), s1l8 with delta
     computed channels-fastest (what the scan cells "u time-major" and "time-major" compare,
     in the model), vanilla with tiles tuned by coordinate descent (its N = 16 scan kernel ran
     at 28.7x its floor; a ~150 s compile, after s1l8's experiments, as s1l8 is nearer its
@@ -222,7 +225,8 @@ def model_plan(dry):
     torch.set_float32_matmul_precision("high") sets), "inline" (compiled with
     vmamba_min.BLOCK_REGIONS off: every block traced into the graph in line, as the first
     H200 run compiled it, instead of one subgraph per stage), "time-major" (delta computed
-    channels-fastest and routed as u is: selection_time_major), "coordesc" (Inductor's
+    channels-fastest and routed as u is: selection_time_major), "per-route" (one scan per
+    route, delta computed inside its kernel: ssm_per_route), "coordesc" (Inductor's
     coordinate_descent_tuning: each Triton kernel's block sizes and warps searched around the
     heuristic's pick; the scan kernels' tile decides whether a row's carry crosses warps),
     "autotune" (torch.compile's mode "max-autotune-no-cudagraphs": that search, plus GEMM
@@ -243,12 +247,14 @@ def model_plan(dry):
                 row(OURS, "compiled", variant="assoc-chunks"), row(VANILLA, "blocks"),
                 row(OURS, "compiled", variant="inline"),
                 row(OURS, "compiled", variant="time-major"),
+                row(OURS, "compiled", variant="per-route"),
                 row(VANILLA, "blocks", variant="coordesc"), row(OURS, "compiled", "bfloat16"))
     bf = "bfloat16"
     return (row(OURS), row(SWIN), row(VANILLA),
             row(OURS, "compiled"), row(SWIN, "compiled"),
             row(VANILLA, "blocks"), row(VANILLA, "blocks", variant="assoc-chunks"),
-            row(OURS, "compiled", variant="inline"), row(OURS, "compiled", variant="time-major"),
+            row(OURS, "compiled", variant="inline"), row(OURS, "compiled", variant="per-route"),
+            row(OURS, "compiled", variant="time-major"),
             row(VANILLA, "blocks", variant="coordesc"),
             row(OURS, "compiled", variant="tf32"), row(SWIN, "compiled", variant="tf32"),
             row(OURS, train=True), row(SWIN, train=True),
@@ -1213,12 +1219,83 @@ def selection_time_major(self, x):
     return delta, Bs, Cs
 
 
+# The per-route variant computes each route's delta inside its scan kernel up to this dt rank
+# (VMamba-T: R = 6, 12, 24, 48 at its four stages): offline code generation (torch 2.11,
+# s1l8 at batch 128) took 24 s for the model as it is, 29 s with R <= 12, 50 s with R <= 24
+# and 64 s with every stage, for 47.1, 45.2 and 44.7 GB against 49.4 GB; stage 4 holds 5% of
+# the delta traffic.
+PER_ROUTE_MAX_RANK = 24
+
+
+def route_of(t, k):
+    """(b, C, H, W) -> (b, C, L): t read along route k alone (cross_scan's route k), so that
+    a kernel reading it indexes one route, not a select among four."""
+    t = t.flatten(2) if k % 2 == 0 else t.transpose(2, 3).flatten(2)
+    return t.flip(-1) if k >= 2 else t
+
+
+def dt_terms(weight, dts):
+    """(D, R) weight, (b, R, L) low-rank dt -> (b, D, L) delta as R multiply-adds: pointwise,
+    so Inductor computes delta inside the scan kernel that reads it, where the dt projection's
+    bmm writes delta, K*D values per token, to memory for the scan to read back."""
+    delta = weight[:, 0, None] * dts[:, 0, None]
+    for r in range(1, weight.shape[1]):
+        delta = delta + weight[:, r, None] * dts[:, r, None]
+    return delta
+
+
+def ssm_per_route(self, x):
+    """SS2D.ssm with one selective scan per route: route k's u, dt, B and C read along route k
+    from the unrouted map and x_proj's output, its delta computed by dt_terms (for dt ranks up
+    to PER_ROUTE_MAX_RANK; above it a matmul per route), the four outputs merged as
+    cross_merge does. The same values as SS2D.ssm (delta's sums may round in another order).
+    Why: compiled, the model's ssm is one scan kernel over the K*D channels of all four
+    routes, each load a select among four route gathers, reading delta from memory; offline
+    (cuda_codegen.py model --variant per-route) this is four kernels of one route each with
+    fewer registers (48-96 against 168 at the tiles offered for stage 1) and no dt bmm."""
+    import torch
+    batch, D, H, W = x.shape
+    K, R, N = 4, self.dt_rank, self.d_state
+    x_dbl = torch.matmul(self.x_proj_weight.reshape(K * (R + 2 * N), D),
+                         x.flatten(2)).view(batch, K, R + 2 * N, H, W)
+    state = torch.promote_types(self.A_logs.dtype, torch.float32)
+    A = -torch.exp(self.A_logs.to(state)).view(K, D, N)
+    bias = self.dt_projs_bias.to(state)
+    ys = []
+    for k in range(K):
+        dts, Bk, Ck = route_of(x_dbl[:, k], k).split([R, N, N], dim=1)    # (b, R|N|N, L)
+        delta = (dt_terms(self.dt_projs_weight[k], dts) if R <= PER_ROUTE_MAX_RANK
+                 else torch.matmul(self.dt_projs_weight[k], dts))          # (b, D, L)
+        ys.append(self.run_scan(route_of(x, k), delta, A[k], Bk[:, None], Ck[:, None], None,
+                                bias[k]))                                  # (b, D, L)
+    rows = ys[0] + ys[2].flip(-1)                                          # cross_merge
+    cols = (ys[1] + ys[3].flip(-1)).view(batch, D, W, H).transpose(2, 3).reshape(batch, D, -1)
+    y = rows + cols                                                        # (b, D, L)
+    y = y + x.flatten(2).to(y.dtype) * self.Ds.to(y.dtype).view(K, D, 1).sum(0)
+    return y.transpose(1, 2).to(self.Ds.dtype)
+
+
+def per_route_patch():
+    """The "per-route" variant: SS2D.ssm swapped for ssm_per_route and, as Dynamo does not guard
+    a class's method, vmamba_min.selective_scan for a new function object (a guarded global,
+    read by SS2D.run_scan): graphs compiled before it are not reused under it, nor its graph
+    after it."""
+    import vmamba_min
+    scan = vmamba_min.selective_scan
+
+    def selective_scan(*args, **kwargs):
+        return scan(*args, **kwargs)
+    return Patches(Patch(vmamba_min, "selective_scan", selective_scan),
+                   Patch(vmamba_min.SS2D, "ssm", ssm_per_route, mark=True))
+
+
 def variant_patch(variant):
     """The patch a model variant runs under: vmamba_min imports selective_scan by name, so the
     floor swaps that name for floor_scan; "chunked" turns off the dispatch to scan_assoc;
     "tf32" allows TF32 matrix products for the row (compile and timed calls); "inline" turns
     off the blocks' nested compile regions (Dynamo guards on the flag it read); "time-major"
-    swaps SS2D.selection for selection_time_major; the COMPILER_VARIANTS need none
+    swaps SS2D.selection for selection_time_major, "per-route" SS2D.ssm for ssm_per_route;
+    the COMPILER_VARIANTS need none
     (build_runner passes them to torch.compile)."""
     import contextlib
     import vmamba_min
@@ -1230,6 +1307,8 @@ def variant_patch(variant):
         return Patch(vmamba_min, "BLOCK_REGIONS", False)
     if variant == "time-major":
         return time_major_patch()
+    if variant == "per-route":
+        return per_route_patch()
     return force_chunked() if variant == "chunked" else contextlib.nullcontext()
 
 
@@ -1360,6 +1439,8 @@ def phase_models(run):
                   "not one nested compile region per stage",
         "time-major": "delta computed channels-fastest (gpu_check.selection_time_major) and "
                       "routed as u is; the model's is along L (an experiment)",
+        "per-route": "one scan per route, each route's delta computed in its scan kernel "
+                     "(gpu_check.ssm_per_route, dt rank <= PER_ROUTE_MAX_RANK; an experiment)",
         "assoc-chunks": "built with scan='assoc_chunked': "
                          "scan_assoc.selective_scan_assoc_chunked (an experiment)",
         "compiled": "torch.compile(model, dynamic=False)", "backend": run.plan.model_backend,
@@ -1392,7 +1473,7 @@ def phase_models(run):
                 if spec["variant"]:
                     with variant_patch(spec["variant"]) as patch:
                         model_row(run, spec, row)
-                    if spec["variant"] in ("floor", "time-major") and not patch.hit:
+                    if spec["variant"] in ("floor", "time-major", "per-route") and not patch.hit:
                         row["error"] = (f"the patch missed: {patch.name} never called (a graph "
                                         f"compiled without it reused?)")
                 else:

@@ -267,3 +267,8 @@ def test_a_model_variant_is_gpu_checks_patch_for_models_only(monkeypatch):
     cg.main(["model", "--name", "vmamba_tiny_s1l8", "--variant", "time-major"])
     assert seen == [(True, True)]                        # gpu_check's time_major_patch
     assert vm.SS2D.selection is selection and vm.route_each is route_each      # undone after
+    ssm, seen[:] = vm.SS2D.ssm, []
+    monkeypatch.setattr(cg, "generate_case", lambda args, chunked: seen.append(
+        vm.SS2D.ssm is not ssm) or ([], None, "case"))
+    cg.main(["model", "--name", "vmamba_tiny_s1l8", "--variant", "per-route"])
+    assert seen == [True] and vm.SS2D.ssm is ssm          # gpu_check's per_route_patch

@@ -356,6 +356,62 @@ def test_the_time_major_row_compiles_its_own_graph_and_leaves_none_behind():
     torch.testing.assert_close(after, plain, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("generation", [0, 2])
+@pytest.mark.parametrize("max_rank", [0, 64])
+def test_per_route_ssm_is_the_models(generation, max_rank, monkeypatch):
+    """The "per-route" variant's SS2D.ssm (one scan per route, delta as R multiply-adds, or a
+    matmul per route above PER_ROUTE_MAX_RANK) gives the model's ssm output, in float64 on a
+    map that is not square (a route read in another route's order, or a transposed merge, is
+    off by O(1)); the differences are the sums' rounding (~ R eps of the terms, carried by a
+    scan whose decays are <= 1, then merged: far under 1e-12 at these sizes)."""
+    import vmamba_min
+    monkeypatch.setattr(gc, "PER_ROUTE_MAX_RANK", max_rank)
+    torch.manual_seed(0)
+    model = vmamba_min.VSSM(vmamba_min.VSSMConfig(generation=generation, dim=16,
+                                                   depths=(1, 1), num_classes=3)).double().eval()
+    ss2d = model.layers[0].blocks[0].self_attention
+    x = torch.randn(2, ss2d.d_inner, 5, 7, dtype=torch.float64)
+    with torch.no_grad():
+        want, got = ss2d.ssm(x), gc.ssm_per_route(ss2d, x)
+        image = torch.randn(1, 3, 32, 48, dtype=torch.float64)
+        with gc.variant_patch("per-route") as patch:
+            logits = model(image)
+        assert patch.hit and vmamba_min.SS2D.ssm is not gc.ssm_per_route
+        plain = model(image)
+    assert got.shape == want.shape == (2, 35, ss2d.d_inner) and got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(logits, plain, rtol=0, atol=1e-12)
+
+
+def test_the_per_route_row_compiles_its_own_graph_and_leaves_none_behind():
+    """As for time-major: the per-route patch swaps a method on a class (not guarded by
+    Dynamo) and vmamba_min.selective_scan for a new function object (guarded), so its graph
+    is compiled anew after an unpatched compile, and not rerun by one after it."""
+    import vmamba_min
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def compiled():
+        torch.manual_seed(0)
+        model = vmamba_min.VSSM(vmamba_min.VSSMConfig(generation=2, dim=16, depths=(1, 1),
+                                                      num_classes=3)).eval()
+        return torch.compile(model, backend="eager", dynamic=False)(x)
+    with torch.no_grad():
+        plain = compiled()
+        with gc.variant_patch("per-route") as patch:
+            swapped = compiled()
+        assert patch.hit and patch.name == "ssm"
+        patch.marked.hit = False
+        after = compiled()
+        assert not patch.hit
+        with gc.variant_patch("per-route") as again:
+            compiled()
+        assert again.hit
+    assert vmamba_min.SS2D.ssm is not gc.ssm_per_route
+    assert vmamba_min.selective_scan is scan.selective_scan
+    torch.testing.assert_close(swapped, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(after, plain, rtol=0, atol=0)
+
+
 def _absolute(ss2d):
     """A copy of ss2d with |weights|: the selection of |x| then bounds each term's size."""
     import copy

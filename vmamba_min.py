@@ -268,23 +268,28 @@ class SS2D(nn.Module):
         scan_args = (cross_scan(x).reshape(batch, K * D, L), delta.reshape(batch, K * D, L),
                      -torch.exp(self.A_logs.to(state)), Bs.contiguous(), Cs.contiguous(),
                      None, self.dt_projs_bias.to(state).reshape(K * D))   # D: added below
-        # Under bf16 autocast the projections above run in bf16, but both scans cast their
-        # inputs to float32 and keep the state h in float32, as the official kernels do.
-        if self.scan == "reference":
-            y = selective_scan_ref(*scan_args, delta_softplus=True)       # (b, K*D, L)
-        elif self.scan == "assoc":
-            y = selective_scan_assoc(*scan_args, delta_softplus=True)
-        elif self.scan == "assoc_chunked":
-            y = selective_scan_assoc_chunked(*scan_args, delta_softplus=True,
-                                             chunk_size=self.chunk_size)
-        else:
-            y = selective_scan(*scan_args, delta_softplus=True, chunk_size=self.chunk_size)
+        y = self.run_scan(*scan_args)                        # (b, K*D, L)
         y = cross_merge(y.view(batch, K, D, H, W))           # (b, D, L)
         y = y + x.flatten(2).to(y.dtype) * self.Ds.to(y.dtype).view(K, D, 1).sum(0)  # sum_k D_k u
         # The scans return float32. Back to the parameters' dtype: a model converted with
         # .to(torch.bfloat16) (or .half()) needs it for out_norm; under autocast the
         # parameters stay float32, so out_norm still sees the full-precision scan output.
         return y.transpose(1, 2).to(self.Ds.dtype)          # (b, L, D)
+
+    def run_scan(self, u, delta, A, B, C, D, delta_bias):
+        """The selective scan of the path VSSMConfig.scan names, delta' = softplus(delta +
+        delta_bias). Under bf16 autocast the projections before it run in bf16, but every
+        scan casts its inputs to float32 and keeps the state h in float32, as the official
+        kernels do."""
+        if self.scan == "reference":
+            return selective_scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus=True)
+        if self.scan == "assoc":
+            return selective_scan_assoc(u, delta, A, B, C, D, delta_bias, delta_softplus=True)
+        if self.scan == "assoc_chunked":
+            return selective_scan_assoc_chunked(u, delta, A, B, C, D, delta_bias,
+                                                delta_softplus=True, chunk_size=self.chunk_size)
+        return selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus=True,
+                              chunk_size=self.chunk_size)
 
 
 # ---------------------------------------------------------------------------------------------

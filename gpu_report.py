@@ -217,11 +217,32 @@ def profile_tables(what, prof, kernels=12, products=10):
                        ("launches", "launches", "{:.0f}"), ("name", "kernel", "{}")]), "```"]
     if prof.get("matmul_shapes"):
         out += ["", f"{what} ({short(prof)}), matrix products and convolutions by input shapes "
-                f"(device ms and calls per call of the model):", "", "```text",
+                f"(device ms and calls per call of the model; TFLOP/s of a matrix product from "
+                f"its shapes, to set beside the card's matmul figure in the header):", "",
+                "```text",
                 table(prof["matmul_shapes"][:products],
                       [("op", "op", "{}"), ("ms", "ms", "{:.3f}"), ("calls", "calls", "{:.0f}"),
+                       (product_tflops, "TFLOP/s", "{:.1f}"),
                        ("shapes", "input shapes", "{}")]), "```"]
     return out
+
+
+def product_tflops(r):
+    """TFLOP/s of a profiled matrix product (2 M K N multiply-adds per matrix, times the batch
+    and the calls, over the device time), None for a convolution or shapes not read whole
+    (gpu_check cuts the shapes' text at 200 characters). The operands: mm and bmm's first two
+    inputs, addmm and baddbmm's second and third (the first is the added term)."""
+    import ast
+    first = {"aten::mm": 0, "aten::bmm": 0, "aten::addmm": 1, "aten::baddbmm": 1}.get(r["op"])
+    try:
+        shapes = ast.literal_eval(r["shapes"])
+        a, b = shapes[first], shapes[first + 1]
+    except (TypeError, ValueError, SyntaxError, IndexError):
+        return None
+    if len(a) != len(b) or len(a) not in (2, 3) or a[-1] != b[-2] or not r.get("ms"):
+        return None
+    batch = a[0] if len(a) == 3 else 1
+    return 2 * batch * a[-2] * a[-1] * b[-1] * r["calls"] / (r["ms"] * 1e-3) / 1e12
 
 
 def repeats(runs):
@@ -299,7 +320,10 @@ def markdown(runs, command):
             "compiled row of the same kind and precision; x swin: over the Swin-T row named in "
             "the last column, the faster of the two. "
             f"compiled: {notes.get('compiled', COMPILED)}. floor: {notes.get('floor')}. "
-            f"chunked: {notes.get('chunked')}. TF32: {tf32_text(runs)}.", "", "```text",
+            f"chunked: {notes.get('chunked')}. TF32: {tf32_text(runs)}."
+            + "".join(f" {v}: {notes[v]}." for v in dict.fromkeys(r.get("variant") for r in rows)
+                      if v not in (None, "floor", "chunked", "tf32") and notes.get(v)),
+            "", "```text",
             table(rows, [("name", "row", "{}"), ("run", "run", "{}"),
                          ("img_s", "img/s", "{:.0f}"), ("ms", "ms", "{:.1f}"),
                          ("x_swin_eager", "x eager", "{:.2f}x"),

@@ -161,15 +161,28 @@ def test_profile_tables_show_the_top_kernels_and_matrix_products():
                                  launches=14.0),
                             dict(name="triton_red_fused_0", kind="triton", ms=0.5, launches=1.0)],
             "matmul_shapes": [dict(op="aten::mm", shapes="[[401408, 96], [96, 384]]", ms=0.9,
-                                   calls=2.0)]}
+                                   calls=2.0),
+                              dict(op="aten::bmm", shapes="[[128, 32, 96], [128, 96, 3136], "
+                                   "[128, 32, 3136]]", ms=0.1, calls=2.0),
+                              dict(op="aten::addmm", shapes="[[1000], [128, 768], [768, 1000]]",
+                                   ms=0.02, calls=1.0),
+                              dict(op="aten::convolution", shapes="[[128, 96, 56, 56]]", ms=0.1,
+                                   calls=14.0),
+                              dict(op="aten::mm", shapes="[[401408, 96], [96, 3", ms=0.1,
+                                   calls=1.0)]}
     res = fake_run([row(gc.OURS, "compiled", "float32", False, 3000.0)])
     res["profile"] = {"infer": prof}
     page = gr.markdown([("1", res)], "python gpu_report.py x.json")
     lines = page.splitlines()
     gemm = next(ln for ln in lines if ln.startswith("gemm "))
     assert gemm.split()[1:3] == ["1.500", "14"] and len(gemm) < 140      # the name cut to 100
-    assert any(ln.split()[:3] == ["aten::mm", "0.900", "2"] and "[[401408, 96]" in ln
+    # 2 M K N per product: 2 * 401408 * 96 * 384 * 2 calls / 0.9 ms = 65.8 TFLOP/s
+    assert any(ln.split()[:4] == ["aten::mm", "0.900", "2", "65.8"] and "[[401408, 96]" in ln
                for ln in lines)
+    assert any(ln.split()[:4] == ["aten::bmm", "0.100", "2", "49.3"] for ln in lines)
+    assert any(ln.split()[:4] == ["aten::addmm", "0.020", "1", "9.8"] for ln in lines)
+    assert any(ln.split()[:4] == ["aten::convolution", "0.100", "14", "-"] for ln in lines)
+    assert any(ln.split()[:4] == ["aten::mm", "0.100", "1", "-"] for ln in lines)   # cut text
     assert "- infer (s1l8, float32, compiled): gemm 2.00; total 2.00" in lines
 
 
@@ -184,3 +197,15 @@ def test_a_cudagraphs_row_says_whether_inductor_kept_the_graphs():
     assert "s1l8-cudagraphs compiled fp32 infer (run 1): replayed as CUDA graphs" in page
     assert "swin-t-cudagraphs compiled fp32 infer (run 1): Inductor skipped CUDA graphs 2 " \
            "time(s)" in page
+
+
+def test_the_page_says_what_each_variant_of_its_rows_is():
+    """A variant row is explained by the note gpu_check recorded for it (the floor and chunked
+    notes are always printed, TF32 from the header); variants no row has are not listed."""
+    res = fake_run([row(gc.OURS, "compiled", "float32", False, 3000.0),
+                    row(gc.OURS, "compiled", "float32", False, 3100.0,
+                        run_name="s1l8-per-route compiled fp32 infer", variant="per-route")])
+    res["models_notes"] = {"batch": 128, "res": 224, "floor": "F", "chunked": "C",
+                           "per-route": "one scan per route", "time-major": "T"}
+    page = gr.markdown([("1", res)], "python gpu_report.py x.json")
+    assert "per-route: one scan per route." in page and "time-major: T" not in page

@@ -136,6 +136,8 @@ EST_S = {"scan compiled": 40, "scan eager": 6, "model eager": 8, "model compiled
          # --blocks) took 31-37 s for the four block graphs against 126 s for the whole model
          ("model blocks", "vanilla_vmamba_tiny"): 60,
          "model compiled cudagraphs": 50,     # a compile as usual, then CUDA graphs recorded
+         # its offline code generation took about twice the model's (design.md)
+         "model compiled per-route": 75,
          # guesses (these benchmark kernels while compiling)
          "model compiled autotune": 180, "train compiled autotune": 400,
          "model compiled coordesc": 90, "train compiled coordesc": 250,
@@ -150,6 +152,9 @@ EST_S = {"scan compiled": 40, "scan eager": 6, "model eager": 8, "model compiled
 # model variants that only change how torch.compile compiles the model as it is (mode or
 # options): their rows count as the model's own, and their compile time is estimated apart
 COMPILER_VARIANTS = ("autotune", "coordesc", "cudagraphs")
+# variants whose compile time is estimated apart (a kind of their own) so that what a row of
+# theirs measured does not become the estimate of the model's other compiled rows
+ESTIMATED_APART = COMPILER_VARIANTS + ("per-route",)
 # a model's compiled training row, guessed from its compiled inference row: on 2 CPU cores the
 # compile tests took 390 s (training) and 156 s (inference)
 TRAIN_OVER_INFER = 2.5
@@ -210,10 +215,9 @@ def model_plan(dry):
     inference compiled, vanilla through compile_blocks (its target, and its compile time:
     whole, it compiled for 161 s on the H200) and with the chunked scan experiment, s1l8 with
     its blocks traced in line (what the nested compile regions cost or save), s1l8 with one
-    scan per route and delta computed in the scan kernels (offline 9% fewer bytes, no dt bmm,
-    fewer registers per scan kernel), s1l8 with delta
-    computed channels-fastest (what the scan cells "u time-major" and "time-major" compare,
-    in the model), vanilla with tiles tuned by coordinate descent (its N = 16 scan kernel ran
+    scan per route and delta computed in the scan kernels (offline 9% fewer bytes, no dt bmm
+    up to stage 3, fewer registers per scan kernel), s1l8 with delta computed channels-fastest
+    (what the scan cells "u time-major" and "time-major" compare, in the model), vanilla with tiles tuned by coordinate descent (its N = 16 scan kernel ran
     at 28.7x its floor; a ~150 s compile, after s1l8's experiments, as s1l8 is nearer its
     target), TF32 matrix
     products (the paper's arithmetic, docs/design.md), eager training, what may make s1l8
@@ -339,6 +343,7 @@ def _plan(args):
            "train compiled": 15, ("scan compiled", "v2"): 10, ("scan compiled", "v0"): 10,
            **{("scan compiled", f"v2 {p}"): 10 for p in SCAN_COMPILED_PATHS},
            "model compiled autotune": 10, "train compiled autotune": 15,
+           "model compiled per-route": 10,
            "model compiled coordesc": 10, "train compiled coordesc": 15,
            "model blocks coordesc": 10, "model blocks autotune": 10,
            ("model compiled", VANILLA): 10, ("model blocks", VANILLA): 10,
@@ -1209,9 +1214,8 @@ def selection_time_major(self, x):
     import vmamba_min
     route_each = vmamba_min.route_each          # read at trace time: see time_major_patch
     batch, D, H, W = x.shape
-    K, R, N = 4, self.dt_rank, self.d_state
-    x_dbl = torch.matmul(self.x_proj_weight.reshape(K * (R + 2 * N), D),
-                         x.flatten(2)).view(batch, K, R + 2 * N, H, W)
+    K, R, N = vmamba_min.K, self.dt_rank, self.d_state
+    x_dbl = self.x_proj(x)                                   # (b, K, R+2N, H, W)
     delta = torch.matmul(x_dbl[:, :, :R].flatten(3).transpose(-1, -2),
                          self.dt_projs_weight.transpose(-1, -2))          # (b, K, L, D)
     delta = route_each(delta.transpose(-1, -2).view(batch, K, D, H, W))  # (b, K, D, L)
@@ -1220,72 +1224,77 @@ def selection_time_major(self, x):
 
 
 # The per-route variant computes each route's delta inside its scan kernel up to this dt rank
-# (VMamba-T: R = 6, 12, 24, 48 at its four stages): offline code generation (torch 2.11,
-# s1l8 at batch 128) took 24 s for the model as it is, 29 s with R <= 12, 50 s with R <= 24
-# and 64 s with every stage, for 47.1, 45.2 and 44.7 GB against 49.4 GB; stage 4 holds 5% of
-# the delta traffic.
+# (VMamba-T: R = 6, 12, 24, 48 at its four stages); above it, a matmul per route. The bytes
+# and code-generation seconds of each choice: docs/design.md, "One scan per route".
 PER_ROUTE_MAX_RANK = 24
-
-
-def route_of(t, k):
-    """(b, C, H, W) -> (b, C, L): t read along route k alone (cross_scan's route k), so that
-    a kernel reading it indexes one route, not a select among four."""
-    t = t.flatten(2) if k % 2 == 0 else t.transpose(2, 3).flatten(2)
-    return t.flip(-1) if k >= 2 else t
+SCAN_FUNCTIONS = ("selective_scan", "selective_scan_ref", "selective_scan_assoc",
+                  "selective_scan_assoc_chunked")     # vmamba_min's names, read by run_scan
 
 
 def dt_terms(weight, dts):
-    """(D, R) weight, (b, R, L) low-rank dt -> (b, D, L) delta as R multiply-adds: pointwise,
-    so Inductor computes delta inside the scan kernel that reads it, where the dt projection's
-    bmm writes delta, K*D values per token, to memory for the scan to read back."""
+    """(D, R) weight, (b, R, L) low-rank dt -> (b, D, L) delta as R multiply-adds, in float32
+    (float64 for a float64 model): pointwise, so Inductor computes delta inside the scan kernel
+    that reads it, where the dt projection's bmm writes delta, K*D values per token, to memory
+    for the scan to read back. The scans compute in that dtype anyway; under bf16 (autocast
+    or a converted model) this delta is the more precise one."""
+    import torch
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    weight, dts = weight.to(dtype), dts.to(dtype)
     delta = weight[:, 0, None] * dts[:, 0, None]
     for r in range(1, weight.shape[1]):
         delta = delta + weight[:, r, None] * dts[:, r, None]
     return delta
 
 
-def ssm_per_route(self, x):
+def ssm_per_route(self, x):                                  # (b, D, H, W)
     """SS2D.ssm with one selective scan per route: route k's u, dt, B and C read along route k
-    from the unrouted map and x_proj's output, its delta computed by dt_terms (for dt ranks up
-    to PER_ROUTE_MAX_RANK; above it a matmul per route), the four outputs merged as
-    cross_merge does. The same values as SS2D.ssm (delta's sums may round in another order).
-    Why: compiled, the model's ssm is one scan kernel over the K*D channels of all four
-    routes, each load a select among four route gathers, reading delta from memory; offline
-    (cuda_codegen.py model --variant per-route) this is four kernels of one route each with
-    fewer registers (48-96 against 168 at the tiles offered for stage 1) and no dt bmm."""
+    (scan.route) from the unrouted map and x_proj's output, its delta computed by dt_terms (a
+    matmul per route above PER_ROUTE_MAX_RANK), the four outputs merged as cross_merge merges
+    them. The same values as SS2D.ssm in float32 and float64 (delta's sums may round in another
+    order). Why (docs/design.md, "One scan per route"): compiled, the model's ssm is one scan
+    kernel over the channels of all four routes, each load a select among four route gathers,
+    reading delta from memory; here each route's kernel reads its own route and computes
+    delta, and no dt bmm runs up to PER_ROUTE_MAX_RANK."""
     import torch
+    import vmamba_min
+    from scan import route
+    K, R, N = vmamba_min.K, self.dt_rank, self.d_state
     batch, D, H, W = x.shape
-    K, R, N = 4, self.dt_rank, self.d_state
-    x_dbl = torch.matmul(self.x_proj_weight.reshape(K * (R + 2 * N), D),
-                         x.flatten(2)).view(batch, K, R + 2 * N, H, W)
-    state = torch.promote_types(self.A_logs.dtype, torch.float32)
-    A = -torch.exp(self.A_logs.to(state)).view(K, D, N)
-    bias = self.dt_projs_bias.to(state)
+    x_dbl = self.x_proj(x)                                   # (b, K, R+2N, H, W)
+    state = torch.promote_types(self.A_logs.dtype, torch.float32)   # the scans' dtype
+    A = -torch.exp(self.A_logs.to(state)).view(K, D, N)      # (K, D, N)
+    bias = self.dt_projs_bias.to(state)                      # (K, D)
     ys = []
     for k in range(K):
-        dts, Bk, Ck = route_of(x_dbl[:, k], k).split([R, N, N], dim=1)    # (b, R|N|N, L)
+        dts, Bk, Ck = route(x_dbl[:, k], k).split([R, N, N], dim=1)      # (b, R|N|N, L)
         delta = (dt_terms(self.dt_projs_weight[k], dts) if R <= PER_ROUTE_MAX_RANK
-                 else torch.matmul(self.dt_projs_weight[k], dts))          # (b, D, L)
-        ys.append(self.run_scan(route_of(x, k), delta, A[k], Bk[:, None], Ck[:, None], None,
-                                bias[k]))                                  # (b, D, L)
-    rows = ys[0] + ys[2].flip(-1)                                          # cross_merge
+                 else torch.matmul(self.dt_projs_weight[k], dts))         # (b, D, L)
+        # B and C as views of this route only: stacked with the other routes', Inductor fused
+        # the four scans into one kernel again (design.md)
+        ys.append(self.run_scan(route(x, k), delta, A[k], Bk[:, None], Ck[:, None], None,
+                                bias[k]))                                 # (b, D, L)
+    # cross_merge of the four outputs, read where they are: stacked into the (b, K, D, H, W)
+    # tensor cross_merge takes, they were copied by a kernel of their own
+    rows = ys[0] + ys[2].flip(-1)
     cols = (ys[1] + ys[3].flip(-1)).view(batch, D, W, H).transpose(2, 3).reshape(batch, D, -1)
-    y = rows + cols                                                        # (b, D, L)
+    y = rows + cols                                          # (b, D, L)
     y = y + x.flatten(2).to(y.dtype) * self.Ds.to(y.dtype).view(K, D, 1).sum(0)
-    return y.transpose(1, 2).to(self.Ds.dtype)
+    return y.transpose(1, 2).to(self.Ds.dtype)               # (b, L, D)
 
 
 def per_route_patch():
     """The "per-route" variant: SS2D.ssm swapped for ssm_per_route and, as Dynamo does not guard
-    a class's method, vmamba_min.selective_scan for a new function object (a guarded global,
-    read by SS2D.run_scan): graphs compiled before it are not reused under it, nor its graph
-    after it."""
+    a class's method, each scan function vmamba_min's run_scan may call (SCAN_FUNCTIONS) for a
+    new function object (guarded globals, whichever VSSMConfig.scan picks): graphs compiled
+    before the patch are not reused under it, nor its graph after it."""
     import vmamba_min
-    scan = vmamba_min.selective_scan
 
-    def selective_scan(*args, **kwargs):
-        return scan(*args, **kwargs)
-    return Patches(Patch(vmamba_min, "selective_scan", selective_scan),
+    def fresh(f):
+        def call(*args, **kwargs):
+            return f(*args, **kwargs)
+        return call
+    return Patches(*(Patch(vmamba_min, name, fresh(getattr(vmamba_min, name)))
+                     for name in SCAN_FUNCTIONS),
                    Patch(vmamba_min.SS2D, "ssm", ssm_per_route, mark=True))
 
 
@@ -1443,6 +1452,11 @@ def phase_models(run):
                      "(gpu_check.ssm_per_route, dt rank <= PER_ROUTE_MAX_RANK; an experiment)",
         "assoc-chunks": "built with scan='assoc_chunked': "
                          "scan_assoc.selective_scan_assoc_chunked (an experiment)",
+        "autotune": "torch.compile mode 'max-autotune-no-cudagraphs' (Triton kernels' tiles "
+                    "and GEMM templates benchmarked while compiling)",
+        "coordesc": "Inductor's coordinate_descent_tuning (each Triton kernel's tile and warps "
+                    "searched around the heuristic's pick)",
+        "cudagraphs": "torch.compile mode 'reduce-overhead' (replayed as CUDA graphs)",
         "compiled": "torch.compile(model, dynamic=False)", "backend": run.plan.model_backend,
         "paper": PAPER}
     rows = run.plan.rows
@@ -1455,7 +1469,7 @@ def phase_models(run):
                 else "chunked" if spec["mode"] == "eager" or spec["variant"] == "chunked"
                 else compiled_scan_path(run.dev))
         kind = f"{'train' if spec['train'] else 'model'} {spec['mode']}" + (
-            f" {spec['variant']}" if spec["variant"] in COMPILER_VARIANTS else "")
+            f" {spec['variant']}" if spec["variant"] in ESTIMATED_APART else "")
         if spec["model"] == SWIN and not have_timm:
             row["skipped"] = "timm not importable"
         elif spec["model"] == SWIN and spec["mode"] == "blocks":

@@ -19,7 +19,7 @@ import torch._functorch.config
 import torch.nn.functional as F
 from torch._higher_order_ops import scan as _hop_scan
 
-__all__ = ["selective_scan_ref", "selective_scan", "cross_scan", "route_each", "cross_merge",
+__all__ = ["selective_scan_ref", "selective_scan", "cross_scan", "route", "route_each", "cross_merge",
            "allow_compile"]
 
 # Compiled training, torch 2.13 and 2.14.1: Inductor gives the backward graph's "donated
@@ -700,9 +700,17 @@ def cross_scan(x):
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"cross_scan: x must be a (b, D, H, W) tensor, got {_described(x)}")
-    rows = x.flatten(2)                                      # (b, D, L)  row-major
-    cols = x.transpose(2, 3).flatten(2)                      # (b, D, L)  column-major
-    return torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)   # (b, 4, D, L)
+    return torch.stack([route(x, k) for k in range(4)], dim=1)   # (b, 4, D, L)
+
+
+def route(t, k):
+    """(b, C, H, W) -> (b, C, L): t read along route k of cross_scan (0 row-major, 1 column-
+    major, 2 and 3 the same reversed): views, and a flip for routes 2 and 3."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 4 or k not in (0, 1, 2, 3):
+        raise ValueError(f"route: t must be a (b, C, H, W) tensor and k one of 0-3, got "
+                         f"{_described(t)} and {k!r}")
+    t = t.flatten(2) if k % 2 == 0 else t.transpose(2, 3).flatten(2)
+    return t.flip(-1) if k >= 2 else t
 
 
 def route_each(t):
@@ -710,9 +718,7 @@ def route_each(t):
     reads one map along all four). SS2D uses it for per-route maps computed on the grid."""
     if not isinstance(t, torch.Tensor) or t.dim() != 5 or t.shape[1] != 4:
         raise ValueError(f"route_each: t must be a (b, 4, C, H, W) tensor, got {_described(t)}")
-    rows, cols = t[:, 0].flatten(2), t[:, 1].transpose(2, 3).flatten(2)
-    rows_reversed, cols_reversed = t[:, 2].flatten(2), t[:, 3].transpose(2, 3).flatten(2)
-    return torch.stack([rows, cols, rows_reversed.flip(-1), cols_reversed.flip(-1)], dim=1)
+    return torch.stack([route(t[:, k], k) for k in range(4)], dim=1)
 
 
 def cross_merge(ys):

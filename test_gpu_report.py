@@ -169,6 +169,8 @@ def test_profile_tables_show_the_top_kernels_and_matrix_products():
                               dict(op="aten::convolution", shapes="[[128, 96, 56, 56]]", ms=0.1,
                                    calls=14.0),
                               dict(op="aten::mm", shapes="[[401408, 96], [96, 3", ms=0.1,
+                                   calls=1.0),
+                              dict(op="aten::mm", shapes="[[8, 4], [4, 2]]", ms=0.0,
                                    calls=1.0)]}
     res = fake_run([row(gc.OURS, "compiled", "float32", False, 3000.0)])
     res["profile"] = {"infer": prof}
@@ -183,6 +185,7 @@ def test_profile_tables_show_the_top_kernels_and_matrix_products():
     assert any(ln.split()[:4] == ["aten::addmm", "0.020", "1", "9.8"] for ln in lines)
     assert any(ln.split()[:4] == ["aten::convolution", "0.100", "14", "-"] for ln in lines)
     assert any(ln.split()[:4] == ["aten::mm", "0.100", "1", "-"] for ln in lines)   # cut text
+    assert any(ln.split()[:4] == ["aten::mm", "0.000", "1", "-"] for ln in lines)   # no time
     assert "- infer (s1l8, float32, compiled): gemm 2.00; total 2.00" in lines
 
 

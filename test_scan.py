@@ -492,6 +492,8 @@ def test_cross_scan_routes_on_a_labelled_map():
     col[(w * H + h).flatten()] = (h * W + w).flatten().float()               # l = w*H + h
     assert torch.equal(xs[1], col)
     assert torch.equal(xs[2], xs[0].flip(0)) and torch.equal(xs[3], xs[1].flip(0))
+    for k in range(4):                                        # one route alone: the same
+        assert torch.equal(scan.route(x, k)[0, 0], xs[k])
 
 
 def test_route_each_reads_map_k_along_route_k():
@@ -514,6 +516,10 @@ def test_cross_scan_merge_errors():
     for fn in (cross_scan, cross_merge, route_each):      # not tensors: 'has no attribute dim'
         with pytest.raises(ValueError, match=r"tensor, got list"):
             fn([[0.0]])
+    for t, k in ((torch.zeros(1, 2, 3), 0), (torch.zeros(1, 2, 3, 3), 4),
+                 (torch.zeros(1, 2, 3, 3), -1), ([[0.0]], 1)):
+        with pytest.raises(ValueError, match=r"route: t must be a \(b, C, H, W\) tensor and k"):
+            scan.route(t, k)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -243,13 +243,19 @@ class SS2D(nn.Module):
     def selection(self, x):                                  # (b, D, H, W)
         """The scan's input-dependent parameters, in each route's order: delta (b, K, D, L),
         from x_proj's low-rank dt (R channels) through dt_proj, and B, C (b, K, N, L)."""
+        R, N = self.dt_rank, self.d_state
+        x_dbl = route_each(self.x_proj(x))                  # (b, K, R+2N, L)
+        dts, Bs, Cs = x_dbl.split([R, N, N], dim=2)          # (b, K, R|N|N, L)
+        return torch.matmul(self.dt_projs_weight, dts), Bs, Cs
+
+    def x_proj(self, x):                                     # (b, D, H, W)
+        """Every route's x_proj applied to the unrouted map: per token and route k, [dt R | B N
+        | C N], (b, K, R+2N, H, W)."""
         batch, D, H, W = x.shape
         R, N = self.dt_rank, self.d_state
         x_dbl = torch.matmul(self.x_proj_weight.reshape(K * (R + 2 * N), D),
                              x.flatten(2))                   # (b, K*(R+2N), L)
-        x_dbl = route_each(x_dbl.view(batch, K, R + 2 * N, H, W))  # (b, K, R+2N, L)
-        dts, Bs, Cs = x_dbl.split([R, N, N], dim=2)          # (b, K, R|N|N, L)
-        return torch.matmul(self.dt_projs_weight, dts), Bs, Cs
+        return x_dbl.view(batch, K, R + 2 * N, H, W)
 
     def ssm(self, x):                                        # (b, D, H, W)
         """Cross-scan, the selective scan along each route, cross-merge.

@@ -34,7 +34,8 @@ says so in gpu.json, and what a phase leaves goes to the next. A phase that fail
              with its scan replaced by elementwise work on the same inputs), "chunked"
              (compiled with the chunked scan forced), "inline" (compiled with the blocks'
              nested compile regions off), "time-major" (delta computed channels-fastest),
-             "per-route" (one scan per route, delta computed in its scan kernel),
+             "per-route" (one scan per route, delta computed in its scan kernel), "seq-tiles"
+             (the autotuner also offered tiles of one step per program, R0_BLOCK 1),
              "tf32" (TF32 matrix products),
              "coordesc" (Inductor's coordinate_descent_tuning), "autotune" (mode
              max-autotune-no-cudagraphs), "cudagraphs" (mode reduce-overhead) and
@@ -138,6 +139,10 @@ EST_S = {"scan compiled": 40, "scan eager": 6, "model eager": 8, "model compiled
          "model compiled cudagraphs": 50,     # a compile as usual, then CUDA graphs recorded
          # its offline code generation took about twice the model's (design.md)
          "model compiled per-route": 75,
+         # guesses: kernels compiled in this process, one after another, and more candidates
+         # timed per looped reduction
+         "model compiled seq-tiles": 90, "model blocks seq-tiles": 90,
+         ("model blocks seq-tiles", "vanilla_vmamba_tiny"): 120,
          # guesses (these benchmark kernels while compiling)
          "model compiled autotune": 180, "train compiled autotune": 400,
          "model compiled coordesc": 90, "train compiled coordesc": 250,
@@ -154,7 +159,7 @@ EST_S = {"scan compiled": 40, "scan eager": 6, "model eager": 8, "model compiled
 COMPILER_VARIANTS = ("autotune", "coordesc", "cudagraphs")
 # variants whose compile time is estimated apart (a kind of their own) so that what a row of
 # theirs measured does not become the estimate of the model's other compiled rows
-ESTIMATED_APART = COMPILER_VARIANTS + ("per-route",)
+ESTIMATED_APART = COMPILER_VARIANTS + ("per-route", "seq-tiles")
 # a model's compiled training row, guessed from its compiled inference row: on 2 CPU cores the
 # compile tests took 390 s (training) and 156 s (inference)
 TRAIN_OVER_INFER = 2.5
@@ -213,15 +218,17 @@ def model_plan(dry):
     Swin-T, same kind and dtype) next to each other (phase_models runs such a pair whole or
     not at all): eager inference (the logits every later row is checked against), float32
     inference compiled, vanilla through compile_blocks (its target, and its compile time:
-    whole, it compiled for 161 s on the H200) and with the chunked scan experiment, s1l8 with
-    its blocks traced in line (what the nested compile regions cost or save), s1l8 with one
-    scan per route and delta computed in the scan kernels (offline 9% fewer bytes, no dt bmm
-    up to stage 3, fewer registers per scan kernel), s1l8 with delta computed channels-fastest
-    (what the scan cells "u time-major" and "time-major" compare, in the model), vanilla with tiles tuned by coordinate descent (its N = 16 scan kernel ran
-    at 28.7x its floor; a ~150 s compile, after s1l8's experiments, as s1l8 is nearer its
-    target), TF32 matrix
-    products (the paper's arithmetic, docs/design.md), eager training, what may make s1l8
-    faster, bf16, compiled training (the first H200 run met its target against eager Swin-T;
+    whole, it compiled for 161 s on the H200), then with one-step tiles offered to its scan
+    kernels' autotuner (offline its 16-scan kernel needs no shuffle or barrier there) and with
+    the chunked scan experiment, s1l8 with its blocks traced in line (what the nested compile
+    regions cost or save), s1l8 with one scan per route and delta computed in the scan kernels
+    (offline 9% fewer bytes, no dt bmm up to stage 3, fewer registers per scan kernel), s1l8
+    with one-step tiles, s1l8 with delta computed channels-fastest (what the scan cells "u
+    time-major" and "time-major" compare, in the model), vanilla with tiles tuned by
+    coordinate descent (its N = 16 scan kernel ran at 28.7x its floor; a ~150 s compile,
+    after s1l8's experiments, as s1l8 is nearer its target), TF32 matrix products (the
+    paper's arithmetic, docs/design.md), eager training, what may make s1l8 faster, bf16,
+    compiled training (the first H200 run met its target against eager Swin-T;
     each such row compiles for ~140 s), then the rest. variant: None
     (the model as it is: compiled on CUDA its scans dispatch to scan_assoc), "floor" (the scan
     replaced by elementwise work: floor_scan), "chunked" (compiled with the chunked scan
@@ -230,7 +237,9 @@ def model_plan(dry):
     vmamba_min.BLOCK_REGIONS off: every block traced into the graph in line, as the first
     H200 run compiled it, instead of one subgraph per stage), "time-major" (delta computed
     channels-fastest and routed as u is: selection_time_major), "per-route" (one scan per
-    route, delta computed inside its kernel: ssm_per_route), "coordesc" (Inductor's
+    route, delta computed inside its kernel: ssm_per_route), "seq-tiles" (every looped
+    reduction, the scans among them, also offered tiles of one step per program:
+    SequentialTiles), "coordesc" (Inductor's
     coordinate_descent_tuning: each Triton kernel's block sizes and warps searched around the
     heuristic's pick; the scan kernels' tile decides whether a row's carry crosses warps),
     "autotune" (torch.compile's mode "max-autotune-no-cudagraphs": that search, plus GEMM
@@ -252,13 +261,16 @@ def model_plan(dry):
                 row(OURS, "compiled", variant="inline"),
                 row(OURS, "compiled", variant="time-major"),
                 row(OURS, "compiled", variant="per-route"),
+                row(VANILLA, "blocks", variant="seq-tiles"),
+                row(OURS, "compiled", variant="seq-tiles"),
                 row(VANILLA, "blocks", variant="coordesc"), row(OURS, "compiled", "bfloat16"))
     bf = "bfloat16"
     return (row(OURS), row(SWIN), row(VANILLA),
             row(OURS, "compiled"), row(SWIN, "compiled"),
-            row(VANILLA, "blocks"), row(VANILLA, "blocks", variant="assoc-chunks"),
+            row(VANILLA, "blocks"), row(VANILLA, "blocks", variant="seq-tiles"),
+            row(VANILLA, "blocks", variant="assoc-chunks"),
             row(OURS, "compiled", variant="inline"), row(OURS, "compiled", variant="per-route"),
-            row(OURS, "compiled", variant="time-major"),
+            row(OURS, "compiled", variant="seq-tiles"), row(OURS, "compiled", variant="time-major"),
             row(VANILLA, "blocks", variant="coordesc"),
             row(OURS, "compiled", variant="tf32"), row(SWIN, "compiled", variant="tf32"),
             row(OURS, train=True), row(SWIN, train=True),
@@ -343,7 +355,8 @@ def _plan(args):
            "train compiled": 15, ("scan compiled", "v2"): 10, ("scan compiled", "v0"): 10,
            **{("scan compiled", f"v2 {p}"): 10 for p in SCAN_COMPILED_PATHS},
            "model compiled autotune": 10, "train compiled autotune": 15,
-           "model compiled per-route": 10,
+           "model compiled per-route": 10, "model compiled seq-tiles": 10,
+           ("model blocks seq-tiles", VANILLA): 10,
            "model compiled coordesc": 10, "train compiled coordesc": 15,
            "model blocks coordesc": 10, "model blocks autotune": 10,
            ("model compiled", VANILLA): 10, ("model blocks", VANILLA): 10,
@@ -1298,6 +1311,57 @@ def per_route_patch():
                    Patch(vmamba_min.SS2D, "ssm", ssm_per_route, mark=True))
 
 
+# (XBLOCK, warps) of the tiles SequentialTiles offers, each with R0_BLOCK 1
+SEQ_TILES = ((64, 2), (128, 4), (256, 8))
+
+
+class SequentialTiles:
+    """The "seq-tiles" variant (an experiment): Inductor's heuristics offer a looped reduction,
+    a scan kernel among them, no tile of one step along the scanned axis (R0_BLOCK 1, where
+    each thread walks its row's steps in order with the states in its registers, as the
+    official CUDA kernels do). Offline, vanilla's stage-1 kernel (16 scans) at that tile needs
+    70 registers and no shuffle or barrier on sm_90, against 194 barriers and up to 7.7 KB
+    spilled per thread at the tiles offered (docs/design.md). While the row runs, every looped
+    reduction's candidates gain SEQ_TILES, and the autotuner times them with the others. It
+    patches a private function of Inductor (torch 2.11's
+    triton_heuristics._reduction_configs), read where the kernels are loaded: the row compiles
+    with compile_threads=1 (build_runner), in this process. Inductor keeps every kernel module
+    it loaded by its source, and an earlier row's kernels have the same source: those caches
+    are emptied before the row (else its kernels come back with their old candidates) and
+    after it (else later rows get these). hits: the kernels given the tiles (none with the dry
+    run's aot_eager)."""
+
+    def __init__(self):
+        self.hits = 0
+
+    @staticmethod
+    def forget_kernels():
+        from torch._inductor.async_compile import CompiledTritonKernels
+        from torch._inductor.codecache import PyCodeCache
+        PyCodeCache.cache_clear(purge=False)
+        CompiledTritonKernels.cache_clear()
+
+    def __enter__(self):
+        from torch._inductor.runtime import triton_heuristics as th
+        self.th, self.orig = th, th._reduction_configs
+        self.forget_kernels()
+
+        def configs(*, size_hints, inductor_meta, triton_meta, **kw):
+            out = self.orig(size_hints=size_hints, inductor_meta=inductor_meta,
+                            triton_meta=triton_meta, **kw)
+            if set(size_hints) != {"x", "r0_"} or triton_meta.get("native_matmul"):
+                return out
+            self.hits += 1
+            return out + [th.triton_config_reduction(size_hints, x, 1, num_warps=w)
+                          for x, w in SEQ_TILES]
+        th._reduction_configs = configs
+        return self
+
+    def __exit__(self, *exc):
+        self.th._reduction_configs = self.orig
+        self.forget_kernels()
+
+
 def variant_patch(variant):
     """The patch a model variant runs under: vmamba_min imports selective_scan by name, so the
     floor swaps that name for floor_scan; "chunked" turns off the dispatch to scan_assoc;
@@ -1318,6 +1382,8 @@ def variant_patch(variant):
         return time_major_patch()
     if variant == "per-route":
         return per_route_patch()
+    if variant == "seq-tiles":
+        return SequentialTiles()
     return force_chunked() if variant == "chunked" else contextlib.nullcontext()
 
 
@@ -1367,8 +1433,9 @@ def build_runner(run, spec):
     inductor = run.plan.model_backend == "inductor"
     mode = {"autotune": "max-autotune-no-cudagraphs", "cudagraphs": "reduce-overhead"}.get(
         spec["variant"]) if inductor else None
-    options = {"coordinate_descent_tuning": True} if spec["variant"] == "coordesc" and \
-        inductor else None
+    options = {"coordesc": {"coordinate_descent_tuning": True},
+               # in this process (SequentialTiles patches it), and a graph of its own
+               "seq-tiles": {"compile_threads": 1}}.get(spec["variant"]) if inductor else None
     if spec["mode"] == "compiled":
         fwd = torch.compile(model, dynamic=False, backend=run.plan.model_backend, mode=mode,
                             options=options)
@@ -1457,6 +1524,8 @@ def phase_models(run):
         "coordesc": "Inductor's coordinate_descent_tuning (each Triton kernel's tile and warps "
                     "searched around the heuristic's pick)",
         "cudagraphs": "torch.compile mode 'reduce-overhead' (replayed as CUDA graphs)",
+        "seq-tiles": "every looped reduction (the scans among them) also offered tiles of one "
+                     "step per program (gpu_check.SequentialTiles; an experiment)",
         "compiled": "torch.compile(model, dynamic=False)", "backend": run.plan.model_backend,
         "paper": PAPER}
     rows = run.plan.rows
@@ -1490,6 +1559,11 @@ def phase_models(run):
                     if spec["variant"] in ("floor", "time-major", "per-route") and not patch.hit:
                         row["error"] = (f"the patch missed: {patch.name} never called (a graph "
                                         f"compiled without it reused?)")
+                    if spec["variant"] == "seq-tiles":
+                        row["seq_tile_kernels"] = patch.hits
+                        if not patch.hits and run.dev == "cuda" and \
+                                run.plan.model_backend == "inductor":
+                            row["error"] = "the patch missed: no kernel was offered SEQ_TILES"
                 else:
                     fn = model_row(run, spec, row)
                     what = profile_item(spec)

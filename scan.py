@@ -19,8 +19,8 @@ import torch._functorch.config
 import torch.nn.functional as F
 from torch._higher_order_ops import scan as _hop_scan
 
-__all__ = ["selective_scan_ref", "selective_scan", "cross_scan", "route", "route_each", "cross_merge",
-           "allow_compile"]
+__all__ = ["selective_scan_ref", "selective_scan", "cross_scan", "route", "route_each",
+           "cross_merge", "allow_compile"]
 
 # Compiled training, torch 2.13 and 2.14.1: Inductor gives the backward graph's "donated
 # buffers" (saved tensors it may overwrite once read) by their position among the graph's

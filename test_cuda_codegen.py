@@ -272,3 +272,24 @@ def test_a_model_variant_is_gpu_checks_patch_for_models_only(monkeypatch):
         vm.SS2D.ssm is not ssm) or ([], None, "case"))
     cg.main(["model", "--name", "vmamba_tiny_s1l8", "--variant", "per-route"])
     assert seen == [True] and vm.SS2D.ssm is ssm          # gpu_check's per_route_patch
+
+
+def test_gpu_checks_sequential_tiles_reach_the_scan_kernels_autotuner(tmp_path):
+    """gpu_check's "seq-tiles" variant: under SequentialTiles the candidates of a looped scan
+    kernel (v0, 16 scans at a stage-1-like length) gain one-step tiles (R0_BLOCK 1, each
+    SEQ_TILES width), read where Inductor loads the kernel; without it, and after it, none."""
+    import gpu_check as gc
+    (graph,) = graphs_of(lambda: (cg.scan_fn("assoc"), cg.scan_case("v0", 2, True)[0]))
+    (source,) = [src for _, src in cg.KERNEL_RE.findall(graph["code"])
+                 if "tl.associative_scan(" in src]
+
+    def r0_one():
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder.mkdir()
+        configs = cg.kernel_configs(source, str(folder))[2]
+        return sorted((c.kwargs["XBLOCK"], c.num_warps) for c in configs
+                      if c.kwargs.get("R0_BLOCK") == 1)
+    assert r0_one() == []
+    with gc.SequentialTiles() as tiles:
+        assert r0_one() == sorted(gc.SEQ_TILES)
+    assert tiles.hits == 1 and r0_one() == []

@@ -141,6 +141,11 @@ def test_patches_swap_and_restore():
         with gc.force_chunked():
             assert scan._use_assoc is gc.never
         assert scan._use_assoc is before
+    from torch._inductor.runtime import triton_heuristics as th
+    heuristic = th._reduction_configs
+    with gc.variant_patch("seq-tiles") as tiles:
+        assert th._reduction_configs is not heuristic and tiles.hits == 0
+    assert th._reduction_configs is heuristic
 
 
 def test_pytest_summary_with_and_without_the_last_line():

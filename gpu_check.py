@@ -219,12 +219,12 @@ def model_plan(dry):
     not at all): eager inference (the logits every later row is checked against), float32
     inference compiled, vanilla through compile_blocks (its target, and its compile time:
     whole, it compiled for 161 s on the H200), then with one-step tiles offered to its scan
-    kernels' autotuner (offline its 16-scan kernel needs no shuffle or barrier there) and with
-    the chunked scan experiment, s1l8 with its blocks traced in line (what the nested compile
-    regions cost or save), s1l8 with one scan per route and delta computed in the scan kernels
-    (offline 9% fewer bytes, no dt bmm up to stage 3, fewer registers per scan kernel), s1l8
-    with one-step tiles, s1l8 with delta computed channels-fastest (what the scan cells "u
-    time-major" and "time-major" compare, in the model), vanilla with tiles tuned by
+    kernels' autotuner (offline its 16-scan kernel needs no shuffle or barrier there), s1l8
+    with one scan per route and delta computed in the scan kernels (offline 9% fewer bytes, no
+    dt bmm up to stage 3, fewer registers per scan kernel), s1l8 with one-step tiles, s1l8
+    with its blocks traced in line (what the nested compile regions cost or save), vanilla
+    with the chunked scan experiment, s1l8 with delta computed channels-fastest (what the
+    scan cells "u time-major" and "time-major" compare, in the model), vanilla with tiles tuned by
     coordinate descent (its N = 16 scan kernel ran at 28.7x its floor; a ~150 s compile,
     after s1l8's experiments, as s1l8 is nearer its target), TF32 matrix products (the
     paper's arithmetic, docs/design.md), eager training, what may make s1l8 faster, bf16,
@@ -268,9 +268,9 @@ def model_plan(dry):
     return (row(OURS), row(SWIN), row(VANILLA),
             row(OURS, "compiled"), row(SWIN, "compiled"),
             row(VANILLA, "blocks"), row(VANILLA, "blocks", variant="seq-tiles"),
-            row(VANILLA, "blocks", variant="assoc-chunks"),
-            row(OURS, "compiled", variant="inline"), row(OURS, "compiled", variant="per-route"),
-            row(OURS, "compiled", variant="seq-tiles"), row(OURS, "compiled", variant="time-major"),
+            row(OURS, "compiled", variant="per-route"), row(OURS, "compiled", variant="seq-tiles"),
+            row(OURS, "compiled", variant="inline"), row(VANILLA, "blocks", variant="assoc-chunks"),
+            row(OURS, "compiled", variant="time-major"),
             row(VANILLA, "blocks", variant="coordesc"),
             row(OURS, "compiled", variant="tf32"), row(SWIN, "compiled", variant="tf32"),
             row(OURS, train=True), row(SWIN, train=True),

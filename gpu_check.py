@@ -369,7 +369,7 @@ def _plan(args):
                                          "assoc compiled, coordesc",
                                          "assoc compiled, u time-major",
                                          "assoc compiled, time-major", "assoc compiled, reduce",
-                                         "assoc eager")) + \
+                                         "assoc compiled, seq-tiles", "assoc eager")) + \
         (("v2", 2, "assoc chunks compiled"), ("v2", 2, "assoc chunks compiled, T=32"),
          ("v0", 2, "chunked eager"),
          ("v0", 2, "assoc eager"), ("v2", 1, "chunked eager"))
@@ -1001,11 +1001,13 @@ def scan_cell(run, row, fn, kind, inputs, gy, ref, backward=True):
 CHUNK_SWEEP = (32, 128)
 CHUNK_SWEEP_PATHS = tuple(f"assoc chunks compiled, T={t}" for t in CHUNK_SWEEP)
 SCAN_COMPILED_PATHS = ("assoc compiled", "assoc chunks compiled", *CHUNK_SWEEP_PATHS,
-                       "assoc compiled, reduce", "assoc compiled, u time-major",
+                       "assoc compiled, reduce", "assoc compiled, seq-tiles",
+                       "assoc compiled, u time-major",
                        "assoc compiled, time-major", "assoc compiled, coordesc",
                        "chunked compiled")
-SCAN_EXPERIMENTS = ("assoc chunks compiled", *CHUNK_SWEEP_PATHS, "assoc compiled, u time-major",
-                    "assoc compiled, time-major", "assoc compiled, coordesc")
+SCAN_EXPERIMENTS = ("assoc chunks compiled", *CHUNK_SWEEP_PATHS, "assoc compiled, seq-tiles",
+                    "assoc compiled, u time-major", "assoc compiled, time-major",
+                    "assoc compiled, coordesc")
 # paths whose backward is another path's code, timed there: only their forward is timed (the
 # chunked experiment's backward is scan_assoc._grads, "assoc compiled"'s; its compile took 82
 # of v0's 93 s)
@@ -1040,7 +1042,8 @@ def scan_cells(big, small):
     as the scan's output already is: do loads contiguous along the channels, like its stores,
     make the scan kernel faster? Against "u time-major": what a dt projection writing delta
     channels-fastest would give the models), "coordesc" (Inductor's
-    coordinate_descent_tuning: does another tile?) and "assoc chunks"
+    coordinate_descent_tuning: does another tile?), "seq-tiles" (tiles of one step per
+    program offered too: SequentialTiles) and "assoc chunks"
     (scan_assoc.selective_scan_assoc_chunked: scans along chunks of 64 steps that a Triton
     program holds whole, chained by a scan over chunks; for v0, whose one-pass kernel ran at
     28.7x its floor on the H200; v0 also with chunks of 32 and 128 steps)."""
@@ -1091,6 +1094,9 @@ def phase_scan(run):
                                       "K*D) (an experiment: the models' delta is along L)",
         "assoc compiled, coordesc": "the same compiled with Inductor's "
                                     "coordinate_descent_tuning (an experiment)",
+        "assoc compiled, seq-tiles": "the same with tiles of one step per program among the "
+                                     "autotuner's candidates (SequentialTiles, compiled with "
+                                     "compile_threads=1; an experiment)",
         "assoc chunks compiled": f"{assoc_chunked_name}, chunks of 64 steps (an experiment); "
                                  f"forward only: its backward is assoc compiled's",
         **{p: f"the same in chunks of {t} steps" for t, p in zip(CHUNK_SWEEP, CHUNK_SWEEP_PATHS)},
@@ -1121,6 +1127,9 @@ def phase_scan(run):
                       "assoc compiled, coordesc": (compiled("assoc compiled", assoc,
                                                             coordinate_descent_tuning=True),
                                                    "scan compiled", contextlib.nullcontext),
+                      "assoc compiled, seq-tiles": (compiled("assoc compiled", assoc,
+                                                             compile_threads=1),
+                                                    "scan compiled", SequentialTiles),
                       "assoc eager": (assoc, "scan eager", contextlib.nullcontext)})
     else:
         run.res["notes"].append(f"assoc paths skipped: {assoc_name}")
@@ -1154,9 +1163,14 @@ def phase_scan(run):
             run.begin(what)
             t = time.time()
             try:
-                with context():
+                with context() as under:
                     scan_cell(run, row, fn, kind, inputs, gy, ref,
                               backward=name not in FORWARD_ONLY)
+                if isinstance(under, SequentialTiles):
+                    row["seq_tile_kernels"] = under.hits
+                    if not under.hits and run.dev == "cuda" and \
+                            run.plan.scan_backends.get(name, "inductor") == "inductor":
+                        row["error"] = "the patch missed: no kernel was offered SEQ_TILES"
             except Exception as e:           # noqa: BLE001 -- recorded in the row
                 row["error"] = error_text(e)
                 traceback.print_exc()

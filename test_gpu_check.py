@@ -33,9 +33,9 @@ def test_arguments():
     assert ("v0", 16, "assoc compiled") in plan.scan_cells and plan.model_backend == "inductor"
     assert ('v2', 128, 'assoc compiled, reduce') in plan.scan_cells
     # 4 shapes x 4 paths (chunked eager and compiled, assoc compiled and eager), + reduce,
-    # u time-major, time-major, coordesc and assoc chunks at both big batches (reduce: v2
-    # only), assoc chunks of 32 and 128 steps (v0 only)
-    assert len(set(plan.scan_cells)) == len(plan.scan_cells) == 27
+    # seq-tiles, u time-major, time-major, coordesc and assoc chunks at both big batches
+    # (reduce: v2 only), assoc chunks of 32 and 128 steps (v0 only)
+    assert len(set(plan.scan_cells)) == len(plan.scan_cells) == 29
     assert ("v0", 16, "assoc chunks compiled") in plan.scan_cells
     assert ("v0", 16, "assoc chunks compiled, T=32") in plan.scan_cells
     assert ("v2", 128, "assoc chunks compiled, T=32") not in plan.scan_cells

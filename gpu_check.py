@@ -1167,9 +1167,10 @@ def phase_scan(run):
                     scan_cell(run, row, fn, kind, inputs, gy, ref,
                               backward=name not in FORWARD_ONLY)
                 if isinstance(under, SequentialTiles):
-                    row["seq_tile_kernels"] = under.hits
+                    row["seq_tile_kernels"], row["seq_tiles_timed"] = under.hits, under.timed
                     if not under.hits and run.dev == "cuda" and \
-                            run.plan.scan_backends.get(name, "inductor") == "inductor":
+                            run.plan.scan_backends.get("assoc compiled", "inductor") == \
+                            "inductor":            # the backend compiled() gave this cell
                         row["error"] = "the patch missed: no kernel was offered SEQ_TILES"
             except Exception as e:           # noqa: BLE001 -- recorded in the row
                 row["error"] = error_text(e)
@@ -1337,16 +1338,20 @@ class SequentialTiles:
     70 registers and no shuffle or barrier on sm_90, against 194 barriers and up to 7.7 KB
     spilled per thread at the tiles offered (docs/design.md). While the row runs, every looped
     reduction's candidates gain SEQ_TILES, and the autotuner times them with the others. It
-    patches a private function of Inductor (torch 2.11's
-    triton_heuristics._reduction_configs), read where the kernels are loaded: the row compiles
-    with compile_threads=1 (build_runner), in this process. Inductor keeps every kernel module
-    it loaded by its source, and an earlier row's kernels have the same source: those caches
-    are emptied before the row (else its kernels come back with their old candidates) and
-    after it (else later rows get these). hits: the kernels given the tiles (none with the dry
-    run's aot_eager)."""
+    patches private parts of Inductor (torch 2.11's triton_heuristics._reduction_configs, read
+    where the kernels are loaded: the row compiles with compile_threads=1, in this process).
+    The row's kernels have the same source as an earlier row's: Inductor's in-memory kernel
+    caches are emptied before and after the row (else its kernels come back with their old
+    candidates, or later rows get these), and torch.compiler's cache_key_tag is set for it
+    (the FX graph cache, which ignores compile_threads, and the .best_config files are keyed
+    by it). kernels: the kernels given the tiles (none with the dry run's aot_eager); timed:
+    per kernel autotuned, the fastest one-step tile's ms, the fastest other's and the one
+    chosen."""
 
     def __init__(self):
-        self.hits = 0
+        self.kernels, self.timed = [], []
+
+    hits = property(lambda self: len(self.kernels))
 
     @staticmethod
     def forget_kernels():
@@ -1356,23 +1361,44 @@ class SequentialTiles:
         CompiledTritonKernels.cache_clear()
 
     def __enter__(self):
+        import torch.compiler
         from torch._inductor.runtime import triton_heuristics as th
         self.th, self.orig = th, th._reduction_configs
-        self.forget_kernels()
+        self.bench = th.CachingAutotuner.benchmark_all_configs
+        self.tag = torch.compiler.config.cache_key_tag
 
         def configs(*, size_hints, inductor_meta, triton_meta, **kw):
             out = self.orig(size_hints=size_hints, inductor_meta=inductor_meta,
                             triton_meta=triton_meta, **kw)
             if set(size_hints) != {"x", "r0_"} or triton_meta.get("native_matmul"):
                 return out
-            self.hits += 1
+            self.kernels.append(inductor_meta.get("kernel_name"))
             return out + [th.triton_config_reduction(size_hints, x, 1, num_warps=w)
                           for x, w in SEQ_TILES]
+
+        def benchmark_all_configs(tuner, *args, **kwargs):
+            timings = self.bench(tuner, *args, **kwargs)
+            one = [t for launcher, t in timings.items()
+                   if launcher.config.kwargs.get("R0_BLOCK") == 1]
+            rest = [t for launcher, t in timings.items()
+                    if launcher.config.kwargs.get("R0_BLOCK") != 1]
+            if one and rest:
+                best = min(timings, key=timings.get).config
+                self.timed.append(dict(kernel=tuner.inductor_meta.get("kernel_name"),
+                                       one_step_ms=min(one), other_ms=min(rest),
+                                       chosen=dict(best.kwargs, num_warps=best.num_warps)))
+            return timings
         th._reduction_configs = configs
+        th.CachingAutotuner.benchmark_all_configs = benchmark_all_configs
+        torch.compiler.config.cache_key_tag = f"{self.tag}seq-tiles"
+        self.forget_kernels()
         return self
 
     def __exit__(self, *exc):
+        import torch.compiler
         self.th._reduction_configs = self.orig
+        self.th.CachingAutotuner.benchmark_all_configs = self.bench
+        torch.compiler.config.cache_key_tag = self.tag
         self.forget_kernels()
 
 
@@ -1574,7 +1600,7 @@ def phase_models(run):
                         row["error"] = (f"the patch missed: {patch.name} never called (a graph "
                                         f"compiled without it reused?)")
                     if spec["variant"] == "seq-tiles":
-                        row["seq_tile_kernels"] = patch.hits
+                        row["seq_tile_kernels"], row["seq_tiles_timed"] = patch.hits, patch.timed
                         if not patch.hits and run.dev == "cuda" and \
                                 run.plan.model_backend == "inductor":
                             row["error"] = "the patch missed: no kernel was offered SEQ_TILES"

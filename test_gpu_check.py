@@ -148,6 +148,35 @@ def test_patches_swap_and_restore():
     assert th._reduction_configs is heuristic
 
 
+def test_sequential_tiles_record_what_the_autotuner_timed(monkeypatch):
+    """SequentialTiles keeps, per kernel the autotuner timed with one-step tiles among its
+    candidates, the fastest one-step tile, the fastest other and the one chosen, and gives
+    its row a cache key tag of its own; everything is restored after."""
+    import types
+    import torch.compiler
+    from torch._inductor.runtime import triton_heuristics as th
+
+    class Launcher:                        # hashable, as the autotuner's launchers are
+        def __init__(self, x, r, warps):
+            self.config = types.SimpleNamespace(kwargs={"XBLOCK": x, "R0_BLOCK": r},
+                                                num_warps=warps)
+    launcher = Launcher
+    times = {launcher(32, 64, 4): 3.0, launcher(128, 1, 4): 1.0, launcher(64, 1, 2): 2.0}
+    monkeypatch.setattr(th.CachingAutotuner, "benchmark_all_configs",
+                        lambda tuner, *a, **kw: dict(times))
+    bench, tag = th.CachingAutotuner.benchmark_all_configs, torch.compiler.config.cache_key_tag
+    tuner = types.SimpleNamespace(inductor_meta={"kernel_name": "triton_red_fused_0"})
+    with gc.SequentialTiles() as tiles:
+        assert torch.compiler.config.cache_key_tag.endswith("seq-tiles")
+        assert th.CachingAutotuner.benchmark_all_configs(tuner) == times
+        del times[next(iter(times))]                         # one-step tiles only: no pair
+        th.CachingAutotuner.benchmark_all_configs(tuner)
+    assert tiles.timed == [dict(kernel="triton_red_fused_0", one_step_ms=1.0, other_ms=3.0,
+                                chosen={"XBLOCK": 128, "R0_BLOCK": 1, "num_warps": 4})]
+    assert th.CachingAutotuner.benchmark_all_configs is bench
+    assert torch.compiler.config.cache_key_tag == tag
+
+
 def test_pytest_summary_with_and_without_the_last_line():
     counts, bad = gc.pytest_summary(["..F", "FAILED test_x.py::test_y - assert 0",
                                      "1 failed, 2 passed, 3 deselected in 4.0s"])

@@ -395,11 +395,39 @@ def markdown(runs, command):
                 for k, v in prof.items()]
             for k, v in prof.items():
                 out += profile_tables(k, v)
+    out += one_step_tiles(runs)
     t = tests(runs)
     if t:
         out += ["", "## CUDA tests", ""] + [f"- {_cell(x)}" for x in t]
     out += ["", "## Rows (JSON)", "", "`results-cuda.json`: every row above with its run.", ""]
     return "\n".join(out)
+
+
+def one_step_tiles(runs):
+    """The seq-tiles rows and scan cells: per kernel their autotuner timed with one-step tiles
+    among its candidates (gpu_check.SequentialTiles), the fastest one-step tile's ms beside
+    the fastest other tile's, and the tile it chose."""
+    timed = []
+    for label, res in runs:
+        for r in res.get("models", []) + res.get("scan", []):
+            name = r.get("name") or f"scan {r.get('gen')} b{r.get('batch')} {r.get('path')}"
+            for k in r.get("seq_tiles_timed") or ():
+                chosen = k.get("chosen") or {}
+                timed.append(dict(k, item=f"{name} (run {label})",
+                                  ratio=k["one_step_ms"] / k["other_ms"] if k.get("other_ms")
+                                  else None,
+                                  tile=" x ".join(str(v) for key, v in chosen.items()
+                                                  if key.endswith("BLOCK"))
+                                  + f", {chosen.get('num_warps')} warps"))
+    if not timed:
+        return []
+    return ["", "## One-step tiles (seq-tiles rows and cells)", "",
+            "Per kernel whose autotuner also timed tiles of one step per program (R0_BLOCK 1, "
+            "gpu_check.SequentialTiles): ms of the fastest such tile and of the fastest other, "
+            "their ratio, and the tile chosen (XBLOCK x R0_BLOCK).", "", "```text",
+            table(timed, [("item", "row or cell", "{}"), ("one_step_ms", "1-step ms", "{:.3f}"),
+                          ("other_ms", "other ms", "{:.3f}"), ("ratio", "ratio", "{:.2f}"),
+                          ("tile", "chosen", "{}"), ("kernel", "kernel", "{}")]), "```"]
 
 
 def page_json(runs, command):

@@ -212,3 +212,20 @@ def test_the_page_says_what_each_variant_of_its_rows_is():
                            "per-route": "one scan per route", "time-major": "T"}
     page = gr.markdown([("1", res)], "python gpu_report.py x.json")
     assert "per-route: one scan per route." in page and "time-major: T" not in page
+
+
+def test_the_page_lists_what_the_one_step_tiles_timed():
+    """Each kernel a seq-tiles row or cell timed with one-step tiles: both figures, their ratio
+    and the tile chosen; no section without such a row."""
+    timed = [dict(kernel="triton_red_fused_7", one_step_ms=0.5, other_ms=2.0,
+                  chosen={"XBLOCK": 128, "R0_BLOCK": 1, "num_warps": 4})]
+    res = fake_run([row(gc.VANILLA, "blocks", "float32", False, 900.0,
+                        run_name="vanilla-seq-tiles blocks fp32 infer", variant="seq-tiles",
+                        seq_tile_kernels=3, seq_tiles_timed=timed)],
+                   scan=[dict(gen="v0", batch=32, path="assoc compiled, seq-tiles",
+                              seq_tile_kernels=1, seq_tiles_timed=[])])
+    lines = gr.markdown([("1", res)], "python gpu_report.py x.json").splitlines()
+    line = next(ln for ln in lines if ln.startswith("vanilla-seq-tiles blocks fp32 infer (run"))
+    assert line.split()[6:] == ["0.500", "2.000", "0.25", "128", "x", "1,", "4", "warps",
+                                "triton_red_fused_7"]
+    assert "## One-step tiles" not in gr.markdown([("1", fake_run([]))], "x")

@@ -359,13 +359,15 @@ def test_time_major_selection_is_the_models_with_delta_stored_channels_fastest(g
     torch.testing.assert_close(logits, plain, rtol=0, atol=1e-5)
 
 
-def test_the_time_major_row_compiles_its_own_graph_and_leaves_none_behind():
+@pytest.mark.parametrize("variant, method", [("time-major", "selection"), ("per-route", "ssm")])
+def test_a_variant_row_compiles_its_own_graph_and_leaves_none_behind(variant, method):
     """Dynamo does not guard a method swapped on a class: a fresh model compiled under
     Patch(SS2D, "selection", ...) alone reused the graph of the row before it, silently
-    measuring the unpatched model. The time-major patch also swaps vmamba_min.route_each for
-    a new function object (a guarded global): its stand-in runs even after an unpatched
-    compile of the same shapes, and an unpatched compile after it does not run its graph
-    (the mark, a store Dynamo replays, tells which graph ran)."""
+    measuring the unpatched model. Each such patch also swaps module globals the graphs read
+    for new function objects (time-major: vmamba_min.route_each; per-route: the scan
+    functions run_scan may call): its stand-in runs even after an unpatched compile of the
+    same shapes, and an unpatched compile after it does not run its graph (the mark, a store
+    Dynamo replays, tells which graph ran)."""
     import vmamba_min
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -374,20 +376,24 @@ def test_the_time_major_row_compiles_its_own_graph_and_leaves_none_behind():
         model = vmamba_min.VSSM(vmamba_min.VSSMConfig(generation=2, dim=16, depths=(1, 1),
                                                       num_classes=3)).eval()
         return torch.compile(model, backend="eager", dynamic=False)(x)
-    orig = vmamba_min.SS2D.selection
+    orig = getattr(vmamba_min.SS2D, method)
     with torch.no_grad():
         plain = compiled()                                   # the row before: no patch
-        with gc.variant_patch("time-major") as patch:
+        with gc.variant_patch(variant) as patch:
             swapped = compiled()
-        assert patch.hit and patch.name == "selection"
+        assert patch.hit and patch.name == method
         patch.marked.hit = False
         after = compiled()
-        assert not patch.hit                                 # the time-major graph: not rerun
-        with gc.variant_patch("time-major") as again:        # a second time-major row
+        assert not patch.hit                                 # the variant's graph: not rerun
+        with gc.variant_patch(variant) as again:             # a second row of the variant
             compiled()
         assert again.hit
-    assert vmamba_min.SS2D.selection is orig
+    assert getattr(vmamba_min.SS2D, method) is orig
     assert vmamba_min.route_each is scan.route_each
+    assert all(getattr(vmamba_min, f) is getattr(scan, f, None) or
+               getattr(vmamba_min, f) is getattr(scan.scan_assoc, f) for f in gc.SCAN_FUNCTIONS)
+    # float32: delta's R-term sums round in another order than the matmul's (~ R eps
+    # relative), carried through a scan whose decays are <= 1 and three layers of a tiny model
     torch.testing.assert_close(swapped, plain, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(after, plain, rtol=0, atol=0)
 
@@ -425,39 +431,6 @@ def test_per_route_ssm_is_the_models(generation, max_rank, monkeypatch):
     assert got.shape == want.shape == (2, 35, ss2d.d_inner) and got.dtype == torch.float64
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     torch.testing.assert_close(logits, plain, rtol=0, atol=1e-12)
-
-
-def test_the_per_route_row_compiles_its_own_graph_and_leaves_none_behind():
-    """As for time-major: the per-route patch swaps a method on a class (not guarded by
-    Dynamo) and vmamba_min.selective_scan for a new function object (guarded), so its graph
-    is compiled anew after an unpatched compile, and not rerun by one after it."""
-    import vmamba_min
-    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-
-    def compiled():
-        torch.manual_seed(0)
-        model = vmamba_min.VSSM(vmamba_min.VSSMConfig(generation=2, dim=16, depths=(1, 1),
-                                                      num_classes=3)).eval()
-        return torch.compile(model, backend="eager", dynamic=False)(x)
-    orig = vmamba_min.SS2D.ssm
-    with torch.no_grad():
-        plain = compiled()
-        with gc.variant_patch("per-route") as patch:
-            swapped = compiled()
-        assert patch.hit and patch.name == "ssm"
-        patch.marked.hit = False
-        after = compiled()
-        assert not patch.hit
-        with gc.variant_patch("per-route") as again:
-            compiled()
-        assert again.hit
-    assert vmamba_min.SS2D.ssm is orig
-    assert all(getattr(vmamba_min, f) is getattr(scan, f, None) or
-               getattr(vmamba_min, f) is getattr(scan.scan_assoc, f) for f in gc.SCAN_FUNCTIONS)
-    # float32: delta's sums round in another order than the matmul's (~ R eps relative),
-    # carried through a scan whose decays are <= 1 and three layers of a tiny model
-    torch.testing.assert_close(swapped, plain, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(after, plain, rtol=0, atol=0)
 
 
 def _absolute(ss2d):

@@ -274,8 +274,9 @@ def _first_order_only():
     them gave wrong second derivatives (off by 20-136% for a model's parameters under an
     input-gradient penalty), silently. torch.autograd.functional.jvp, which differentiates a
     backward with respect to its output gradient only, came out right and is refused too: the
-    backward cannot tell what will be differentiated. Not checked while compiling: a compiled function's
-    double backward raises in AOTAutograd ("does not currently support double backward")."""
+    backward cannot tell what will be differentiated. Not checked while compiling: a compiled
+    function's double backward raises in AOTAutograd ("does not currently support double
+    backward")."""
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         raise RuntimeError(
             "selective_scan: the chunked scan's backward is first-order only; for double "

@@ -701,7 +701,8 @@ def cross_scan(x):
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"cross_scan: x must be a (b, D, H, W) tensor, got {_described(x)}")
-    return torch.stack([route(x, k) for k in range(4)], dim=1)   # (b, 4, D, L)
+    rows, cols = route(x, 0), route(x, 1)    # cols is a copy (not a view) of a channels-last x
+    return torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)   # (b, 4, D, L)
 
 
 def route(t, k):

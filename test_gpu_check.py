@@ -369,13 +369,13 @@ def test_a_variant_row_compiles_its_own_graph_and_leaves_none_behind(variant, me
     same shapes, and an unpatched compile after it does not run its graph (the mark, a store
     Dynamo replays, tells which graph ran)."""
     import vmamba_min
-    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
     def compiled():
         torch.manual_seed(0)
         model = vmamba_min.VSSM(vmamba_min.VSSMConfig(generation=2, dim=16, depths=(1, 1),
                                                       num_classes=3)).eval()
-        return torch.compile(model, backend="eager", dynamic=False)(x)
+        return torch.compile(model, backend="eager", dynamic=False, fullgraph=True)(x)
     orig = getattr(vmamba_min.SS2D, method)
     with torch.no_grad():
         plain = compiled()                                   # the row before: no patch

@@ -388,7 +388,7 @@ def model_specs(args, train=False):
                           if kind != "blocks" or ours]
                 if ours and args.all_models and not train:
                     specs.append(dict(row, compile=False, compile_mode=None,
-                                      overrides=dict(ours_kw, scan="reference")))
+                                      overrides=dict(scan="reference")))   # no chunks
     return specs
 
 

@@ -8,11 +8,12 @@ Letters: b batch (B is the scan's input matrix), H, W feature map, L = H*W seque
 K scan routes (groups), D channels per route, N state size, T chunk length, M = number of chunks
 (ceil(L / T)).
 
-Two implementations of one signature:
+Two implementations of one signature (scan_assoc.py holds two more):
   selective_scan_ref  the obvious loop over time, the readable reference;
-  selective_scan      a chunked scan, exact at any chunk size, that torch.compile fuses (on
-                      CUDA under torch.compile it hands the call to
-                      scan_assoc.selective_scan_assoc: `_use_assoc`).
+  selective_scan      a chunked scan, exact at any chunk size, that torch.compile fuses, with
+                      a path of its own for N = 1 (`_ScanState1`); on CUDA under
+                      torch.compile it hands the call to scan_assoc.selective_scan_assoc
+                      (`_use_assoc`).
 """
 import torch
 import torch._functorch.config
@@ -53,12 +54,13 @@ def allow_compile():
 # ---------------------------------------------------------------------------------------------
 # Input checks shared by both scans: bad shapes fail loudly, never broadcast into nonsense.
 # ---------------------------------------------------------------------------------------------
-def _check_inputs(u, delta, A, B, C, D, delta_bias, h0, delta_softplus):
+def _check_inputs(u, delta, A, B, C, D, delta_bias, h0, delta_softplus, who="selective_scan"):
+    """Raise a ValueError naming `who` (the function the user called) and every shape."""
     def fail(msg):
         shapes = ", ".join(f"{n}={tuple(t.shape)}" for n, t in
                            (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C))
                            if isinstance(t, torch.Tensor))
-        raise ValueError(f"selective_scan: {msg} (got {shapes})")
+        raise ValueError(f"{who}: {msg} (got {shapes})")
 
     named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "delta_bias": delta_bias,
              "h0": h0}
@@ -108,7 +110,7 @@ def _compute_dtype(u):
 
 def _prepare(u, delta, A, B, C, D, delta_bias, delta_softplus, h0):
     """Checks, casts to the compute dtype, and applies delta' = softplus(delta + delta_bias)."""
-    _check_inputs(u, delta, A, B, C, D, delta_bias, h0, delta_softplus)
+    _check_inputs(u, delta, A, B, C, D, delta_bias, h0, delta_softplus, "selective_scan_ref")
     dt = _compute_dtype(u)
     u, delta, A, B, C = (t.to(dt) for t in (u, delta, A, B, C))
     if delta_bias is not None:
@@ -150,6 +152,7 @@ def _delta_prime(delta, delta_bias, softplus):
 def selective_scan_ref(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, *,
                        h0=None, return_last_state=False):
     """The S6 selective scan as an obvious loop over time (the official kernel's layout).
+    Official: mamba_ssm's selective_scan_ref (VMamba's csms6s.selective_scan_torch).
 
     u, delta: (b, K*D, L)   A: (K*D, N)   B, C: (b, K, N, L), shared by the D channels of a group
     D, delta_bias: (K*D,) or None         h0: initial state (b, K*D, N) or None (zeros)
@@ -697,17 +700,19 @@ def cross_scan(x):
     """(b, D, H, W) -> (b, 4, D, L): the four routes of VMamba's Cross-Scan Module.
 
     Route 0 row-major (l = h*W + w), route 1 column-major (l = w*H + h), routes 2 and 3 the
-    same two reversed.
+    same two reversed. Official: cross_scan_fn (classification/models/csm_triton.py; CrossScanF
+    is its PyTorch form), in its channel-first layout.
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"cross_scan: x must be a (b, D, H, W) tensor, got {_described(x)}")
-    rows, cols = route(x, 0), route(x, 1)    # cols is a copy (not a view) of a channels-last x
+    rows, cols = route(x, 0), route(x, 1)    # routes 2, 3 flip these (route(x, 3) copies again)
     return torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)   # (b, 4, D, L)
 
 
 def route(t, k):
     """(b, C, H, W) -> (b, C, L): t read along route k of cross_scan (0 row-major, 1 column-
-    major, 2 and 3 the same reversed): views, and a flip for routes 2 and 3."""
+    major, 2 and 3 the same reversed): route 0 a view (of a contiguous or channels-last t),
+    route 1 a copy (a column-major read of either layout), and a flip for routes 2 and 3."""
     if not isinstance(t, torch.Tensor) or t.dim() != 4 or k not in (0, 1, 2, 3):
         raise ValueError(f"route: t must be a (b, C, H, W) tensor and k one of 0-3, got "
                          f"{_described(t)} and {k!r}")
@@ -728,6 +733,7 @@ def cross_merge(ys):
 
     ys[:, k] holds route k's outputs in route k's own order, viewed as an (H, W) grid only for
     its shape: route 1/3 sequences are column-major, so they are read as (W, H) and transposed.
+    Official: cross_merge_fn (csm_triton.py; CrossMergeF).
     """
     if not isinstance(ys, torch.Tensor) or ys.dim() != 5 or ys.shape[1] != 4:
         raise ValueError(f"cross_merge: ys must be a (b, 4, D, H, W) tensor, got "

@@ -61,8 +61,8 @@ def selective_scan_assoc(u, delta, A, B, C, D=None, delta_bias=None, delta_softp
     combine_mode: "pointwise" (one Triton kernel under torch.compile; CUDA/XPU tensors only),
     "generic" (any device, slow: for tests), or None: "pointwise" on CUDA, "generic" elsewhere.
     """
-    return _apply(_AssocScan, (), u, delta, A, B, C, D, delta_bias, delta_softplus, h0,
-                  return_last_state, combine_mode)
+    return _apply("selective_scan_assoc", _AssocScan, (), u, delta, A, B, C, D, delta_bias,
+                  delta_softplus, h0, return_last_state, combine_mode)
 
 
 def selective_scan_assoc_chunked(u, delta, A, B, C, D=None, delta_bias=None,
@@ -91,19 +91,20 @@ def selective_scan_assoc_chunked(u, delta, A, B, C, D=None, delta_bias=None,
     if chunk_size is None:
         chunk_size = 64
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"selective_scan: chunk_size must be None or a positive int, got "
-                         f"{chunk_size!r}")
-    return _apply(_ChunkedAssocScan, (chunk_size,), u, delta, A, B, C, D, delta_bias,
-                  delta_softplus, h0, return_last_state, combine_mode)
+        raise ValueError(f"selective_scan_assoc_chunked: chunk_size must be None or a positive "
+                         f"int, got {chunk_size!r}")
+    return _apply("selective_scan_assoc_chunked", _ChunkedAssocScan, (chunk_size,), u, delta,
+                  A, B, C, D, delta_bias, delta_softplus, h0, return_last_state, combine_mode)
 
 
-def _apply(function, extra, u, delta, A, B, C, D, delta_bias, delta_softplus, h0,
+def _apply(who, function, extra, u, delta, A, B, C, D, delta_bias, delta_softplus, h0,
            return_last_state, combine_mode):
-    """Checks and casts shared by both scans, the empty cases, then function.apply."""
+    """Checks and casts shared by both scans (errors name `who`, the function called), the
+    empty cases, then function.apply."""
     if combine_mode not in (None, "pointwise", "generic"):
-        raise ValueError(f"selective_scan: combine_mode must be None, 'pointwise' or 'generic', "
+        raise ValueError(f"{who}: combine_mode must be None, 'pointwise' or 'generic', "
                          f"got {combine_mode!r}")
-    _check_inputs(u, delta, A, B, C, D, delta_bias, h0, delta_softplus)
+    _check_inputs(u, delta, A, B, C, D, delta_bias, h0, delta_softplus, who)
     if GROUP_SUM not in ("atomic", "reduce"):
         raise ValueError(f"scan_assoc.GROUP_SUM must be 'atomic' or 'reduce', got {GROUP_SUM!r}")
     if combine_mode is None:

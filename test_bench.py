@@ -21,6 +21,7 @@ import pytest
 import bench
 import benchkit as bk
 import report
+import vmamba_min as vm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # A VMamba small enough for seconds: one block per stage, width 16, 64 x 64 images.
@@ -70,6 +71,11 @@ def test_specs_cover_every_batch_and_mode():
     _, args = bench.parse_args(["--models", "--all-models", "--no-peers"])
     scans = [bench.label(s)["scan"] for s in bench.model_specs(args)]
     assert scans == ["chunked", "reference"] * len(bench.OURS)
+    # --chunk reaches the chunked rows only: a chunk size with the reference loop is an error
+    _, args = bench.parse_args(["--models", "--all-models", "--no-peers", "--chunk", "16"])
+    for spec in bench.model_specs(args):
+        cfg = vm.build_config(spec["model"], **spec["overrides"])
+        assert cfg.chunk_size == (16 if cfg.scan == "chunked" else None), spec
 
 
 def test_groups_are_a_models_modes():

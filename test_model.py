@@ -262,9 +262,9 @@ def test_release_params_and_official_key_sets(name):
 
 def test_build_forwards_overrides_and_rejects_unknowns():
     with torch.device("meta"):
-        model = build("vmamba_tiny_s1l8", num_classes=10, scan="reference", chunk_size=32)
+        model = build("vmamba_tiny_s1l8", num_classes=10, scan="assoc_chunked", chunk_size=32)
     assert model.head.weight.shape == (10, 768)
-    assert model.config.scan == "reference" and model.config.chunk_size == 32
+    assert model.config.scan == "assoc_chunked" and model.config.chunk_size == 32
     with pytest.raises(ValueError, match="vanilla_vmamba_tiny"):    # lists the valid names
         build("vmamba_tiny")
     with pytest.raises(ValueError, match="num_clases"):
@@ -285,6 +285,9 @@ def test_build_forwards_overrides_and_rejects_unknowns():
                                  dict(mlp_ratio=None, drop_path_rate=None),
                                  dict(grad_checkpointing="yes"),
                                  dict(dt_rank=0), dict(d_state=0),   # 0 is not "auto"
+                                 # a chunk size the scan would ignore
+                                 dict(scan="reference", chunk_size=8),
+                                 dict(scan="assoc", chunk_size=8),
                                  dict(dim=1)])          # generation 2's stem has dim // 2 channels
 def test_config_validation(bad):
     with pytest.raises(ValueError, match="VSSMConfig"):
@@ -329,7 +332,7 @@ def test_reference_and_chunked_scan_give_the_same_model(generation):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 40, 32, device=DEVICE)
     outs = []
-    for scan, chunk in (("reference", 64), ("chunked", 64), ("chunked", 7)):
+    for scan, chunk in (("reference", None), ("chunked", 64), ("chunked", 7)):
         torch.manual_seed(1)                                 # same weights each time
         model = VSSM(tiny(generation, scan=scan, chunk_size=chunk)).eval().to(DEVICE)
         with torch.no_grad():

@@ -942,7 +942,8 @@ BAD = {  # name -> (replacement, pattern the message must match)
 }
 
 
-@pytest.mark.parametrize("fn", [selective_scan_ref, selective_scan, selective_scan_assoc])
+@pytest.mark.parametrize("fn", [selective_scan_ref, selective_scan, selective_scan_assoc,
+                                selective_scan_assoc_chunked])
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_raises_naming_the_argument(fn, case):
     name, bad, pattern = BAD[case]
@@ -951,7 +952,7 @@ def test_bad_input_raises_naming_the_argument(fn, case):
     with pytest.raises(ValueError, match=pattern) as info:
         call(fn, a)
     msg = str(info.value)
-    assert msg.startswith("selective_scan:"), msg
+    assert msg.startswith(f"{fn.__name__}:"), f"the message should name the function called: {msg}"
     assert "u=(" in msg and "B=(" in msg, f"the message should show the shapes: {msg}"
     if isinstance(bad, torch.Tensor) and name in ("u", "A", "B", "C"):
         assert str(tuple(bad.shape)) in msg, msg

@@ -200,7 +200,8 @@ def test_chunked_assoc_gradcheck_dtypes_and_empty_sequence():
 
 @pytest.mark.parametrize("bad", [0, -4, 2.0, True, "64"])
 def test_chunked_assoc_bad_chunk_size_raises(bad):
-    with pytest.raises(ValueError, match=r"chunk_size must be None or a positive int, got "):
+    with pytest.raises(ValueError, match=r"^selective_scan_assoc_chunked: chunk_size must be None "
+                                         r"or a positive int, got "):
         call(selective_scan_assoc_chunked, good_args(), chunk_size=bad)
     # None is the default, 64 steps
     torch.testing.assert_close(call(selective_scan_assoc_chunked, good_args(), chunk_size=None),

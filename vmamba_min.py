@@ -9,7 +9,10 @@ Both generations of the released weights, chosen by `VSSMConfig.generation`:
     0  "vanilla" VMamba (the seed): d_state 16, gate z, 4x4 patch embed, PatchMerging, no MLP;
     2  the released VMamba-T/S/B (official forward_type "v05_noz"): d_state 1, no gate, an MLP
        in every block, a two-conv stem and conv downsampling.
-The scan math (selective scan, cross-scan, cross-merge) lives in scan.py as pure functions.
+The scan math lives in pure functions: the selective scan, cross-scan and cross-merge in
+scan.py, the associative-scan formulation that compiled CUDA code runs in scan_assoc.py.
+"Official:" in a docstring names the piece of the official code (MzeroMiko/VMamba,
+classification/models/vmamba.py unless said) that a class mirrors.
 
 Letters used in every shape comment:
     b batch (lower case: B is the scan's input matrix), H, W feature-map height and width,
@@ -139,6 +142,10 @@ class VSSMConfig:
         need(self.scan in ("chunked", "reference", "assoc", "assoc_chunked"),
              f"scan must be 'chunked', 'reference', 'assoc' or 'assoc_chunked', got "
              f"{self.scan!r}")
+        need(self.chunk_size is None or self.scan in ("chunked", "assoc_chunked"),
+             f"chunk_size applies to the chunked scans only (scan='chunked' or "
+             f"'assoc_chunked'); scan={self.scan!r} has no chunks, got chunk_size="
+             f"{self.chunk_size!r}")
 
     @property
     def n_state(self) -> int:
@@ -159,7 +166,8 @@ class VSSMConfig:
 # Patch embedding: image (b, 3, H, W) -> tokens (b, L, C) of an (H/4, W/4) map, and H/4, W/4
 # ---------------------------------------------------------------------------------------------
 class PatchEmbed(nn.Module):
-    """Generation 0: one 4x4 stride-4 conv (a linear map of each patch), then LayerNorm."""
+    """Generation 0: one 4x4 stride-4 conv (a linear map of each patch), then LayerNorm.
+    Official: VSSM._make_patch_embed."""
 
     def __init__(self, in_chans, dim):
         super().__init__()
@@ -173,7 +181,7 @@ class PatchEmbed(nn.Module):
 
 class ConvStem(nn.Module):
     """Generation 2: two 3x3 stride-2 convs (C/2 then C) with LayerNorm, GELU between them.
-    Padding 1 makes each conv round odd sizes up: ceil(H/2)."""
+    Padding 1 makes each conv round odd sizes up: ceil(H/2). Official: VSSM._make_patch_embed_v2."""
 
     def __init__(self, in_chans, dim):
         super().__init__()
@@ -196,7 +204,9 @@ class SS2D(nn.Module):
     """The paper's SS2D box. Parameter names and shapes are the official ones, so checkpoints
     load as they are: per route k, x_proj_weight[k] (R+2N, D) maps a token to [dt R | B N | C N],
     dt_projs_weight[k] (D, R) lifts dt to D channels, dt_projs_bias[k] (D,) is the scan's
-    delta_bias; A_logs (K*D, N) and Ds (K*D,) are the per-channel A = -exp(A_logs) and skip D."""
+    delta_bias; A_logs (K*D, N) and Ds (K*D,) are the per-channel A = -exp(A_logs) and skip D.
+    Official: SS2D, run by SS2Dv0.forwardv0 (generation 0) or SS2Dv2.forwardv2 and
+    forward_corev2 (generation 2)."""
 
     def __init__(self, dim, cfg: VSSMConfig):
         super().__init__()
@@ -218,7 +228,8 @@ class SS2D(nn.Module):
 
     @torch.no_grad()
     def reset_ssm_parameters(self):
-        """The official SSM init (Mamba's): dt starts log-uniform in [1e-3, 1e-1]."""
+        """The official SSM init (Mamba's): dt starts log-uniform in [1e-3, 1e-1].
+        Official: mamba_init.dt_init, A_log_init and D_init."""
         D, N, R = self.d_inner, self.d_state, self.dt_rank
         # x_proj is an nn.Linear in the official code before its weights are stacked, so it
         # keeps nn.Linear's default init (kaiming-uniform: U(+-1/sqrt(fan_in))).
@@ -348,6 +359,8 @@ class DropPath(nn.Module):
 
 
 class MLP(nn.Module):
+    """Generation 2's channel MLP: Linear(C -> hidden), GELU, Linear(hidden -> C). Official: Mlp."""
+
     def __init__(self, dim, hidden):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
@@ -358,6 +371,8 @@ class MLP(nn.Module):
 
 
 class VSSBlock(nn.Module):
+    """One VSS block (the residual sums in the module docstring). Official: VSSBlock._forward."""
+
     def __init__(self, dim, cfg: VSSMConfig, drop_path_rate: float):
         super().__init__()
         self.ln_1 = nn.LayerNorm(dim)
@@ -379,7 +394,8 @@ class VSSBlock(nn.Module):
 # (ceil(H/2), ceil(W/2)) map, and that map's height and width
 # ---------------------------------------------------------------------------------------------
 class PatchMerging(nn.Module):
-    """Generation 0: concatenate each 2x2 neighbourhood, LayerNorm(4C), Linear(4C -> 2C)."""
+    """Generation 0: concatenate each 2x2 neighbourhood, LayerNorm(4C), Linear(4C -> 2C).
+    Official: PatchMerging2D."""
 
     def __init__(self, dim):
         super().__init__()
@@ -400,7 +416,8 @@ class PatchMerging(nn.Module):
 
 
 class ConvDownsample(nn.Module):
-    """Generation 2: Conv2d(C, 2C, 3, stride 2, padding 1) (rounds up), then LayerNorm(2C)."""
+    """Generation 2: Conv2d(C, 2C, 3, stride 2, padding 1) (rounds up), then LayerNorm(2C).
+    Official: VSSM._make_downsample_v3."""
 
     def __init__(self, dim):
         super().__init__()
@@ -413,7 +430,8 @@ class ConvDownsample(nn.Module):
 
 
 class Stage(nn.Module):
-    """The blocks of one width, then (except after the last stage) the downsample."""
+    """The blocks of one width, then (except after the last stage) the downsample.
+    Official: VSSM._make_layer."""
 
     def __init__(self, dim, depth, cfg: VSSMConfig, drop_rates, downsample: bool):
         super().__init__()
@@ -445,7 +463,8 @@ class VSSM(nn.Module):
     any H, W >= 4. timm-style parts: forward_features (-> an NHWC map (b, H/32, W/32, 8C),
     before the final norm), forward_head(x, pre_logits=False), forward_intermediates (the one
     loop over the stages) and prune_intermediate_layers, feature_info, reset_classifier,
-    no_weight_decay, set_grad_checkpointing, load_pretrained (an official checkpoint file)."""
+    no_weight_decay, set_grad_checkpointing, load_pretrained (an official checkpoint file).
+    Official: VSSM."""
 
     def __init__(self, config: VSSMConfig):
         super().__init__()
@@ -947,9 +966,8 @@ def build(name: str, **overrides) -> VSSM:
 # blocks, their weights of the same shapes, call it, so Inductor generates one block per stage
 # instead of every block in line (docs/design.md, "Nested compile regions"). Not with autograd:
 # in training each block's drop-path rate is a constant to Dynamo, so every block would need a
-# subgraph of its own, and regions split into forward and backward have not run on a GPU yet.
-# Not under torch.export where torch can tell it apart (_in_compiled_inference), nor outside
-# Dynamo. False: every block in line.
+# subgraph of its own. Not under torch.export where torch can tell it apart
+# (_in_compiled_inference), nor outside Dynamo. BLOCK_REGIONS = False: every block in line.
 def _call_block(blk, x, H, W):
     return blk(x, H, W)
 

@@ -13,8 +13,10 @@
     python bench.py --report ...       also docs/results-<cpu|cuda>.md/.json and charts (report.py;
                                        --report-dir: elsewhere than docs/, which it replaces)
     python bench.py --json             one JSON object (every row) instead of tables
-    python bench.py --device cuda --scan --models --train --batch 1,128 --compile-models --report
-                                       on a GPU (naming one table, e.g. --train, runs only it)
+    python bench.py --device cuda --scan --models --train --batch 1,128 --compile-models \
+        --report --report-dir DIR      on a GPU (naming one table, e.g. --train, runs only it;
+                                       docs/results-cuda.md is gpu_report.py's page, which
+                                       --report refuses to replace)
 Without --report or --json, the charts go to bench_out/ in the current folder. Exit status 1
 when a table asked for failed or timed no row.
 
@@ -192,6 +194,11 @@ def parse_args(argv=None):
         check_model_names(parser, args.only)
     if args.report and os.path.exists(args.report_dir) and not os.path.isdir(args.report_dir):
         parser.error(f"--report-dir {args.report_dir}: exists and is not a folder")
+    page = os.path.join(args.report_dir, f"results-{args.device}.md")
+    author = report.written_by_another(page) if args.report else None
+    if author:
+        parser.error(f"--report would replace {page}, which {author} wrote (README quotes "
+                     f"it): give --report-dir DIR to write elsewhere")
     return parser, args
 
 

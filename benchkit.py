@@ -104,8 +104,10 @@ def load_note():
         one_min = os.getloadavg()[0]
     except (AttributeError, OSError):
         return "unknown"
-    busy = " (other processes compete: timings inflated)" if one_min > 1.5 * os.cpu_count() \
-        else ""
+    # The run itself has barely started, so a load near the core count is other processes:
+    # every core taken by them slows the timed threads (a run beside a compile: 60x).
+    busy = (" (other processes compete: timings inflated; time on an idle machine)"
+            if one_min >= 0.9 * os.cpu_count() else "")
     return f"{one_min:.1f} on {os.cpu_count()} cores at start{busy}"
 
 

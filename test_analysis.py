@@ -2,8 +2,8 @@
 (torch.export with a dynamic batch; ONNX when onnx, onnxscript and onnxruntime are installed).
 
 Expected FLOPs are computed here by hand from the configuration, never taken from flops.py's own
-output; the only hard-coded numbers are SPEC.md's (the paper's GFLOPs, the official models'
-exact parameter counts).
+output; the only hard-coded numbers are the paper's GFLOPs and the official models' exact
+parameter counts.
 """
 import math
 
@@ -23,7 +23,7 @@ K = 4
 # FLOPs
 # ---------------------------------------------------------------------------------------------
 def stage_maps(cfg, H, W):
-    """(H_i, W_i) of every stage, from SPEC.md's layer definitions (not from running the model):
+    """(H_i, W_i) of every stage, from the official layer definitions (not from running the model):
     v0 stem = 4x4 stride-4 conv (floor), v2 stem = two 3x3 stride-2 pad-1 convs (ceil each);
     both downsamples round up (PatchMerging pads to even, the stride-2 conv has padding 1)."""
     if cfg.generation == 0:
@@ -103,7 +103,8 @@ def test_flops_linear_in_image_area(generation):
 
 
 def test_released_configs_match_the_paper():
-    """All nine configurations at 224x224 against SPEC.md (the paper's table)."""
+    """All nine configurations at 224x224 against the paper's GFLOPs and the official
+    parameter counts."""
     for name in CONFIGS:
         r = count_flops(name)
         assert r["params"] == SPEC_PARAMS[name], name

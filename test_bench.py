@@ -529,3 +529,12 @@ def test_a_table_of_errors_gets_no_chart_and_no_matplotlib_hint(tmp_path):
     result = {"header": {"device": "cpu"}, "config": {"res": 32}, "models": [bad],
               "scaling": {"rows": [dict(bad, res=224)]}}
     assert report.make_charts(result, str(tmp_path)) == {}
+
+
+def test_load_note_warns_when_other_processes_hold_the_cores(monkeypatch):
+    """A timing beside other work came out 60x slow with only 'load average: 2.6 on 2 cores' in
+    its header: a load near the core count at the start now says the timings are inflated."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    for load, warned in ((0.3, False), (1.7, False), (1.8, True), (2.6, True)):
+        monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+        assert ("timings inflated" in bk.load_note()) == warned, load

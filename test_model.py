@@ -198,6 +198,48 @@ def test_classification_weights_start_a_backbone_with_strict_false(name):
     assert {k.split(".")[0] for k in result.unexpected_keys} == {"norm", "head"}
 
 
+@pytest.mark.parametrize("name", MODEL_FIXTURES)
+def test_backbone_load_pretrained_takes_a_classifier_file_of_its_configuration_only(name,
+                                                                                   tmp_path):
+    """README: Backbone.load_pretrained loads a classification file, its output norms left at
+    their init. A classifier of one block more or less has the same widths, so strict=False
+    loaded it with blocks missing (or left over), silently: here an error."""
+    fx = load_fixture(name)
+    kwargs = dict(fx["backbone"]["kwargs"])
+    out_indices = kwargs.pop("out_indices")
+    cfg = from_official_kwargs(kwargs)
+    torch.save({"model": fx["state_dict"]}, tmp_path / "cls.pth")
+    backbone = Backbone(cfg, out_indices)
+    fresh = {k: v.clone() for k, v in backbone.state_dict().items()}
+    left = backbone.load_pretrained(tmp_path / "cls.pth")
+    assert left and sorted(left) == sorted(k for k in fresh if k.startswith("out_norms."))
+    want = convert_official_state_dict(fx["state_dict"])
+    for k, v in backbone.state_dict().items():
+        assert torch.equal(v, fresh[k] if k in left else want[k]), k
+    assert cfg.depths[2] >= 2                                # a block fewer is possible
+    d = cfg.depths
+    for depths in (d[:2] + (d[2] + 1,) + d[3:], d[:2] + (d[2] - 1,) + d[3:]):   # more, fewer
+        other = Backbone(replace(cfg, depths=depths), out_indices)
+        with pytest.raises(RuntimeError, match="not weights of this backbone"):
+            other.load_pretrained(tmp_path / "cls.pth")
+    generation = 2 if cfg.generation == 0 else 0
+    with pytest.raises(RuntimeError, match="weights are of a generation"):
+        Backbone(tiny(generation), out_indices).load_pretrained(tmp_path / "cls.pth")
+
+
+def test_timm_filter_refuses_weights_of_another_depth():
+    """register_timm's pretrained_filter_fn: timm loads with strict=False when num_classes
+    differs from the file's; the filter lets only the head differ."""
+    model = VSSM(tiny(2, num_classes=5))
+    same = VSSM(tiny(2)).state_dict()                        # 1000 classes: only the head differs
+    assert vm._timm_filter(same, model).keys() == same.keys()
+    for depths in ((1, 1, 1, 1), (1, 1, 3, 1)):
+        with pytest.raises(RuntimeError, match="do not fit VSSM"):
+            vm._timm_filter(VSSM(tiny(2, depths=depths)).state_dict(), model)
+    with pytest.raises(RuntimeError, match="weights are of a generation 0"):
+        vm._timm_filter(VSSM(tiny(0)).state_dict(), model)
+
+
 def test_weights_of_the_other_generation_are_an_error_naming_both():
     v0, v2 = VSSM(tiny(0)), VSSM(tiny(2))
     for model, other, found in ((v2, v0, "generation 0"), (v0, v2, "generation 2")):
@@ -230,7 +272,7 @@ def test_official_checkpoint_wrapped_under_model_and_seed_names():
 # ---------------------------------------------------------------------------------------------
 # The nine released configurations
 # ---------------------------------------------------------------------------------------------
-EXACT_PARAMS = {  # SPEC.md table, 1000 classes
+EXACT_PARAMS = {  # the official models' parameter counts, 1000 classes
     "vanilla_vmamba_tiny": 22_893_448, "vanilla_vmamba_small": 44_417_416,
     "vanilla_vmamba_base": 76_254_056, "vmamba_tiny_s2l5": 30_705_832,
     "vmamba_small_s2l15": 50_147_752, "vmamba_base_s2l15": 88_557_800,
@@ -768,15 +810,19 @@ def _max_logit_error(dtype, generation):
     return (low.float() - ref).abs().max().item(), ref.abs().max().item()
 
 
+@pytest.mark.parametrize("batch", [1, 2, 3])
 @pytest.mark.parametrize("generation", [0, 2])
-def test_channels_last_conv_weights_change_nothing(generation):
+def test_channels_last_conv_weights_change_nothing(generation, batch):
     """model.to(memory_format=torch.channels_last), as README advises for DDP and train.py
-    does: the same logits and gradients, bit for bit (a convolution's sums do not depend on
-    its weight's strides on a CPU: observed equal), and a state_dict saved from it loads into a
-    model as built."""
+    does: the same logits and gradients up to float32 rounding (a convolution may sum in
+    another order for weights of other strides: at batch 1 and 3 generation 2's logits moved
+    by ~2e-7 and its gradients by ~3e-6 of their largest entry, on a CPU; bit for bit at
+    batch 2), and a state_dict saved from it loads into a model as built. Tolerances as for
+    two summation orders elsewhere: 1e-5 on logits of size ~1 (test_reference_and_chunked_...),
+    1e-4 of each gradient's largest entry (test_compile's GRAD_RTOL)."""
     torch.manual_seed(0)
     model = VSSM(tiny(generation)).eval()                    # eval: no drop-path draws
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(batch, 3, 64, 64)
     ref = model(x)
     ref_grads = torch.autograd.grad(ref.square().sum(), list(model.parameters()))
     model.to(memory_format=torch.channels_last)
@@ -784,9 +830,9 @@ def test_channels_last_conv_weights_change_nothing(generation):
     assert stem.is_contiguous(memory_format=torch.channels_last) and not stem.is_contiguous()
     out = model(x)
     grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
-    assert torch.equal(out, ref)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
     for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
-        assert torch.equal(g, r), name
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-4 * r.abs().max().item(), msg=name)
     fresh = VSSM(tiny(generation)).eval()
     fresh.load_state_dict(model.state_dict())
     assert torch.equal(fresh(x), ref)

@@ -68,7 +68,7 @@ def test_create_model_passes_options_and_rejects_unknown_ones():
 
 @pytest.mark.parametrize("name", ["vanilla_vmamba_tiny", "vmamba_base_s1l20"])
 def test_pretrained_cfg_gives_the_official_eval_transform(name):
-    """SPEC: resize the shorter side to 256 (bicubic), centre crop 224, ImageNet mean/std."""
+    """As officially: resize the shorter side to 256 (bicubic), centre crop 224, ImageNet mean/std."""
     with torch.device("meta"):
         model = timm.create_model(name)
     data = timm.data.resolve_data_config({}, model=model)
@@ -157,6 +157,15 @@ def test_pretrained_in_memory_official_state_dict():
                               pretrained_cfg_overlay=overlay)
     with torch.no_grad():
         assert (model.eval()(fx["input"]) - fx["logits"]).abs().max() < ATOL
+
+
+def test_pretrained_in_memory_state_dict_of_another_depth_is_an_error():
+    """With num_classes other than the weights' (1000), timm loads with strict=False: a state
+    dict of one block fewer loaded the rest and left that block random, silently."""
+    fewer = vm.build("vmamba_tiny_s1l8", **dict(SMALL, depths=(1, 1, 1, 1))).state_dict()
+    with pytest.raises(RuntimeError, match="do not fit"):
+        timm.create_model("vmamba_tiny_s1l8", pretrained=True, num_classes=10, **SMALL,
+                          pretrained_cfg_overlay=dict(state_dict=fewer))
 
 
 def test_pretrained_without_a_file_is_an_error():

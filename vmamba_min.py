@@ -668,10 +668,10 @@ class Backbone(nn.Module):
     Backbone(config, out_indices=None): forward(image) returns a list, one NCHW map
     (b, C*2^i, H/2^(i+2), W/2^(i+2)) per chosen stage i (None: every stage), each the stage's
     block output (before downsampling) through its own LayerNorm `out_norms.i`. No final norm,
-    no head. Weights: `convert_official_state_dict` maps the official `outnorm{i}` names; a
-    classifier checkpoint loads with strict=False (only out_norms missing, norm/head
-    unexpected), as officially. As officially too, every stage is built, so with the last stage
-    left out its weights get no gradient: under DistributedDataParallel pass
+    no head. Weights: `load_pretrained(path)` loads an official detection or classification
+    file (the output norms of a classification file start anew); `convert_official_state_dict`
+    maps the official `outnorm{i}` names. As officially, every stage is built, so with the last
+    stage left out its weights get no gradient: under DistributedDataParallel pass
     find_unused_parameters=True.
     """
 
@@ -699,6 +699,27 @@ class Backbone(nn.Module):
         """nn.Module's, after check_generation (as VSSM.load_state_dict)."""
         check_generation(state_dict, self.config.generation, type(self).__name__)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def load_pretrained(self, path, ema: bool = False):
+        """Load an official file (load_official_checkpoint): a detection/segmentation backbone,
+        or a classifier, whose output norms (`out_norms`) start anew and whose final norm and
+        head are left out. Any other key missing or left over is an error: strict=False alone
+        let a classifier of fewer blocks (VMamba-T into VMamba-S: the same widths) load, its
+        missing blocks kept random, silently. Returns the out_norms keys left at their init."""
+        sd = load_official_checkpoint(path, ema=ema)
+        check_generation(sd, self.config.generation, type(self).__name__)
+        own = self.state_dict()
+        result = self.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith("out_norms.")]
+        # left over: a classifier's final norm and head, a detection file's other stages' norms
+        unexpected = [k for k in sd if k not in own
+                      and not k.startswith(("norm.", "head.", "out_norms."))]
+        if missing or unexpected:
+            raise RuntimeError(f"{path}: not weights of this backbone "
+                               f"({len(missing)} of its keys missing, e.g. {missing[:4]}; "
+                               f"{len(unexpected)} keys of the file unused, e.g. "
+                               f"{unexpected[:4]}): build the configuration of the file")
+        return [k for k in result.missing_keys if k.startswith("out_norms.")]
 
     set_grad_checkpointing = VSSM.set_grad_checkpointing     # the same stages, the same switch
 
@@ -730,8 +751,9 @@ def check_generation(state_dict, generation, who="VSSM"):
 
 
 def convert_official_state_dict(sd):
-    """Any official spelling (SPEC.md 1: seed / released v0, 2: released classification code,
-    3: one-file vmamba.py; optionally wrapped under "model") -> this file's names.
+    """Any official spelling (1: the seed's and released v0's names, 2: the released
+    classification code's, 3: the one-file vmamba.py's; optionally wrapped under "model") ->
+    this file's names.
 
     Keys it does not know are passed through unchanged, so `load_state_dict(strict=True)` then
     names them; nothing is dropped silently.
@@ -844,8 +866,9 @@ def load_official_checkpoint(path, ema: bool = False):
     if not os.path.isfile(path):
         what = "a directory, not a file" if os.path.isdir(path) else "no such file"
         raise FileNotFoundError(f"load_official_checkpoint: {path}: {what}")
-    if not zipfile.is_zipfile(path):   # the pre-1.6 torch.save format reads with plain pickle
-        raise ValueError(f"{path}: not a torch.save zip archive (torch >= 1.6 format)")
+    if not zipfile.is_zipfile(path):   # the pre-1.6 format: not read (official files are zips)
+        raise ValueError(f"{path}: not a torch.save zip archive (torch >= 1.6 format); an "
+                         f"older file can be re-saved with torch.save in a trusted session")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False,
                          pickle_module=_allow_list_pickle)
@@ -1047,6 +1070,21 @@ def _raise_recompile_limit(limit):
 TIMM_MODULE = "vmamba_min_timm"   # the module name timm files the nine entrypoints under
 
 
+def _timm_filter(sd, model):
+    """timm's pretrained_filter_fn: official names converted, and every key but the head's
+    checked against the model. timm loads with strict=False when num_classes differs from the
+    file's, where a checkpoint of another depth loaded its common blocks silently."""
+    sd = convert_official_state_dict(sd)
+    check_generation(sd, model.config.generation, type(model).__name__)
+    own = model.state_dict()
+    off = sorted(k for k in own.keys() ^ sd.keys() if not k.startswith("head."))
+    if off:
+        raise RuntimeError(f"pretrained weights do not fit {type(model).__name__} "
+                           f"({len(off)} keys missing or left over, e.g. {off[:4]}): build the "
+                           f"configuration of the weights")
+    return sd
+
+
 def register_timm():
     """Register the nine CONFIGS names with timm's model registry (explicit, idempotent; timm
     is imported here only). Then timm.create_model(name, pretrained=False, num_classes=...,
@@ -1086,7 +1124,7 @@ def register_timm():
                 feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
                 # an in-memory state_dict (pretrained_cfg_overlay=dict(state_dict=...)) or a
                 # hub file goes through timm's own loader: official names are converted here
-                pretrained_filter_fn=lambda sd, model: convert_official_state_dict(sd),
+                pretrained_filter_fn=_timm_filter,
                 pretrained_cfg_overlay=overlay, **kwargs)
         create.__name__ = create.__qualname__ = name
         create.__module__ = TIMM_MODULE

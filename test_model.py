@@ -1100,6 +1100,38 @@ def test_load_pretrained_takes_the_files_head_if_it_fits_and_keeps_a_fresh_one_i
         VSSM(from_official_kwargs(fx["kwargs"])).load_pretrained(tmp_path / "headless.pth")
 
 
+@pytest.mark.parametrize("name", MODEL_FIXTURES)
+@pytest.mark.parametrize("in_chans", [1, 2, 6])
+def test_load_pretrained_adapts_the_rgb_stem_to_other_channel_counts(name, in_chans, tmp_path):
+    """A model of in_chans channels from an RGB file (as timm adapts a first conv): one channel
+    x gives what the RGB model gives for (x, x, x); c channels, c/3 copies of an RGB image
+    (channels 0,1,2,0,1,2,... as the filters repeat) give the RGB model's logits. So do the
+    backbones' maps."""
+    fx = load_fixture(name)
+    torch.save({"model": fx["state_dict"]}, tmp_path / "rgb.pth")
+    cfg = from_official_kwargs(fx["kwargs"])
+    rgb, adapted = VSSM(cfg).eval(), VSSM(replace(cfg, in_chans=in_chans)).eval()
+    rgb.load_pretrained(tmp_path / "rgb.pth")
+    adapted.load_pretrained(tmp_path / "rgb.pth")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    if in_chans == 1:
+        x = x[:, :1].expand(2, 3, 32, 32)                 # a grey image as RGB
+    mine = x[:, [i % 3 for i in range(in_chans)]]
+    if in_chans == 2:               # filters R, G scaled by 3/2: the RGB model sees 1.5 (R, G, 0)
+        x = torch.cat([x[:, :2], torch.zeros_like(x[:, :1])], 1) * 1.5
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(mine), rgb(x), rtol=0, atol=1e-5)
+        kw = dict(fx["backbone"]["kwargs"])
+        out_indices = kw.pop("out_indices")
+        bcfg = from_official_kwargs(kw)
+        bb_rgb, bb = Backbone(bcfg, out_indices).eval(), Backbone(
+            replace(bcfg, in_chans=in_chans), out_indices).eval()
+        bb_rgb.load_pretrained(tmp_path / "rgb.pth")
+        bb.load_pretrained(tmp_path / "rgb.pth")
+        for a, b in zip(bb(mine), bb_rgb(x), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
 def test_load_official_checkpoint_bare_state_dict_and_errors(tmp_path):
     fx = load_fixture("v0_tiny_d24_sq64.pt")
     torch.save(fx["state_dict"], tmp_path / "bare.pth")

@@ -578,8 +578,8 @@ class VSSM(nn.Module):
         """Load an official checkpoint file (load_official_checkpoint); timm calls this for
         register_timm's models (pretrained=True, pretrained_cfg_overlay=dict(file=...)). A
         head of another size (num_classes) keeps its fresh init; every other key loads
-        strictly."""
-        sd = load_official_checkpoint(path, ema=ema)
+        strictly. With in_chans other than 3 the stem's RGB filters are adapted (adapt_stem)."""
+        sd = adapt_stem(load_official_checkpoint(path, ema=ema), self.config)
         own = self.state_dict()
         head = [k for k in ("head.weight", "head.bias")
                 if k in sd and (k not in own or own[k].shape != sd[k].shape)]
@@ -706,7 +706,7 @@ class Backbone(nn.Module):
         head are left out. Any other key missing or left over is an error: strict=False alone
         let a classifier of fewer blocks (VMamba-T into VMamba-S: the same widths) load, its
         missing blocks kept random, silently. Returns the out_norms keys left at their init."""
-        sd = load_official_checkpoint(path, ema=ema)
+        sd = adapt_stem(load_official_checkpoint(path, ema=ema), self.config)
         check_generation(sd, self.config.generation, type(self).__name__)
         own = self.state_dict()
         result = self.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
@@ -736,6 +736,23 @@ class Backbone(nn.Module):
 # The stems tell the generations apart in this file's names (convert_official_state_dict's).
 STEM_KEY = {0: "patch_embed.proj.weight", 2: "patch_embed.conv1.weight"}
 GENERATION_NAMES = {0: "generation 0 (vanilla_vmamba_*)", 2: "generation 2 (vmamba_*_s*l*)"}
+
+
+def adapt_stem(state_dict, config):
+    """RGB weights for a model of config.in_chans input channels, as timm adapts a pretrained
+    first conv: for one channel the stem's filters summed over R, G and B (a grey image x then
+    gives what the RGB model gives for (x, x, x)); for c > 3 the RGB filters repeated over the
+    c channels and scaled by 3 / c (c/3 copies of an image give the RGB model's output).
+    Anything else is returned as it is."""
+    key, c = STEM_KEY[config.generation], config.in_chans
+    w = state_dict.get(key) if isinstance(state_dict, Mapping) else None
+    if c == 3 or not isinstance(w, torch.Tensor) or w.dim() != 4 or w.shape[1] != 3:
+        return state_dict
+    if c == 1:
+        w = w.sum(1, keepdim=True)
+    else:
+        w = w.repeat(1, -(-c // 3), 1, 1)[:, :c] * (3 / c)
+    return {**state_dict, key: w}
 
 
 def check_generation(state_dict, generation, who="VSSM"):

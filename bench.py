@@ -11,12 +11,11 @@
                                        compiled rows per torch.compile mode, tagged in the label
     python bench.py --dtype float32,bfloat16   rows per dtype (bfloat16: autocast)
     python bench.py --report ...       also docs/results-<cpu|cuda>.md/.json and charts (report.py;
-                                       --report-dir: elsewhere than docs/, which it replaces)
+                                       --report-dir: elsewhere than docs/; it never replaces a
+                                       page another program wrote, as gpu_report.py's cuda page)
     python bench.py --json             one JSON object (every row) instead of tables
-    python bench.py --device cuda --scan --models --train --batch 1,128 --compile-models \
-        --report --report-dir DIR      on a GPU (naming one table, e.g. --train, runs only it;
-                                       docs/results-cuda.md is gpu_report.py's page, which
-                                       --report refuses to replace)
+    python bench.py --device cuda --scan --models --train --batch 1,128 --compile-models
+        --report --report-dir DIR      on a GPU (naming one table, e.g. --train, runs only it)
 Without --report or --json, the charts go to bench_out/ in the current folder. Exit status 1
 when a table asked for failed or timed no row.
 

@@ -21,7 +21,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import vmamba_min
 from vmamba_min import CONFIGS, SS2D, VSSM, VSSMConfig, build_config
 
-__all__ = ["count_flops", "scan_flops", "flops_rows", "PAPER_GFLOPS", "SPEC_PARAMS"]
+__all__ = ["count_flops", "scan_flops", "flops_rows",
+           "PAPER_GFLOPS", "OFFICIAL_PARAMS"]
 
 aten = torch.ops.aten
 
@@ -32,7 +33,7 @@ PAPER_GFLOPS = {
     "vmamba_tiny_s2l5": 4.9, "vmamba_small_s2l15": 8.7, "vmamba_base_s2l15": 15.4,
     "vmamba_tiny_s1l8": 4.9, "vmamba_small_s1l20": 8.6, "vmamba_base_s1l20": 15.2,
 }
-SPEC_PARAMS = {
+OFFICIAL_PARAMS = {
     "vanilla_vmamba_tiny": 22_893_448, "vanilla_vmamba_small": 44_417_416,
     "vanilla_vmamba_base": 76_254_056, "vmamba_tiny_s2l5": 30_705_832,
     "vmamba_small_s2l15": 50_147_752, "vmamba_base_s2l15": 88_557_800,
@@ -201,8 +202,8 @@ def flops_rows(names=tuple(CONFIGS), image_size=(224, 224)):
         g = {k: v / 1e9 for k, v in r["by_op"].items()}
         paper = PAPER_GFLOPS.get(name) if tuple(r["image_size"]) == (224, 224) else None
         rows.append({"model": name, "params": r["params"],
-                     "params_ok": ("yes" if r["params"] == SPEC_PARAMS[name] else "NO")
-                     if name in SPEC_PARAMS else None,
+                     "params_ok": ("yes" if r["params"] == OFFICIAL_PARAMS[name] else "NO")
+                     if name in OFFICIAL_PARAMS else None,
                      "gflops": r["gflops"], "paper_gflops": paper,
                      "diff_pct": 100 * (r["gflops"] / paper - 1) if paper else None,
                      "mm_conv_g": g.get("matmul", 0) + g.get("conv", 0),

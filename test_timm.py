@@ -68,7 +68,8 @@ def test_create_model_passes_options_and_rejects_unknown_ones():
 
 @pytest.mark.parametrize("name", ["vanilla_vmamba_tiny", "vmamba_base_s1l20"])
 def test_pretrained_cfg_gives_the_official_eval_transform(name):
-    """As officially: resize the shorter side to 256 (bicubic), centre crop 224, ImageNet mean/std."""
+    """As officially: resize the shorter side to 256 (bicubic), centre crop 224, ImageNet
+    mean/std."""
     with torch.device("meta"):
         model = timm.create_model(name)
     data = timm.data.resolve_data_config({}, model=model)
@@ -166,6 +167,11 @@ def test_pretrained_in_memory_state_dict_of_another_depth_is_an_error():
     with pytest.raises(RuntimeError, match="do not fit"):
         timm.create_model("vmamba_tiny_s1l8", pretrained=True, num_classes=10, **SMALL,
                           pretrained_cfg_overlay=dict(state_dict=fewer))
+    # asked for explicitly, a partial load stays possible
+    model = timm.create_model("vmamba_tiny_s1l8", pretrained=True, num_classes=10, **SMALL,
+                              pretrained_strict=False,
+                              pretrained_cfg_overlay=dict(state_dict=fewer))
+    assert torch.equal(model.patch_embed.conv1.weight, fewer["patch_embed.conv1.weight"])
 
 
 def test_pretrained_without_a_file_is_an_error():

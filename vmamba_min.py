@@ -88,7 +88,8 @@ class VSSMConfig:
                                       # "reference" (the loop), "assoc" (forced: scan_assoc) or
                                       # "assoc_chunked" (scan_assoc's chunked experiment)
     chunk_size: Optional[int] = None  # chunk length of the chunked scans (speed only); None:
-                                      # scan.py's choice by state size (assoc_chunked: 64)
+                                      # scan.py's choice by state size (assoc_chunked: 64);
+                                      # unused where "chunked" dispatches to scan_assoc
 
     def __post_init__(self):
         def need(ok, msg):
@@ -580,14 +581,13 @@ class VSSM(nn.Module):
         head of another size (num_classes) keeps its fresh init; every other key loads
         strictly. With in_chans other than 3 the stem's RGB filters are adapted (adapt_stem)."""
         sd = adapt_stem(load_official_checkpoint(path, ema=ema), self.config)
+        check_generation(sd, self.config.generation, type(self).__name__)
         own = self.state_dict()
         head = [k for k in ("head.weight", "head.bias")
                 if k in sd and (k not in own or own[k].shape != sd[k].shape)]
-        missing, unexpected = self.load_state_dict(
-            {k: v for k, v in sd.items() if k not in head}, strict=not head)
-        bad = [k for k in missing if not k.startswith("head.")] + list(unexpected)
-        if bad:
-            raise RuntimeError(f"{path}: keys that do not fit this model: {bad}")
+        sd = {k: v for k, v in sd.items() if k not in head}
+        check_fit(path, own, sd, may_miss=("head.",) if head else ())
+        self.load_state_dict(sd, strict=not head)
 
     def no_weight_decay(self):
         """Names of the parameters that take no weight decay (the SSM's A_logs and Ds)."""
@@ -709,17 +709,11 @@ class Backbone(nn.Module):
         sd = adapt_stem(load_official_checkpoint(path, ema=ema), self.config)
         check_generation(sd, self.config.generation, type(self).__name__)
         own = self.state_dict()
-        result = self.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
-        missing = [k for k in result.missing_keys if not k.startswith("out_norms.")]
         # left over: a classifier's final norm and head, a detection file's other stages' norms
-        unexpected = [k for k in sd if k not in own
-                      and not k.startswith(("norm.", "head.", "out_norms."))]
-        if missing or unexpected:
-            raise RuntimeError(f"{path}: not weights of this backbone "
-                               f"({len(missing)} of its keys missing, e.g. {missing[:4]}; "
-                               f"{len(unexpected)} keys of the file unused, e.g. "
-                               f"{unexpected[:4]}): build the configuration of the file")
-        return [k for k in result.missing_keys if k.startswith("out_norms.")]
+        check_fit(path, own, sd, may_miss=("out_norms.",),
+                  may_leave=("norm.", "head.", "out_norms."))
+        self.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+        return [k for k in own if k not in sd]
 
     set_grad_checkpointing = VSSM.set_grad_checkpointing     # the same stages, the same switch
 
@@ -738,16 +732,35 @@ STEM_KEY = {0: "patch_embed.proj.weight", 2: "patch_embed.conv1.weight"}
 GENERATION_NAMES = {0: "generation 0 (vanilla_vmamba_*)", 2: "generation 2 (vmamba_*_s*l*)"}
 
 
+def check_fit(path, own, sd, may_miss=(), may_leave=()):
+    """Raise, before anything is loaded, unless the file's state dict sd fits the model's own:
+    every key of own in sd (but those starting with a may_miss prefix), every key of sd in own
+    (but may_leave ones), and every shared key of one shape. Loading first and checking after
+    left a model half overwritten by a file it then refused."""
+    missing = [k for k in own if k not in sd and not k.startswith(may_miss)]
+    unused = [k for k in sd if k not in own and not k.startswith(may_leave)]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd
+              if k in own and sd[k].shape != own[k].shape]
+    if missing or unused or shapes:
+        parts = [f"{len(v)} {what}, e.g. {v[:4]}" for what, v in (
+            ("keys of the model missing", missing), ("keys of the file unused", unused),
+            ("shapes differ (file vs model)", shapes)) if v]
+        raise RuntimeError(f"{path}: keys that do not fit this model ({'; '.join(parts)}): "
+                           f"build the configuration of the file")
+
+
 def adapt_stem(state_dict, config):
     """RGB weights for a model of config.in_chans input channels, as timm adapts a pretrained
     first conv: for one channel the stem's filters summed over R, G and B (a grey image x then
-    gives what the RGB model gives for (x, x, x)); for c > 3 the RGB filters repeated over the
-    c channels and scaled by 3 / c (c/3 copies of an image give the RGB model's output).
-    Anything else is returned as it is."""
+    gives what the RGB model gives for (x, x, x)); for any other c but 3 the RGB filters
+    repeated over the c channels (R, G, B, R, ...) and scaled by 3 / c (c/3 copies of an image
+    give the RGB model's output). Computed in float32. A state dict without an RGB stem of
+    this generation is returned as it is."""
     key, c = STEM_KEY[config.generation], config.in_chans
     w = state_dict.get(key) if isinstance(state_dict, Mapping) else None
     if c == 3 or not isinstance(w, torch.Tensor) or w.dim() != 4 or w.shape[1] != 3:
         return state_dict
+    w = w.float()
     if c == 1:
         w = w.sum(1, keepdim=True)
     else:
@@ -1141,7 +1154,9 @@ def register_timm():
                 feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
                 # an in-memory state_dict (pretrained_cfg_overlay=dict(state_dict=...)) or a
                 # hub file goes through timm's own loader: official names are converted here
-                pretrained_filter_fn=_timm_filter,
+                # (pretrained_strict=False: the names converted, no key check, as asked)
+                pretrained_filter_fn=(_timm_filter if kwargs.get("pretrained_strict", True)
+                                      else lambda sd, model: convert_official_state_dict(sd)),
                 pretrained_cfg_overlay=overlay, **kwargs)
         create.__name__ = create.__qualname__ = name
         create.__module__ = TIMM_MODULE

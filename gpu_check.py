@@ -252,7 +252,7 @@ def model_plan(dry):
         return dict(model=model, mode=mode, dtype=dtype, train=train, variant=variant)
     if dry:
         return (row(OURS), row(SWIN), row(OURS, train=True), row(OURS, "compiled"),
-                row(OURS, "compiled", train=True), row(OURS, "compiled", variant="floor"),
+                row(SWIN, "compiled"), row(OURS, "compiled", train=True), row(OURS, "compiled", variant="floor"),
                 row(OURS, "compiled", variant="chunked"), row(OURS, dtype="bfloat16"),
                 row(OURS, "blocks"), row(OURS, "compiled", variant="tf32"),
                 row(OURS, "compiled", variant="autotune"),
@@ -1762,6 +1762,7 @@ def matmul_shapes(prof, dev, calls, n=TOP_KERNELS):
 # eager ("eager") or leave it out ("skip"); None: leave it out). The models phase keeps the
 # callable of the first compiled row (the model as it is: no variant) that matches an item.
 PROFILE_ITEMS = (("infer", OURS, "float32", False, 3, "eager"),
+                 ("swin infer", SWIN, "float32", False, 3, None),
                  ("train", OURS, "float32", True, 2, "eager"),
                  ("vanilla infer", VANILLA, "float32", False, 2, None),
                  ("bf16 infer", OURS, "bfloat16", False, 3, "skip"))
@@ -1780,8 +1781,9 @@ def phase_profile(run):
     """torch.profiler over the compiled calls kept from phase 3 (PROFILE_ITEMS): s1l8's
     inference (3 calls) and training step (2), each compiled here if the models phase did not
     and the estimate fits, else eager (said in the file); s1l8's bf16 inference likewise, but
-    left out rather than eager; vanilla's fp32 inference only as the models phase compiled it.
-    ~30 s with all kept."""
+    left out rather than eager; Swin-T's and vanilla's fp32 inference only as the models phase
+    compiled them (Swin-T's matrix products by shape beside s1l8's say whether s1l8's run
+    further from the card's figure than Swin-T's). ~30 s with all kept."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if run.dev == "cuda" else [])
     out = [f"torch.profiler, batch {run.plan.batch}, {run.plan.res} px, TF32 defaults, "

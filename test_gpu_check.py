@@ -556,7 +556,9 @@ def test_the_profile_takes_the_first_compiled_row_of_each_item_as_it_is():
     assert gc.profile_item(spec(gc.OURS, "eager")) is None
     assert gc.profile_item(spec(gc.OURS, "compiled", variant="tf32")) is None
     assert gc.profile_item(spec(gc.VANILLA, "blocks", variant="assoc-chunks")) is None
-    assert gc.profile_item(spec(gc.SWIN, "compiled")) is None
+    assert gc.profile_item(spec(gc.SWIN, "compiled")) == "swin infer"
+    assert gc.profile_item(spec(gc.SWIN, "compiled", variant="tf32")) is None
+    assert gc.profile_item(spec(gc.SWIN, "compiled", train=True)) is None
 
 
 def test_a_ratio_pair_runs_whole_or_not_at_all(tmp_path):

@@ -593,6 +593,21 @@ def test_gradient_checkpointing_changes_nothing(generation):
     assert backbone.config.grad_checkpointing and all(s.grad_checkpointing for s in backbone.layers)
 
 
+def test_gradient_checkpointing_also_in_eval_mode_with_gradients(monkeypatch):
+    """Eval mode with autograd on (a saliency map, an attack, a frozen-statistics fine-tune)
+    checkpoints every block too, as the official code and timm do; under no_grad none."""
+    calls = []
+    real = vm.checkpoint
+    monkeypatch.setattr(vm, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = VSSM(tiny(2, grad_checkpointing=True)).eval()
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    model(x).sum().backward()
+    assert len(calls) == sum(model.config.depths)
+    with torch.no_grad():
+        model(x)
+    assert len(calls) == sum(model.config.depths)
+
+
 def test_drop_path_is_random_in_training_and_off_in_eval():
     torch.manual_seed(0)
     model = VSSM(tiny(2, drop_path_rate=0.5))
@@ -636,6 +651,14 @@ def test_timm_style_api():
         assert model(x).shape == (2, 5)
         model.reset_classifier(0)
         assert model(x).shape == (2, 192)
+        assert model.get_classifier() is model.head
+        model.reset_classifier(4, "avg")                     # timm's global_pool argument
+        model.double()                                       # a new head in the model's dtype
+        model.reset_classifier(3)
+        assert model.head.weight.dtype == torch.float64
+        assert model(x.double()).shape == (2, 3)
+    with pytest.raises(ValueError, match="global_pool"):
+        model.reset_classifier(3, "max")
     nwd = model.no_weight_decay()
     assert nwd and all(n.endswith((".A_logs", ".Ds")) for n in nwd)
     assert len(nwd) == 2 * sum(isinstance(m, vm.SS2D) for m in model.modules())
@@ -654,6 +677,65 @@ def test_official_initialisation():
     w = ss2d.in_proj.weight   # 36,864 draws of trunc_normal(std .02): sample std within 2%
     assert 0.0196 < w.std() < 0.0204 and w.abs().max() < 0.2   # (cut at +-2 absolute, as timm)
     assert torch.equal(model.norm.weight, torch.ones(192)) and not model.head.bias.any()
+
+
+@pytest.mark.parametrize("generation", [0, 2])
+def test_init_weights_after_a_meta_build(generation):
+    """Built on the meta device, then to_empty: init_weights draws every weight anew from the
+    official init (checked against a model as constructed where the init is deterministic,
+    by range or spread elsewhere); torch's per-module convention (reset_parameters on each
+    module that has one, as FSDP's meta materialisation does) reaches the SSM's too."""
+    with torch.device("meta"):
+        model, backbone = VSSM(tiny(generation)), Backbone(tiny(generation))
+    built = VSSM(tiny(generation))
+    for m in (model, backbone):
+        m.to_empty(device="cpu")
+        for p in m.parameters():
+            p.data.fill_(float("nan"))
+        m.init_weights()
+        assert all(torch.isfinite(p).all() for p in m.parameters())
+    got, want = model.state_dict(), built.state_dict()
+    for k in want:
+        if k.endswith(("A_logs", "Ds", "norm.weight", "norm.bias", "ln_1.weight", "ln_1.bias",
+                       "head.bias")):
+            assert torch.equal(got[k], want[k]), k
+    dt = nn.functional.softplus(got["layers.0.blocks.0.self_attention.dt_projs_bias"])
+    assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 1e-1 * 1.001
+    assert not torch.equal(got["head.weight"], want["head.weight"])   # drawn, not copied
+    assert 0.01 < got["head.weight"].std() < 0.03                     # trunc_normal(.02)
+    for p in model.parameters():
+        p.data.fill_(float("nan"))
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    ssm = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in (
+        "x_proj_weight", "dt_projs_weight", "dt_projs_bias", "A_logs", "Ds")]
+    assert len(ssm) == 5 * sum(model.config.depths)
+    assert all(torch.isfinite(p).all() for p in ssm)
+
+
+def test_torch_func_transforms_need_the_reference_scan():
+    """README: per-sample gradients through torch.func work with scan="reference" (equal to a
+    loop over the samples); the chunked and associative scans raise."""
+    from torch.func import functional_call, grad, vmap
+    x = torch.randn(2, 3, 32, 32)
+    for scan in ("chunked", "assoc"):
+        model = VSSM(tiny(2, scan=scan)).eval()
+        with pytest.raises(RuntimeError, match="setup_context"):
+            vmap(lambda t: model(t[None])[0])(x)
+    torch.manual_seed(0)
+    model = VSSM(tiny(2, scan="reference")).eval()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss(p, t):
+        return functional_call(model, p, (t[None],)).square().sum()
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(2):
+        model.zero_grad()
+        model(x[i:i + 1]).square().sum().backward()
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(per_sample[n][i], p.grad, rtol=1e-4,
+                                       atol=1e-4 * p.grad.abs().max().item(), msg=n)
 
 
 def test_backbone_out_indices():

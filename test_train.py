@@ -185,6 +185,11 @@ def test_optimizer_groups_are_the_same_for_a_compiled_or_wrapped_model():
     assert groups(torch.nn.Sequential(model)) == plain
     with pytest.raises(TypeError, match="no_weight_decay"):
         train.build_optimizer(torch.nn.Linear(2, 2))
+    from vmamba_min import Backbone
+    backbone = Backbone(model.config)                        # the detection backbone too
+    assert backbone.no_weight_decay() == model.no_weight_decay()
+    assert groups(backbone)[1] >= {id(p) for n, p in backbone.named_parameters()
+                                   if n.endswith(("A_logs", "Ds"))}
 
 
 @pytest.mark.slow

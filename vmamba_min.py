@@ -242,6 +242,9 @@ class SS2D(nn.Module):
         self.A_logs.copy_(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(K * D, 1))
         self.Ds.fill_(1.0)
 
+    # the name torch's meta-device materialisation (FSDP) calls on every module that has it
+    reset_parameters = reset_ssm_parameters
+
     def forward(self, x, H, W):                              # (b, L, C), L = H*W
         x = self.in_proj(x)                                  # (b, L, 2D) or (b, L, D)
         if self.gated:
@@ -445,7 +448,7 @@ class Stage(nn.Module):
         """Returns the blocks' output (the stage's feature map, as tokens) and the next
         stage's input (tokens, height, width; after the last stage, the same map)."""
         for blk in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            if self.grad_checkpointing and torch.is_grad_enabled():  # eval mode too (saliency)
                 x = checkpoint(blk, x, H, W, use_reentrant=False)   # recompute in backward
             elif BLOCK_REGIONS and _in_compiled_inference(self.training):   # see Compiling
                 x = _block_region(blk, x, H, W)
@@ -463,9 +466,10 @@ class VSSM(nn.Module):
     """The VMamba classifier. forward: (b, in_chans, H, W) image -> (b, num_classes) logits,
     any H, W >= 4. timm-style parts: forward_features (-> an NHWC map (b, H/32, W/32, 8C),
     before the final norm), forward_head(x, pre_logits=False), forward_intermediates (the one
-    loop over the stages) and prune_intermediate_layers, feature_info, reset_classifier,
-    no_weight_decay, set_grad_checkpointing, load_pretrained (an official checkpoint file).
-    Official: VSSM."""
+    loop over the stages) and prune_intermediate_layers, feature_info, get_classifier,
+    reset_classifier, no_weight_decay, set_grad_checkpointing, load_pretrained (an official
+    checkpoint file); init_weights re-draws the official init (after building on the meta
+    device and to_empty, say). Official: VSSM."""
 
     def __init__(self, config: VSSMConfig):
         super().__init__()
@@ -559,10 +563,34 @@ class VSSM(nn.Module):
             self.reset_classifier(0)
         return take
 
-    def reset_classifier(self, num_classes: int):
+    @torch.no_grad()
+    def init_weights(self):
+        """Every weight drawn anew from the official init, in place, on its device: the convs'
+        PyTorch default, _init_weights, SS2D.reset_ssm_parameters (the distributions that
+        construction draws from). For a model built on the meta device:
+        model.to_empty(device=...), then init_weights() (or load a checkpoint)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                m.reset_parameters()
+            elif isinstance(m, SS2D):
+                m.reset_ssm_parameters()
+        self.apply(_init_weights)
+
+    def get_classifier(self):
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool=None):
+        """A new head of num_classes outputs (0: none, pooled features out), on the device and
+        in the dtype of the model's weights; global_pool (timm's argument) None or "avg",
+        the only pooling here."""
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"reset_classifier: global_pool must be None or 'avg' (the model "
+                             f"pools by averaging), got {global_pool!r}")
         self.config = replace(self.config, num_classes=num_classes)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
-        self.head.apply(_init_weights)   # num_classes 0: pooled features out
+        w = next(self.patch_embed.parameters())             # the norm may be pruned
+        self.head = (nn.Linear(self.num_features, num_classes, device=w.device, dtype=w.dtype)
+                     if num_classes else nn.Identity())
+        self.head.apply(_init_weights)
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """nn.Module's, after check_generation: weights of the other generation are an error
@@ -716,6 +744,8 @@ class Backbone(nn.Module):
         return [k for k in own if k not in sd]
 
     set_grad_checkpointing = VSSM.set_grad_checkpointing     # the same stages, the same switch
+    no_weight_decay = VSSM.no_weight_decay                   # the same SSM parameters
+    init_weights = VSSM.init_weights
 
     def forward(self, x):                                    # (b, 3, H, W)
         check_image(x, self.config.in_chans, self.patch_embed)

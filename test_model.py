@@ -253,6 +253,27 @@ def test_weights_of_the_other_generation_are_an_error_naming_both():
     v2.load_state_dict(VSSM(tiny(2)).state_dict())           # the same generation loads
 
 
+@pytest.mark.parametrize("name", MODEL_FIXTURES)
+def test_to_official_state_dict_inverts_the_conversion(name):
+    """Weights trained here go back to the official spelling: the official classification
+    file's keys, order and tensors, exactly; a Backbone's: the classifier's keys without its
+    norm and head, and the output norms as outnorm{i}."""
+    fx = load_fixture(name)
+    official = fx["state_dict_classification_naming"]
+    back = vm.to_official_state_dict(convert_official_state_dict(official))
+    assert list(back) == list(official)
+    assert all(back[k] is official[k] for k in official)
+    kwargs = dict(fx["backbone"]["kwargs"])
+    out_indices = kwargs.pop("out_indices")
+    backbone = Backbone(from_official_kwargs(kwargs), out_indices)
+    backbone.load_state_dict(convert_official_state_dict(fx["backbone"]["state_dict"]))
+    back = vm.to_official_state_dict(backbone.state_dict())
+    outnorms = {f"outnorm{i}.{p}" for i in out_indices for p in ("weight", "bias")}
+    assert set(back) == {k for k in official if not k.startswith("classifier.")} | outnorms
+    with pytest.raises(ValueError, match="no stem weight"):
+        vm.to_official_state_dict({"head.weight": torch.zeros(2, 2)})
+
+
 def test_official_checkpoint_wrapped_under_model_and_seed_names():
     """Released files nest the weights under "model"; spelling 1 (the seed's names, which are
     this file's v0 names) passes through the converter unchanged and loads plainly."""

@@ -49,7 +49,8 @@ from scan import (allow_compile, cross_merge, cross_scan, route_each, selective_
 from scan_assoc import selective_scan_assoc, selective_scan_assoc_chunked
 
 __all__ = ["VSSMConfig", "VSSM", "Backbone", "CONFIGS", "build", "build_config",
-           "from_official_kwargs", "convert_official_state_dict", "load_official_checkpoint",
+           "from_official_kwargs", "convert_official_state_dict", "to_official_state_dict",
+           "load_official_checkpoint",
            "register_timm", "compile_blocks"]
 
 K = 4  # scan routes: row-major, column-major, and both reversed
@@ -956,6 +957,40 @@ def load_official_checkpoint(path, ema: bool = False):
             obj = {k[len(prefix):]: v for k, v in obj.items()
                    if isinstance(k, str) and k.startswith(prefix)}
     return convert_official_state_dict(obj)
+
+
+def to_official_state_dict(sd):
+    """This file's names (a VSSM's or a Backbone's state dict) -> the official code's, as its
+    released classification checkpoints spell them (a Backbone's output norms as
+    `outnorm{i}`), so that weights trained here load into the official VSSM and Backbone_VSSM:
+    the inverse of convert_official_state_dict on that spelling. Keys it does not know pass
+    through unchanged."""
+    if not isinstance(sd, Mapping):
+        raise TypeError(f"to_official_state_dict: expected a state dict, got "
+                        f"{type(sd).__name__}")
+    v2 = STEM_KEY[2] in sd
+    if not v2 and STEM_KEY[0] not in sd:
+        raise ValueError(f"to_official_state_dict: no stem weight ({STEM_KEY[0]!r} or "
+                         f"{STEM_KEY[2]!r}); expected a VSSM's or Backbone's state dict")
+    stem = {"conv1": "0", "norm1": "2", "conv2": "5", "norm2": "7"} if v2 else \
+           {"proj": "0", "norm": "2"}
+    down = {"reduction": "1", "norm": "3"} if v2 else {}    # v0's PatchMerging2D: as here
+    block = {"ln_1": "norm", "ln_2": "norm2", "self_attention": "op"}
+    out = {}
+    for key, v in sd.items():
+        parts = key.split(".")
+        if parts[0] == "patch_embed" and len(parts) > 1:
+            parts[1] = stem.get(parts[1], parts[1])
+        elif parts[0] in ("norm", "head"):
+            parts = ["classifier"] + parts
+        elif parts[0] == "out_norms" and len(parts) > 1:
+            parts = [f"outnorm{parts[1]}"] + parts[2:]
+        elif parts[0] == "layers" and len(parts) > 3 and parts[2] == "downsample":
+            parts[3] = down.get(parts[3], parts[3])
+        elif parts[0] == "layers" and len(parts) > 4 and parts[2] == "blocks":
+            parts[4] = block.get(parts[4], parts[4])
+        out[".".join(parts)] = v
+    return out
 
 
 def from_official_kwargs(kwargs) -> VSSMConfig:

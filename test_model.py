@@ -9,6 +9,7 @@ to 1.9. 1e-4 absolute sits 100x above the noise and 500x below the smallest bug.
 import collections
 import json
 import math
+import os
 import re
 import zipfile
 from dataclasses import replace
@@ -272,6 +273,9 @@ def test_to_official_state_dict_inverts_the_conversion(name):
     assert set(back) == {k for k in official if not k.startswith("classifier.")} | outnorms
     with pytest.raises(ValueError, match="no stem weight"):
         vm.to_official_state_dict({"head.weight": torch.zeros(2, 2)})
+    wrapped = {f"module.{k}": v for k, v in backbone.state_dict().items()}   # DDP's names
+    with pytest.raises(ValueError, match="'module.' or '_orig_mod.' prefix"):
+        vm.to_official_state_dict(wrapped)
 
 
 def test_official_checkpoint_wrapped_under_model_and_seed_names():
@@ -614,19 +618,21 @@ def test_gradient_checkpointing_changes_nothing(generation):
     assert backbone.config.grad_checkpointing and all(s.grad_checkpointing for s in backbone.layers)
 
 
-def test_gradient_checkpointing_also_in_eval_mode_with_gradients(monkeypatch):
-    """Eval mode with autograd on (a saliency map, an attack, a frozen-statistics fine-tune)
-    checkpoints every block too, as the official code and timm do; under no_grad none."""
+def test_gradient_checkpointing_in_training_mode_only(monkeypatch):
+    """VSSMConfig.grad_checkpointing: every block recomputed in backward in training mode; in
+    eval mode none, gradients or not (a checkpoint there broke strict torch.export, jit.trace
+    and torch.func of such a model; for gradients of an eval model with the memory saving,
+    train() with drop_path_rate 0 computes the same)."""
     calls = []
     real = vm.checkpoint
     monkeypatch.setattr(vm, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
-    model = VSSM(tiny(2, grad_checkpointing=True)).eval()
+    model = VSSM(tiny(2, grad_checkpointing=True, drop_path_rate=0.0))
     x = torch.randn(1, 3, 32, 32, requires_grad=True)
-    model(x).sum().backward()
+    model.train()(x).sum().backward()
     assert len(calls) == sum(model.config.depths)
-    with torch.no_grad():
-        model(x)
+    model.eval()(x).sum().backward()
     assert len(calls) == sum(model.config.depths)
+    torch.export.export(model, (x.detach(),), strict=True)   # eval: no checkpoint to trace
 
 
 def test_drop_path_is_random_in_training_and_off_in_eval():
@@ -757,6 +763,49 @@ def test_torch_func_transforms_need_the_reference_scan():
         for n, p in model.named_parameters():
             torch.testing.assert_close(per_sample[n][i], p.grad, rtol=1e-4,
                                        atol=1e-4 * p.grad.abs().max().item(), msg=n)
+
+
+def test_init_weights_of_a_model_sharded_by_fsdp2(tmp_path):
+    """FSDP2's meta-device flow (fully_shard, to_empty, init_weights): the SSM's values were
+    copied into DTensor parameters as plain tensors, an error. In a process of its own (one
+    gloo rank): the process group is global."""
+    import socket
+    import subprocess
+    import sys
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = tmp_path / "fsdp2.py"
+    script.write_text(f"""
+import os, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+import vmamba_min as vm
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="{port}")
+dist.init_process_group("gloo", rank=0, world_size=1)
+for generation in (0, 2):
+    cfg = vm.VSSMConfig(generation=generation, dim=16, depths=(1, 1, 2, 1), num_classes=5)
+    with torch.device("meta"):
+        model = vm.VSSM(cfg)
+    for block in model.modules():
+        if isinstance(block, vm.VSSBlock):
+            fully_shard(block)
+    fully_shard(model)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    full = {{n: p.full_tensor() for n, p in model.named_parameters()}}
+    assert all(torch.isfinite(p).all() for p in full.values())
+    a = full["layers.0.blocks.0.self_attention.A_logs"]
+    assert torch.equal(a, torch.log(torch.arange(1., a.shape[1] + 1)).expand_as(a))
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+dist.destroy_process_group()
+print("ok")
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).parent,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 
 def test_backbone_out_indices():

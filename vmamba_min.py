@@ -84,7 +84,7 @@ class VSSMConfig:
     in_chans: int = 3
     num_classes: int = 1000
     drop_path_rate: float = 0.1
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # training mode: each block recomputed in backward
     scan: str = "chunked"             # "chunked" (scan.selective_scan: picks its path itself),
                                       # "reference" (the loop), "assoc" (forced: scan_assoc) or
                                       # "assoc_chunked" (scan_assoc's chunked experiment)
@@ -239,8 +239,9 @@ class SS2D(nn.Module):
         nn.init.uniform_(self.dt_projs_weight, -R ** -0.5, R ** -0.5)
         dt = torch.exp(torch.rand(K, D) * (math.log(1e-1) - math.log(1e-3)) + math.log(1e-3))
         dt = dt.clamp(min=1e-4)
-        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))   # softplus^-1(dt)
-        self.A_logs.copy_(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(K * D, 1))
+        _assign(self.dt_projs_bias, dt + torch.log(-torch.expm1(-dt)))   # softplus^-1(dt)
+        a_log = torch.log(torch.arange(1, N + 1, dtype=torch.float32))   # A = -(1, ..., N)
+        _assign(self.A_logs, a_log.repeat(K * D, 1))
         self.Ds.fill_(1.0)
 
     # the name torch's meta-device materialisation (FSDP) calls on every module that has it
@@ -317,6 +318,15 @@ class SS2D(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # VSS block
 # ---------------------------------------------------------------------------------------------
+def _assign(param, value):
+    """param.copy_(value), also for a parameter sharded as a DTensor (FSDP2's fully_shard:
+    a plain tensor would not copy into it)."""
+    if type(param).__name__ == "DTensor":
+        from torch.distributed.tensor import distribute_tensor
+        value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+    param.copy_(value)
+
+
 def drop_path(x, p, training: bool):
     """Stochastic depth: drop the whole residual branch of a sample with probability p (a float
     or a 0-dim tensor), and scale the kept ones by 1/(1-p) so that the expected output equals x
@@ -449,7 +459,7 @@ class Stage(nn.Module):
         """Returns the blocks' output (the stage's feature map, as tokens) and the next
         stage's input (tokens, height, width; after the last stage, the same map)."""
         for blk in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():  # eval mode too (saliency)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(blk, x, H, W, use_reentrant=False)   # recompute in backward
             elif BLOCK_REGIONS and _in_compiled_inference(self.training):   # see Compiling
                 x = _block_region(blk, x, H, W)
@@ -588,8 +598,9 @@ class VSSM(nn.Module):
             raise ValueError(f"reset_classifier: global_pool must be None or 'avg' (the model "
                              f"pools by averaging), got {global_pool!r}")
         self.config = replace(self.config, num_classes=num_classes)
-        w = next(self.patch_embed.parameters())             # the norm may be pruned
-        self.head = (nn.Linear(self.num_features, num_classes, device=w.device, dtype=w.dtype)
+        w = next((p for p in self.parameters() if p.is_floating_point()), None)
+        where = {} if w is None else dict(device=w.device, dtype=w.dtype)
+        self.head = (nn.Linear(self.num_features, num_classes, **where)
                      if num_classes else nn.Identity())
         self.head.apply(_init_weights)
 
@@ -964,14 +975,18 @@ def to_official_state_dict(sd):
     released classification checkpoints spell them (a Backbone's output norms as
     `outnorm{i}`), so that weights trained here load into the official VSSM and Backbone_VSSM:
     the inverse of convert_official_state_dict on that spelling. Keys it does not know pass
-    through unchanged."""
+    through unchanged. A model without a head (num_classes=0) or pruned by
+    prune_intermediate_layers has no head or final norm here, where the official VSSM has one:
+    load such weights into it with strict=False."""
     if not isinstance(sd, Mapping):
         raise TypeError(f"to_official_state_dict: expected a state dict, got "
                         f"{type(sd).__name__}")
     v2 = STEM_KEY[2] in sd
     if not v2 and STEM_KEY[0] not in sd:
         raise ValueError(f"to_official_state_dict: no stem weight ({STEM_KEY[0]!r} or "
-                         f"{STEM_KEY[2]!r}); expected a VSSM's or Backbone's state dict")
+                         f"{STEM_KEY[2]!r}); expected a VSSM's or Backbone's state dict (of a "
+                         f"DDP or torch.compile wrapper: the wrapped model's, without the "
+                         f"'module.' or '_orig_mod.' prefix)")
     stem = {"conv1": "0", "norm1": "2", "conv2": "5", "norm2": "7"} if v2 else \
            {"proj": "0", "norm": "2"}
     down = {"reduction": "1", "norm": "3"} if v2 else {}    # v0's PatchMerging2D: as here

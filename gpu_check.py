@@ -252,7 +252,8 @@ def model_plan(dry):
         return dict(model=model, mode=mode, dtype=dtype, train=train, variant=variant)
     if dry:
         return (row(OURS), row(SWIN), row(OURS, train=True), row(OURS, "compiled"),
-                row(SWIN, "compiled"), row(OURS, "compiled", train=True), row(OURS, "compiled", variant="floor"),
+                row(SWIN, "compiled"), row(OURS, "compiled", train=True),
+                row(OURS, "compiled", variant="floor"),
                 row(OURS, "compiled", variant="chunked"), row(OURS, dtype="bfloat16"),
                 row(OURS, "blocks"), row(OURS, "compiled", variant="tf32"),
                 row(OURS, "compiled", variant="autotune"),

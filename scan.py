@@ -712,7 +712,7 @@ def cross_scan(x):
 def route(t, k):
     """(b, C, H, W) -> (b, C, L): t read along route k of cross_scan (0 row-major, 1 column-
     major, 2 and 3 the same reversed): route 0 a view (of a contiguous or channels-last t),
-    route 1 a copy (a column-major read of either layout), and a flip for routes 2 and 3."""
+    route 1 a copy (a column-major read of either layout, H, W > 1), a flip for routes 2, 3."""
     if not isinstance(t, torch.Tensor) or t.dim() != 4 or k not in (0, 1, 2, 3):
         raise ValueError(f"route: t must be a (b, C, H, W) tensor and k one of 0-3, got "
                          f"{_described(t)} and {k!r}")

@@ -237,7 +237,7 @@ def test_timm_filter_refuses_weights_of_another_depth():
     same = VSSM(tiny(2)).state_dict()                        # 1000 classes: only the head differs
     assert vm._timm_filter(same, model).keys() == same.keys()
     for depths in ((1, 1, 1, 1), (1, 1, 3, 1)):
-        with pytest.raises(RuntimeError, match="do not fit VSSM"):
+        with pytest.raises(RuntimeError, match="pretrained weights: keys that do not fit"):
             vm._timm_filter(VSSM(tiny(2, depths=depths)).state_dict(), model)
     with pytest.raises(RuntimeError, match="weights are of a generation 0"):
         vm._timm_filter(VSSM(tiny(0)).state_dict(), model)

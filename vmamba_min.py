@@ -315,9 +315,6 @@ class SS2D(nn.Module):
                               chunk_size=self.chunk_size)
 
 
-# ---------------------------------------------------------------------------------------------
-# VSS block
-# ---------------------------------------------------------------------------------------------
 def _assign(param, value):
     """param.copy_(value), also for a parameter sharded as a DTensor (FSDP2's fully_shard:
     a plain tensor would not copy into it)."""
@@ -327,6 +324,9 @@ def _assign(param, value):
     param.copy_(value)
 
 
+# ---------------------------------------------------------------------------------------------
+# VSS block
+# ---------------------------------------------------------------------------------------------
 def drop_path(x, p, training: bool):
     """Stochastic depth: drop the whole residual branch of a sample with probability p (a float
     or a 0-dim tensor), and scale the kept ones by 1/(1-p) so that the expected output equals x
@@ -777,8 +777,8 @@ GENERATION_NAMES = {0: "generation 0 (vanilla_vmamba_*)", 2: "generation 2 (vmam
 def check_fit(path, own, sd, may_miss=(), may_leave=()):
     """Raise, before anything is loaded, unless the file's state dict sd fits the model's own:
     every key of own in sd (but those starting with a may_miss prefix), every key of sd in own
-    (but may_leave ones), and every shared key of one shape. Loading first and checking after
-    left a model half overwritten by a file it then refused."""
+    (but may_leave ones), and every shared key of one shape; so a refused file changes
+    nothing in the model."""
     missing = [k for k in own if k not in sd and not k.startswith(may_miss)]
     unused = [k for k in sd if k not in own and not k.startswith(may_leave)]
     shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd
@@ -1182,16 +1182,13 @@ TIMM_MODULE = "vmamba_min_timm"   # the module name timm files the nine entrypoi
 
 def _timm_filter(sd, model):
     """timm's pretrained_filter_fn: official names converted, and every key but the head's
-    checked against the model. timm loads with strict=False when num_classes differs from the
-    file's, where a checkpoint of another depth loaded its common blocks silently."""
+    checked against the model (check_fit): timm loads with strict=False when num_classes
+    differs from the weights', where a checkpoint of another depth would load its common
+    blocks, the rest left random."""
     sd = convert_official_state_dict(sd)
     check_generation(sd, model.config.generation, type(model).__name__)
-    own = model.state_dict()
-    off = sorted(k for k in own.keys() ^ sd.keys() if not k.startswith("head."))
-    if off:
-        raise RuntimeError(f"pretrained weights do not fit {type(model).__name__} "
-                           f"({len(off)} keys missing or left over, e.g. {off[:4]}): build the "
-                           f"configuration of the weights")
+    check_fit("pretrained weights", model.state_dict(),
+              {k: v for k, v in sd.items() if not k.startswith("head.")}, may_miss=("head.",))
     return sd
 
 

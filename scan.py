@@ -108,6 +108,28 @@ def _compute_dtype(u):
     return torch.float64 if u.dtype == torch.float64 else torch.float32
 
 
+def _cast(u, delta, A, B, C, D, delta_bias, h0):
+    """Every tensor argument in the compute dtype (the optional ones may be None)."""
+    dt = _compute_dtype(u)
+    u, delta, A, B, C = (t.to(dt) for t in (u, delta, A, B, C))
+    D, delta_bias, h0 = (None if t is None else t.to(dt) for t in (D, delta_bias, h0))
+    return u, delta, A, B, C, D, delta_bias, h0
+
+
+def _is_empty(u):
+    """Nothing to scan: the loop operators reject an empty scan dim, and reshapes of an empty
+    batch are ambiguous, so the scans answer such calls with `_empty_result`."""
+    return u.numel() == 0
+
+
+def _empty_result(u, A, h0, return_last_state):
+    """A scan's result for an empty u: y of u's shape, and the last state, h0 (or zeros)."""
+    batch, KD, L = u.shape
+    y = u.new_zeros(batch, KD, L)
+    h = u.new_zeros(batch, KD, A.shape[1]) if h0 is None else h0.clone()
+    return (y, h) if return_last_state else y
+
+
 def _prepare(u, delta, A, B, C, D, delta_bias, delta_softplus, h0):
     """Checks, casts to the compute dtype, and applies delta' = softplus(delta + delta_bias)."""
     _check_inputs(u, delta, A, B, C, D, delta_bias, h0, delta_softplus, "selective_scan_ref")
@@ -227,16 +249,12 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fa
     N = A.shape[1]
     if chunk_size is None:
         chunk_size = 64 if N >= 8 else 32 if N > 1 else 8
-    dt = _compute_dtype(u)
-    u, delta, A, B, C = (t.to(dt) for t in (u, delta, A, B, C))
-    D, delta_bias, h0 = (None if t is None else t.to(dt) for t in (D, delta_bias, h0))
-    batch, KD, L = u.shape
-    if batch == 0 or KD == 0 or L == 0:    # nothing to scan (the operators reject an empty
-        y = u.new_zeros(batch, KD, L)      # scan dim and reshape an empty batch ambiguously)
-        h = u.new_zeros(batch, KD, A.shape[1]) if h0 is None else h0.clone()
-        return (y, h) if return_last_state else y
+    u, delta, A, B, C, D, delta_bias, h0 = _cast(u, delta, A, B, C, D, delta_bias, h0)
+    if _is_empty(u):
+        return _empty_result(u, A, h0, return_last_state)
     scan = _ScanState1.apply if N == 1 else _ChunkedScan.apply
-    y, h_last = scan(u, delta, A, B, C, D, delta_bias, h0, delta_softplus, min(chunk_size, L))
+    y, h_last = scan(u, delta, A, B, C, D, delta_bias, h0, delta_softplus,
+                     min(chunk_size, u.shape[-1]))
     return (y, h_last) if return_last_state else y
 
 

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch._higher_order_ops.associative_scan import associative_scan
 
-from scan import _check_inputs, _compute_dtype, _delta_prime
+from scan import _cast, _check_inputs, _delta_prime, _empty_result, _is_empty
 
 __all__ = ["selective_scan_assoc", "selective_scan_assoc_chunked"]
 
@@ -109,14 +109,9 @@ def _apply(who, function, extra, u, delta, A, B, C, D, delta_bias, delta_softplu
         raise ValueError(f"scan_assoc.GROUP_SUM must be 'atomic' or 'reduce', got {GROUP_SUM!r}")
     if combine_mode is None:
         combine_mode = "pointwise" if u.is_cuda else "generic"
-    dt = _compute_dtype(u)
-    u, delta, A, B, C = (t.to(dt) for t in (u, delta, A, B, C))
-    D, delta_bias, h0 = (None if t is None else t.to(dt) for t in (D, delta_bias, h0))
-    batch, KD, L = u.shape
-    if batch == 0 or KD == 0 or L == 0:    # nothing to scan (the operators reject an empty
-        y = u.new_zeros(batch, KD, L)      # scan dim and reshape an empty batch ambiguously)
-        h = u.new_zeros(batch, KD, A.shape[1]) if h0 is None else h0.clone()
-        return (y, h) if return_last_state else y
+    u, delta, A, B, C, D, delta_bias, h0 = _cast(u, delta, A, B, C, D, delta_bias, h0)
+    if _is_empty(u):
+        return _empty_result(u, A, h0, return_last_state)
     return function.apply(u, delta, A, B, C, D, delta_bias, h0, delta_softplus, combine_mode,
                           return_last_state, *extra)
 

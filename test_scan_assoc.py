@@ -130,13 +130,13 @@ def test_dtypes_shapes_and_empty_sequence():
     # L = 0 (the operator rejects an empty scan dim): as the reference, y empty and h = h0.
     h0 = torch.randn(2, 6, 3, generator=g)
     empty = (u[..., :0], delta[..., :0], A, Bm[..., :0], Cm[..., :0])
-    for fn in (selective_scan_ref, selective_scan_assoc):
+    for fn in (selective_scan_ref, selective_scan, selective_scan_assoc):
         y, h = fn(*empty, h0=h0, return_last_state=True)
         assert y.shape == (2, 6, 0) and torch.equal(h, h0), fn.__name__
     # An empty batch, or no channels: empty outputs of the right shapes, as the reference.
     for sl in ((slice(0, 0), slice(None)), (slice(None), slice(0, 0))):
         args = (u[sl], delta[sl], A[sl[1]], Bm[sl[0]], Cm[sl[0]])
-        for fn in (selective_scan_ref, selective_scan_assoc):
+        for fn in (selective_scan_ref, selective_scan, selective_scan_assoc):
             y, h = fn(*args, h0=h0[sl], return_last_state=True)
             assert y.shape == u[sl].shape and h.shape == h0[sl].shape, fn.__name__
 

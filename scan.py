@@ -229,7 +229,7 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fa
        E_{m-1} (h0 for the first).
     4. Fix-up: y_t += sum_n C_t[n] * exp(A[n] * s_t) * E_{m-1}[n], s_t the sum of delta' in the
        chunk up to and including t.
-    Backward (`_ChunkedScan.backward`, derived there): saves only the inputs, delta' and the M
+    Backward (`_ChunkedScan.backward`, derived there): saves only the inputs and the M
     chunk-entry states (b, K*D, M, N), and recomputes the rest chunk by chunk.
     Stability: every exponent is A (<= 0) times a sum of delta' (>= 0), so every factor is a
     decay <= 1. Nothing is divided by a decay (dividing by exp(cumsum) overflows to NaN). A > 0
@@ -252,9 +252,8 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fa
     u, delta, A, B, C, D, delta_bias, h0 = _cast(u, delta, A, B, C, D, delta_bias, h0)
     if _is_empty(u):
         return _empty_result(u, A, h0, return_last_state)
-    scan = _ScanState1.apply if N == 1 else _ChunkedScan.apply
-    y, h_last = scan(u, delta, A, B, C, D, delta_bias, h0, delta_softplus,
-                     min(chunk_size, u.shape[-1]))
+    y, h_last, _ = _scan_function(N).apply(u, delta, A, B, C, D, delta_bias, h0,
+                                           delta_softplus, min(chunk_size, u.shape[-1]))
     return (y, h_last) if return_last_state else y
 
 
@@ -288,23 +287,35 @@ def _sizes_static_by_config():
     return config.assume_static_by_default and not config.automatic_dynamic_shapes
 
 
-def _first_order_only():
-    """Refuse a backward asked to build a graph of its own (create_graph=True: double backward,
-    a gradient penalty, a Hessian-vector product). The two backwards below read tensors their
-    forward computed outside autograd (delta', re-laid-out inputs, states), so differentiating
-    them gave wrong second derivatives (off by 20-136% for a model's parameters under an
-    input-gradient penalty), silently. torch.autograd.functional.jvp, which differentiates a
-    backward with respect to its output gradient only, came out right and is refused too: the
-    backward cannot tell what will be differentiated. Not checked while compiling: a compiled
-    function's double backward raises in AOTAutograd ("does not currently support double
-    backward")."""
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        raise RuntimeError(
-            "selective_scan: the chunked scan's backward is first-order only; for double "
-            "backward (create_graph=True, and torch.autograd.functional's jvp, hvp and "
-            "hessian, which use one) use scan_assoc.selective_scan_assoc (a model: "
-            "VSSMConfig(scan=\"assoc\")) or selective_scan_ref (scan=\"reference\"), whose "
-            "backwards are differentiable")
+def _differentiated():
+    """Whether a backward below runs to be differentiated again: grad mode on inside a backward
+    means create_graph=True (double backward: a gradient penalty, a Hessian-vector product;
+    torch.autograd.functional's jvp, hvp and hessian) or a torch.func transform (grad, jacrev:
+    they always build the graph). Then the backward recomputes the forward's states from the
+    saved inputs with autograd recording, so its result is differentiable like any other
+    function of the inputs; the states the forward saved were computed outside autograd and
+    would enter the second derivative as constants (that gave second derivatives off by
+    20-136% for a model's parameters under an input-gradient penalty). Not while compiling:
+    AOTAutograd traces the backward with grad mode on but refuses a compiled function's double
+    backward itself ("does not currently support double backward")."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def _forward_mode(forward, ctx, tangents):
+    """Forward-mode derivatives (torch.func.jvp, jacfwd, hessian; torch.autograd.forward_ad)
+    of a scan Function: its forward is plain tensor code, so torch.func.jvp of it, run again on
+    the saved inputs, gives the tangents of y and the last state (the saved states get none)."""
+    inputs = list(ctx.saved_tensors)                          # u ... h0, None where not given
+    given = [i for i, t in enumerate(inputs) if t is not None]
+
+    def outputs(*values):
+        for i, v in zip(given, values):
+            inputs[i] = v
+        return forward(*inputs, ctx.softplus, ctx.T)[:2]
+    tangents = tuple(torch.zeros_like(inputs[i]) if tangents[i] is None else tangents[i]
+                     for i in given)
+    _, (ty, th) = torch.func.jvp(outputs, tuple(inputs[i] for i in given), tangents)
+    return ty, th, None
 
 
 class _ChunkedScan(torch.autograd.Function):
@@ -330,41 +341,51 @@ class _ChunkedScan(torch.autograd.Function):
            ddelta'_t = u_t <B_t, g_t> + <A, a_t h_{t-1} g_t>
            dA   = sum_t delta'_t a_t h_{t-1} g_t     dD = sum_t dy_t u_t     dh0 = a_0 g_0
     6. Through the softplus: d(delta + bias) = ddelta' * sigmoid(delta + bias), and
-       sigmoid(z) = 1 - exp(-softplus(z)), so delta' alone is enough (no need to keep z).
-    Same stability rule as the forward: only decays, no division. Saved: u, delta', A, B, C, D
-    and the chunk-entry states (batch, K*D, M, N): N/T times the size of u (1/4 at N = 16, T = 64).
-    Backward alone holds a_t h_{t-1} for every step (step 4), one (batch, K*D, L, N) tensor, while
-    it runs.
+       sigmoid(z) = 1 - exp(-softplus(z)), so delta' is enough.
+    Same stability rule as the forward: only decays, no division. Saved: the inputs and the
+    chunk-entry states (batch, K*D, M, N), N/T times the size of u (1/4 at N = 16, T = 64); the
+    backward recomputes delta' and the time-major copies. Backward alone holds a_t h_{t-1} for
+    every step (step 4), one (batch, K*D, L, N) tensor, while it runs.
+    The backward is differentiable: where it will be differentiated again (`_differentiated`) it
+    recomputes the chunk-entry states under autograd, and autograd records steps 2-6.
     """
 
+    generate_vmap_rule = True         # torch.func.vmap runs the methods below batched
+
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, delta_bias, h0, softplus, T):
+    def forward(u, delta, A, B, C, D, delta_bias, h0, softplus, T):
         lay = _Layout(u, B, T)
-        dt = lay.chan(_delta_prime(delta, delta_bias, softplus))   # delta' (T, b, K, D, M)
-        ut = lay.chan(u)                                      # (T, b, K, D, M)
-        Bt, Ct = lay.group(B), lay.group(C)                   # (T, b, K, 1, M, N)
-        Ak = lay.state_view(A)                                # (1, K, D, 1, N)
-        h0k = None if h0 is None else lay.state_view(h0)      # (b, K, D, 1, N)
+        dt, ut, Bt, Ct, Ak, h0k = _chunked_inputs(lay, u, delta, A, B, C, delta_bias, h0,
+                                                  softplus)
         y, h_in, h_last = _chunked_forward(dt, dt * ut, Bt, Ct, Ak, h0k)
         y = lay.unchan(y)                                     # (b, K*D, L)
         if D is not None:
             y = y + D[:, None] * u
-        # Saved time-major, as the backward reads them: nothing to re-lay out there.
-        ctx.save_for_backward(ut, dt, A, Bt, Ct, D, h_in)
-        ctx.lay, ctx.softplus = lay, softplus
-        ctx.has_bias, ctx.has_h0 = delta_bias is not None, h0 is not None
-        ctx.set_materialize_grads(False)
-        return y, h_last.reshape(lay.batch, lay.KD, -1)      # (b, K*D, L), (b, K*D, N)
+        # (b, K*D, L), (b, K*D, N); and the chunk-entry states for the backward
+        return y, h_last.reshape(lay.batch, lay.KD, -1), h_in
 
     @staticmethod
-    def backward(ctx, gy, gh):
-        _first_order_only()
-        ut, dt, A, Bt, Ct, D, h_in = ctx.saved_tensors
-        lay = ctx.lay
-        Ak = lay.state_view(A)
-        gyt = torch.zeros_like(ut) if gy is None else lay.chan(gy)     # (T, b, K, D, M)
+    def setup_context(ctx, inputs, output):
+        u, delta, A, B, C, D, delta_bias, h0, softplus, T = inputs
+        h_in = output[2]
+        ctx.mark_non_differentiable(h_in)
+        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, h0, h_in)
+        ctx.save_for_forward(u, delta, A, B, C, D, delta_bias, h0)
+        ctx.softplus, ctx.T = softplus, T
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, gy, gh, _):
+        u, delta, A, B, C, D, delta_bias, h0, h_in = ctx.saved_tensors
+        lay = _Layout(u, B, ctx.T)
+        dt, ut, Bt, Ct, Ak, h0k = _chunked_inputs(lay, u, delta, A, B, C, delta_bias, h0,
+                                                  ctx.softplus)
+        x = dt * ut
+        if _differentiated():
+            h_in = _chunked_forward(dt, x, Bt, Ct, Ak, h0k)[1]
+        gyt = torch.zeros_like(dt) if gy is None else lay.chan(gy)     # (T, b, K, D, M)
         ghk = None if gh is None else lay.state_view(gh)
-        gBg, dd, dB, dC, dA, dh0 = _chunked_backward(dt, dt * ut, Bt, Ct, Ak, h_in, gyt, ghk)
+        gBg, dd, dB, dC, dA, dh0 = _chunked_backward(dt, x, Bt, Ct, Ak, h_in, gyt, ghk)
         du = dt * gBg                                         # (T, b, K, D, M)
         ddp = ut * gBg + dd                                   # dL/ddelta'
         dD = None
@@ -373,9 +394,20 @@ class _ChunkedScan(torch.autograd.Function):
             dD = (gyt * ut).sum((0, 1, 4)).reshape(-1)
         dz = ddp * -torch.expm1(-dt) if ctx.softplus else ddp     # step 6
         dz = lay.unchan(dz)                                   # (b, K*D, L)
-        dbias = dz.sum((0, 2)) if ctx.has_bias else None
+        dbias = dz.sum((0, 2)) if delta_bias is not None else None
         return (lay.unchan(du), dz, dA.reshape(A.shape), lay.ungroup(dB), lay.ungroup(dC), dD,
-                dbias, dh0.reshape(lay.batch, lay.KD, -1) if ctx.has_h0 else None, None, None)
+                dbias, dh0.reshape(lay.batch, lay.KD, -1) if h0 is not None else None, None,
+                None)
+
+
+def _chunked_inputs(lay, u, delta, A, B, C, delta_bias, h0, softplus):
+    """The chunked scan's operands in its time-major layout: delta' and u (T, b, K, D, M), B and
+    C (T, b, K, 1, M, N), A (1, K, D, 1, N) and h0 (b, K, D, 1, N) or None. The forward computes
+    them, and the backward again from the saved inputs (copies it makes while it runs, rather
+    than tensors kept from the forward to the backward)."""
+    dt = lay.chan(_delta_prime(delta, delta_bias, softplus))   # delta' (T, b, K, D, M)
+    h0k = None if h0 is None else lay.state_view(h0)
+    return dt, lay.chan(u), lay.group(B), lay.group(C), lay.state_view(A), h0k
 
 
 class _Layout:
@@ -607,34 +639,43 @@ class _ScanState1(torch.autograd.Function):
        ddelta'_t = u_t B_t g_t + A a_t h_{t-1} g_t, dA = sum_t delta'_t a_t h_{t-1} g_t.
     4. dC_t = dy_t h_t (summed over the group), dD = sum_t dy_t u_t.
     5. Through the softplus as in `_ChunkedScan` (step 6): sigmoid(z) = 1 - exp(-delta').
-    Saved: u, delta' and the states h, each the size of u (a is recomputed: one exp). Autograd
+    Saved: the inputs and the states h, the size of u (a and delta' are recomputed). Autograd
     through the same elementwise code kept about five such tensors (this way a vmamba_tiny_s1l8
-    forward saves a third less for backward: docs/design.md).
+    forward saves a third less for backward: docs/design.md). The backward is differentiable:
+    where it will be differentiated again (`_differentiated`) it recomputes h under autograd.
     """
 
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, delta_bias, h0, softplus, T):
-        batch, KD, L = u.shape
-        K = B.shape[1]
-        dt = _delta_prime(delta, delta_bias, softplus)       # delta' (b, K*D, L)
-        a = torch.exp(dt * A)                                 # decays in [0, 1]
-        x = ((dt * u).view(batch, K, KD // K, L) * B).view(batch, KD, L)
-        h = _linear_scan(a, x, None if h0 is None else h0.reshape(batch, KD), T)
-        y = (h.view(batch, K, KD // K, L) * C).view(batch, KD, L)
-        if D is not None:
-            y = y + D[:, None] * u
-        ctx.save_for_backward(u, dt, A, B, C, D, h, h0)
-        ctx.softplus, ctx.has_bias, ctx.T = softplus, delta_bias is not None, T
-        ctx.set_materialize_grads(False)
-        return y, h[..., -1:]                                 # (b, K*D, L), (b, K*D, 1)
+    generate_vmap_rule = True         # torch.func.vmap runs the methods below batched
 
     @staticmethod
-    def backward(ctx, gy, gh):
-        _first_order_only()
-        u, dt, A, B, C, D, h, h0 = ctx.saved_tensors
+    def forward(u, delta, A, B, C, D, delta_bias, h0, softplus, T):
+        batch, KD, L = u.shape
+        h = _state1_states(u, _delta_prime(delta, delta_bias, softplus), A, B, h0, T)
+        y = (h.view(batch, B.shape[1], -1, L) * C).view(batch, KD, L)
+        if D is not None:
+            y = y + D[:, None] * u
+        # (b, K*D, L), the last state (b, K*D, 1); and the states, for the backward
+        return y, h[..., -1:].clone(), h
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        u, delta, A, B, C, D, delta_bias, h0, softplus, T = inputs
+        h = output[2]
+        ctx.mark_non_differentiable(h)
+        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, h0, h)
+        ctx.save_for_forward(u, delta, A, B, C, D, delta_bias, h0)
+        ctx.softplus, ctx.T = softplus, T
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, gy, gh, _):
+        u, delta, A, B, C, D, delta_bias, h0, h = ctx.saved_tensors
         batch, KD, L = u.shape
         K = B.shape[1]
         grouped = (batch, K, KD // K, L)
+        dt = _delta_prime(delta, delta_bias, ctx.softplus)   # delta', recomputed
+        if _differentiated():
+            h = _state1_states(u, dt, A, B, h0, ctx.T)
         if gy is None:
             gy = torch.zeros_like(u)
         g_in = (gy.view(grouped) * C).view(batch, KD, L)    # C_t dy_t
@@ -653,9 +694,44 @@ class _ScanState1(torch.autograd.Function):
         dA = (dah * dt).sum((0, 2))[:, None]
         dD = None if D is None else (gy * u).sum((0, 2))
         dz = ddt * -torch.expm1(-dt) if ctx.softplus else ddt     # step 5
-        dbias = dz.sum((0, 2)) if ctx.has_bias else None
+        dbias = None if delta_bias is None else dz.sum((0, 2))
         dh0 = None if h0 is None else a[..., :1] * g[..., :1]
         return du, dz, dA, dB, dC, dD, dbias, dh0, None, None
+
+
+def _state1_states(u, dt, A, B, h0, T):
+    """The states h_t of the N = 1 scan, (b, K*D, L): h_t = a_t h_{t-1} + x_t with
+    a_t = exp(delta'_t A), x_t = delta'_t B_t u_t, from h0 (b, K*D, 1) or zero."""
+    batch, KD, L = u.shape
+    a = torch.exp(dt * A)                                     # decays in [0, 1]
+    x = ((dt * u).view(batch, B.shape[1], -1, L) * B).view(batch, KD, L)
+    return _linear_scan(a, x, None if h0 is None else h0.reshape(batch, KD), T)
+
+
+class _ChunkedScanForwardAD(_ChunkedScan):
+    """_ChunkedScan with forward-mode derivatives (`_forward_mode`), for eager calls: Dynamo
+    does not trace a Function that defines jvp (it breaks the graph, and fullgraph=True fails),
+    so compiled code takes the class without it (`_scan_function`)."""
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        return _forward_mode(_ChunkedScan.forward, ctx, tangents)
+
+
+class _ScanState1ForwardAD(_ScanState1):
+    """_ScanState1 with forward-mode derivatives, for eager calls (see _ChunkedScanForwardAD)."""
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        return _forward_mode(_ScanState1.forward, ctx, tangents)
+
+
+def _scan_function(N):
+    """The autograd Function selective_scan applies: the N = 1 path or the general one; with
+    forward-mode derivatives except while compiling."""
+    if torch.compiler.is_compiling():
+        return _ScanState1 if N == 1 else _ChunkedScan
+    return _ScanState1ForwardAD if N == 1 else _ChunkedScanForwardAD
 
 
 def _linear_scan(a, x, h0, T, reverse=False):

@@ -741,28 +741,31 @@ def test_init_weights_after_a_meta_build(generation):
     assert all(torch.isfinite(p).all() for p in ssm)
 
 
-def test_torch_func_transforms_need_the_reference_scan():
-    """README: per-sample gradients through torch.func work with scan="reference" (equal to a
-    loop over the samples); the chunked and associative scans raise."""
+@pytest.mark.parametrize("generation", [0, 2])
+def test_per_sample_gradients_by_torch_func(generation):
+    """README: per-sample gradients through torch.func (vmap of grad over functional_call)
+    equal a loop over the samples, with the default scan and the reference loop; the
+    associative scan raises (its autograd Functions have no setup_context)."""
     from torch.func import functional_call, grad, vmap
     x = torch.randn(2, 3, 32, 32)
-    for scan in ("chunked", "assoc"):
-        model = VSSM(tiny(2, scan=scan)).eval()
-        with pytest.raises(RuntimeError, match="setup_context"):
-            vmap(lambda t: model(t[None])[0])(x)
-    torch.manual_seed(0)
-    model = VSSM(tiny(2, scan="reference")).eval()
-    params = {n: p.detach() for n, p in model.named_parameters()}
+    model = VSSM(tiny(generation, scan="assoc")).eval()
+    with pytest.raises(RuntimeError, match="setup_context"):
+        vmap(lambda t: model(t[None])[0])(x)
+    for scan in ("chunked", "reference"):
+        torch.manual_seed(0)
+        model = VSSM(tiny(generation, scan=scan)).eval()
+        params = {n: p.detach() for n, p in model.named_parameters()}
 
-    def loss(p, t):
-        return functional_call(model, p, (t[None],)).square().sum()
-    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
-    for i in range(2):
-        model.zero_grad()
-        model(x[i:i + 1]).square().sum().backward()
-        for n, p in model.named_parameters():
-            torch.testing.assert_close(per_sample[n][i], p.grad, rtol=1e-4,
-                                       atol=1e-4 * p.grad.abs().max().item(), msg=n)
+        def loss(p, t):
+            return functional_call(model, p, (t[None],)).square().sum()
+        per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+        for i in range(2):
+            model.zero_grad()
+            model(x[i:i + 1]).square().sum().backward()
+            for n, p in model.named_parameters():
+                torch.testing.assert_close(per_sample[n][i], p.grad, rtol=1e-4,
+                                           atol=1e-4 * p.grad.abs().max().item(),
+                                           msg=f"{scan} {n}")
 
 
 def test_init_weights_of_a_model_sharded_by_fsdp2(tmp_path):

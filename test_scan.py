@@ -589,6 +589,13 @@ def test_golden_cross_scan_channel_last():
 @pytest.mark.parametrize("fn", [selective_scan_ref, selective_scan])
 @pytest.mark.parametrize("with_h0", [False, True])
 def test_gradcheck(fn, with_h0, N):
+    f, args = gradcheck_problem(fn, with_h0, N)
+    assert torch.autograd.gradcheck(f, args)
+
+
+def gradcheck_problem(fn, with_h0, N):
+    """fn as a function of every tensor input (softplus on, 3 chunks for the chunked scan, the
+    last partial), and float64 inputs that require grad."""
     g = torch.Generator().manual_seed(3)
     Bb, K, Dk, L = 1, 2, 2, 7
     KD = K * Dk
@@ -606,31 +613,54 @@ def test_gradcheck(fn, with_h0, N):
 
     def f(*a):
         return fn(*a[:7], True, h0=a[7] if with_h0 else None, return_last_state=True, **kw)
-
-    assert torch.autograd.gradcheck(f, args)
+    return f, args
 
 
 @pytest.mark.parametrize("N", [2, 1], ids=["N2", "N1"])
-def test_double_backward_is_refused_not_wrong(N):
-    """The chunked scan's backward is first-order only (its forward's delta', re-laid-out
-    inputs and states are outside autograd): a gradient of a gradient must raise, not come out
-    wrong (it did, silently, before: gradgradcheck failed for both paths). The reference
-    loop's backward is autograd's own and differentiable; a first-order backward still works."""
-    g = torch.Generator().manual_seed(4)
-    KD, L = 4, 6
-    u, delta = (torch.randn(1, KD, L, generator=g, dtype=torch.float64) for _ in range(2))
-    A = -torch.rand(KD, N, generator=g, dtype=torch.float64) - 0.1
-    B, C = (torch.randn(1, 2, N, L, generator=g, dtype=torch.float64) for _ in range(2))
-    delta = delta.to(DEVICE).requires_grad_()
-    args = [t.to(DEVICE) for t in (u, A, B, C)]
-    for fn in (selective_scan_ref, selective_scan):
-        y = fn(args[0], delta, *args[1:], delta_softplus=True)
-        gd, = torch.autograd.grad(y.pow(2).sum(), delta, create_graph=fn is selective_scan_ref)
-        if fn is selective_scan_ref:
-            torch.autograd.grad(gd.pow(2).sum(), delta)      # differentiable: no error
-    y = selective_scan(args[0], delta, *args[1:], delta_softplus=True)
-    with pytest.raises(RuntimeError, match="first-order only"):
-        torch.autograd.grad(y.pow(2).sum(), delta, create_graph=True)
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_second_derivatives(with_h0, N):
+    """A gradient of a gradient (create_graph=True: gradient penalties, Hessian-vector
+    products): the chunked scan's backward recomputes its states under autograd then. Before,
+    it read the states its forward computed outside autograd, and second derivatives came out
+    wrong, silently (gradgradcheck failed for both paths)."""
+    f, args = gradcheck_problem(selective_scan, with_h0, N)
+    assert torch.autograd.gradgradcheck(f, args)
+
+
+@pytest.mark.parametrize("N", [2, 1], ids=["N2", "N1"])
+def test_torch_func_transforms_equal_the_reference(N):
+    """torch.func.grad, per-sample gradients by vmap(grad), jacrev, jacfwd and a Hessian-vector
+    product (forward over reverse) through the chunked scan equal the reference loop's
+    (autograd's own derivatives)."""
+    from torch.func import grad, jacfwd, jacrev, jvp, vmap
+    _, args = gradcheck_problem(selective_scan, True, N)
+    u, delta, A, B, C, D, bias, h0 = (a.detach() for a in args)
+    u, delta, B, C, h0 = (torch.cat([t, 0.5 * t.flip(-1)]) for t in (u, delta, B, C, h0))
+
+    def loss(fn, u, delta, B, C, h0, A):
+        y, h = fn(u, delta, A, B, C, D, bias, True, h0=h0, return_last_state=True,
+                  **({"chunk_size": 3} if fn is selective_scan else {}))
+        return y.pow(2).sum() + h.sin().sum()
+
+    def one(fn):
+        return lambda *t: loss(fn, *(x[None] for x in t[:5]), t[5])
+    for transform in (
+            lambda fn: grad(lambda *t: loss(fn, *t), argnums=(0, 1, 2, 3, 4, 5))(
+                u, delta, B, C, h0, A),
+            lambda fn: vmap(grad(one(fn), argnums=(0, 1, 2, 3, 4, 5)),
+                            in_dims=(0, 0, 0, 0, 0, None))(u, delta, B, C, h0, A),
+            lambda fn: jacrev(lambda d: fn(u, d, A, B, C, D, bias, True,
+                                           **({"chunk_size": 3} if fn is selective_scan
+                                              else {})))(delta),
+            lambda fn: jacfwd(lambda b: fn(u, delta, A, B, C, D, b, True, h0=h0,
+                                           **({"chunk_size": 3} if fn is selective_scan
+                                              else {})))(bias),
+            lambda fn: jvp(grad(lambda a: loss(fn, u, delta, B, C, h0, a)), (A,),
+                           (torch.ones_like(A),))):
+        got, want = transform(selective_scan), transform(selective_scan_ref)
+        for x, r in zip(torch.utils._pytree.tree_leaves(got),
+                        torch.utils._pytree.tree_leaves(want), strict=True):
+            torch.testing.assert_close(x, r, rtol=1e-10, atol=1e-10 * r.abs().max().item())
 
 
 def small_step_problem(N, L=50, seed=0):

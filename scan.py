@@ -147,13 +147,15 @@ def _prepare(u, delta, A, B, C, D, delta_bias, delta_softplus, h0):
 def _softplus(z):
     """delta' = softplus(z) = log(1 + e^z) (z itself above 20, as torch and the official kernels).
 
-    Eager: F.softplus. Under torch.compile: the same function with log in place of log1p,
-    log1p(w) = log(u) - (u - 1 - w) / u with u = 1 + w (the second term restores what rounding
-    1 + w lost; about 1 ulp). Why: some torch builds (2.14.1+cu130 on a CPU) have a log1p
-    several times slower than log, inside Inductor's kernels too; in eager mode F.softplus is
-    the faster of the two (figures in docs/design.md).
+    F.softplus, except in code compiled for a CPU: there the same function with log in place of
+    log1p, log1p(w) = log(u) - (u - 1 - w) / u with u = 1 + w (the second term restores what
+    rounding 1 + w lost; about 1 ulp). Why: some torch builds (2.14.1+cu130 on a CPU) have a
+    log1p several times slower than log, inside Inductor's kernels too; in eager mode
+    F.softplus is the faster of the two. On CUDA log1p is not slow, and the longer form pushed
+    the associative scan's shifted decays past Inductor's limit on ops it recomputes in a
+    consumer (torch 2.14.1): they got a kernel of their own (figures in docs/design.md).
     """
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() or z.is_cuda:
         return F.softplus(z)
     w = torch.exp(torch.clamp(z, max=20.0))
     u = 1 + w
@@ -799,8 +801,12 @@ def cross_scan(x):
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"cross_scan: x must be a (b, D, H, W) tensor, got {_described(x)}")
-    rows, cols = route(x, 0), route(x, 1)    # routes 2, 3 flip these (route(x, 3) copies again)
-    return torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)   # (b, 4, D, L)
+    # Each route a read of x of its own (routes 2 and 3 not flips of the tensors of routes 0 and
+    # 1): a tensor the stack and a flip both use made torch 2.14's Inductor write the four routes
+    # out as copies, where it otherwise reads x along them inside the scan's kernel (design.md).
+    rows, cols = x, x.transpose(2, 3)                 # row-major and column-major reads
+    return torch.stack([rows.flatten(2), cols.flatten(2), rows.flatten(2).flip(-1),
+                        cols.flatten(2).flip(-1)], dim=1)   # (b, 4, D, L)
 
 
 def route(t, k):

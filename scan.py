@@ -656,7 +656,8 @@ class _ScanState1(torch.autograd.Function):
         y = (h.view(batch, B.shape[1], -1, L) * C).view(batch, KD, L)
         if D is not None:
             y = y + D[:, None] * u
-        # (b, K*D, L), the last state (b, K*D, 1); and the states, for the backward
+        # (b, K*D, L), the last state (b, K*D, 1; a copy, so that a caller may change it in
+        # place: the states are saved for the backward); and the states, for the backward
         return y, h[..., -1:].clone(), h
 
     @staticmethod

@@ -170,7 +170,8 @@ def test_chunked_assoc_domain_edges_and_chunk_boundaries(N, L, T):
 
 def test_chunked_assoc_gradcheck_dtypes_and_empty_sequence():
     """Finite differences through the chunked forward's autograd node (its backward is
-    _AssocScan's, one more argument), dtypes as selective_scan_assoc's, and L = 0."""
+    _AssocScan's, one more argument), second derivatives too, dtypes as selective_scan_assoc's,
+    and L = 0."""
     g = torch.Generator().manual_seed(5)
     Bb, K, Dk, N, L = 1, 2, 2, 3, 7
     KD = K * Dk
@@ -186,6 +187,7 @@ def test_chunked_assoc_gradcheck_dtypes_and_empty_sequence():
                                             chunk_size=3)
 
     assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)       # README: every scan's, in eager mode
     u, delta = torch.randn(2, 6, 5, generator=g), torch.rand(2, 6, 5, generator=g)
     A, Bm, Cm = (-torch.rand(6, 3, generator=g), torch.randn(2, 3, 3, 5, generator=g),
                  torch.randn(2, 3, 3, 5, generator=g))

@@ -147,8 +147,8 @@ def _prepare(u, delta, A, B, C, D, delta_bias, delta_softplus, h0):
 def _softplus(z):
     """delta' = softplus(z) = log(1 + e^z) (z itself above 20, as torch and the official kernels).
 
-    F.softplus, except in code compiled for a CPU: there the same function with log in place of
-    log1p, log1p(w) = log(u) - (u - 1 - w) / u with u = 1 + w (the second term restores what
+    F.softplus, except in compiled code for devices other than CUDA (the CPU): there the same
+    function with log in place of log1p, log1p(w) = log(u) - (u - 1 - w) / u with u = 1 + w (the second term restores what
     rounding 1 + w lost; about 1 ulp). Why: some torch builds (2.14.1+cu130 on a CPU) have a
     log1p several times slower than log, inside Inductor's kernels too; in eager mode
     F.softplus is the faster of the two. On CUDA (the slow log1p was a CPU build's) the longer
@@ -304,9 +304,18 @@ def _differentiated():
 
 
 def _forward_mode(forward, ctx, tangents):
-    """Forward-mode derivatives (torch.func.jvp, jacfwd, hessian; torch.autograd.forward_ad)
-    of a scan Function: its forward is plain tensor code, so torch.func.jvp of it, run again on
-    the saved inputs, gives the tangents of y and the last state (the saved states get none)."""
+    """Forward-mode derivatives under torch.func (jvp, jacfwd; jvp over grad, and hessian, which
+    is jacfwd over jacrev) of a scan Function: its forward is plain tensor code, so
+    torch.func.jvp of it, run again on the saved inputs, gives the tangents of y and the last
+    state (the saved states get none). Forward mode nested in forward mode (jvp of jvp, jacfwd
+    of jacfwd) is refused: the saved inputs carry no outer tangent, so it came out wrong."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    if sum(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()) > 1:
+        raise RuntimeError(
+            "selective_scan: forward mode nested in forward mode (jvp of jvp, jacfwd of "
+            "jacfwd) is not supported by the chunked scan; use reverse mode for the outer "
+            "derivative (jacrev, hessian) or scan=\"reference\" (selective_scan_ref)")
     inputs = list(ctx.saved_tensors)                          # u ... h0, None where not given
     given = [i for i, t in enumerate(inputs) if t is not None]
 
@@ -656,9 +665,8 @@ class _ScanState1(torch.autograd.Function):
         y = (h.view(batch, B.shape[1], -1, L) * C).view(batch, KD, L)
         if D is not None:
             y = y + D[:, None] * u
-        # (b, K*D, L), the last state (b, K*D, 1; a copy, so that a caller may change it in
-        # place: the states are saved for the backward); and the states, for the backward
-        return y, h[..., -1:].clone(), h
+        # (b, K*D, L), the last state (b, K*D, 1); and the states, for the backward
+        return y, h[..., -1:], h
 
     @staticmethod
     def setup_context(ctx, inputs, output):

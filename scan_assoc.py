@@ -36,7 +36,7 @@ Backward (`_grads`, per state index n, upstream dy_t and dh_L):
 5. Through the softplus: d(delta + bias) = ddelta' sigmoid(delta + bias), sigmoid(z) =
    1 - exp(-softplus(z)): delta' alone is enough.
 Saved: the inputs only, never a state, nor delta' (recomputed from delta, which a float32 model
-has in memory anyway as the dt projection's output; compiled, N > 1 keeps delta', see _grads).
+has in memory anyway as the dt projection's output; compiled, N > 1 may keep delta', see _grads).
 Backward recomputes h_{t-1} by scanning the inputs shifted right by one step (so h_{t-1} and g_t
 are produced at the same index t, and Inductor fuses everything that uses them into that scan's
 kernel), and h_t = a_t h_{t-1} + x_t from it.

@@ -663,6 +663,52 @@ def test_torch_func_transforms_equal_the_reference(N):
             torch.testing.assert_close(x, r, rtol=1e-10, atol=1e-10 * r.abs().max().item())
 
 
+@pytest.mark.parametrize("N", [2, 1], ids=["N2", "N1"])
+def test_hessian_equals_the_reference_and_forward_over_forward_raises(N):
+    """torch.func.hessian (forward over reverse) equals the reference loop's; forward mode
+    nested in forward mode raises (it came out wrong: the saved inputs carry no outer
+    tangent)."""
+    from torch.func import hessian, jacfwd, jvp
+    _, args = gradcheck_problem(selective_scan, False, N)
+    u, delta, A, B, C, D, bias = (a.detach() for a in args)
+
+    def f(fn):
+        kw = {"chunk_size": 3} if fn is selective_scan else {}
+        return lambda d: fn(u, d, A, B, C, D, bias, True, **kw).pow(2).sum()
+    want = hessian(f(selective_scan_ref))(delta)
+    torch.testing.assert_close(hessian(f(selective_scan))(delta), want, rtol=1e-10,
+                               atol=1e-10 * want.abs().max().item())
+    with pytest.raises(RuntimeError, match="forward mode nested in forward mode"):
+        jacfwd(jacfwd(f(selective_scan)))(delta)
+    with pytest.raises(RuntimeError, match="forward mode nested in forward mode"):
+        jvp(lambda d: jvp(f(selective_scan), (d,), (torch.ones_like(d),))[1], (delta,),
+            (torch.ones_like(delta),))
+    import torch.autograd.forward_ad as fwAD                 # README: dual tensors raise
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="[Nn]ested forward mode"):
+        f(selective_scan)(fwAD.make_dual(delta, torch.ones_like(delta)))
+
+
+@pytest.mark.parametrize("N", [2, 1], ids=["N2", "N1"])
+def test_first_order_backward_does_not_recompute_the_states(N, monkeypatch):
+    """A plain backward (and one under activation checkpointing) reads the states its forward
+    saved; only a backward that will be differentiated again (create_graph=True) recomputes
+    them (design.md: Second derivatives and torch.func)."""
+    name = "_state1_states" if N == 1 else "_chunked_forward"
+    calls = []
+    original = getattr(scan, name)
+    monkeypatch.setattr(scan, name, lambda *a: calls.append(1) or original(*a))
+    f, args = gradcheck_problem(selective_scan, True, N)
+    y, h = f(*args)
+    torch.autograd.grad((y.sum(), h.sum()), args)
+    assert len(calls) == 1, "a first-order backward recomputed the states"
+    y, h = torch.utils.checkpoint.checkpoint(f, *args, use_reentrant=False)
+    torch.autograd.grad((y.sum(), h.sum()), args)
+    assert len(calls) == 3, "checkpointing: the forward twice, no recompute in the backward"
+    y, h = f(*args)
+    torch.autograd.grad((y.sum(), h.sum()), args, create_graph=True)
+    assert len(calls) == 5, "create_graph=True: the states recomputed under autograd"
+
+
 def small_step_problem(N, L=50, seed=0):
     """softplus on, every z = delta + delta_bias in [-16, -10]: delta' ~ 1e-7 .. 4.5e-5, the
     slow-forgetting end of the domain, where softplus'(z) = sigmoid(z) = 1 - exp(-delta') is
@@ -919,8 +965,8 @@ def saved_for_backward(fn, inputs):
 
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
 def test_backward_keeps_no_per_step_state(compiled_scan, mode):
-    """The backward recomputes inside chunks: what one call keeps for it is its inputs, delta'
-    and the M chunk-entry states, never a per-step (L, N) state per channel. Autograd through the
+    """The backward recomputes inside chunks: what one call keeps for it is its inputs (or,
+    compiled, what the partitioner picks) and the M chunk-entry states, never a per-step (L, N) state per channel. Autograd through the
     step loop kept 29x the bytes of the call's inputs and output (19x compiled)."""
     Bb, K, Dk, N, L = 1, 2, 4, 8, 200                        # T = 8: M = 25 chunks
     KD = K * Dk

@@ -148,12 +148,13 @@ def _softplus(z):
     """delta' = softplus(z) = log(1 + e^z) (z itself above 20, as torch and the official kernels).
 
     F.softplus, except in compiled code for devices other than CUDA (the CPU): there the same
-    function with log in place of log1p, log1p(w) = log(u) - (u - 1 - w) / u with u = 1 + w
-    (the second term restores what rounding 1 + w lost; about 1 ulp). Why: some torch builds (2.14.1+cu130 on a CPU) have a
-    log1p several times slower than log, inside Inductor's kernels too; in eager mode
-    F.softplus is the faster of the two. On CUDA (the slow log1p was a CPU build's) the longer
-    form pushed the associative scan's shifted decays past Inductor's limit on ops it
-    recomputes in a consumer (torch 2.14.1): they got a kernel of their own (docs/design.md).
+    function with log in place of log1p, log1p(w) = log(u) - (u - 1 - w) / u with u = 1 + w (the
+    second term restores what rounding 1 + w lost; about 1 ulp). Why: some torch builds
+    (2.14.1+cu130 on a CPU) have a log1p several times slower than log, inside Inductor's
+    kernels too; in eager mode F.softplus is the faster of the two. On CUDA (the slow log1p was
+    a CPU build's) the longer form pushed the associative scan's shifted decays past Inductor's
+    limit on ops it recomputes in a consumer (torch 2.14.1): they got a kernel of their own
+    (docs/design.md).
     """
     if not torch.compiler.is_compiling() or z.is_cuda:
         return F.softplus(z)

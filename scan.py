@@ -330,6 +330,17 @@ def _forward_mode(forward, ctx, tangents):
     return ty, th, None
 
 
+def _keep(ctx, inputs, output):
+    """setup_context of both scan Functions: the inputs (for the backward, and for forward mode)
+    and the forward's third output, the states the backward reads (not differentiable)."""
+    u, delta, A, B, C, D, delta_bias, h0, softplus, T = inputs
+    ctx.mark_non_differentiable(output[2])
+    ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, h0, output[2])
+    ctx.save_for_forward(u, delta, A, B, C, D, delta_bias, h0)
+    ctx.softplus, ctx.T = softplus, T
+    ctx.set_materialize_grads(False)
+
+
 class _ChunkedScan(torch.autograd.Function):
     """The chunked scan as one autograd node: autograd through the step loop would keep every
     step's state (the (batch, K*D, L, N) tensor, about 29x the call's inputs and output).
@@ -376,15 +387,7 @@ class _ChunkedScan(torch.autograd.Function):
         # (b, K*D, L), (b, K*D, N); and the chunk-entry states for the backward
         return y, h_last.reshape(lay.batch, lay.KD, -1), h_in
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        u, delta, A, B, C, D, delta_bias, h0, softplus, T = inputs
-        h_in = output[2]
-        ctx.mark_non_differentiable(h_in)
-        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, h0, h_in)
-        ctx.save_for_forward(u, delta, A, B, C, D, delta_bias, h0)
-        ctx.softplus, ctx.T = softplus, T
-        ctx.set_materialize_grads(False)
+    setup_context = staticmethod(_keep)
 
     @staticmethod
     def backward(ctx, gy, gh, _):
@@ -669,15 +672,7 @@ class _ScanState1(torch.autograd.Function):
         # (b, K*D, L), the last state (b, K*D, 1); and the states, for the backward
         return y, h[..., -1:], h
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        u, delta, A, B, C, D, delta_bias, h0, softplus, T = inputs
-        h = output[2]
-        ctx.mark_non_differentiable(h)
-        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, h0, h)
-        ctx.save_for_forward(u, delta, A, B, C, D, delta_bias, h0)
-        ctx.softplus, ctx.T = softplus, T
-        ctx.set_materialize_grads(False)
+    setup_context = staticmethod(_keep)
 
     @staticmethod
     def backward(ctx, gy, gh, _):

@@ -806,12 +806,13 @@ def cross_scan(x):
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"cross_scan: x must be a (b, D, H, W) tensor, got {_described(x)}")
-    # Each route a read of x of its own (routes 2 and 3 not flips of the tensors of routes 0 and
-    # 1): a tensor the stack and a flip both use made torch 2.14's Inductor write the four routes
-    # out as copies, where it otherwise reads x along them inside the scan's kernel (design.md).
+    # Each route a read of x of its own: a reversed route flips both axes of the grid (the
+    # row-major order reversed) rather than the flattened route. A flattened route that a flip
+    # or another op also used made torch 2.14's Inductor write the four routes out as copies,
+    # where it otherwise reads x along them inside the scan's kernel (design.md).
     rows, cols = x, x.transpose(2, 3)                 # row-major and column-major reads
-    return torch.stack([rows.flatten(2), cols.flatten(2), rows.flatten(2).flip(-1),
-                        cols.flatten(2).flip(-1)], dim=1)   # (b, 4, D, L)
+    return torch.stack([rows.flatten(2), cols.flatten(2), rows.flip(2, 3).flatten(2),
+                        cols.flip(2, 3).flatten(2)], dim=1)   # (b, 4, D, L)
 
 
 def route(t, k):

@@ -293,7 +293,9 @@ class SS2D(nn.Module):
                      None, self.dt_projs_bias.to(state).reshape(K * D))   # D: added below
         y = self.run_scan(*scan_args)                        # (b, K*D, L)
         y = cross_merge(y.view(batch, K, D, H, W))           # (b, D, L)
-        y = y + x.flatten(2).to(y.dtype) * self.Ds.to(y.dtype).view(K, D, 1).sum(0)  # sum_k D_k u
+        # sum_k D_k u, taken on the grid: x.flatten(2) is cross_scan's route 0, and a second
+        # user of it made torch 2.14's Inductor copy the routes out in training (design.md)
+        y = y + (x.to(y.dtype) * self.Ds.to(y.dtype).view(K, D, 1, 1).sum(0)).flatten(2)
         # The scans return float32. Back to the parameters' dtype: a model converted with
         # .to(torch.bfloat16) (or .half()) needs it for out_norm; under autocast the
         # parameters stay float32, so out_norm still sees the full-precision scan output.

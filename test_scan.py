@@ -966,8 +966,9 @@ def saved_for_backward(fn, inputs):
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
 def test_backward_keeps_no_per_step_state(compiled_scan, mode):
     """The backward recomputes inside chunks: what one call keeps for it is its inputs (or,
-    compiled, what the partitioner picks) and the M chunk-entry states, never a per-step (L, N) state per channel. Autograd through the
-    step loop kept 29x the bytes of the call's inputs and output (19x compiled)."""
+    compiled, what the partitioner picks) and the M chunk-entry states, never a per-step (L, N)
+    state per channel. Autograd through the step loop kept 29x the bytes of the call's inputs
+    and output (19x compiled)."""
     Bb, K, Dk, N, L = 1, 2, 4, 8, 200                        # T = 8: M = 25 chunks
     KD = K * Dk
     inputs = keep_problem(Bb, K, Dk, N, L)

@@ -27,12 +27,12 @@ bytes / floor bounds what the generated code can reach on a memory-bound card.
 A backward cannot be traced on fake CUDA tensors: the autograd engine asks the driver about the
 device. `model --train` therefore traces the training step (forward, cross-entropy, backward) on
 fake CPU tensors, with the code paths the model takes on CUDA (the associative scan in
-pointwise mode, its atomic group sums), lets Inductor partition it into forward and backward
-graphs as it would, moves each graph to the fake card (device arguments, and every value's
-size, stride and dtype as traced), and generates its Triton code there. Drop-path is off (its
-random masks lower per device) and the optimizer step is not counted; bf16 autocast is refused
-(autocast casts other ops on a CPU than on CUDA). `scan --backward` compiles the associative
-scan's backward function as a forward graph of its own.
+pointwise mode, its atomic group sums, F.softplus), lets Inductor partition it into forward
+and backward graphs as it would, moves each graph to the fake card (device arguments, and
+every value's size, stride and dtype as traced), and generates its Triton code there.
+Drop-path is off (its random masks lower per device) and the optimizer step is not counted;
+bf16 autocast is refused (autocast casts other ops on a CPU than on CUDA). `scan --backward`
+compiles the associative scan's backward function as a forward graph of its own.
 
 Why: the GPU is lent rarely and briefly. This shows on the CPU whether a change fuses as meant
 (one kernel for the associative scan? a while loop left?) before a GPU run measures it.
@@ -366,7 +366,8 @@ def generate_training(model, batch, res, chunked=False):
         mock.patch.object(scan, "_use_assoc", lambda u, A: True),
         mock.patch.object(scan_assoc, "associative_scan", _pointwise_scan),
         mock.patch.object(scan_assoc, "_adds_atomically",     # index_add_, as on CUDA
-                          lambda t, N: scan_assoc.GROUP_SUM == "atomic" and N == 1)]
+                          lambda t, N: scan_assoc.GROUP_SUM == "atomic" and N == 1),
+        mock.patch.object(scan, "_softplus", torch.nn.functional.softplus)]   # as on CUDA
     torch._dynamo.reset()
     model.train()
     with contextlib.ExitStack() as stack:

@@ -192,9 +192,13 @@ def _adds_atomically(t, N):
 def _state_before(x, dt_prev, A, h0, n, mode):
     """h[n] one step back, h_{t-1} (h_{-1} = h0[n] or 0): the recurrence of the inputs shifted
     right by one. Scanned directly, so that h_{t-1} and g_t meet at the same index t (a
-    shifted read of a scan's own result would keep Inductor from fusing its users)."""
-    start = x.new_zeros(x.shape[:-1] + (1,)) if h0 is None else h0[:, :, n, None]
-    x_prev = torch.cat([start, x[..., :-1]], dim=-1)                     # x_{t-1}, h0 at 0
+    shifted read of a scan's own result would keep Inductor from fusing its users). The shift
+    is an index, not a cat after zeros: compiled by torch 2.14.1, zeros shared by a stage's
+    blocks made Inductor write the cat in a kernel of its own; nor a pad, which the partitioner
+    does not recompute, so the forward would save x (docs/design.md)."""
+    t = torch.arange(x.shape[-1], device=x.device)
+    start = 0.0 if h0 is None else h0[:, :, n, None]
+    x_prev = torch.where(t == 0, start, x[..., (t - 1).clamp(min=0)])     # x_{t-1}, h0 at 0
     a_prev = _decay(dt_prev, A, n)                    # a_{t-1}; the first (1) is not read
     return _recurrence(a_prev, x_prev, mode)
 

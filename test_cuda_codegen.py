@@ -196,7 +196,11 @@ def test_training_step_graphs(generation):
     forward and a backward graph for the card, neither with a host-side loop; the forward holds
     the associative scans, the backward its own (for N = 1 two per forward scan: the adjoints
     and the recomputed states), with dB and dC as atomic adds for N = 1 only (GROUP_SUM =
-    "atomic", as on CUDA; the CPU trace alone would take the reduction)."""
+    "atomic", as on CUDA; the CPU trace alone would take the reduction), and delta' by
+    F.softplus (log1p), as on CUDA, in the forward and, for N = 1 (which recomputes it), the
+    backward (the CPU trace alone would take
+    scan._softplus's form for compiled CPU code, without log1p, whose longer expression
+    Inductor fuses differently: docs/design.md)."""
     import vmamba_min as vm
     torch.manual_seed(0)
     cfg = vm.VSSMConfig(generation=generation, dim=16, depths=(1, 1), num_classes=10,
@@ -209,6 +213,9 @@ def test_training_step_graphs(generation):
     if generation == 2:     # (N = 16: kernels of identical source are defined once, not counted)
         assert bw["associative_scans"] == 2 * fw["associative_scans"], (fw, bw)
     assert ("tl.atomic_add" in backward["code"]) == (generation == 2)
+    for graph in (forward, backward) if generation == 2 else (forward,):
+        kernels = "".join(source for _, source in cg.KERNEL_RE.findall(graph["code"]))
+        assert "log1p(" in kernels
 
 
 def test_resources_of_a_scan_kernel_at_each_config_its_autotuner_would_try():

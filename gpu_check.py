@@ -34,8 +34,9 @@ says so in gpu.json, and what a phase leaves goes to the next. A phase that fail
              with its scan replaced by elementwise work on the same inputs), "chunked"
              (compiled with the chunked scan forced), "inline" (compiled with the blocks'
              nested compile regions off), "time-major" (delta computed channels-fastest),
-             "per-route" (one scan per route, delta computed in its scan kernel), "seq-tiles"
-             (the autotuner also offered tiles of one step per program, R0_BLOCK 1),
+             "per-route" (one scan per route, delta computed in its scan kernel), "dt-fused"
+             (delta computed in the one scan kernel), "seq-tiles" (the autotuner also offered
+             tiles of one step per program, R0_BLOCK 1),
              "tf32" (TF32 matrix products),
              "coordesc" (Inductor's coordinate_descent_tuning), "autotune" (mode
              max-autotune-no-cudagraphs), "cudagraphs" (mode reduce-overhead) and
@@ -139,6 +140,8 @@ EST_S = {"scan compiled": 40, "scan eager": 6, "model eager": 8, "model compiled
          "model compiled cudagraphs": 50,     # a compile as usual, then CUDA graphs recorded
          # its offline code generation took about twice the model's (design.md)
          "model compiled per-route": 75,
+         # its offline code generation took 35 s against the model's 21 s (design.md)
+         "model compiled dt-fused": 60,
          # guesses: kernels compiled in this process, one after another, and more candidates
          # timed per looped reduction
          "model compiled seq-tiles": 90, "model blocks seq-tiles": 90,
@@ -159,7 +162,7 @@ EST_S = {"scan compiled": 40, "scan eager": 6, "model eager": 8, "model compiled
 COMPILER_VARIANTS = ("autotune", "coordesc", "cudagraphs")
 # variants whose compile time is estimated apart (a kind of their own) so that what a row of
 # theirs measured does not become the estimate of the model's other compiled rows
-ESTIMATED_APART = COMPILER_VARIANTS + ("per-route", "seq-tiles")
+ESTIMATED_APART = COMPILER_VARIANTS + ("per-route", "dt-fused", "seq-tiles")
 # a model's compiled training row, guessed from its compiled inference row: on 2 CPU cores the
 # compile tests took 390 s (training) and 156 s (inference)
 TRAIN_OVER_INFER = 2.5
@@ -220,8 +223,10 @@ def model_plan(dry):
     inference compiled, vanilla through compile_blocks (its target, and its compile time:
     whole, it compiled for 161 s on the H200), then with one-step tiles offered to its scan
     kernels' autotuner (offline its 16-scan kernel needs no shuffle or barrier there), s1l8
-    with one scan per route and delta computed in the scan kernels (offline 9% fewer bytes, no
-    dt bmm up to stage 3, fewer registers per scan kernel), s1l8 with one-step tiles, s1l8
+    with delta computed in its one scan kernel per block (offline 15% fewer bytes, no dt bmm
+    up to stage 3, more registers per scan kernel), s1l8 with one scan per route and delta
+    computed in the scan kernels (offline 9% fewer bytes, no dt bmm up to stage 3, fewer
+    registers per scan kernel), s1l8 with one-step tiles, s1l8
     with its blocks traced in line (what the nested compile regions cost or save), vanilla
     with the chunked scan experiment, s1l8 with delta computed channels-fastest (what the
     scan cells "u time-major" and "time-major" compare, in the model), vanilla with tiles tuned by
@@ -237,7 +242,8 @@ def model_plan(dry):
     vmamba_min.BLOCK_REGIONS off: every block traced into the graph in line, as the first
     H200 run compiled it, instead of one subgraph per stage), "time-major" (delta computed
     channels-fastest and routed as u is: selection_time_major), "per-route" (one scan per
-    route, delta computed inside its kernel: ssm_per_route), "seq-tiles" (every looped
+    route, delta computed inside its kernel: ssm_per_route), "dt-fused" (delta computed inside
+    the one scan kernel: selection_dt_fused), "seq-tiles" (every looped
     reduction, the scans among them, also offered tiles of one step per program:
     SequentialTiles), "coordesc" (Inductor's
     coordinate_descent_tuning: each Triton kernel's block sizes and warps searched around the
@@ -262,6 +268,7 @@ def model_plan(dry):
                 row(OURS, "compiled", variant="inline"),
                 row(OURS, "compiled", variant="time-major"),
                 row(OURS, "compiled", variant="per-route"),
+                row(OURS, "compiled", variant="dt-fused"),
                 row(VANILLA, "blocks", variant="seq-tiles"),
                 row(OURS, "compiled", variant="seq-tiles"),
                 row(VANILLA, "blocks", variant="coordesc"), row(OURS, "compiled", "bfloat16"))
@@ -269,7 +276,8 @@ def model_plan(dry):
     return (row(OURS), row(SWIN), row(VANILLA),
             row(OURS, "compiled"), row(SWIN, "compiled"),
             row(VANILLA, "blocks"), row(VANILLA, "blocks", variant="seq-tiles"),
-            row(OURS, "compiled", variant="per-route"), row(OURS, "compiled", variant="seq-tiles"),
+            row(OURS, "compiled", variant="dt-fused"), row(OURS, "compiled", variant="per-route"),
+            row(OURS, "compiled", variant="seq-tiles"),
             row(OURS, "compiled", variant="inline"), row(VANILLA, "blocks", variant="assoc-chunks"),
             row(OURS, "compiled", variant="time-major"),
             row(VANILLA, "blocks", variant="coordesc"),
@@ -356,7 +364,8 @@ def _plan(args):
            "train compiled": 15, ("scan compiled", "v2"): 10, ("scan compiled", "v0"): 10,
            **{("scan compiled", f"v2 {p}"): 10 for p in SCAN_COMPILED_PATHS},
            "model compiled autotune": 10, "train compiled autotune": 15,
-           "model compiled per-route": 10, "model compiled seq-tiles": 10,
+           "model compiled per-route": 10, "model compiled dt-fused": 10,
+           "model compiled seq-tiles": 10,
            ("model blocks seq-tiles", VANILLA): 10,
            "model compiled coordesc": 10, "train compiled coordesc": 15,
            "model blocks coordesc": 10, "model blocks autotune": 10,
@@ -815,7 +824,7 @@ class Patch:
     Dynamo guards a module global it read (vmamba_min.selective_scan), not a method swapped
     on a class: a fresh model compiled under Patch(SS2D, "selection", ...) alone reused the
     graph an earlier row had compiled without it (torch 2.13, backend "eager"). Such a swap
-    goes with a guarded global's (Patches, time_major_patch)."""
+    goes with a guarded global's (Patches, selection_patch)."""
 
     def __init__(self, module, name, value, mark=False):
         self.module, self.name, self.value, self.mark, self.hit = module, name, value, mark, False
@@ -854,10 +863,10 @@ class Patches:
     name = property(lambda self: self.marked.name)
 
 
-def time_major_patch():
-    """The "time-major" variant: SS2D.selection swapped for selection_time_major, and, as
+def selection_patch(selection):
+    """The "time-major" and "dt-fused" variants: SS2D.selection swapped for theirs, and, as
     Dynamo does not guard a class's method, vmamba_min.route_each for a new function object
-    that selection_time_major calls: graphs compiled before it (guarded on the original
+    that their selection calls: graphs compiled before it (guarded on the original
     route_each) are not reused under it, nor its graph after it (guarded on the new one)."""
     import vmamba_min
     route_each = vmamba_min.route_each
@@ -865,7 +874,7 @@ def time_major_patch():
     def routed(t):
         return route_each(t)
     return Patches(Patch(vmamba_min, "route_each", routed),
-                   Patch(vmamba_min.SS2D, "selection", selection_time_major, mark=True))
+                   Patch(vmamba_min.SS2D, "selection", selection, mark=True))
 
 
 def never(*args, **kwargs):
@@ -1241,7 +1250,7 @@ def selection_time_major(self, x):
     the bmm's (b, K, D, L) output, along L). The same values."""
     import torch
     import vmamba_min
-    route_each = vmamba_min.route_each          # read at trace time: see time_major_patch
+    route_each = vmamba_min.route_each          # read at trace time: see selection_patch
     batch, D, H, W = x.shape
     K, R, N = vmamba_min.K, self.dt_rank, self.d_state
     x_dbl = self.x_proj(x)                                   # (b, K, R+2N, H, W)
@@ -1252,38 +1261,56 @@ def selection_time_major(self, x):
     return delta, Bs, Cs
 
 
-# The per-route variant computes each route's delta inside its scan kernel up to this dt rank
-# (VMamba-T: R = 6, 12, 24, 48 at its four stages); above it, a matmul per route. The bytes
-# and code-generation seconds of each choice: docs/design.md, "One scan per route".
-PER_ROUTE_MAX_RANK = 24
+# The per-route and dt-fused variants compute delta inside the scan kernel up to this dt rank
+# (VMamba-T: R = 6, 12, 24, 48 at its four stages); above it, by the model's matmul. The bytes
+# and code-generation seconds of each choice: docs/design.md, "One scan per route" and
+# "delta inside the scan kernel".
+DT_TERMS_MAX_RANK = 24
 SCAN_FUNCTIONS = ("selective_scan", "selective_scan_ref", "selective_scan_assoc",
                   "selective_scan_assoc_chunked")     # vmamba_min's names, read by run_scan
 
 
 def dt_terms(weight, dts):
-    """(D, R) weight, (b, R, L) low-rank dt -> (b, D, L) delta as R multiply-adds, in float32
-    (float64 for a float64 model): pointwise, so Inductor computes delta inside the scan kernel
-    that reads it, where the dt projection's bmm writes delta, K*D values per token, to memory
-    for the scan to read back. The scans compute in that dtype anyway; under bf16 (autocast
-    or a converted model) this delta is the more precise one."""
+    """(..., D, R) weight, (b, ..., R, L) low-rank dt -> (b, ..., D, L) delta as R
+    multiply-adds (one route: (D, R) and (b, R, L); all four: (K, D, R) and (b, K, R, L)), in
+    float32 (float64 for a float64 model): pointwise, so Inductor computes delta inside the
+    scan kernel that reads it, where the dt projection's bmm writes delta, K*D values per
+    token, to memory for the scan to read back. The scans compute in that dtype anyway; under
+    bf16 (autocast or a converted model) this delta is the more precise one."""
     import torch
     dtype = torch.promote_types(weight.dtype, torch.float32)
     weight, dts = weight.to(dtype), dts.to(dtype)
-    delta = weight[:, 0, None] * dts[:, 0, None]
-    for r in range(1, weight.shape[1]):
-        delta = delta + weight[:, r, None] * dts[:, r, None]
+    delta = weight[..., 0, None] * dts[..., 0, None, :]
+    for r in range(1, weight.shape[-1]):
+        delta = delta + weight[..., r, None] * dts[..., r, None, :]
     return delta
+
+
+def selection_dt_fused(self, x):
+    """SS2D.selection with delta computed by dt_terms from the routed low-rank dt (by the
+    model's matmul above DT_TERMS_MAX_RANK). The same values (the R-term sums may round in
+    another order). Why (docs/design.md, "delta inside the scan kernel"): compiled, the model's
+    dt projection is a bmm that writes delta, K*D values per token, for the scan kernel to read
+    back; as multiply-adds, Inductor computes delta inside the one scan kernel per block."""
+    import torch
+    import vmamba_min
+    route_each = vmamba_min.route_each          # read at trace time: see selection_patch
+    R, N = self.dt_rank, self.d_state
+    dts, Bs, Cs = route_each(self.x_proj(x)).split([R, N, N], dim=2)   # (b, K, R|N|N, L)
+    if R > DT_TERMS_MAX_RANK:
+        return torch.matmul(self.dt_projs_weight, dts), Bs, Cs
+    return dt_terms(self.dt_projs_weight, dts), Bs, Cs
 
 
 def ssm_per_route(self, x):                                  # (b, D, H, W)
     """SS2D.ssm with one selective scan per route: route k's u, dt, B and C read along route k
     (scan.route) from the unrouted map and x_proj's output, its delta computed by dt_terms (a
-    matmul per route above PER_ROUTE_MAX_RANK), the four outputs merged as cross_merge merges
+    matmul per route above DT_TERMS_MAX_RANK), the four outputs merged as cross_merge merges
     them. The same values as SS2D.ssm in float32 and float64 (delta's sums may round in another
     order). Why (docs/design.md, "One scan per route"): compiled, the model's ssm is one scan
     kernel over the channels of all four routes, each load a select among four route gathers,
     reading delta from memory; here each route's kernel reads its own route and computes
-    delta, and no dt bmm runs up to PER_ROUTE_MAX_RANK."""
+    delta, and no dt bmm runs up to DT_TERMS_MAX_RANK."""
     import torch
     import vmamba_min
     from scan import route
@@ -1296,7 +1323,7 @@ def ssm_per_route(self, x):                                  # (b, D, H, W)
     ys = []
     for k in range(K):
         dts, Bk, Ck = route(x_dbl[:, k], k).split([R, N, N], dim=1)      # (b, R|N|N, L)
-        delta = (dt_terms(self.dt_projs_weight[k], dts) if R <= PER_ROUTE_MAX_RANK
+        delta = (dt_terms(self.dt_projs_weight[k], dts) if R <= DT_TERMS_MAX_RANK
                  else torch.matmul(self.dt_projs_weight[k], dts))         # (b, D, L)
         # B and C as views of this route only: stacked with the other routes', Inductor fused
         # the four scans into one kernel again (design.md)
@@ -1408,7 +1435,8 @@ def variant_patch(variant):
     floor swaps that name for floor_scan; "chunked" turns off the dispatch to scan_assoc;
     "tf32" allows TF32 matrix products for the row (compile and timed calls); "inline" turns
     off the blocks' nested compile regions (Dynamo guards on the flag it read); "time-major"
-    swaps SS2D.selection for selection_time_major, "per-route" SS2D.ssm for ssm_per_route;
+    swaps SS2D.selection for selection_time_major, "dt-fused" for selection_dt_fused,
+    "per-route" SS2D.ssm for ssm_per_route;
     the COMPILER_VARIANTS need none
     (build_runner passes them to torch.compile)."""
     import contextlib
@@ -1420,7 +1448,9 @@ def variant_patch(variant):
     if variant == "inline":
         return Patch(vmamba_min, "BLOCK_REGIONS", False)
     if variant == "time-major":
-        return time_major_patch()
+        return selection_patch(selection_time_major)
+    if variant == "dt-fused":
+        return selection_patch(selection_dt_fused)
     if variant == "per-route":
         return per_route_patch()
     if variant == "seq-tiles":
@@ -1557,7 +1587,9 @@ def phase_models(run):
         "time-major": "delta computed channels-fastest (gpu_check.selection_time_major) and "
                       "routed as u is; the model's is along L (an experiment)",
         "per-route": "one scan per route, each route's delta computed in its scan kernel "
-                     "(gpu_check.ssm_per_route, dt rank <= PER_ROUTE_MAX_RANK; an experiment)",
+                     "(gpu_check.ssm_per_route, dt rank <= DT_TERMS_MAX_RANK; an experiment)",
+        "dt-fused": "delta computed in the one scan kernel per block (gpu_check."
+                    "selection_dt_fused, dt rank <= DT_TERMS_MAX_RANK; an experiment)",
         "assoc-chunks": "built with scan='assoc_chunked': "
                          "scan_assoc.selective_scan_assoc_chunked (an experiment)",
         "autotune": "torch.compile mode 'max-autotune-no-cudagraphs' (Triton kernels' tiles "
@@ -1597,7 +1629,8 @@ def phase_models(run):
                 if spec["variant"]:
                     with variant_patch(spec["variant"]) as patch:
                         model_row(run, spec, row)
-                    if spec["variant"] in ("floor", "time-major", "per-route") and not patch.hit:
+                    if spec["variant"] in ("floor", "time-major", "per-route", "dt-fused") \
+                            and not patch.hit:
                         row["error"] = (f"the patch missed: {patch.name} never called (a graph "
                                         f"compiled without it reused?)")
                     if spec["variant"] == "seq-tiles":

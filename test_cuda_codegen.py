@@ -271,8 +271,9 @@ def test_a_model_variant_is_gpu_checks_patch_for_models_only(monkeypatch):
         return [], None, "case"
     monkeypatch.setattr(cg, "generate_case", generate_case)
     monkeypatch.setattr(cg, "report", lambda *a: "")
-    cg.main(["model", "--name", "vmamba_tiny_s1l8", "--variant", "time-major"])
-    assert seen == [(True, True)]                        # gpu_check's time_major_patch
+    for variant in ("time-major", "dt-fused"):
+        cg.main(["model", "--name", "vmamba_tiny_s1l8", "--variant", variant])
+    assert seen == [(True, True)] * 2                    # gpu_check's selection_patch
     assert vm.SS2D.selection is selection and vm.route_each is route_each      # undone after
     ssm, seen[:] = vm.SS2D.ssm, []
     monkeypatch.setattr(cg, "generate_case", lambda args, chunked: seen.append(

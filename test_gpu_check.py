@@ -359,13 +359,14 @@ def test_time_major_selection_is_the_models_with_delta_stored_channels_fastest(g
     torch.testing.assert_close(logits, plain, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant, method", [("time-major", "selection"), ("per-route", "ssm")])
+@pytest.mark.parametrize("variant, method", [("time-major", "selection"), ("per-route", "ssm"),
+                                             ("dt-fused", "selection")])
 def test_a_variant_row_compiles_its_own_graph_and_leaves_none_behind(variant, method):
     """Dynamo does not guard a method swapped on a class: a fresh model compiled under
     Patch(SS2D, "selection", ...) alone reused the graph of the row before it, silently
     measuring the unpatched model. Each such patch also swaps module globals the graphs read
-    for new function objects (time-major: vmamba_min.route_each; per-route: the scan
-    functions run_scan may call): its stand-in runs even after an unpatched compile of the
+    for new function objects (time-major and dt-fused: vmamba_min.route_each; per-route: the
+    scan functions run_scan may call): its stand-in runs even after an unpatched compile of the
     same shapes, and an unpatched compile after it does not run its graph (the mark, a store
     Dynamo replays, tells which graph ran)."""
     import vmamba_min
@@ -398,18 +399,14 @@ def test_a_variant_row_compiles_its_own_graph_and_leaves_none_behind(variant, me
     torch.testing.assert_close(after, plain, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("generation", [0, 2])
-@pytest.mark.parametrize("max_rank", [0, 64])
-def test_per_route_ssm_is_the_models(generation, max_rank, monkeypatch):
-    """The "per-route" variant's SS2D.ssm (one scan per route, delta as R multiply-adds, or a
-    matmul per route above PER_ROUTE_MAX_RANK) gives the model's ssm output, in float64 on a
-    map that is not square, with a dt rank of 3 and A and D drawn per route and channel (the
-    init's are equal across routes: a route read in another route's order, another route's A
-    or D, a transposed merge or a term left out of a sum is off by O(1) here); the differences
-    are the sums' rounding (~ R eps of the terms, carried by a scan whose decays are <= 1,
-    then merged: far under 1e-12 at these sizes)."""
+def _float64_variant_case(generation, max_rank, monkeypatch):
+    """A tiny float64 model with a dt rank of 3, its first SS2D and a map for it that is not
+    square, DT_TERMS_MAX_RANK set to max_rank. A, D and the dt_proj weights are drawn per
+    route and channel (the init's A and D are equal across routes): a route read in another
+    route's order, another route's A, D or weights, a transposed merge or a term left out of
+    a sum is off by O(1) here."""
     import vmamba_min
-    monkeypatch.setattr(gc, "PER_ROUTE_MAX_RANK", max_rank)
+    monkeypatch.setattr(gc, "DT_TERMS_MAX_RANK", max_rank)
     torch.manual_seed(0)
     model = vmamba_min.VSSM(vmamba_min.VSSMConfig(generation=generation, dim=16, depths=(1, 1),
                                                    dt_rank=3, num_classes=3)).double().eval()
@@ -418,19 +415,53 @@ def test_per_route_ssm_is_the_models(generation, max_rank, monkeypatch):
             if isinstance(m, vmamba_min.SS2D):
                 m.A_logs.normal_(0, 0.5)
                 m.Ds.normal_()
+                m.dt_projs_weight.normal_()
     ss2d = model.layers[0].blocks[0].self_attention
-    x = torch.randn(2, ss2d.d_inner, 5, 7, dtype=torch.float64)
-    orig = vmamba_min.SS2D.ssm
+    return model, ss2d, torch.randn(2, ss2d.d_inner, 5, 7, dtype=torch.float64)
+
+
+def _logits_with_and_without(variant, model):
+    """The model's logits for one image under the variant's patch (which must run and be
+    undone), then without it."""
+    import vmamba_min
+    methods = vmamba_min.SS2D.ssm, vmamba_min.SS2D.selection
+    image = torch.randn(1, 3, 32, 48, dtype=torch.float64)
+    with torch.no_grad():
+        with gc.variant_patch(variant) as patch:
+            logits = model(image)
+        assert patch.hit and (vmamba_min.SS2D.ssm, vmamba_min.SS2D.selection) == methods
+        return logits, model(image)
+
+
+@pytest.mark.parametrize("generation", [0, 2])
+@pytest.mark.parametrize("max_rank", [0, 64])
+def test_per_route_ssm_is_the_models(generation, max_rank, monkeypatch):
+    """The "per-route" variant's SS2D.ssm (one scan per route, delta as R multiply-adds, or a
+    matmul per route above DT_TERMS_MAX_RANK) gives the model's ssm output in float64
+    (_float64_variant_case); the differences are the sums' rounding (~ R eps of the terms,
+    carried by a scan whose decays are <= 1, then merged: far under 1e-12 at these sizes)."""
+    model, ss2d, x = _float64_variant_case(generation, max_rank, monkeypatch)
     with torch.no_grad():
         want, got = ss2d.ssm(x), gc.ssm_per_route(ss2d, x)
-        image = torch.randn(1, 3, 32, 48, dtype=torch.float64)
-        with gc.variant_patch("per-route") as patch:
-            logits = model(image)
-        assert patch.hit and vmamba_min.SS2D.ssm is orig
-        plain = model(image)
     assert got.shape == want.shape == (2, 35, ss2d.d_inner) and got.dtype == torch.float64
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-    torch.testing.assert_close(logits, plain, rtol=0, atol=1e-12)
+    torch.testing.assert_close(*_logits_with_and_without("per-route", model), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("generation", [0, 2])
+@pytest.mark.parametrize("max_rank", [0, 64])
+def test_dt_fused_selection_is_the_models(generation, max_rank, monkeypatch):
+    """The "dt-fused" variant's SS2D.selection (delta as R multiply-adds of the routed low-rank
+    dt, or the model's matmul above DT_TERMS_MAX_RANK) gives the model's delta, B and C in
+    float64 (_float64_variant_case), delta up to the sums' rounding (~ R eps of the terms)."""
+    model, ss2d, x = _float64_variant_case(generation, max_rank, monkeypatch)
+    with torch.no_grad():
+        want, got = ss2d.selection(x), gc.selection_dt_fused(ss2d, x)
+    assert got[0].shape == want[0].shape == (2, 4, ss2d.d_inner, 35)
+    assert got[0].dtype == torch.float64
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-12)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    torch.testing.assert_close(*_logits_with_and_without("dt-fused", model), rtol=0, atol=1e-12)
 
 
 def _absolute(ss2d):

@@ -36,14 +36,12 @@ says so in gpu.json, and what a phase leaves goes to the next. A phase that fail
              nested compile regions off), "time-major" (delta computed channels-fastest),
              "per-route" (one scan per route, delta computed in its scan kernel), "dt-fused"
              (delta computed in the one scan kernel), "seq-tiles" (the autotuner also offered
-             tiles of one step per program, R0_BLOCK 1),
-             "tf32" (TF32 matrix products),
+             tiles of one step per program, R0_BLOCK 1), "tf32" (TF32 matrix products),
              "coordesc" (Inductor's coordinate_descent_tuning), "autotune" (mode
              max-autotune-no-cudagraphs), "cudagraphs" (mode reduce-overhead) and
-             "assoc-chunks" (scan="assoc_chunked"); img/s,
-             compile s, peak GB, ratio
-             to Swin-T's best row of the same kind and precision; logits of each inference
-             row against the eager fp32 row of its model                       [by 374]
+             "assoc-chunks" (scan="assoc_chunked"); img/s, compile s, peak GB, ratio to
+             Swin-T's best row of the same kind and precision; logits of each inference row
+             against the eager fp32 row of its model                                 [by 374]
   4 profile  torch.profiler, top 30 ops by self device time: compiled s1l8 inference and one
              training step (eager if it was not compiled in time), s1l8's bf16 inference
              (if compiled in time) and vanilla's fp32 one (if phase 3 compiled it) ->
@@ -140,13 +138,13 @@ EST_S = {"scan compiled": 40, "scan eager": 6, "model eager": 8, "model compiled
          "model compiled cudagraphs": 50,     # a compile as usual, then CUDA graphs recorded
          # its offline code generation took about twice the model's (design.md)
          "model compiled per-route": 75,
-         # its offline code generation took 35 s against the model's 21 s (design.md)
+         # its offline code generation took 34 s against the model's 21 s (design.md)
          "model compiled dt-fused": 60,
          # guesses: kernels compiled in this process, one after another, and more candidates
          # timed per looped reduction
          "model compiled seq-tiles": 90, "model blocks seq-tiles": 90,
          ("model blocks seq-tiles", "vanilla_vmamba_tiny"): 120,
-         # vanilla's dt-fused blocks: 78 s of offline code generation against 25 s (design.md)
+         # vanilla's dt-fused blocks: 77 s of offline code generation against 25 s (design.md)
          "model blocks dt-fused": 150,
          # guesses (these benchmark kernels while compiling)
          "model compiled autotune": 180, "train compiled autotune": 400,
@@ -220,42 +218,39 @@ class Plan:
 
 def model_plan(dry):
     """The model rows in the order they run, each ratio's numerator and denominator (ours and
-    Swin-T, same kind and dtype) next to each other (phase_models runs such a pair whole or
-    not at all): eager inference (the logits every later row is checked against), float32
-    inference compiled, vanilla through compile_blocks (its target, and its compile time:
-    whole, it compiled for 161 s on the H200), then with one-step tiles offered to its scan
-    kernels' autotuner (offline its 16-scan kernel needs no shuffle or barrier there), s1l8
-    with delta computed in its one scan kernel per block (offline 15% fewer bytes, no dt bmm
-    up to stage 3, more registers per scan kernel), s1l8 with one scan per route and delta
-    computed in the scan kernels (offline 9% fewer bytes, no dt bmm up to stage 3, fewer
-    registers per scan kernel), s1l8 with one-step tiles, s1l8
-    with its blocks traced in line (what the nested compile regions cost or save), vanilla
-    with the chunked scan experiment, s1l8 with delta computed channels-fastest (what the
-    scan cells "u time-major" and "time-major" compare, in the model), vanilla with tiles tuned by
-    coordinate descent (its N = 16 scan kernel ran at 28.7x its floor; a ~150 s compile,
-    after s1l8's experiments, as s1l8 is nearer its target), TF32 matrix products (the
-    paper's arithmetic, docs/design.md), eager training, what may make s1l8 faster, bf16,
-    compiled training (the first H200 run met its target against eager Swin-T;
-    each such row compiles for ~140 s), then the rest. variant: None
-    (the model as it is: compiled on CUDA its scans dispatch to scan_assoc), "floor" (the scan
-    replaced by elementwise work: floor_scan), "chunked" (compiled with the chunked scan
+    Swin-T, same kind and dtype) next to each other (phase_models runs such a pair whole or not at
+    all): eager inference (the logits every later row is checked against), float32 inference
+    compiled, vanilla through compile_blocks (its target, and its compile time: whole, it compiled
+    for 161 s on the H200), then with one-step tiles offered to its scan kernels' autotuner (offline
+    its 16-scan kernel needs no shuffle or barrier there), s1l8 with delta computed in its one scan
+    kernel per block (offline 15% fewer bytes, no dt bmm up to stage 3, more registers per scan
+    kernel), s1l8 with one scan per route and delta computed in the scan kernels (offline 9% fewer
+    bytes, no dt bmm up to stage 3, fewer registers per scan kernel), s1l8 with one-step tiles, s1l8
+    with its blocks traced in line (what the nested compile regions cost or save), vanilla with the
+    chunked scan experiment, s1l8 with delta computed channels-fastest (what the scan cells "u
+    time-major" and "time-major" compare, in the model), vanilla with tiles tuned by coordinate
+    descent (its N = 16 scan kernel ran at 28.7x its floor; a ~150 s compile, after s1l8's
+    experiments, as s1l8 is nearer its target), TF32 matrix products (the paper's arithmetic,
+    docs/design.md), eager training, what may make s1l8 faster, bf16, compiled training (the first
+    H200 run met its target against eager Swin-T; each such row compiles for ~140 s), then the rest,
+    vanilla's dt-fused blocks last (its scan kernel, not its bytes, ran far from the floor).
+    variant: None (the model as it is: compiled on CUDA its scans dispatch to scan_assoc), "floor"
+    (the scan replaced by elementwise work: floor_scan), "chunked" (compiled with the chunked scan
     forced: scan._use_assoc off), "tf32" (float32 matrix products on TF32 tensor cores, as
     torch.set_float32_matmul_precision("high") sets), "inline" (compiled with
-    vmamba_min.BLOCK_REGIONS off: every block traced into the graph in line, as the first
-    H200 run compiled it, instead of one subgraph per stage), "time-major" (delta computed
-    channels-fastest and routed as u is: selection_time_major), "per-route" (one scan per
-    route, delta computed inside its kernel: ssm_per_route), "dt-fused" (delta computed inside
-    the one scan kernel: selection_dt_fused), "seq-tiles" (every looped
-    reduction, the scans among them, also offered tiles of one step per program:
-    SequentialTiles), "coordesc" (Inductor's
+    vmamba_min.BLOCK_REGIONS off: every block traced into the graph in line, as the first H200 run
+    compiled it, instead of one subgraph per stage), "time-major" (delta computed channels-fastest
+    and routed as u is: selection_time_major), "per-route" (one scan per route, delta computed
+    inside its kernel: ssm_per_route), "dt-fused" (delta computed inside the one scan kernel:
+    selection_dt_fused), "seq-tiles" (every looped reduction, the scans among them, also offered
+    tiles of one step per program: SequentialTiles), "coordesc" (Inductor's
     coordinate_descent_tuning: each Triton kernel's block sizes and warps searched around the
     heuristic's pick; the scan kernels' tile decides whether a row's carry crosses warps),
-    "autotune" (torch.compile's mode "max-autotune-no-cudagraphs": that search, plus GEMM
-    templates benchmarked against cuBLAS), "cudagraphs" (mode "reduce-overhead": the compiled
-    model replayed as CUDA graphs, no launch overhead; the scans' kernels have no host loop
-    on this path) or "assoc-chunks" (built with
-    scan="assoc_chunked": scan_assoc.selective_scan_assoc_chunked, an experiment for
-    vanilla's N = 16, whose compiled inference ran at 0.13x Swin-T)."""
+    "autotune" (torch.compile's mode "max-autotune-no-cudagraphs": that search, plus GEMM templates
+    benchmarked against cuBLAS), "cudagraphs" (mode "reduce-overhead": the compiled model replayed
+    as CUDA graphs, no launch overhead; the scans' kernels have no host loop on this path) or
+    "assoc-chunks" (built with scan="assoc_chunked": scan_assoc.selective_scan_assoc_chunked, an
+    experiment for vanilla's N = 16, whose compiled inference ran at 0.13x Swin-T)."""
     def row(model, mode="eager", dtype="float32", train=False, variant=None):
         return dict(model=model, mode=mode, dtype=dtype, train=train, variant=variant)
     if dry:
@@ -840,6 +835,7 @@ class Patch:
             def stand_in(*a, **kw):
                 self.hit = True
                 return self.value(*a, **kw)
+            stand_in.__wrapped__ = self.value                 # which function it stands for
         setattr(self.module, self.name, stand_in)
         return self
 
@@ -1268,7 +1264,7 @@ def selection_time_major(self, x):
 # The per-route and dt-fused variants compute delta inside the scan kernel up to this dt rank
 # (VMamba-T: R = 6, 12, 24, 48 at its four stages); above it, by the model's matmul. The bytes
 # and code-generation seconds of each choice: docs/design.md, "One scan per route" and
-# "delta inside the scan kernel".
+# "Delta inside the scan kernel".
 DT_TERMS_MAX_RANK = 24
 SCAN_FUNCTIONS = ("selective_scan", "selective_scan_ref", "selective_scan_assoc",
                   "selective_scan_assoc_chunked")     # vmamba_min's names, read by run_scan
@@ -1292,9 +1288,10 @@ def dt_terms(weight, dts):
 
 def selection_dt_fused(self, x):
     """SS2D.selection with delta computed by dt_terms from the routed low-rank dt (by the
-    model's matmul above DT_TERMS_MAX_RANK). The same values (the R-term sums may round in
-    another order). Why (docs/design.md, "delta inside the scan kernel"): compiled, the model's
-    dt projection is a bmm that writes delta, K*D values per token, for the scan kernel to read
+    model's matmul above DT_TERMS_MAX_RANK). The same values in float32 and float64 (the
+    R-term sums may round in another order); under bf16 this delta is float32, the more precise
+    one. Why (docs/design.md, "Delta inside the scan kernel"): compiled, the model's dt
+    projection is a bmm that writes delta, K*D values per token, for the scan kernel to read
     back; as multiply-adds, Inductor computes delta inside the one scan kernel per block."""
     import torch
     import vmamba_min
@@ -1440,9 +1437,8 @@ def variant_patch(variant):
     "tf32" allows TF32 matrix products for the row (compile and timed calls); "inline" turns
     off the blocks' nested compile regions (Dynamo guards on the flag it read); "time-major"
     swaps SS2D.selection for selection_time_major, "dt-fused" for selection_dt_fused,
-    "per-route" SS2D.ssm for ssm_per_route;
-    the COMPILER_VARIANTS need none
-    (build_runner passes them to torch.compile)."""
+    "per-route" SS2D.ssm for ssm_per_route; the COMPILER_VARIANTS need none (build_runner
+    passes them to torch.compile)."""
     import contextlib
     import vmamba_min
     if variant == "floor":

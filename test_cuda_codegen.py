@@ -198,9 +198,8 @@ def test_training_step_graphs(generation):
     and the recomputed states), with dB and dC as atomic adds for N = 1 only (GROUP_SUM =
     "atomic", as on CUDA; the CPU trace alone would take the reduction), and delta' by
     F.softplus (log1p), as on CUDA, in the forward and, for N = 1 (which recomputes it), the
-    backward (the CPU trace alone would take
-    scan._softplus's form for compiled CPU code, without log1p, whose longer expression
-    Inductor fuses differently: docs/design.md)."""
+    backward (the CPU trace alone would take scan._softplus's form for compiled CPU code,
+    without log1p, whose longer expression Inductor fuses differently: docs/design.md)."""
     import vmamba_min as vm
     torch.manual_seed(0)
     cfg = vm.VSSMConfig(generation=generation, dim=16, depths=(1, 1), num_classes=10,
@@ -264,16 +263,19 @@ def test_a_model_variant_is_gpu_checks_patch_for_models_only(monkeypatch):
                   ["model", "--top", "-1"]):          # an abbreviation passed the check before
         with pytest.raises(SystemExit):
             cg.main(wrong)
+    import gpu_check as gc
     seen, selection, route_each = [], vm.SS2D.selection, vm.route_each
 
     def generate_case(args, chunked):
-        seen.append((vm.SS2D.selection is not selection, vm.route_each is not route_each))
+        seen.append((getattr(vm.SS2D.selection, "__wrapped__", None),
+                     vm.route_each is not route_each))
         return [], None, "case"
     monkeypatch.setattr(cg, "generate_case", generate_case)
     monkeypatch.setattr(cg, "report", lambda *a: "")
     for variant in ("time-major", "dt-fused"):
         cg.main(["model", "--name", "vmamba_tiny_s1l8", "--variant", variant])
-    assert seen == [(True, True)] * 2                    # gpu_check's selection_patch
+    assert seen == [(gc.selection_time_major, True),     # gpu_check's selection_patch
+                    (gc.selection_dt_fused, True)]
     assert vm.SS2D.selection is selection and vm.route_each is route_each      # undone after
     ssm, seen[:] = vm.SS2D.ssm, []
     monkeypatch.setattr(cg, "generate_case", lambda args, chunked: seen.append(

@@ -420,14 +420,15 @@ def _float64_variant_case(generation, max_rank, monkeypatch):
     return model, ss2d, torch.randn(2, ss2d.d_inner, 5, 7, dtype=torch.float64)
 
 
-def _logits_with_and_without(variant, model):
-    """The model's logits for one image under the variant's patch (which must run and be
-    undone), then without it."""
+def _logits_with_and_without(variant, function, model):
+    """The model's logits for one image under the variant's patch (which must install
+    `function`, run it and be undone), then without it."""
     import vmamba_min
     methods = vmamba_min.SS2D.ssm, vmamba_min.SS2D.selection
     image = torch.randn(1, 3, 32, 48, dtype=torch.float64)
     with torch.no_grad():
         with gc.variant_patch(variant) as patch:
+            assert patch.marked.value is function
             logits = model(image)
         assert patch.hit and (vmamba_min.SS2D.ssm, vmamba_min.SS2D.selection) == methods
         return logits, model(image)
@@ -445,7 +446,8 @@ def test_per_route_ssm_is_the_models(generation, max_rank, monkeypatch):
         want, got = ss2d.ssm(x), gc.ssm_per_route(ss2d, x)
     assert got.shape == want.shape == (2, 35, ss2d.d_inner) and got.dtype == torch.float64
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-    torch.testing.assert_close(*_logits_with_and_without("per-route", model), rtol=0, atol=1e-12)
+    torch.testing.assert_close(*_logits_with_and_without("per-route", gc.ssm_per_route, model),
+                               rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("generation", [0, 2])
@@ -461,7 +463,8 @@ def test_dt_fused_selection_is_the_models(generation, max_rank, monkeypatch):
     assert got[0].dtype == torch.float64
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-12)
     assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
-    torch.testing.assert_close(*_logits_with_and_without("dt-fused", model), rtol=0, atol=1e-12)
+    torch.testing.assert_close(*_logits_with_and_without("dt-fused", gc.selection_dt_fused,
+                                                         model), rtol=0, atol=1e-12)
 
 
 def _absolute(ss2d):

@@ -3,8 +3,8 @@ properties a model must keep (scan choice, compile, odd sizes, gradients, checkp
 
 Tolerances. Two correct float32 implementations of VMamba differ by about 1e-6 on these
 fixtures' logits (the official code's own channels-first vs channels-last paths:
-fixtures/README.md); known bugs (a swapped route, a missing D, a merge without un-flip) move them by 0.05
-to 1.9. 1e-4 absolute sits 100x above the noise and 500x below the smallest bug.
+fixtures/README.md); known bugs (a swapped route, a missing D, a merge without un-flip) move
+them by 0.05 to 1.9. 1e-4 absolute sits 100x above the noise and 500x below the smallest bug.
 """
 import collections
 import json
@@ -1023,6 +1023,8 @@ def test_image_dtype_must_match_the_model_unless_autocast():
         Backbone(tiny(2))(x.double())
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert model(x.bfloat16()).shape == (1, 10)        # autocast casts per op: allowed
+        with pytest.raises(ValueError, match="autocast does not cast float64"):
+            model(x.double())                                 # but never float64
 
 
 @pytest.mark.parametrize("bad, match", [

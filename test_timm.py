@@ -64,6 +64,18 @@ def test_create_model_passes_options_and_rejects_unknown_ones():
     assert model.patch_embed.conv1.in_channels == 1
     with pytest.raises(ValueError, match="drop_rate"):
         timm.create_model("vmamba_tiny_s2l5", drop_rate=0.1)
+    with pytest.raises(ValueError, match="global_pool"):
+        timm.create_model("vmamba_tiny_s2l5", global_pool="max")
+
+
+def test_create_model_takes_timms_own_options():
+    """timm's train.py passes drop_rate (its --drop, 0.0 by default) to every model, and
+    create_model takes device and dtype: the values that change nothing build the release."""
+    model = timm.create_model("vmamba_tiny_s2l5", drop_rate=0.0, global_pool="avg",
+                              device="meta", dtype=torch.bfloat16)
+    assert model.config == vm.build_config("vmamba_tiny_s2l5")
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {("meta", torch.bfloat16)}
+    assert sum(p.numel() for p in model.parameters()) == EXACT_PARAMS["vmamba_tiny_s2l5"]
 
 
 @pytest.mark.parametrize("name", ["vanilla_vmamba_tiny", "vmamba_base_s1l20"])

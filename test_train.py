@@ -158,11 +158,13 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
     (["--max-steps", "-3"], "--max-steps"), (["--lr", "0"], "--lr"),
     (["--drop-path", "1.5"], "--drop-path"), (["--res", "2"], "--res"),
     (["--save", __file__], "--save"), (["--lr", "inf"], "--lr"), (["--seed", "-1"], "--seed"),
-    (["--seed", str(2 ** 32)], "--seed"), (["--batch-size", "100000"], "--batch-size")])
+    (["--seed", str(2 ** 32)], "--seed"), (["--batch-size", "100000"], "--batch-size"),
+    (["--save", os.path.join(__file__, "out")], "--save")])
 def test_bad_arguments_are_usage_errors(argv, match, capsys):
     """Seen: a negative --epochs or --max-steps trained nothing and exited 0; --lr inf trained
-    to a NaN loss and exited 0; a seed out of scikit-learn's range, or a batch larger than the
-    training set, ended in a traceback."""
+    to a NaN loss and exited 0; a seed out of scikit-learn's range, a batch larger than the
+    training set, or a --save folder that cannot be made (after training), ended in a
+    traceback."""
     with pytest.raises(SystemExit) as e:
         train.main(argv)
     assert e.value.code == 2 and match in capsys.readouterr().err

@@ -228,8 +228,15 @@ def main(argv=None):
                 f"{args.drop_path}")
     if not 0 <= args.seed < 2 ** 32:            # the split's random_state (scikit-learn)
         p.error(f"--seed must be in [0, 2**32), got {args.seed}")
-    if args.save and os.path.exists(args.save) and not os.path.isdir(args.save):
-        p.error(f"--save must name a folder, {args.save!r} is a file")   # not after training
+    if args.save:                              # made now: a bad path fails before training
+        if os.path.exists(args.save) and not os.path.isdir(args.save):
+            p.error(f"--save must name a folder, {args.save!r} is a file")
+        try:
+            os.makedirs(args.save, exist_ok=True)
+        except OSError as e:
+            p.error(f"--save: cannot make the folder {args.save!r}: {e.strerror}")
+        if not os.access(args.save, os.W_OK):
+            p.error(f"--save: the folder {args.save!r} is not writable")
 
     rank, world, device = setup_processes()
     if args.batch_size % world:
@@ -304,7 +311,6 @@ def main(argv=None):
             bar.close()
 
     if args.save:
-        os.makedirs(args.save, exist_ok=True)
         torch.save({"state_dict": raw.state_dict(), "losses": losses},
                    os.path.join(args.save, f"rank{rank}.pt"))
     acc = None

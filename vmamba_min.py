@@ -29,6 +29,7 @@ Inductor gives every 4-D tensor on a path into a convolution channels-last strid
 (docs/design.md).
 """
 import collections
+import contextlib
 import inspect
 import math
 import os
@@ -644,10 +645,14 @@ def check_image(x, in_chans, stem):
     if not x.is_floating_point():
         raise ValueError(f"VSSM expects a floating-point image, got dtype {x.dtype}")
     wdtype = next(stem.parameters()).dtype
-    # Autocast casts the image for each op itself, so only without it must the dtypes agree.
-    if x.dtype != wdtype and not torch.is_autocast_enabled(x.device.type):
+    # Autocast casts the image for each op itself, so only without it must the dtypes agree;
+    # it leaves float64 as it is (torch.amp: float64 is not eligible).
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if x.dtype != wdtype and (not autocast or x.dtype == torch.float64):
+        how = ("autocast does not cast float64: convert the image" if autocast
+               else "convert one of them, or run under torch.autocast")
         raise ValueError(f"the image's dtype {x.dtype} must match the model's parameter dtype "
-                         f"{wdtype} (convert one of them, or run under torch.autocast)")
+                         f"{wdtype} ({how})")
     if min(x.shape[2], x.shape[3]) < 4:
         raise ValueError(f"VSSM needs H, W >= 4 (one 4x4 patch), got {tuple(x.shape[2:])}")
 
@@ -1197,7 +1202,9 @@ def _timm_filter(sd, model):
 def register_timm():
     """Register the nine CONFIGS names with timm's model registry (explicit, idempotent; timm
     is imported here only). Then timm.create_model(name, pretrained=False, num_classes=...,
-    drop_path_rate=..., **VSSMConfig fields) builds them (other options: an error);
+    drop_path_rate=..., **VSSMConfig fields) builds them; also timm's own options device,
+    dtype, drop_rate=0 (timm's train.py passes its --drop, 0 by default) and global_pool="avg"
+    (other options, or a dropout or pooling the model does not have: an error);
     features_only=True with out_indices gives the stages' NCHW maps (forward_intermediates);
     pretrained=True, pretrained_cfg_overlay=dict(file=path) loads an official checkpoint
     (VSSM.load_pretrained). Each pretrained_cfg describes the official evaluation transform
@@ -1229,7 +1236,7 @@ def register_timm():
             if overlay.get("file"):
                 overlay.setdefault("custom_load", True)
             return build_model_with_cfg(
-                lambda **kw: build(name, **kw), name, pretrained,
+                lambda **kw: _timm_model(name, **kw), name, pretrained,
                 feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
                 # an in-memory state_dict (pretrained_cfg_overlay=dict(state_dict=...)) or a
                 # hub file goes through timm's own loader: official names are converted here
@@ -1245,3 +1252,20 @@ def register_timm():
     for name in CONFIGS:
         setattr(module, name, register_model(entrypoint(name)))
     return list(CONFIGS)
+
+
+def _timm_model(name, drop_rate=0.0, global_pool="avg", device=None, dtype=None, **kwargs):
+    """build(name, **kwargs) for timm's factory, which also passes options of its own: timm's
+    train.py gives every model drop_rate (dropout before the head; 0 by default), and
+    create_model device and dtype. The official VSSM has no such dropout and pools by
+    averaging, so those take only the values that change nothing; the model is built on
+    `device` and then cast to `dtype` (as model.to(dtype))."""
+    if drop_rate:
+        raise ValueError(f"{name}: drop_rate must be 0, got {drop_rate!r}: VMamba has no dropout "
+                         f"before its head (drop_path_rate sets the blocks' stochastic depth)")
+    if global_pool not in (None, "avg"):
+        raise ValueError(f"{name}: global_pool must be None or 'avg' (the model pools by "
+                         f"averaging), got {global_pool!r}")
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = build(name, **kwargs)
+    return model if dtype is None else model.to(dtype)

@@ -52,7 +52,8 @@ PAPER_ARITHMETIC = (
 
 
 def load(paths):
-    """[(label, gpu.json)]: runs labelled 1, 2, ... in the order given."""
+    """[(label, gpu.json)]: runs labelled 1, 2, ... in the order given, which must be the
+    order of their dates (where every header has one)."""
     runs, seen = [], {}
     for i, p in enumerate(paths, 1):
         try:
@@ -68,6 +69,11 @@ def load(paths):
             raise SystemExit(f"{p}: the same run as {seen[same]} (the same header)")
         seen[same] = p
         runs.append((str(i), res))
+    # labels follow the order given, and the page calls run 1 the first: oldest first, as dated
+    dates = [(res["header"].get("date"), p) for (_, res), p in zip(runs, paths)]
+    if all(d for d, _ in dates) and [d for d, _ in dates] != sorted(d for d, _ in dates):
+        raise SystemExit("give the runs oldest first; by their headers' dates: " + ", ".join(
+            p for _, p in sorted(dates)))
     return runs
 
 

@@ -139,6 +139,15 @@ def test_one_run_given_twice_or_an_unreadable_file_is_refused(tmp_path):
         gr.main(["--out-dir", str(tmp_path / "notes.txt"), run])
 
 
+def test_runs_given_newest_first_are_refused(tmp_path):
+    """Given newest first, the runs were renumbered silently and every "run 1" on the page
+    named the other run."""
+    old, new = (str(ROOT / "docs" / "gpu" / f"h200-2026-12-04-{i}.json") for i in (1, 2))
+    with pytest.raises(SystemExit, match=f"oldest first; by their headers' dates: {old}, {new}"):
+        gr.main(["--out-dir", str(tmp_path), new, old])
+    assert gr.main(["--out-dir", str(tmp_path), old, new]) == 0
+
+
 def test_rows_no_run_measured_are_listed_with_why():
     skipped = dict(row(gc.SWIN, "compiled", "float32", True, None), skipped="needs ~138 s")
     skipped_then_run = dict(row(gc.SWIN, "compiled", "float32", False, None), skipped="x")

@@ -8,7 +8,7 @@
     python cuda_codegen.py model --name vanilla_vmamba_tiny --inline   (no nested regions)
     python cuda_codegen.py model --name vmamba_tiny_s1l8 --variant time-major   (gpu_check's
                                             model variants "floor", "time-major", "per-route",
-                                            "dt-fused")
+                                            "dt-fused", "conv-taps")
     (--out DIR writes each graph's generated module; --top N lists the N kernels that move the
     most bytes; --dynamic compiles with symbolic sizes; --resources compiles each scan kernel
     for sm_90a at every launch config Inductor's autotuner would try, and prints registers,
@@ -566,11 +566,14 @@ def main(argv=None):
     p.add_argument("--inline", action="store_true",
                    help="model: every block traced in line (vmamba_min.BLOCK_REGIONS off), not "
                         "one nested compile region per stage (inference's default)")
-    p.add_argument("--variant", choices=("floor", "time-major", "per-route", "dt-fused"),
+    p.add_argument("--variant",
+                   choices=("floor", "time-major", "per-route", "dt-fused", "conv-taps"),
                    help="model: under gpu_check's patch of that model variant (floor: the "
                         "scan replaced by elementwise work; time-major: delta computed "
                         "channels-fastest; per-route: one scan per route, delta computed in "
-                        "its kernel; dt-fused: delta computed in the one scan kernel)")
+                        "its kernel; dt-fused: delta computed in the one scan kernel; "
+                        "conv-taps: the depthwise convolution as multiply-adds, fused with "
+                        "its SiLU)")
     p.add_argument("--dynamic", action="store_true", help="torch.compile(dynamic=True)")
     p.add_argument("--resources", action="store_true",
                    help="registers, spills, shared memory and shuffles of each scan kernel at "

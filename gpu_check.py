@@ -35,7 +35,8 @@ says so in gpu.json, and what a phase leaves goes to the next. A phase that fail
              (compiled with the chunked scan forced), "inline" (compiled with the blocks'
              nested compile regions off), "time-major" (delta computed channels-fastest),
              "per-route" (one scan per route, delta computed in its scan kernel), "dt-fused"
-             (delta computed in the one scan kernel), "seq-tiles" (the autotuner also offered
+             (delta computed in the one scan kernel), "conv-taps" (the depthwise convolution
+             as multiply-adds, fused with its SiLU), "seq-tiles" (the autotuner also offered
              tiles of one step per program, R0_BLOCK 1), "tf32" (TF32 matrix products),
              "coordesc" (Inductor's coordinate_descent_tuning), "autotune" (mode
              max-autotune-no-cudagraphs), "cudagraphs" (mode reduce-overhead) and
@@ -100,7 +101,9 @@ PHASES = ("card", "scan", "models", "profile", "tests", "report")
 # where each phase must end, as a fraction of the budget; time a phase leaves goes to the next
 PHASE_END = {"card": 0.04, "scan": 0.33, "models": 0.78, "profile": 0.84, "tests": 0.97,
              "report": 1.0}
-DRY_BUDGET_S = 210
+# the dry run rehearses every row and cell: with 25 rows, 210 s left three rows unrun on the
+# 2-core EPYC (torch 2.11)
+DRY_BUDGET_S = 240
 DRY_PHASE_END = {"card": 0.04, "scan": 0.56, "models": 0.79, "profile": 0.82, "tests": 0.87,
                  "report": 1.0}
 K = 4                         # scan routes
@@ -224,16 +227,18 @@ def model_plan(dry):
     for 161 s on the H200), then with one-step tiles offered to its scan kernels' autotuner (offline
     its 16-scan kernel needs no shuffle or barrier there), s1l8 with delta computed in its one scan
     kernel per block (offline 15% fewer bytes, no dt bmm up to stage 3, more registers per scan
-    kernel), s1l8 with one scan per route and delta computed in the scan kernels (offline 9% fewer
-    bytes, no dt bmm up to stage 3, fewer registers per scan kernel), s1l8 with one-step tiles, s1l8
-    with its blocks traced in line (what the nested compile regions cost or save), vanilla with the
-    chunked scan experiment, s1l8 with delta computed channels-fastest (what the scan cells "u
-    time-major" and "time-major" compare, in the model), vanilla with tiles tuned by coordinate
-    descent (its N = 16 scan kernel ran at 28.7x its floor; a ~150 s compile, after s1l8's
-    experiments, as s1l8 is nearer its target), TF32 matrix products (the paper's arithmetic,
-    docs/design.md), eager training, what may make s1l8 faster, bf16, compiled training (the first
-    H200 run met its target against eager Swin-T; each such row compiles for ~140 s), then the rest,
-    vanilla's dt-fused blocks last (its scan kernel, not its bytes, ran far from the floor).
+    kernel), s1l8 with its depthwise convolutions computed with their SiLU in one Triton kernel each
+    (offline 3% fewer bytes, no cuDNN call per block), s1l8 with one scan per route and delta
+    computed in the scan kernels (offline 9% fewer bytes, no dt bmm up to stage 3, fewer registers
+    per scan kernel), s1l8 with one-step tiles, s1l8 with its blocks traced in line (what the nested
+    compile regions cost or save), vanilla with the chunked scan experiment, s1l8 with delta
+    computed channels-fastest (what the scan cells "u time-major" and "time-major" compare, in the
+    model), vanilla with tiles tuned by coordinate descent (its N = 16 scan kernel ran at 28.7x its
+    floor; a ~150 s compile, after s1l8's experiments, as s1l8 is nearer its target), TF32 matrix
+    products (the paper's arithmetic, docs/design.md), eager training, what may make s1l8 faster,
+    bf16, compiled training (the first H200 run met its target against eager Swin-T; each such row
+    compiles for ~140 s), then the rest, vanilla's dt-fused blocks last (its scan kernel, not its
+    bytes, ran far from the floor).
     variant: None (the model as it is: compiled on CUDA its scans dispatch to scan_assoc), "floor"
     (the scan replaced by elementwise work: floor_scan), "chunked" (compiled with the chunked scan
     forced: scan._use_assoc off), "tf32" (float32 matrix products on TF32 tensor cores, as
@@ -242,8 +247,9 @@ def model_plan(dry):
     compiled it, instead of one subgraph per stage), "time-major" (delta computed channels-fastest
     and routed as u is: selection_time_major), "per-route" (one scan per route, delta computed
     inside its kernel: ssm_per_route), "dt-fused" (delta computed inside the one scan kernel:
-    selection_dt_fused), "seq-tiles" (every looped reduction, the scans among them, also offered
-    tiles of one step per program: SequentialTiles), "coordesc" (Inductor's
+    selection_dt_fused), "conv-taps" (the depthwise convolution as multiply-adds of the shifted map,
+    fused with its SiLU: conv_taps), "seq-tiles" (every looped reduction, the scans among them, also
+    offered tiles of one step per program: SequentialTiles), "coordesc" (Inductor's
     coordinate_descent_tuning: each Triton kernel's block sizes and warps searched around the
     heuristic's pick; the scan kernels' tile decides whether a row's carry crosses warps),
     "autotune" (torch.compile's mode "max-autotune-no-cudagraphs": that search, plus GEMM templates
@@ -266,6 +272,7 @@ def model_plan(dry):
                 row(OURS, "compiled", variant="time-major"),
                 row(OURS, "compiled", variant="per-route"),
                 row(OURS, "compiled", variant="dt-fused"),
+                row(OURS, "compiled", variant="conv-taps"),
                 row(VANILLA, "blocks", variant="seq-tiles"),
                 row(OURS, "compiled", variant="seq-tiles"),
                 row(VANILLA, "blocks", variant="coordesc"), row(OURS, "compiled", "bfloat16"),
@@ -274,7 +281,8 @@ def model_plan(dry):
     return (row(OURS), row(SWIN), row(VANILLA),
             row(OURS, "compiled"), row(SWIN, "compiled"),
             row(VANILLA, "blocks"), row(VANILLA, "blocks", variant="seq-tiles"),
-            row(OURS, "compiled", variant="dt-fused"), row(OURS, "compiled", variant="per-route"),
+            row(OURS, "compiled", variant="dt-fused"), row(OURS, "compiled", variant="conv-taps"),
+            row(OURS, "compiled", variant="per-route"),
             row(OURS, "compiled", variant="seq-tiles"),
             row(OURS, "compiled", variant="inline"), row(VANILLA, "blocks", variant="assoc-chunks"),
             row(OURS, "compiled", variant="time-major"),
@@ -1303,6 +1311,50 @@ def selection_dt_fused(self, x):
     return dt_terms(self.dt_projs_weight, dts), Bs, Cs
 
 
+def conv_taps(self, x):                                       # (b, D, H, W)
+    """SS2D.conv with the depthwise k x k convolution written as k*k multiply-adds: the
+    zero-padded map shifted by each tap, times that tap's weight per channel (plus the bias),
+    then SiLU, in the dtype conv2d computes in (under autocast, autocast's: in float32 the
+    map that x_proj and the scan read would double in bytes). The same values up to the sums'
+    rounding order. Why (docs/design.md, "The depthwise convolution as taps"): compiled,
+    cuDNN's convolution writes its output and a Triton kernel reads it back for the SiLU; as
+    taps, Inductor computes both in one pointwise kernel (nine masked loads of the map per
+    output). Inference only: in training the taps' weight gradients became reductions of their
+    own and the backward moved more."""
+    import torch
+    import torch.nn.functional as F
+    conv = self.conv2d
+    weight, bias = conv.weight, conv.bias
+    if torch.is_autocast_enabled(x.device.type):   # conv2d computes in autocast's dtype
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    D, _, kh, kw = weight.shape
+    (ph, pw), (H, W) = conv.padding, x.shape[-2:]
+    padded = F.pad(x, (pw, pw, ph, ph))
+    y = None
+    for i in range(kh):
+        for j in range(kw):
+            term = padded[:, :, i:i + H, j:j + W] * weight[:, 0, i, j].view(D, 1, 1)
+            y = term if y is None else y + term
+    if bias is not None:
+        y = y + bias.view(D, 1, 1)
+    return F.silu(y)
+
+
+def conv_patch():
+    """The "conv-taps" variant: SS2D.conv swapped for conv_taps and, as in selection_patch,
+    vmamba_min.grid (which SS2D.forward calls) for a new function object, so that no graph
+    compiled without the swap is reused under it, nor its graph after it."""
+    import vmamba_min
+    grid = vmamba_min.grid
+
+    def gridded(x, H, W):
+        return grid(x, H, W)
+    return Patches(Patch(vmamba_min, "grid", gridded),
+                   Patch(vmamba_min.SS2D, "conv", conv_taps, mark=True))
+
+
 def ssm_per_route(self, x):                                  # (b, D, H, W)
     """SS2D.ssm with one selective scan per route: route k's u, dt, B and C read along route k
     (scan.route) from the unrouted map and x_proj's output, its delta computed by dt_terms (a
@@ -1437,8 +1489,8 @@ def variant_patch(variant):
     "tf32" allows TF32 matrix products for the row (compile and timed calls); "inline" turns
     off the blocks' nested compile regions (Dynamo guards on the flag it read); "time-major"
     swaps SS2D.selection for selection_time_major, "dt-fused" for selection_dt_fused,
-    "per-route" SS2D.ssm for ssm_per_route; the COMPILER_VARIANTS need none (build_runner
-    passes them to torch.compile)."""
+    "per-route" SS2D.ssm for ssm_per_route, "conv-taps" SS2D.conv for conv_taps; the
+    COMPILER_VARIANTS need none (build_runner passes them to torch.compile)."""
     import contextlib
     import vmamba_min
     if variant == "floor":
@@ -1453,6 +1505,8 @@ def variant_patch(variant):
         return selection_patch(selection_dt_fused)
     if variant == "per-route":
         return per_route_patch()
+    if variant == "conv-taps":
+        return conv_patch()
     if variant == "seq-tiles":
         return SequentialTiles()
     return force_chunked() if variant == "chunked" else contextlib.nullcontext()
@@ -1590,6 +1644,8 @@ def phase_models(run):
                      "(gpu_check.ssm_per_route, dt rank <= DT_TERMS_MAX_RANK; an experiment)",
         "dt-fused": "delta computed in the one scan kernel per block (gpu_check."
                     "selection_dt_fused, dt rank <= DT_TERMS_MAX_RANK; an experiment)",
+        "conv-taps": "the depthwise convolution as k*k multiply-adds, computed with its SiLU "
+                     "in one Triton kernel (gpu_check.conv_taps; an experiment)",
         "assoc-chunks": "built with scan='assoc_chunked': "
                          "scan_assoc.selective_scan_assoc_chunked (an experiment)",
         "autotune": "torch.compile mode 'max-autotune-no-cudagraphs' (Triton kernels' tiles "
@@ -1629,7 +1685,8 @@ def phase_models(run):
                 if spec["variant"]:
                     with variant_patch(spec["variant"]) as patch:
                         model_row(run, spec, row)
-                    if spec["variant"] in ("floor", "time-major", "per-route", "dt-fused") \
+                    if spec["variant"] in ("floor", "time-major", "per-route", "dt-fused",
+                                           "conv-taps") \
                             and not patch.hit:
                         row["error"] = (f"the patch missed: {patch.name} never called (a graph "
                                         f"compiled without it reused?)")

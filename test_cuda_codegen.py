@@ -282,6 +282,12 @@ def test_a_model_variant_is_gpu_checks_patch_for_models_only(monkeypatch):
         vm.SS2D.ssm is not ssm) or ([], None, "case"))
     cg.main(["model", "--name", "vmamba_tiny_s1l8", "--variant", "per-route"])
     assert seen == [True] and vm.SS2D.ssm is ssm          # gpu_check's per_route_patch
+    conv, grid, seen[:] = vm.SS2D.conv, vm.grid, []
+    monkeypatch.setattr(cg, "generate_case", lambda args, chunked: seen.append(
+        (getattr(vm.SS2D.conv, "__wrapped__", None), vm.grid is not grid)) or ([], None, "case"))
+    cg.main(["model", "--name", "vmamba_tiny_s1l8", "--variant", "conv-taps"])
+    assert seen == [(gc.conv_taps, True)]                 # gpu_check's conv_patch
+    assert vm.SS2D.conv is conv and vm.grid is grid
 
 
 def test_gpu_checks_sequential_tiles_reach_the_scan_kernels_autotuner(tmp_path):

@@ -360,13 +360,13 @@ def test_time_major_selection_is_the_models_with_delta_stored_channels_fastest(g
 
 
 @pytest.mark.parametrize("variant, method", [("time-major", "selection"), ("per-route", "ssm"),
-                                             ("dt-fused", "selection")])
+                                             ("dt-fused", "selection"), ("conv-taps", "conv")])
 def test_a_variant_row_compiles_its_own_graph_and_leaves_none_behind(variant, method):
     """Dynamo does not guard a method swapped on a class: a fresh model compiled under
     Patch(SS2D, "selection", ...) alone reused the graph of the row before it, silently
     measuring the unpatched model. Each such patch also swaps module globals the graphs read
     for new function objects (time-major and dt-fused: vmamba_min.route_each; per-route: the
-    scan functions run_scan may call): its stand-in runs even after an unpatched compile of the
+    scan functions run_scan may call; conv-taps: vmamba_min.grid): its stand-in runs even after an unpatched compile of the
     same shapes, and an unpatched compile after it does not run its graph (the mark, a store
     Dynamo replays, tells which graph ran)."""
     import vmamba_min
@@ -377,7 +377,7 @@ def test_a_variant_row_compiles_its_own_graph_and_leaves_none_behind(variant, me
         model = vmamba_min.VSSM(vmamba_min.VSSMConfig(generation=2, dim=16, depths=(1, 1),
                                                       num_classes=3)).eval()
         return torch.compile(model, backend="eager", dynamic=False, fullgraph=True)(x)
-    orig = getattr(vmamba_min.SS2D, method)
+    orig, grid = getattr(vmamba_min.SS2D, method), vmamba_min.grid
     with torch.no_grad():
         plain = compiled()                                   # the row before: no patch
         with gc.variant_patch(variant) as patch:
@@ -389,12 +389,13 @@ def test_a_variant_row_compiles_its_own_graph_and_leaves_none_behind(variant, me
         with gc.variant_patch(variant) as again:             # a second row of the variant
             compiled()
         assert again.hit
-    assert getattr(vmamba_min.SS2D, method) is orig
+    assert getattr(vmamba_min.SS2D, method) is orig and vmamba_min.grid is grid
     assert vmamba_min.route_each is scan.route_each
     assert all(getattr(vmamba_min, f) is getattr(scan, f, None) or
                getattr(vmamba_min, f) is getattr(scan.scan_assoc, f) for f in gc.SCAN_FUNCTIONS)
-    # float32: delta's R-term sums round in another order than the matmul's (~ R eps
-    # relative), carried through a scan whose decays are <= 1 and three layers of a tiny model
+    # float32: delta's R-term sums (or the convolution's k*k terms) round in another order
+    # than the matmul's (~ R eps relative), carried through a scan whose decays are <= 1 and
+    # three layers of a tiny model
     torch.testing.assert_close(swapped, plain, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(after, plain, rtol=0, atol=0)
 
@@ -424,13 +425,14 @@ def _logits_with_and_without(variant, function, model):
     """The model's logits for one image under the variant's patch (which must install
     `function`, run it and be undone), then without it."""
     import vmamba_min
-    methods = vmamba_min.SS2D.ssm, vmamba_min.SS2D.selection
+    methods = vmamba_min.SS2D.ssm, vmamba_min.SS2D.selection, vmamba_min.SS2D.conv
     image = torch.randn(1, 3, 32, 48, dtype=torch.float64)
     with torch.no_grad():
         with gc.variant_patch(variant) as patch:
             assert patch.marked.value is function
             logits = model(image)
-        assert patch.hit and (vmamba_min.SS2D.ssm, vmamba_min.SS2D.selection) == methods
+        assert patch.hit and (vmamba_min.SS2D.ssm, vmamba_min.SS2D.selection,
+                              vmamba_min.SS2D.conv) == methods
         return logits, model(image)
 
 
@@ -465,6 +467,45 @@ def test_dt_fused_selection_is_the_models(generation, max_rank, monkeypatch):
     assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
     torch.testing.assert_close(*_logits_with_and_without("dt-fused", gc.selection_dt_fused,
                                                          model), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("generation", [0, 2])
+def test_conv_taps_is_the_models_convolution(generation, monkeypatch):
+    """The "conv-taps" variant's SS2D.conv (the depthwise convolution as k*k multiply-adds of
+    the shifted, zero-padded map, then SiLU) gives the model's in float64, on a map that is
+    not square, with the init's weights (not symmetric: a tap read from the mirrored position,
+    or the padding on the wrong side, is off by O(1)) and, in generation 0, its bias; the
+    differences are the nine terms' rounding order."""
+    model, ss2d, x = _float64_variant_case(generation, 0, monkeypatch)
+    assert (ss2d.conv2d.bias is not None) == (generation == 0)
+    with torch.no_grad():
+        want, got = ss2d.conv(x), gc.conv_taps(ss2d, x)
+    assert got.shape == want.shape == (2, ss2d.d_inner, 5, 7) and got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(*_logits_with_and_without("conv-taps", gc.conv_taps, model),
+                               rtol=0, atol=1e-12)
+
+
+def test_conv_taps_computes_in_autocasts_dtype():
+    """Under autocast conv2d computes in autocast's dtype, and so must the taps: in float32
+    (the weights' dtype) the map that x_proj and the scan read doubled in bytes (offline, s1l8
+    under bf16 autocast moved more than without the variant). Bound: in eager each product
+    and partial sum of the taps rounds to bf16 (half an ulp, 2^-9 relative), 2 k*k = 18
+    roundings of values no larger than sum |w x| + |bias|, and the convolution's output one
+    more; the SiLU's slope is below 1.1, and each side rounds its SiLU once more."""
+    import vmamba_min
+    torch.manual_seed(0)
+    ss2d = vmamba_min.SS2D(16, vmamba_min.VSSMConfig(generation=0))       # with a bias
+    x = torch.randn(2, ss2d.d_inner, 5, 7)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want, got = ss2d.conv(x), gc.conv_taps(ss2d, x)
+        conv = ss2d.conv2d
+        scale = torch.nn.functional.conv2d(x.abs(), conv.weight.abs(), conv.bias.abs(),
+                                           padding=conv.padding, groups=conv.groups)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert ((got.float() - want.float()).abs() <= 1.1 * 19 * 2 ** -9 * scale
+            + 2 * 2 ** -9 * want.float().abs()).all()
 
 
 def _absolute(ss2d):

@@ -252,11 +252,15 @@ class SS2D(nn.Module):
         x = self.in_proj(x)                                  # (b, L, 2D) or (b, L, D)
         if self.gated:
             x, z = x.chunk(2, dim=-1)                        # (b, L, D) each
-        x = F.silu(self.conv2d(grid(x, H, W)))               # (b, D, H, W)
+        x = self.conv(grid(x, H, W))                         # (b, D, H, W)
         y = self.out_norm(self.ssm(x))                       # (b, L, D)
         if self.gated:
             y = y * F.silu(z)
         return self.out_proj(y)                              # (b, L, C)
+
+    def conv(self, x):                                       # (b, D, H, W)
+        """The figure's DWConv and SiLU: a depthwise convolution over the map."""
+        return F.silu(self.conv2d(x))
 
     def selection(self, x):                                  # (b, D, H, W)
         """The scan's input-dependent parameters, in each route's order: delta (b, K, D, L),

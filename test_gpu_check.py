@@ -366,9 +366,9 @@ def test_a_variant_row_compiles_its_own_graph_and_leaves_none_behind(variant, me
     Patch(SS2D, "selection", ...) alone reused the graph of the row before it, silently
     measuring the unpatched model. Each such patch also swaps module globals the graphs read
     for new function objects (time-major and dt-fused: vmamba_min.route_each; per-route: the
-    scan functions run_scan may call; conv-taps: vmamba_min.grid): its stand-in runs even after an unpatched compile of the
-    same shapes, and an unpatched compile after it does not run its graph (the mark, a store
-    Dynamo replays, tells which graph ran)."""
+    scan functions run_scan may call; conv-taps: vmamba_min.grid): its stand-in runs even
+    after an unpatched compile of the same shapes, and an unpatched compile after it does not
+    run its graph (the mark, a store Dynamo replays, tells which graph ran)."""
     import vmamba_min
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 

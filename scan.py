@@ -255,8 +255,11 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fa
     u, delta, A, B, C, D, delta_bias, h0 = _cast(u, delta, A, B, C, D, delta_bias, h0)
     if _is_empty(u):
         return _empty_result(u, A, h0, return_last_state)
+    L = u.shape[-1]
+    if torch.jit.is_tracing():     # a size is a traced tensor there, which apply cannot take
+        L = int(L)                 # (torch.jit.trace failed with "unordered_map::at")
     y, h_last, _ = _scan_function(N).apply(u, delta, A, B, C, D, delta_bias, h0,
-                                           delta_softplus, min(chunk_size, u.shape[-1]))
+                                           delta_softplus, min(chunk_size, L))
     return (y, h_last) if return_last_state else y
 
 

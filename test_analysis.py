@@ -154,6 +154,22 @@ def test_export_dynamic_batch(generation):
     check_exported(model, ep.module())
 
 
+@pytest.mark.parametrize("generation", [0, 2])
+def test_jit_trace(generation):
+    """torch.jit.trace (deprecated since torch 2.13, still used to deploy) traces both
+    generations. Seen: generation 0 failed with "unordered_map::at" (the chunked scan's
+    Function was given a traced size as its chunk length). A trace fixes the image size; at
+    it, the traced model computes what eager does (the same kernels: bitwise)."""
+    import warnings
+    model = tiny(generation)
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")                # deprecation and specialisation notes
+        traced = torch.jit.trace(model, x)
+        for image in (x, torch.randn(3, 3, 32, 48)):
+            torch.testing.assert_close(traced(image), model(image), rtol=0, atol=0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("generation", [0, 2])
 @pytest.mark.parametrize("variant", ["strict", "reference_scan"])

@@ -312,10 +312,18 @@ def _forward_mode(forward, ctx, tangents):
     is jacfwd over jacrev) of a scan Function: its forward is plain tensor code, so
     torch.func.jvp of it, run again on the saved inputs, gives the tangents of y and the last
     state (the saved states get none). Forward mode nested in forward mode (jvp of jvp, jacfwd
-    of jacfwd) is refused: the saved inputs carry no outer tangent, so it came out wrong."""
+    of jacfwd) is refused: the saved inputs carry no outer tangent, so it came out wrong; so
+    is torch.autograd.forward_ad (torch.func.jvp inside it failed with torch's "Nested forward
+    mode AD is not supported", which named nothing the caller did)."""
     from torch._C._functorch import TransformType
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-    if sum(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()) > 1:
+    levels = sum(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
+    if levels == 0:          # torch.autograd.forward_ad: torch.func.jvp below would nest in it
+        raise RuntimeError(
+            "selective_scan: torch.autograd.forward_ad's dual tensors are not supported by the "
+            "chunked scan; use torch.func.jvp or jacfwd, or scan=\"reference\" "
+            "(selective_scan_ref)")
+    if levels > 1:
         raise RuntimeError(
             "selective_scan: forward mode nested in forward mode (jvp of jvp, jacfwd of "
             "jacfwd) is not supported by the chunked scan; use reverse mode for the outer "

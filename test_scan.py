@@ -684,7 +684,7 @@ def test_hessian_equals_the_reference_and_forward_over_forward_raises(N):
         jvp(lambda d: jvp(f(selective_scan), (d,), (torch.ones_like(d),))[1], (delta,),
             (torch.ones_like(delta),))
     import torch.autograd.forward_ad as fwAD                 # README: dual tensors raise
-    with fwAD.dual_level(), pytest.raises(RuntimeError, match="[Nn]ested forward mode"):
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward_ad's dual tensors"):
         f(selective_scan)(fwAD.make_dual(delta, torch.ones_like(delta)))
 
 

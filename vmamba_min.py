@@ -650,13 +650,15 @@ def check_image(x, in_chans, stem):
         raise ValueError(f"VSSM expects a floating-point image, got dtype {x.dtype}")
     wdtype = next(stem.parameters()).dtype
     # Autocast casts the image for each op itself, so only without it must the dtypes agree;
-    # it leaves float64 as it is (torch.amp: float64 is not eligible).
-    autocast = torch.is_autocast_enabled(x.device.type)
-    if x.dtype != wdtype and (not autocast or x.dtype == torch.float64):
-        how = ("autocast does not cast float64: convert the image" if autocast
-               else "convert one of them, or run under torch.autocast")
-        raise ValueError(f"the image's dtype {x.dtype} must match the model's parameter dtype "
-                         f"{wdtype} ({how})")
+    # it leaves float64 as it is (torch.amp: float64 is not eligible). Asked only then: a
+    # device autocast does not know (meta, as flops.py counts) is an error to ask about.
+    if x.dtype != wdtype:
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not autocast or x.dtype == torch.float64:
+            how = ("autocast does not cast float64: convert the image" if autocast
+                   else "convert one of them, or run under torch.autocast")
+            raise ValueError(f"the image's dtype {x.dtype} must match the model's parameter "
+                             f"dtype {wdtype} ({how})")
     if min(x.shape[2], x.shape[3]) < 4:
         raise ValueError(f"VSSM needs H, W >= 4 (one 4x4 patch), got {tuple(x.shape[2:])}")
 

@@ -566,8 +566,8 @@ def main(argv=None):
     p.add_argument("--inline", action="store_true",
                    help="model: every block traced in line (vmamba_min.BLOCK_REGIONS off), not "
                         "one nested compile region per stage (inference's default)")
-    p.add_argument("--variant",
-                   choices=("floor", "time-major", "per-route", "dt-fused", "conv-taps"),
+    import gpu_check                                 # no torch at import: a light module
+    p.add_argument("--variant", choices=gpu_check.PATCHED_VARIANTS,
                    help="model: under gpu_check's patch of that model variant (floor: the "
                         "scan replaced by elementwise work; time-major: delta computed "
                         "channels-fastest; per-route: one scan per route, delta computed in "

@@ -101,8 +101,8 @@ PHASES = ("card", "scan", "models", "profile", "tests", "report")
 # where each phase must end, as a fraction of the budget; time a phase leaves goes to the next
 PHASE_END = {"card": 0.04, "scan": 0.33, "models": 0.78, "profile": 0.84, "tests": 0.97,
              "report": 1.0}
-# the dry run rehearses every row and cell: with 25 rows, 210 s left three rows unrun on the
-# 2-core EPYC (torch 2.11)
+# the dry run rehearses every row and cell: 25 rows and 14 cells take about 195 s on the 2-core
+# EPYC (torch 2.11)
 DRY_BUDGET_S = 240
 DRY_PHASE_END = {"card": 0.04, "scan": 0.56, "models": 0.79, "profile": 0.82, "tests": 0.87,
                  "report": 1.0}
@@ -166,6 +166,9 @@ COMPILER_VARIANTS = ("autotune", "coordesc", "cudagraphs")
 # variants whose compile time is estimated apart (a kind of their own) so that what a row of
 # theirs measured does not become the estimate of the model's other compiled rows
 ESTIMATED_APART = COMPILER_VARIANTS + ("per-route", "dt-fused", "seq-tiles")
+# variants that swap a function of the model for their own (variant_patch), whose row checks
+# that the swapped-in function ran; cuda_codegen.py --variant takes the same names
+PATCHED_VARIANTS = ("floor", "time-major", "per-route", "dt-fused", "conv-taps")
 # a model's compiled training row, guessed from its compiled inference row: on 2 CPU cores the
 # compile tests took 390 s (training) and 156 s (inference)
 TRAIN_OVER_INFER = 2.5
@@ -1319,17 +1322,22 @@ def conv_taps(self, x):                                       # (b, D, H, W)
     rounding order. Why (docs/design.md, "The depthwise convolution as taps"): compiled,
     cuDNN's convolution writes its output and a Triton kernel reads it back for the SiLU; as
     taps, Inductor computes both in one pointwise kernel (nine masked loads of the map per
-    output). Inference only: in training the taps' weight gradients became reductions of their
-    own and the backward moved more."""
+    output). Inference only: in training the taps' weight gradients are reductions of their
+    own, and the backward moves more."""
     import torch
     import torch.nn.functional as F
     conv = self.conv2d
     weight, bias = conv.weight, conv.bias
+    D, _, kh, kw = weight.shape
+    if conv.groups != D or conv.stride != (1, 1) or conv.dilation != (1, 1) or \
+            conv.padding != ((kh - 1) // 2, (kw - 1) // 2) or conv.padding_mode != "zeros" or \
+            kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"conv_taps: a depthwise, stride-1, odd-sized, 'same'-padded "
+                         f"convolution is written here, got {conv}")
     if torch.is_autocast_enabled(x.device.type):   # conv2d computes in autocast's dtype
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    D, _, kh, kw = weight.shape
     (ph, pw), (H, W) = conv.padding, x.shape[-2:]
     padded = F.pad(x, (pw, pw, ph, ph))
     y = None
@@ -1685,8 +1693,7 @@ def phase_models(run):
                 if spec["variant"]:
                     with variant_patch(spec["variant"]) as patch:
                         model_row(run, spec, row)
-                    if spec["variant"] in ("floor", "time-major", "per-route", "dt-fused",
-                                           "conv-taps") \
+                    if spec["variant"] in PATCHED_VARIANTS \
                             and not patch.hit:
                         row["error"] = (f"the patch missed: {patch.name} never called (a graph "
                                         f"compiled without it reused?)")

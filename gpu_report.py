@@ -53,7 +53,7 @@ PAPER_ARITHMETIC = (
 
 def load(paths):
     """[(label, gpu.json)]: runs labelled 1, 2, ... in the order given, which must be the
-    order of their dates (where every header has one)."""
+    order of their dates (of those whose headers have one)."""
     runs, seen = [], {}
     for i, p in enumerate(paths, 1):
         try:
@@ -61,7 +61,8 @@ def load(paths):
                 res = json.load(f)
         except (OSError, ValueError) as e:
             raise SystemExit(f"{p}: cannot read a gpu.json ({type(e).__name__}: {e})")
-        if not isinstance(res, dict) or "header" not in res or "models" not in res:
+        if not isinstance(res, dict) or not isinstance(res.get("header"), dict) or \
+                "models" not in res:
             raise SystemExit(f"{p}: not a gpu_check gpu.json (no header or models)")
         # one run given twice would show as two runs agreeing to 0.00%
         same = json.dumps(res.get("header"), sort_keys=True)
@@ -70,8 +71,10 @@ def load(paths):
         seen[same] = p
         runs.append((str(i), res))
     # labels follow the order given, and the page calls run 1 the first: oldest first, as dated
-    dates = [(res["header"].get("date"), p) for (_, res), p in zip(runs, paths)]
-    if all(d for d, _ in dates) and [d for d, _ in dates] != sorted(d for d, _ in dates):
+    # (gpu_check writes the date; runs without one are not ordered)
+    dates = [(res["header"]["date"], p) for (_, res), p in zip(runs, paths)
+             if res["header"].get("date")]
+    if [d for d, _ in dates] != sorted(d for d, _ in dates):
         raise SystemExit("give the runs oldest first; by their headers' dates: " + ", ".join(
             p for _, p in sorted(dates)))
     return runs

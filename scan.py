@@ -257,7 +257,7 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fa
         return _empty_result(u, A, h0, return_last_state)
     L = u.shape[-1]
     if torch.jit.is_tracing():     # a size is a traced tensor there, which apply cannot take
-        L = int(L)                 # (torch.jit.trace failed with "unordered_map::at")
+        L = int(L)                 # (the trace fails with "unordered_map::at")
     y, h_last, _ = _scan_function(N).apply(u, delta, A, B, C, D, delta_bias, h0,
                                            delta_softplus, min(chunk_size, L))
     return (y, h_last) if return_last_state else y
@@ -312,17 +312,19 @@ def _forward_mode(forward, ctx, tangents):
     is jacfwd over jacrev) of a scan Function: its forward is plain tensor code, so
     torch.func.jvp of it, run again on the saved inputs, gives the tangents of y and the last
     state (the saved states get none). Forward mode nested in forward mode (jvp of jvp, jacfwd
-    of jacfwd) is refused: the saved inputs carry no outer tangent, so it came out wrong; so
-    is torch.autograd.forward_ad (torch.func.jvp inside it failed with torch's "Nested forward
-    mode AD is not supported", which named nothing the caller did)."""
+    of jacfwd) is refused: the saved inputs carry no outer tangent, so it came out wrong. So is
+    forward mode outside torch.func's jvp transform (torch.autograd.forward_ad's dual tensors,
+    torch.func.linearize, gradcheck's check_forward_ad), where torch.func.jvp would nest in it
+    and torch's own error ("Nested forward mode AD is not supported") names none of them."""
     from torch._C._functorch import TransformType
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
     levels = sum(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
-    if levels == 0:          # torch.autograd.forward_ad: torch.func.jvp below would nest in it
+    if levels == 0:          # forward AD outside torch.func.jvp: the jvp below would nest in it
         raise RuntimeError(
-            "selective_scan: torch.autograd.forward_ad's dual tensors are not supported by the "
-            "chunked scan; use torch.func.jvp or jacfwd, or scan=\"reference\" "
-            "(selective_scan_ref)")
+            "selective_scan: forward mode outside torch.func.jvp/jacfwd (torch.autograd."
+            "forward_ad's dual tensors, torch.func.linearize, gradcheck's check_forward_ad) "
+            "is not supported by the chunked scan; use torch.func.jvp or jacfwd, or "
+            "scan=\"reference\" (selective_scan_ref)")
     if levels > 1:
         raise RuntimeError(
             "selective_scan: forward mode nested in forward mode (jvp of jvp, jacfwd of "

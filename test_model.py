@@ -1025,6 +1025,8 @@ def test_image_dtype_must_match_the_model_unless_autocast():
         assert model(x.bfloat16()).shape == (1, 10)        # autocast casts per op: allowed
         with pytest.raises(ValueError, match="autocast does not cast float64"):
             model(x.double())                                 # but never float64
+        with pytest.raises(ValueError, match="autocast does not cast float64"):
+            VSSM(tiny(2)).double().eval()(x)                  # a float64 model neither
 
 
 @pytest.mark.parametrize("bad, match", [

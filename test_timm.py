@@ -76,6 +76,9 @@ def test_create_model_takes_timms_own_options():
     assert model.config == vm.build_config("vmamba_tiny_s2l5")
     assert {(p.device.type, p.dtype) for p in model.parameters()} == {("meta", torch.bfloat16)}
     assert sum(p.numel() for p in model.parameters()) == EXACT_PARAMS["vmamba_tiny_s2l5"]
+    for bad in ("bfloat16", torch.int8):     # a string went to nn.Module.to as a device
+        with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype"):
+            timm.create_model("vmamba_tiny_s2l5", dtype=bad)
 
 
 @pytest.mark.parametrize("name", ["vanilla_vmamba_tiny", "vmamba_base_s1l20"])

@@ -649,13 +649,13 @@ def check_image(x, in_chans, stem):
     if not x.is_floating_point():
         raise ValueError(f"VSSM expects a floating-point image, got dtype {x.dtype}")
     wdtype = next(stem.parameters()).dtype
-    # Autocast casts the image for each op itself, so only without it must the dtypes agree;
-    # it leaves float64 as it is (torch.amp: float64 is not eligible). Asked only then: a
-    # device autocast does not know (meta, as flops.py counts) is an error to ask about.
+    # Autocast casts the image and the weights for each op itself, so only without it must the
+    # dtypes agree; it leaves float64 as it is (torch.amp: float64 is not eligible). Asked only
+    # then: a device autocast does not know (meta, as flops.py counts) is an error to ask about.
     if x.dtype != wdtype:
         autocast = torch.is_autocast_enabled(x.device.type)
-        if not autocast or x.dtype == torch.float64:
-            how = ("autocast does not cast float64: convert the image" if autocast
+        if not autocast or torch.float64 in (x.dtype, wdtype):
+            how = ("autocast does not cast float64: convert the image or the model" if autocast
                    else "convert one of them, or run under torch.autocast")
             raise ValueError(f"the image's dtype {x.dtype} must match the model's parameter "
                              f"dtype {wdtype} ({how})")
@@ -1272,6 +1272,8 @@ def _timm_model(name, drop_rate=0.0, global_pool="avg", device=None, dtype=None,
     if global_pool not in (None, "avg"):
         raise ValueError(f"{name}: global_pool must be None or 'avg' (the model pools by "
                          f"averaging), got {global_pool!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"{name}: dtype must be a floating-point torch.dtype, got {dtype!r}")
     with torch.device(device) if device is not None else contextlib.nullcontext():
         model = build(name, **kwargs)
-    return model if dtype is None else model.to(dtype)
+    return model if dtype is None else model.to(dtype=dtype)

@@ -228,15 +228,8 @@ def main(argv=None):
                 f"{args.drop_path}")
     if not 0 <= args.seed < 2 ** 32:            # the split's random_state (scikit-learn)
         p.error(f"--seed must be in [0, 2**32), got {args.seed}")
-    if args.save:                              # made now: a bad path fails before training
-        if os.path.exists(args.save) and not os.path.isdir(args.save):
-            p.error(f"--save must name a folder, {args.save!r} is a file")
-        try:
-            os.makedirs(args.save, exist_ok=True)
-        except OSError as e:
-            p.error(f"--save: cannot make the folder {args.save!r}: {e.strerror}")
-        if not os.access(args.save, os.W_OK):
-            p.error(f"--save: the folder {args.save!r} is not writable")
+    if args.save and os.path.exists(args.save) and not os.path.isdir(args.save):
+        p.error(f"--save must name a folder, {args.save!r} is a file")
 
     rank, world, device = setup_processes()
     if args.batch_size % world:
@@ -252,6 +245,13 @@ def main(argv=None):
     if args.batch_size > len(y_tr):
         p.error(f"--batch-size {args.batch_size} is larger than the training set "
                 f"({len(y_tr)} samples): no full batch to train on")
+    if args.save:                # made after the other checks, before training: a bad path
+        try:                     # fails now, and a refused run leaves no folder behind
+            os.makedirs(args.save, exist_ok=True)
+        except OSError as e:
+            p.error(f"--save: cannot make the folder {args.save!r}: {e.strerror}")
+        if not os.access(args.save, os.W_OK):
+            p.error(f"--save: the folder {args.save!r} is not writable")
     model_kw = {**MODEL, "drop_path_rate": args.drop_path}
     # Conv weights channels-last, like the maps they meet (vmamba_min's `grid` views): their
     # gradients can come back channels-last, and a depthwise weight (C, 1, 3, 3) whose strides

@@ -36,7 +36,8 @@ says so in gpu.json, and what a phase leaves goes to the next. A phase that fail
              nested compile regions off), "time-major" (delta computed channels-fastest),
              "per-route" (one scan per route, delta computed in its scan kernel), "dt-fused"
              (delta computed in the one scan kernel), "conv-taps" (the depthwise convolution
-             as multiply-adds, fused with its SiLU), "seq-tiles" (the autotuner also offered
+             as multiply-adds, fused with its SiLU), "dt-fused+conv-taps" (both),
+             "seq-tiles" (the autotuner also offered
              tiles of one step per program, R0_BLOCK 1), "tf32" (TF32 matrix products),
              "coordesc" (Inductor's coordinate_descent_tuning), "autotune" (mode
              max-autotune-no-cudagraphs), "cudagraphs" (mode reduce-overhead) and
@@ -142,7 +143,7 @@ EST_S = {"scan compiled": 40, "scan eager": 6, "model eager": 8, "model compiled
          # its offline code generation took about twice the model's (design.md)
          "model compiled per-route": 75,
          # its offline code generation took 34 s against the model's 21 s (design.md)
-         "model compiled dt-fused": 60,
+         "model compiled dt-fused": 60, "model compiled dt-fused+conv-taps": 60,
          # guesses: kernels compiled in this process, one after another, and more candidates
          # timed per looped reduction
          "model compiled seq-tiles": 90, "model blocks seq-tiles": 90,
@@ -165,10 +166,13 @@ EST_S = {"scan compiled": 40, "scan eager": 6, "model eager": 8, "model compiled
 COMPILER_VARIANTS = ("autotune", "coordesc", "cudagraphs")
 # variants whose compile time is estimated apart (a kind of their own) so that what a row of
 # theirs measured does not become the estimate of the model's other compiled rows
-ESTIMATED_APART = COMPILER_VARIANTS + ("per-route", "dt-fused", "seq-tiles")
-# variants that swap a function of the model for their own (variant_patch), whose row checks
-# that the swapped-in function ran; cuda_codegen.py --variant takes the same names
-PATCHED_VARIANTS = ("floor", "time-major", "per-route", "dt-fused", "conv-taps")
+ESTIMATED_APART = COMPILER_VARIANTS + ("per-route", "dt-fused", "seq-tiles",
+                                       "dt-fused+conv-taps")
+# variants that swap functions of the model for their own (variant_patch), whose row checks
+# that the swapped-in functions ran; "a+b" applies both (the inference path both would give,
+# if each beats the plain row); cuda_codegen.py --variant takes the same names
+PATCHED_VARIANTS = ("floor", "time-major", "per-route", "dt-fused", "conv-taps",
+                    "dt-fused+conv-taps")
 # a model's compiled training row, guessed from its compiled inference row: on 2 CPU cores the
 # compile tests took 390 s (training) and 156 s (inference)
 TRAIN_OVER_INFER = 2.5
@@ -231,7 +235,8 @@ def model_plan(dry):
     its 16-scan kernel needs no shuffle or barrier there), s1l8 with delta computed in its one scan
     kernel per block (offline 15% fewer bytes, no dt bmm up to stage 3, more registers per scan
     kernel), s1l8 with its depthwise convolutions computed with their SiLU in one Triton kernel each
-    (offline 3% fewer bytes, no cuDNN call per block), s1l8 with one scan per route and delta
+    (offline 3% fewer bytes, no cuDNN call per block), s1l8 with both (offline 18% fewer bytes: the
+    path the two would give if each beats the plain row), s1l8 with one scan per route and delta
     computed in the scan kernels (offline 9% fewer bytes, no dt bmm up to stage 3, fewer registers
     per scan kernel), s1l8 with one-step tiles, s1l8 with its blocks traced in line (what the nested
     compile regions cost or save), vanilla with the chunked scan experiment, s1l8 with delta
@@ -251,15 +256,16 @@ def model_plan(dry):
     and routed as u is: selection_time_major), "per-route" (one scan per route, delta computed
     inside its kernel: ssm_per_route), "dt-fused" (delta computed inside the one scan kernel:
     selection_dt_fused), "conv-taps" (the depthwise convolution as multiply-adds of the shifted map,
-    fused with its SiLU: conv_taps), "seq-tiles" (every looped reduction, the scans among them, also
-    offered tiles of one step per program: SequentialTiles), "coordesc" (Inductor's
-    coordinate_descent_tuning: each Triton kernel's block sizes and warps searched around the
-    heuristic's pick; the scan kernels' tile decides whether a row's carry crosses warps),
-    "autotune" (torch.compile's mode "max-autotune-no-cudagraphs": that search, plus GEMM templates
-    benchmarked against cuBLAS), "cudagraphs" (mode "reduce-overhead": the compiled model replayed
-    as CUDA graphs, no launch overhead; the scans' kernels have no host loop on this path) or
-    "assoc-chunks" (built with scan="assoc_chunked": scan_assoc.selective_scan_assoc_chunked, an
-    experiment for vanilla's N = 16, whose compiled inference ran at 0.13x Swin-T)."""
+    fused with its SiLU: conv_taps), "dt-fused+conv-taps" (both), "seq-tiles" (every looped
+    reduction, the scans among them, also offered tiles of one step per program: SequentialTiles),
+    "coordesc" (Inductor's coordinate_descent_tuning: each Triton kernel's block sizes and warps
+    searched around the heuristic's pick; the scan kernels' tile decides whether a row's carry
+    crosses warps), "autotune" (torch.compile's mode "max-autotune-no-cudagraphs": that search, plus
+    GEMM templates benchmarked against cuBLAS), "cudagraphs" (mode "reduce-overhead": the compiled
+    model replayed as CUDA graphs, no launch overhead; the scans' kernels have no host loop on this
+    path) or "assoc-chunks" (built with scan="assoc_chunked":
+    scan_assoc.selective_scan_assoc_chunked, an experiment for vanilla's N = 16, whose compiled
+    inference ran at 0.13x Swin-T)."""
     def row(model, mode="eager", dtype="float32", train=False, variant=None):
         return dict(model=model, mode=mode, dtype=dtype, train=train, variant=variant)
     if dry:
@@ -276,6 +282,7 @@ def model_plan(dry):
                 row(OURS, "compiled", variant="per-route"),
                 row(OURS, "compiled", variant="dt-fused"),
                 row(OURS, "compiled", variant="conv-taps"),
+                row(OURS, "compiled", variant="dt-fused+conv-taps"),
                 row(VANILLA, "blocks", variant="seq-tiles"),
                 row(OURS, "compiled", variant="seq-tiles"),
                 row(VANILLA, "blocks", variant="coordesc"), row(OURS, "compiled", "bfloat16"),
@@ -285,6 +292,7 @@ def model_plan(dry):
             row(OURS, "compiled"), row(SWIN, "compiled"),
             row(VANILLA, "blocks"), row(VANILLA, "blocks", variant="seq-tiles"),
             row(OURS, "compiled", variant="dt-fused"), row(OURS, "compiled", variant="conv-taps"),
+            row(OURS, "compiled", variant="dt-fused+conv-taps"),
             row(OURS, "compiled", variant="per-route"),
             row(OURS, "compiled", variant="seq-tiles"),
             row(OURS, "compiled", variant="inline"), row(VANILLA, "blocks", variant="assoc-chunks"),
@@ -375,6 +383,7 @@ def _plan(args):
            **{("scan compiled", f"v2 {p}"): 10 for p in SCAN_COMPILED_PATHS},
            "model compiled autotune": 10, "train compiled autotune": 15,
            "model compiled per-route": 10, "model compiled dt-fused": 10,
+           "model compiled dt-fused+conv-taps": 10,
            "model compiled seq-tiles": 10,
            ("model blocks seq-tiles", VANILLA): 10, "model blocks dt-fused": 10,
            "model compiled coordesc": 10, "train compiled coordesc": 15,
@@ -872,6 +881,26 @@ class Patches:
 
     hit = property(lambda self: self.marked.hit)
     name = property(lambda self: self.marked.name)
+
+
+class AllPatches:
+    """The patches of a combined variant ("a+b"), entered in order and undone in reverse; hit
+    when every part that checks its swap was hit, named by the parts' names."""
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def __enter__(self):
+        for p in self.parts:
+            p.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for p in reversed(self.parts):
+            p.__exit__(*exc)
+
+    hit = property(lambda self: all(p.hit for p in self.parts if hasattr(p, "hit")))
+    name = property(lambda self: "+".join(getattr(p, "name", "?") for p in self.parts))
 
 
 def selection_patch(selection):
@@ -1497,10 +1526,13 @@ def variant_patch(variant):
     "tf32" allows TF32 matrix products for the row (compile and timed calls); "inline" turns
     off the blocks' nested compile regions (Dynamo guards on the flag it read); "time-major"
     swaps SS2D.selection for selection_time_major, "dt-fused" for selection_dt_fused,
-    "per-route" SS2D.ssm for ssm_per_route, "conv-taps" SS2D.conv for conv_taps; the
-    COMPILER_VARIANTS need none (build_runner passes them to torch.compile)."""
+    "per-route" SS2D.ssm for ssm_per_route, "conv-taps" SS2D.conv for conv_taps; "a+b" applies
+    a's patch and b's (AllPatches); the COMPILER_VARIANTS need none (build_runner passes them
+    to torch.compile)."""
     import contextlib
     import vmamba_min
+    if "+" in variant:
+        return AllPatches([variant_patch(part) for part in variant.split("+")])
     if variant == "floor":
         return Patch(vmamba_min, "selective_scan", floor_scan, mark=True)
     if variant == "tf32":
@@ -1654,6 +1686,8 @@ def phase_models(run):
                     "selection_dt_fused, dt rank <= DT_TERMS_MAX_RANK; an experiment)",
         "conv-taps": "the depthwise convolution as k*k multiply-adds, computed with its SiLU "
                      "in one Triton kernel (gpu_check.conv_taps; an experiment)",
+        "dt-fused+conv-taps": "both dt-fused and conv-taps: the inference path the two would "
+                              "give together",
         "assoc-chunks": "built with scan='assoc_chunked': "
                          "scan_assoc.selective_scan_assoc_chunked (an experiment)",
         "autotune": "torch.compile mode 'max-autotune-no-cudagraphs' (Triton kernels' tiles "

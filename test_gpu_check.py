@@ -514,6 +514,26 @@ def test_conv_taps_computes_in_autocasts_dtype():
             + 2 * 2 ** -8 * want.float().abs()).all()
 
 
+def test_combined_variant_applies_both_and_undoes_both(monkeypatch):
+    """"dt-fused+conv-taps" runs both swaps (each checked by its own mark: a part that never
+    ran leaves the row unhit), gives the model's logits in float64, and undoes both."""
+    import vmamba_min
+    model, ss2d, x = _float64_variant_case(2, 64, monkeypatch)
+    methods = vmamba_min.SS2D.selection, vmamba_min.SS2D.conv, vmamba_min.grid
+    image = torch.randn(1, 3, 32, 48, dtype=torch.float64)
+    with torch.no_grad():
+        with gc.variant_patch("dt-fused+conv-taps") as patch:
+            assert patch.name == "selection+conv" and not patch.hit
+            assert vmamba_min.SS2D.selection.__wrapped__ is gc.selection_dt_fused
+            assert vmamba_min.SS2D.conv.__wrapped__ is gc.conv_taps
+            ss2d.selection(x)
+            assert not patch.hit                              # the conv's swap has not run
+            logits = model(image)
+            assert patch.hit
+        assert (vmamba_min.SS2D.selection, vmamba_min.SS2D.conv, vmamba_min.grid) == methods
+        torch.testing.assert_close(logits, model(image), rtol=0, atol=1e-12)
+
+
 def _absolute(ss2d):
     """A copy of ss2d with |weights|: the selection of |x| then bounds each term's size."""
     import copy

@@ -46,7 +46,8 @@ says so in gpu.json, and what a phase leaves goes to the next. A phase that fail
              against the eager fp32 row of its model                                 [by 374]
   4 profile  torch.profiler, top 30 ops by self device time: compiled s1l8 inference and one
              training step (eager if it was not compiled in time), s1l8's bf16 inference
-             (if compiled in time) and vanilla's fp32 one (if phase 3 compiled it) ->
+             (if compiled in time), vanilla's fp32 one and s1l8's with dt-fused+conv-taps
+             (if phase 3 compiled them) ->
              profile.txt; into gpu.json
              device ms by kind (scan kernels apart), the top kernels and the matrix
              products by input shapes                                                [by 403]
@@ -1724,9 +1725,11 @@ def phase_models(run):
             from torch._dynamo.utils import counters
             graph_skips = counters["inductor"]["cudagraph_skips"]
             try:
+                what = profile_item(spec)
+                keep = what and what not in run.keep and "profile" in run.args.phases
                 if spec["variant"]:
                     with variant_patch(spec["variant"]) as patch:
-                        model_row(run, spec, row)
+                        fn = model_row(run, spec, row)
                     if spec["variant"] in PATCHED_VARIANTS \
                             and not patch.hit:
                         row["error"] = (f"the patch missed: {patch.name} never called (a graph "
@@ -1736,11 +1739,13 @@ def phase_models(run):
                         if not patch.hits and run.dev == "cuda" and \
                                 run.plan.model_backend == "inductor":
                             row["error"] = "the patch missed: no kernel was offered SEQ_TILES"
+                    if keep and "error" not in row:   # called again under the same patch,
+                        run.keep[what] = (fn, spec["mode"], patch)   # so no graph recompiles
+                    fn = None
                 else:
                     fn = model_row(run, spec, row)
-                    what = profile_item(spec)
-                    if what and what not in run.keep and "profile" in run.args.phases:
-                        run.keep[what] = (fn, spec["mode"])      # for phase_profile
+                    if keep:
+                        run.keep[what] = (fn, spec["mode"], None)        # for phase_profile
                     fn = None
                 if spec["variant"] == "cudagraphs":
                     # Inductor falls back to plain launches where it cannot graph (a CPU op,
@@ -1893,42 +1898,50 @@ def matmul_shapes(prof, dev, calls, n=TOP_KERNELS):
 # models phase did not compile the item: compile it here if the estimate fits, else profile it
 # eager ("eager") or leave it out ("skip"); None: leave it out). The models phase keeps the
 # callable of the first compiled row (the model as it is: no variant) that matches an item.
-PROFILE_ITEMS = (("infer", OURS, "float32", False, 3, "eager"),
-                 ("swin infer", SWIN, "float32", False, 3, None),
-                 ("train", OURS, "float32", True, 2, "eager"),
-                 ("vanilla infer", VANILLA, "float32", False, 2, None),
-                 ("bf16 infer", OURS, "bfloat16", False, 3, "skip"))
+# (name, model, dtype, train, calls, if phase 3 kept no compiled call: "eager", "skip" (compile
+# it if time allows, else leave it out) or None (leave it out), variant)
+PROFILE_ITEMS = (("infer", OURS, "float32", False, 3, "eager", None),
+                 ("swin infer", SWIN, "float32", False, 3, None, None),
+                 ("train", OURS, "float32", True, 2, "eager", None),
+                 ("vanilla infer", VANILLA, "float32", False, 2, None, None),
+                 ("bf16 infer", OURS, "bfloat16", False, 3, "skip", None),
+                 # the inference path dt-fused and conv-taps would make: where its time goes,
+                 # kernel by kernel, beside the plain model's
+                 ("dt-fused+conv-taps infer", OURS, "float32", False, 3, None,
+                  "dt-fused+conv-taps"))
 
 
 def profile_item(spec):
     """The PROFILE_ITEMS name a model row serves, or None."""
-    if spec["mode"] == "eager" or spec["variant"]:
+    if spec["mode"] == "eager":
         return None
-    return next((what for what, model, dtype, train, _, _ in PROFILE_ITEMS
-                 if (model, dtype, train) == (spec["model"], spec["dtype"], spec["train"])),
-                None)
+    return next((what for what, model, dtype, train, _, _, variant in PROFILE_ITEMS
+                 if (model, dtype, train, variant) ==
+                 (spec["model"], spec["dtype"], spec["train"], spec["variant"])), None)
 
 
 def phase_profile(run):
     """torch.profiler over the compiled calls kept from phase 3 (PROFILE_ITEMS): s1l8's
     inference (3 calls) and training step (2), each compiled here if the models phase did not
     and the estimate fits, else eager (said in the file); s1l8's bf16 inference likewise, but
-    left out rather than eager; Swin-T's and vanilla's fp32 inference only as the models phase
+    left out rather than eager; Swin-T's and vanilla's fp32 inference, and s1l8's under the
+    dt-fused+conv-taps variant (called under the row's own patch), only as the models phase
     compiled them (Swin-T's matrix products by shape beside s1l8's say whether s1l8's run
-    further from the card's figure than Swin-T's). ~30 s with all kept."""
+    further from the card's figure than Swin-T's). ~35 s with all kept."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if run.dev == "cuda" else [])
     out = [f"torch.profiler, batch {run.plan.batch}, {run.plan.res} px, TF32 defaults, "
            f"{run.res['header'].get('gpu', run.dev)}, torch {run.res['header'].get('torch')}; "
            f"compiled: its scans {compiled_scan_path(run.dev)}\n"]
-    for what, model, dtype, train, calls, otherwise in PROFILE_ITEMS:
+    import contextlib
+    for what, model, dtype, train, calls, otherwise, variant in PROFILE_ITEMS:
         kind = "train compiled" if train else "model compiled"
         if what not in run.keep and (otherwise is None or otherwise == "skip" and
                                      not run.fits("profile", run.estimate(kind, model))):
             if otherwise:
                 run.skip("profile", f"compiled {what}", run.estimate(kind, model))
             continue
-        fn, mode = run.keep.pop(what, (None, "compiled"))
+        fn, mode, patch = run.keep.pop(what, (None, "compiled", None))
         mode = {"blocks": "compile_blocks"}.get(mode, mode)
         try:
             run.begin(f"profile {what}")
@@ -1940,20 +1953,23 @@ def phase_profile(run):
                             dtype=dtype, train=train, variant=None)
                 fn = build_runner(run, spec)
                 fn()
-            fn()
-            run.sync()
-            with profile(activities=acts, record_shapes=True) as prof:
-                for _ in range(calls):
-                    fn()
+            with patch or contextlib.nullcontext():   # a variant's call under its patch
+                fn()
                 run.sync()
+                with profile(activities=acts, record_shapes=True) as prof:
+                    for _ in range(calls):
+                        fn()
+                    run.sync()
             key, table = profile_table(prof, run.dev)
             task = "training steps: fwd + CE + bwd + fused AdamW" if train else "inference, no_grad"
-            out.append(f"\n=== {what}, {model}, {dtype}, {mode}: {calls} calls ({task}), top "
+            out.append(f"\n=== {what}, {model}, {dtype}, {mode}"
+                       f"{f', variant {variant}' if variant else ''}: {calls} calls ({task}), top "
                        f"{PROFILE_ROWS} by {key} ===\n{table}\n")
             scans = scan_kernel_names(run.cache)
             groups = kernel_groups(prof, run.dev, calls, scans)
             run.res["profile"][what] = {
-                "model": model, "dtype": dtype, "mode": mode, "calls": calls, "sort": key,
+                "model": model, "dtype": dtype, "mode": mode, "variant": variant,
+                "calls": calls, "sort": key,
                 "ms_per_call_by_kind": groups,
                 "top_kernels": top_kernels(prof, run.dev, calls, scans),
                 "matmul_shapes": matmul_shapes(prof, run.dev, calls)}
@@ -1968,7 +1984,7 @@ def phase_profile(run):
                                         "error": error_text(e)}
             traceback.print_exc()
             run.save()
-        fn = prof = None
+        fn = prof = patch = None
         run.free()
     run.keep.clear()
 

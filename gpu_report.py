@@ -212,7 +212,8 @@ def short(prof):
     """A profiled item's model, dtype and compiler in a few words (runs before these were
     recorded profiled s1l8 in float32)."""
     name = {OURS: "s1l8", VANILLA: "vanilla", SWIN: "swin-t"}.get(prof.get("model", OURS))
-    return f"{name}, {prof.get('dtype', 'float32')}, {prof['mode']}"
+    variant = f"-{prof['variant']}" if prof.get("variant") else ""
+    return f"{name}{variant}, {prof.get('dtype', 'float32')}, {prof['mode']}"
 
 
 def profile_tables(what, prof, kernels=12, products=10):

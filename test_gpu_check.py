@@ -647,6 +647,35 @@ def test_scan_kernels_are_found_by_their_own_code(tmp_path):
     assert gc.scan_kernel_names("") == set() == gc.scan_kernel_names(str(tmp_path / "none"))
 
 
+def test_a_kept_variant_call_reruns_its_graph_under_its_own_patch():
+    """phase_profile calls a variant row's compiled model again under the row's patch object:
+    entered anew, it installs the same guarded function objects, so Dynamo reuses the row's
+    graph (a recompile would profile a compile), and its swaps run again; outside the patch the
+    guards fail and the model compiles anew."""
+    import vmamba_min
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    torch.manual_seed(0)
+    model = vmamba_min.VSSM(vmamba_min.VSSMConfig(generation=2, dim=16, depths=(1, 1),
+                                                  num_classes=3)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    patch = gc.variant_patch("dt-fused+conv-taps")
+    with torch.no_grad():
+        with patch:
+            compiled = torch.compile(model, backend=backend, dynamic=False)
+            compiled(x)
+        for part in patch.parts:
+            part.marked.hit = False
+        with patch:
+            compiled(x)
+        assert len(graphs) == 1 and patch.hit
+        compiled(x)
+    assert len(graphs) == 2
+
+
 def test_the_profile_takes_the_first_compiled_row_of_each_item_as_it_is():
     def spec(model, mode, dtype="float32", train=False, variant=None):
         return dict(model=model, mode=mode, dtype=dtype, train=train, variant=variant)
@@ -660,6 +689,10 @@ def test_the_profile_takes_the_first_compiled_row_of_each_item_as_it_is():
     assert gc.profile_item(spec(gc.SWIN, "compiled")) == "swin infer"
     assert gc.profile_item(spec(gc.SWIN, "compiled", variant="tf32")) is None
     assert gc.profile_item(spec(gc.SWIN, "compiled", train=True)) is None
+    both = "dt-fused+conv-taps"
+    assert gc.profile_item(spec(gc.OURS, "compiled", variant=both)) == both + " infer"
+    assert gc.profile_item(spec(gc.OURS, "compiled", variant="dt-fused")) is None
+    assert gc.profile_item(spec(gc.OURS, "eager", variant=both)) is None
 
 
 def test_a_ratio_pair_runs_whole_or_not_at_all(tmp_path):

@@ -1,8 +1,8 @@
 """Tests of scan.py: the chunked selective scan against the reference loop, the cross-scan pair,
 the official goldens, gradients, compiled code, dtypes and error messages.
 
-Letters as in scan.py: b batch (Bb in code), K groups (scan routes), D channels per group, N state size,
-L sequence length, T chunk length.
+Letters as in scan.py: b batch (Bb in code), K groups (scan routes), D channels per group, N state
+size, L sequence length, T chunk length.
 
 Every numeric comparison is against `selective_scan_ref` run in float64 on the same inputs (the
 inputs are drawn in float32 and upcast, so both sides see identical values); the tolerance
@@ -477,7 +477,7 @@ def test_cross_merge_is_adjoint_of_cross_scan(data):
     assert xs.shape == (Bb, 4, Dc, H * W)
     merged = cross_merge(ys.view(Bb, 4, Dc, H, W))
     assert merged.shape == (Bb, Dc, H * W)
-    assert (xs * ys).sum() == (x.flatten(2) * merged).sum()              # <scan x, y> = <x, merge y>
+    assert (xs * ys).sum() == (x.flatten(2) * merged).sum()       # <scan x, y> = <x, merge y>
     # Each route is a permutation, merge undoes it: merge(scan(x)) = 4 x, for any H, W.
     assert torch.equal(cross_merge(xs.view(Bb, 4, Dc, H, W)), 4 * x.flatten(2))
 

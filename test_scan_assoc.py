@@ -11,12 +11,12 @@ and the compiled path (torch.compile: one Triton kernel per scan) are tested as 
 
 Tolerances: test_scan.py's table, rtol(L) * S with S the same scan of |.|. Why it applies: the
 associative scan sums the same terms (products of decays a_t in [0, 1] times an input), only in
-another order. The generic recursion gives each term at most one multiply and one add per level,
-2 * ceil(log2 L) levels, and each decay product at most that many multiplies; Triton's tl.associative_scan is a tree inside a block and a sequential carry across
-blocks: at most O(L) roundings of factors <= 1, as the loop. No division anywhere. So the bound
-that the float32 reference loop meets (test_scan.py checks that) holds here too, including its term
-for the rounding of the exponents (`with_exponents`), which the float32 reference loop shows as
-much as this scan.
+another order. The generic recursion gives each term at most one multiply and one add per level, 2 *
+ceil(log2 L) levels, and each decay product at most that many multiplies; Triton's
+tl.associative_scan is a tree inside a block and a sequential carry across blocks: at most O(L)
+roundings of factors <= 1, as the loop. No division anywhere. So the bound that the float32
+reference loop meets (test_scan.py checks that) holds here too, including its term for the rounding
+of the exponents (`with_exponents`), which the float32 reference loop shows as much as this scan.
 """
 import pytest
 import torch

@@ -37,8 +37,8 @@ says so in gpu.json, and what a phase leaves goes to the next. A phase that fail
              "per-route" (one scan per route, delta computed in its scan kernel), "dt-fused"
              (delta computed in the one scan kernel), "conv-taps" (the depthwise convolution
              as multiply-adds, fused with its SiLU), "dt-fused+conv-taps" (both),
-             "seq-tiles" (the autotuner also offered
-             tiles of one step per program, R0_BLOCK 1), "tf32" (TF32 matrix products),
+             "seq-tiles" (the autotuner also offered tiles of one step per program,
+             R0_BLOCK 1), "tf32" (TF32 matrix products),
              "coordesc" (Inductor's coordinate_descent_tuning), "autotune" (mode
              max-autotune-no-cudagraphs), "cudagraphs" (mode reduce-overhead) and
              "assoc-chunks" (scan="assoc_chunked"); img/s, compile s, peak GB, ratio to

@@ -210,7 +210,8 @@ def check_model_names(parser, names):
         import timm
         bad += [n for n in peers if not timm.is_model(n)]
     elif peers:
-        parser.error(f"--only {','.join(peers)}: timm models, and timm is not importable here")
+        parser.error(f"--only {','.join(peers)}: not ours ({', '.join(vmamba_min.CONFIGS)}), so "
+                     f"timm models, and timm is not importable here")
     if not names or "" in names or bad or len(set(names)) != len(names):
         parser.error(f"--only: want distinct model names (ours: {', '.join(vmamba_min.CONFIGS)}; "
                      f"or timm's), got {','.join(names)!r}" + (f"; unknown: {bad}" if bad else ""))

@@ -464,6 +464,16 @@ def test_bad_options_are_usage_errors(argv, match, capsys, monkeypatch):
     assert e.value.code == 2 and match in capsys.readouterr().err
 
 
+def test_an_unknown_name_without_timm_lists_ours(capsys, monkeypatch):
+    """Without timm a name that is not ours is taken for a timm model: the usage error also
+    lists our names, as a typo is the likelier mistake."""
+    monkeypatch.setattr(bench.bk, "timm_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--models", "--only", "nosuch"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "not ours (" in err and "vmamba_tiny_s1l8" in err
+
+
 def test_report_refuses_to_replace_gpu_reports_page(tmp_path, capsys, monkeypatch):
     """docs/results-cuda.md is gpu_report.py's page (README quotes it): bench.py --report on
     a GPU replaced it silently. Its own pages (and a missing one) it writes as before."""

@@ -884,24 +884,15 @@ class Patches:
     name = property(lambda self: self.marked.name)
 
 
-class AllPatches:
-    """The patches of a combined variant ("a+b"), entered in order and undone in reverse; hit
-    when every part that checks its swap was hit, named by the parts' names."""
+class AllPatches(Patches):
+    """The patches of a combined variant ("a+b"), entered and undone as Patches' are; hit when
+    every part that checks its swap was hit, named by the parts' names."""
 
     def __init__(self, parts):
-        self.parts = parts
+        self.patches = tuple(parts)
 
-    def __enter__(self):
-        for p in self.parts:
-            p.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        for p in reversed(self.parts):
-            p.__exit__(*exc)
-
-    hit = property(lambda self: all(p.hit for p in self.parts if hasattr(p, "hit")))
-    name = property(lambda self: "+".join(getattr(p, "name", "?") for p in self.parts))
+    hit = property(lambda self: all(p.hit for p in self.patches if hasattr(p, "hit")))
+    name = property(lambda self: "+".join(getattr(p, "name", "?") for p in self.patches))
 
 
 def selection_patch(selection):

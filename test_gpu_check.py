@@ -667,7 +667,7 @@ def test_a_kept_variant_call_reruns_its_graph_under_its_own_patch():
         with patch:
             compiled = torch.compile(model, backend=backend, dynamic=False)
             compiled(x)
-        for part in patch.parts:
+        for part in patch.patches:
             part.marked.hit = False
         with patch:
             compiled(x)

@@ -8,7 +8,7 @@
     python cuda_codegen.py model --name vanilla_vmamba_tiny --inline   (no nested regions)
     python cuda_codegen.py model --name vmamba_tiny_s1l8 --variant time-major   (gpu_check's
                                             model variants "floor", "time-major", "per-route",
-                                            "dt-fused", "conv-taps")
+                                            "dt-fused", "conv-taps", "dt-fused+conv-taps")
     (--out DIR writes each graph's generated module; --top N lists the N kernels that move the
     most bytes; --dynamic compiles with symbolic sizes; --resources compiles each scan kernel
     for sm_90a at every launch config Inductor's autotuner would try, and prints registers,

@@ -288,6 +288,12 @@ def write(result, sections, directory, platform):
     return {"paths": [md, js] + [p for p in charts.values() if p], "charts": charts}
 
 
+USAGE = ("report.py is a module: bench.py writes the results page with it. Run "
+         "`python bench.py --report` (see bench.py --help).")
+
 if __name__ == "__main__":
-    raise SystemExit("report.py writes bench.py's results page; run `python bench.py --report` "
-                     "(see bench.py --help)")
+    import sys
+    if sys.argv[1:] in (["-h"], ["--help"]):
+        print(USAGE)
+        raise SystemExit(0)
+    raise SystemExit(USAGE)

@@ -552,3 +552,14 @@ def test_load_note_warns_when_other_processes_hold_the_cores(monkeypatch):
     for load, warned in ((0.3, False), (1.7, False), (1.8, True), (2.6, True)):
         monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
         assert ("timings inflated" in bk.load_note()) == warned, load
+
+
+def test_report_py_run_as_a_script_points_to_bench_and_help_exits_zero():
+    """report.py is a module; run as a script it says what writes the page: --help succeeds,
+    anything else is an error."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for argv, code in ((["--help"], 0), (["-h"], 0), ([], 1), (["--out", "x"], 1)):
+        r = subprocess.run([sys.executable, os.path.join(here, "report.py"), *argv],
+                           capture_output=True, text=True)
+        assert r.returncode == code, (argv, r)
+        assert "bench.py --report" in (r.stdout if code == 0 else r.stderr)

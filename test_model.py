@@ -391,6 +391,25 @@ def test_from_official_kwargs_rejects_what_it_does_not_support():
     # The official code looks layer names up lowercased: its default spelling "LN" is fine.
     spelled = {**kwargs, "norm_layer": "LN", "ssm_act_layer": "SiLU", "mlp_act_layer": "GELU"}
     assert resolved(from_official_kwargs(spelled)) == resolved(from_official_kwargs(kwargs))
+    with pytest.raises(ValueError, match="use_checkpoint=0"):     # not grad_checkpointing
+        from_official_kwargs({**kwargs, "use_checkpoint": 0})
+
+
+def test_from_official_kwargs_fills_a_missing_key_with_the_official_default():
+    """A key left out means what the official VSSM's default builds (a state of 16, an MLP,
+    the v1 stem, ...), not VSSMConfig's default: the official constructor's model, or an
+    error, never a silently different model."""
+    v2 = load_fixture("v2_s1l8_cf_d24_sq64.pt")["kwargs"]
+    without = {k: v for k, v in v2.items() if k != "ssm_d_state"}
+    assert from_official_kwargs(without).d_state == 16 and from_official_kwargs(v2).d_state == 1
+    for key in ("ssm_conv_bias", "downsample_version", "patchembed_version"):
+        with pytest.raises(ValueError, match=f"{key}=.*the official default"):
+            from_official_kwargs({k: v for k, v in v2.items() if k != key})
+    v0 = load_fixture("v0_tiny_d24_sq64.pt")["kwargs"]
+    with pytest.raises(ValueError, match="v0 with an MLP"):       # the official mlp_ratio 4.0
+        from_official_kwargs({k: v for k, v in v0.items() if k != "mlp_ratio"})
+    assert from_official_kwargs({k: v for k, v in v0.items() if k != "drop_path_rate"}
+                                ).drop_path_rate == 0.1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1021,12 +1021,24 @@ def to_official_state_dict(sd):
     return out
 
 
+# The official VSSM.__init__'s defaults (MzeroMiko/VMamba, classification/models/vmamba.py).
+OFFICIAL_DEFAULTS = dict(
+    patch_size=4, in_chans=3, num_classes=1000, depths=[2, 2, 9, 2], dims=[96, 192, 384, 768],
+    ssm_d_state=16, ssm_ratio=2.0, ssm_dt_rank="auto", ssm_act_layer="silu", ssm_conv=3,
+    ssm_conv_bias=True, ssm_drop_rate=0.0, ssm_init="v0", forward_type="v2", mlp_ratio=4.0,
+    mlp_act_layer="gelu", mlp_drop_rate=0.0, gmlp=False, drop_path_rate=0.1, patch_norm=True,
+    norm_layer="LN", downsample_version="v2", patchembed_version="v1", use_checkpoint=False,
+    posembed=False, imgsize=224)
+
+
 def from_official_kwargs(kwargs) -> VSSMConfig:
-    """The official VSSM(**kwargs) arguments -> VSSMConfig. Anything this file does not
-    implement (other forward types, conv sizes, dropouts, ...) is an error, never ignored."""
-    kw = dict(kwargs)
+    """The official VSSM(**kwargs) arguments -> VSSMConfig. A key left out takes the official
+    VSSM's default (OFFICIAL_DEFAULTS), as the official constructor would, not VSSMConfig's.
+    Anything this file does not implement (other forward types, conv sizes, dropouts, ...) is
+    an error, never ignored."""
+    kw = {**OFFICIAL_DEFAULTS, **kwargs}
     gen_of = {"v0": 0, "v05_noz": 2}
-    ft = kw.pop("forward_type", "v2")
+    ft = kw.pop("forward_type")
     if ft not in gen_of:
         raise ValueError(f"forward_type {ft!r} not supported (only {sorted(gen_of)})")
     gen = gen_of[ft]
@@ -1039,22 +1051,24 @@ def from_official_kwargs(kwargs) -> VSSMConfig:
              "patchembed_version": "v1" if gen == 0 else "v2", "posembed": False}
     bad = []
     for name, want in fixed.items():
-        if name in kw:
-            got = kw.pop(name)
-            if name.endswith("_layer") and isinstance(got, str):
-                got = got.lower()   # the official code looks these names up lowercased ("LN")
-            if got not in (want if isinstance(want, tuple) else (want,)):
-                bad.append(f"{name}={got!r} (need {want!r})")
-    kw.pop("imgsize", None)   # only used by the official position embedding, which is off
-    dims = kw.pop("dims", 96)
+        got = kw.pop(name)
+        if name.endswith("_layer") and isinstance(got, str):
+            got = got.lower()   # the official code looks these names up lowercased ("LN")
+        if got not in (want if isinstance(want, tuple) else (want,)):
+            bad.append(f"{name}={got!r} (need {want!r}"
+                       f"{'' if name in kwargs else '; the official default'})")
+    kw.pop("imgsize")         # only used by the official position embedding, which is off
+    dims = kw.pop("dims")
     if isinstance(dims, (list, tuple)):
         if list(dims) != [dims[0] * 2 ** i for i in range(len(dims))]:
             bad.append(f"dims={dims!r} (need C, 2C, 4C, ...)")
-        depths = kw.get("depths", VSSMConfig.depths)        # the official default too
+        depths = kw["depths"]
         if isinstance(depths, (list, tuple)) and len(dims) != len(depths):
             bad.append(f"dims={dims!r} (one per stage of depths={depths!r})")
         dims = dims[0]
-    dt_rank = kw.pop("ssm_dt_rank", "auto")
+    if not isinstance(kw["use_checkpoint"], bool):
+        bad.append(f"use_checkpoint={kw['use_checkpoint']!r} (need True or False)")
+    dt_rank = kw.pop("ssm_dt_rank")
     mapping = {"depths": "depths", "in_chans": "in_chans", "num_classes": "num_classes",
                "ssm_d_state": "d_state", "ssm_ratio": "ssm_ratio", "mlp_ratio": "mlp_ratio",
                "drop_path_rate": "drop_path_rate", "use_checkpoint": "grad_checkpointing"}

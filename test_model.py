@@ -1104,9 +1104,15 @@ def test_forward_intermediates_are_the_stage_outputs(generation):
         assert [torch.equal(m, ref[i]) for m, i in zip(nhwc, (1, 3))] == [True, True]
         last2 = model.forward_intermediates(x, indices=2, intermediates_only=True)
         assert [m.shape[1] for m in last2] == [96, 192]
+        # norm: the head's norm on the last stage's intermediate, and only there; final stays
+        # forward_features' (a norm in it was applied twice by forward_head). A norm that is
+        # not the identity shows it: the initial one is within rounding of it.
+        model.norm.weight.uniform_(0.5, 2.0)
+        model.norm.bias.normal_()
         normed, maps_n = model.forward_intermediates(x, indices=[0, 3], norm=True)
-        assert torch.equal(normed, model.norm(final))       # the head's norm: the last stage
-        assert torch.equal(maps_n[0], maps[0])              # and only there
+        assert torch.equal(normed, final)
+        assert torch.equal(model.forward_head(normed), model(x))
+        assert torch.equal(maps_n[0], maps[0])
         assert torch.equal(maps_n[1], model.norm(final).permute(0, 3, 1, 2))
 
 

@@ -536,10 +536,11 @@ class VSSM(nn.Module):
         sequence = those stage numbers (negative counts from the end); intermediates come in
         stage order, each a stage's block output before its downsample, (b, C_i, h, w)
         contiguous, or (b, h, w, C_i) with output_fmt "NHWC". final is forward_features' output
-        (the last stage's blocks; the last stage has no downsample). norm: self.norm (the head's
-        LayerNorm, sized for the last stage) is applied to the last stage's map, in final and
-        in the intermediates. stop_early (or intermediates_only): run no stage after the last
-        one asked for; final is then the last stage run."""
+        (the last stage's blocks; the last stage has no downsample), whatever norm says, so
+        that forward_head(final) is forward(x), as in timm's models. norm: self.norm (the
+        head's LayerNorm, sized for the last stage) is applied to the last stage's
+        intermediate. stop_early (or intermediates_only): run no stage after the last one
+        asked for; final is then the last stage run."""
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         n = len(self.layers)
@@ -547,10 +548,9 @@ class VSSM(nn.Module):
         check_image(x, self.config.in_chans, self.patch_embed)
         stop = take[-1] if stop_early or intermediates_only else n - 1
         maps = run_stages(self.patch_embed, self.layers, x, sorted(set(take) | {stop}))
-        if norm and stop == n - 1:
-            maps[stop] = self.norm(maps[stop])
+        taken = {i: self.norm(maps[i]) if norm and i == n - 1 else maps[i] for i in take}
         nchw = output_fmt == "NCHW"
-        intermediates = [maps[i].permute(0, 3, 1, 2).contiguous() if nchw else maps[i]
+        intermediates = [taken[i].permute(0, 3, 1, 2).contiguous() if nchw else taken[i]
                          for i in take]                      # (b, C_i, h, w) or (b, h, w, C_i)
         return intermediates if intermediates_only else (maps[stop], intermediates)
 

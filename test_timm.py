@@ -175,6 +175,29 @@ def test_pretrained_in_memory_official_state_dict():
         assert (model.eval()(fx["input"]) - fx["logits"]).abs().max() < ATOL
 
 
+@pytest.mark.parametrize("in_chans", [1, 2])
+def test_pretrained_in_memory_state_dict_with_other_in_chans(in_chans, tmp_path):
+    """timm adapts an RGB stem after the filter: the filter's shape check must not refuse it
+    (it did, for an in-memory state dict). The stem comes out as load_pretrained's, from a
+    file, adapts it."""
+    fx = load_fixture("v2_s1l8_cf_d24_sq64.pt")
+    overlay = dict(state_dict=dict(fx["state_dict"]), num_classes=10)
+    model = timm.create_model("vmamba_tiny_s1l8", pretrained=True, num_classes=10, **SMALL,
+                              in_chans=in_chans, pretrained_cfg_overlay=overlay)
+    path = write_official_checkpoint(tmp_path, fx["state_dict_classification_naming"],
+                                     _perturbed(fx["state_dict_classification_naming"]))
+    from_file = vm.build("vmamba_tiny_s1l8", num_classes=10, in_chans=in_chans, **SMALL)
+    from_file.load_pretrained(path)
+    stem = model.patch_embed.conv1.weight
+    assert stem.shape[1] == in_chans
+    torch.testing.assert_close(stem, from_file.patch_embed.conv1.weight)
+    wrong = dict(fx["state_dict"])            # a stem of another width is still refused
+    wrong["patch_embed.0.weight"] = wrong["patch_embed.0.weight"][:4]
+    with pytest.raises(RuntimeError, match="do not fit"):
+        timm.create_model("vmamba_tiny_s1l8", pretrained=True, num_classes=10, **SMALL,
+                          in_chans=in_chans, pretrained_cfg_overlay=dict(state_dict=wrong))
+
+
 def test_pretrained_in_memory_state_dict_of_another_depth_is_an_error():
     """With num_classes other than the weights' (1000), timm loads with strict=False: a state
     dict of one block fewer loaded the rest and left that block random, silently."""

@@ -1211,11 +1211,14 @@ def _timm_filter(sd, model):
     """timm's pretrained_filter_fn: official names converted, and every key but the head's
     checked against the model (check_fit): timm loads with strict=False when num_classes
     differs from the weights', where a checkpoint of another depth would load its common
-    blocks, the rest left random."""
+    blocks, the rest left random. With in_chans other than 3, timm adapts the file's RGB stem
+    after this filter (its first_conv, as adapt_stem does): the shape checked is the adapted
+    one."""
     sd = convert_official_state_dict(sd)
     check_generation(sd, model.config.generation, type(model).__name__)
-    check_fit("pretrained weights", model.state_dict(),
-              {k: v for k, v in sd.items() if not k.startswith("head.")}, may_miss=("head.",))
+    checked = adapt_stem({k: v for k, v in sd.items() if not k.startswith("head.")},
+                         model.config)
+    check_fit("pretrained weights", model.state_dict(), checked, may_miss=("head.",))
     return sd
 
 

@@ -363,6 +363,30 @@ def test_config_validation(bad):
         VSSMConfig(**bad)
 
 
+def test_config_takes_numbers_and_sequences_of_any_kind():
+    """A config read from a file (numpy's numbers, OmegaConf's ListConfig: a Sequence, like
+    UserList) makes the same record as Python's ints, floats and tuples; a string, a bool or a
+    float where an int belongs is still refused."""
+    import numpy as np
+    from collections import UserList
+    cfg = VSSMConfig(depths=UserList([np.int64(2), 2, 9, 2]), dim=np.int32(96),
+                     ssm_ratio=np.float32(1.0), num_classes=np.int64(10))
+    assert cfg == VSSMConfig(depths=(2, 2, 9, 2), dim=96, ssm_ratio=1.0, num_classes=10)
+    assert type(cfg.dim) is int and type(cfg.depths[0]) is int and type(cfg.ssm_ratio) is float
+    for bad in (dict(depths="2292"), dict(depths=np.array([2, 2])), dict(dim=np.float64(96)),
+                dict(depths=(2, np.bool_(True)))):
+        with pytest.raises(ValueError, match="VSSMConfig"):
+            VSSMConfig(**bad)
+    backbone = Backbone(tiny(2), out_indices=UserList([np.int64(1), 3]))
+    assert backbone.out_indices == (1, 3) and type(backbone.out_indices[0]) is int
+    model = VSSM(tiny(2)).eval()
+    with torch.no_grad():
+        x = torch.randn(1, 3, 32, 32)
+        got = model.forward_intermediates(x, indices=np.int64(1), intermediates_only=True)
+        assert torch.equal(got[0], model.forward_intermediates(x, indices=1,
+                                                               intermediates_only=True)[0])
+
+
 def test_config_cannot_change_after_validation():
     """A config is validated once, when made: changing a field afterwards (model.config.dim =
     0) passed silently and left the record describing another model. replace() makes a new,

@@ -32,11 +32,12 @@ import collections
 import contextlib
 import inspect
 import math
+import numbers
 import os
 import pickle
 import types
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Optional
 
@@ -98,6 +99,16 @@ class VSSMConfig:
             if not ok:
                 raise ValueError(f"VSSMConfig: {msg}")
 
+        # Numbers of any kind (numpy's, from a config file) as Python's, and any sequence of
+        # depths (a list, OmegaConf's ListConfig) as a tuple; what is neither is checked below.
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, numbers.Real) and not isinstance(v, (bool, int, float)):
+                v = int(v) if isinstance(v, numbers.Integral) else float(v)
+            elif f.name == "depths" and as_sequence(v) is not None:
+                v = tuple(as_int(d) for d in v)
+            object.__setattr__(self, f.name, v)               # frozen: set once, here
+
         def is_int(v):                                       # bool is an int to Python
             return isinstance(v, int) and not isinstance(v, bool)
 
@@ -108,9 +119,8 @@ class VSSMConfig:
         # d_state and mlp_ratio stay None here (never filled in): a config is then a record of
         # what was asked for, so dataclasses.replace(cfg, generation=0) gives generation 0's
         # defaults instead of carrying generation 2's d_state 1 and MLP along.
-        need(isinstance(self.depths, (tuple, list)),
+        need(isinstance(self.depths, tuple),
              f"depths must be a sequence of ints (one per stage), got {self.depths!r}")
-        object.__setattr__(self, "depths", tuple(self.depths))     # frozen: set once, here
         need(len(self.depths) >= 1 and all(is_int(d) and d >= 1 for d in self.depths),
              f"depths must be positive ints, got {self.depths!r}")
         need(self.d_state is None or (is_int(self.d_state) and self.d_state >= 1),
@@ -663,11 +673,26 @@ def check_image(x, in_chans, stem):
         raise ValueError(f"VSSM needs H, W >= 4 (one 4x4 patch), got {tuple(x.shape[2:])}")
 
 
+def as_int(v):
+    """An integer of any kind but bool (numpy's too) as a Python int; anything else as it is,
+    for the caller's check to name."""
+    return int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v
+
+
+def as_sequence(v):
+    """A sequence but a string (a list, tuple, range, OmegaConf's ListConfig) as a list of its
+    items, integers as as_int gives them; anything else None."""
+    if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
+        return None
+    return [as_int(i) for i in v]
+
+
 def stage_indices(n, indices):
     """timm's `indices` convention -> sorted stage numbers in 0..n-1: None = all, an int k =
     the last k, a sequence = those stages (negative ones count from the end)."""
     def is_int(i):
         return isinstance(i, int) and not isinstance(i, bool)
+    indices = as_int(indices)
     if indices is None:
         indices = n
     if is_int(indices):
@@ -676,7 +701,7 @@ def stage_indices(n, indices):
         return list(range(n - indices, n))
     if isinstance(indices, (str, bytes, torch.Tensor)) or not hasattr(indices, "__iter__"):
         raise TypeError(f"indices must be None, an int or a sequence of ints, got {indices!r}")
-    indices = list(indices)
+    indices = [as_int(i) for i in indices]
     if not indices or not all(is_int(i) and -n <= i < n for i in indices):
         raise ValueError(f"indices must be stage numbers in {-n}..{n - 1}, got {indices!r}")
     return sorted({i % n for i in indices})
@@ -736,8 +761,7 @@ class Backbone(nn.Module):
         n, given = len(config.depths), out_indices
         if out_indices is None:
             out_indices = range(n)
-        out_indices = (tuple(out_indices) if isinstance(out_indices, (tuple, list, range))
-                       else None)
+        out_indices = as_sequence(out_indices)
         if not out_indices or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n
                                   for i in out_indices):
             raise ValueError(f"Backbone: out_indices must be a tuple of stage numbers in "

@@ -991,6 +991,18 @@ def test_drop_path_keeps_the_expected_value():
     assert torch.equal(layer.eval()(torch.ones(3, 1)), torch.ones(3, 1))
 
 
+def test_drop_path_of_one_drops_everything_and_other_rates_are_refused():
+    """p = 1: every sample dropped, zeros (as timm's; 0/0 gave NaN); p outside [0, 1] is an
+    error naming it, not torch's bernoulli_ complaint about 1 - p."""
+    layer = vm.DropPath(1.0).train()
+    assert torch.equal(layer(torch.ones(3, 2)), torch.zeros(3, 2))
+    for bad in (1.5, -0.1, float("nan"), "0.1", True):
+        with pytest.raises(ValueError, match="DropPath: p must be a number in"):
+            vm.DropPath(bad)
+    with pytest.raises(ValueError, match="Backbone expects an image batch"):
+        Backbone(tiny(2))(torch.randn(1, 1, 32, 32))
+
+
 @pytest.mark.parametrize("name", ["vmamba_tiny_s1l8", "vanilla_vmamba_base"])
 def test_drop_path_rates_are_the_official_linspace(name):
     """Official: torch.linspace(0, drop_path_rate, sum(depths)), block by block, in order."""
@@ -1291,7 +1303,7 @@ def test_load_pretrained_takes_the_files_head_if_it_fits_and_keeps_a_fresh_one_i
     """VSSM.load_pretrained (README's fine-tuning; timm's pretrained=True) on an official-layout
     file: a model of the file's size reproduces the official logits; with another
     num_classes the head keeps its fresh weights and the trunk is the file's; a file without
-    a head does not load silently into a model that needs one."""
+    a head (to fine-tune from) loads the same way, but not silently: with a warning."""
     fx = load_fixture("v2_s1l8_cf_d24_sq64.pt")
     sd = fx["state_dict_classification_naming"]
     torch.save({"model": sd, "epoch": 1}, tmp_path / "ck.pth")
@@ -1309,11 +1321,15 @@ def test_load_pretrained_takes_the_files_head_if_it_fits_and_keeps_a_fresh_one_i
     headless = {k: v for k, v in sd.items() if not k.startswith("classifier.head.")}
     assert len(headless) == len(sd) - 2
     torch.save({"model": headless}, tmp_path / "headless.pth")
-    needs_head = VSSM(from_official_kwargs(fx["kwargs"]))
-    before = {k: v.clone() for k, v in needs_head.state_dict().items()}
-    with pytest.raises(RuntimeError, match="head.weight"):
-        needs_head.load_pretrained(tmp_path / "headless.pth")
-    assert all(torch.equal(v, before[k]) for k, v in needs_head.state_dict().items())  # untouched
+    needs_head = VSSM(from_official_kwargs(fx["kwargs"])).eval()
+    fresh = needs_head.head.weight.clone()
+    with pytest.warns(UserWarning, match="no classifier head.*10 classes"):
+        left = needs_head.load_pretrained(tmp_path / "headless.pth")
+    assert left == ["head.weight", "head.bias"] and torch.equal(needs_head.head.weight, fresh)
+    with torch.no_grad():
+        assert torch.equal(needs_head.forward_features(fx["input"]),
+                           model.forward_features(fx["input"]))
+    assert model.load_pretrained(tmp_path / "ck.pth") == []
 
 
 @pytest.mark.parametrize("name", MODEL_FIXTURES)
@@ -1377,6 +1393,48 @@ def test_load_official_checkpoint_bare_state_dict_and_errors(tmp_path):
         vm.load_official_checkpoint(tmp_path / "tensor.pth")
 
 
+def test_load_pretrained_files_users_meet_and_their_errors(tmp_path):
+    """State dicts saved through a wrapper load (DDP's "module.", torch.compile's
+    "_orig_mod."), and so do parameters saved as such; a file refused for a reason other than
+    another configuration says which (a trainer's prefix, a backbone's file, a truncated,
+    empty or safetensors file, an EMA asked of a bare state dict)."""
+    fx = load_fixture("v2_s1l8_cf_d24_sq64.pt")
+    sd = fx["state_dict_classification_naming"]
+    model = VSSM(from_official_kwargs(fx["kwargs"])).eval()
+    for prefix in ("module.", "_orig_mod.", "module._orig_mod."):
+        torch.save({"model": {prefix + k: v for k, v in sd.items()}}, tmp_path / "w.pth")
+        loaded = VSSM(from_official_kwargs(fx["kwargs"])).eval()
+        assert loaded.load_pretrained(tmp_path / "w.pth") == []
+        with torch.no_grad():
+            assert (loaded(fx["input"]) - fx["logits"]).abs().max() < ATOL, prefix
+    params = {k: torch.nn.Parameter(v) if v.is_floating_point() else v for k, v in sd.items()}
+    torch.save(params, tmp_path / "params.pth")
+    got = vm.load_official_checkpoint(tmp_path / "params.pth")
+    assert all(type(v) is torch.Tensor for v in got.values())
+    assert got.keys() == convert_official_state_dict(sd).keys()
+    torch.save({"state_dict": {"model." + k: v for k, v in sd.items()}}, tmp_path / "pl.ckpt")
+    with pytest.raises(RuntimeError, match="carry a prefix, 'model.'"):
+        model.load_pretrained(tmp_path / "pl.ckpt")
+    backbone = Backbone(from_official_kwargs(fx["kwargs"]), (1, 3))
+    torch.save({"state_dict": {"backbone." + k: v for k, v in vm.to_official_state_dict(
+        backbone.state_dict()).items()}}, tmp_path / "det.pth")
+    with pytest.raises(RuntimeError, match=r"a backbone's file.*Backbone\(\.\.\.\)"):
+        model.load_pretrained(tmp_path / "det.pth")
+    torch.save({"model": sd}, tmp_path / "ck.pth")
+    data = (tmp_path / "ck.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[:len(data) // 2])
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "w.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")
+    for name, why in (("cut.pth", "truncated"), ("empty.pth", "empty"),
+                      ("w.safetensors", "safetensors")):
+        with pytest.raises(ValueError, match=why):
+            vm.load_official_checkpoint(tmp_path / name)
+    torch.save(sd, tmp_path / "bare.pth")
+    with pytest.raises(KeyError) as e:
+        vm.load_official_checkpoint(tmp_path / "bare.pth", ema=True)
+    assert "bare state dict, which has no EMA weights" in str(e.value) and len(str(e.value)) < 300
+
+
 def test_load_official_checkpoint_under_forced_weights_only_loading_says_why(tmp_path,
                                                                             monkeypatch):
     """TORCH_FORCE_WEIGHTS_ONLY_LOAD makes torch.load refuse any pickle_module, even for a bare
@@ -1399,10 +1457,15 @@ def test_allow_list_unpickler_turns_unknown_globals_into_records():
     assert isinstance(out["a"], vm.Opaque) and out["a"].global_name == "builtins.print"
     assert out["a"].args == ("must not print",)
     assert type(out["b"]) is collections.OrderedDict and out["b"] == {"x": 1}
-    # torch's own functions are globals like any other: only the tensor rebuilds pass
+    # torch's own functions are globals like any other: only the tensor rebuilds pass, and a
+    # parameter's rebuild is ours, giving the tensor alone (no hooks or attributes attached)
     unpickler = vm._AllowListUnpickler(io.BytesIO(b""))
+    rebuild = unpickler.find_class("torch._utils", "_rebuild_parameter")
+    assert rebuild is not torch._utils._rebuild_parameter
+    t = torch.zeros(2)
+    assert rebuild(t, True, collections.OrderedDict(hook=print)) is t
     for module, name in [("torch.serialization", "save"), ("torch", "load"),
-                         ("torch.hub", "load"), ("torch._utils", "_rebuild_parameter"),
+                         ("torch.hub", "load"), ("torch._utils", "_rebuild_parameter_with_state"),
                          ("builtins", "eval"), ("collections", "defaultdict")]:
         cls = unpickler.find_class(module, name)
         assert isinstance(cls, type) and issubclass(cls, vm.Opaque), (module, name)

@@ -36,6 +36,7 @@ import numbers
 import os
 import pickle
 import types
+import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
@@ -347,11 +348,12 @@ def _assign(param, value):
 def drop_path(x, p, training: bool):
     """Stochastic depth: drop the whole residual branch of a sample with probability p (a float
     or a 0-dim tensor), and scale the kept ones by 1/(1-p) so that the expected output equals x
-    (eval is then a no-op; p = 0 keeps every sample and divides by 1: x exactly)."""
+    (eval is then a no-op; p = 0 keeps every sample and divides by 1: x exactly; p = 1 drops
+    every one: zeros, as timm's)."""
     if not training or (isinstance(p, float) and p == 0.0):
         return x
     keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p)
-    return x * keep / (1 - p)
+    return x * keep if isinstance(p, float) and p == 1.0 else x * keep / (1 - p)
 
 
 class DropPath(nn.Module):
@@ -378,6 +380,9 @@ class DropPath(nn.Module):
 
     @p.setter
     def p(self, value: float):
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or \
+                not 0 <= value <= 1:
+            raise ValueError(f"DropPath: p must be a number in [0, 1], got {value!r}")
         self._p = float(value)
         if self.rate is not None:
             self.rate.fill_(self._p)
@@ -555,7 +560,7 @@ class VSSM(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         n = len(self.layers)
         take = stage_indices(n, indices)
-        check_image(x, self.config.in_chans, self.patch_embed)
+        check_image(x, self.config.in_chans, self.patch_embed, type(self).__name__)
         stop = take[-1] if stop_early or intermediates_only else n - 1
         maps = run_stages(self.patch_embed, self.layers, x, sorted(set(take) | {stop}))
         taken = {i: self.norm(maps[i]) if norm and i == n - 1 else maps[i] for i in take}
@@ -635,29 +640,39 @@ class VSSM(nn.Module):
     def load_pretrained(self, path, ema: bool = False):
         """Load an official checkpoint file (load_official_checkpoint); timm calls this for
         register_timm's models (pretrained=True, pretrained_cfg_overlay=dict(file=...)). A
-        head of another size (num_classes) keeps its fresh init; every other key loads
-        strictly. With in_chans other than 3 the stem's RGB filters are adapted (adapt_stem)."""
+        head of another size (num_classes) keeps its fresh init; so does the head of a model
+        loading a file that has none (saved with num_classes=0, say, to be fine-tuned here),
+        with a warning, as the model's logits are then untrained. Every other key loads
+        strictly. With in_chans other than 3 the stem's RGB filters are adapted (adapt_stem).
+        Returns the keys left at their init (the head's, or none)."""
         sd = adapt_stem(load_official_checkpoint(path, ema=ema), self.config)
         check_generation(sd, self.config.generation, type(self).__name__)
         own = self.state_dict()
+        headless = "head.weight" in own and not any(k.startswith("head.") for k in sd)
         head = [k for k in ("head.weight", "head.bias")
                 if k in sd and (k not in own or own[k].shape != sd[k].shape)]
         sd = {k: v for k, v in sd.items() if k not in head}
-        check_fit(path, own, sd, may_miss=("head.",) if head else ())
-        self.load_state_dict(sd, strict=not head)
+        check_fit(path, own, sd, may_miss=("head.",) if head or headless else ())
+        self.load_state_dict(sd, strict=not (head or headless))
+        if headless:
+            warnings.warn(f"{path}: the file has no classifier head; the model's head "
+                          f"({self.config.num_classes} classes) keeps its random init",
+                          stacklevel=2)
+        return [k for k in own if k not in sd]
 
     def no_weight_decay(self):
         """Names of the parameters that take no weight decay (the SSM's A_logs and Ds)."""
         return {n for n, _ in self.named_parameters() if n.split(".")[-1] in ("A_logs", "Ds")}
 
 
-def check_image(x, in_chans, stem):
-    """Fail early, with the shape or dtype, instead of deep inside a conv or a reshape."""
+def check_image(x, in_chans, stem, who="VSSM"):
+    """Fail early, with the shape or dtype, instead of deep inside a conv or a reshape. who:
+    the model class the message names."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != in_chans:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"VSSM expects an image batch (batch, {in_chans}, H, W), got {got}")
+        raise ValueError(f"{who} expects an image batch (batch, {in_chans}, H, W), got {got}")
     if not x.is_floating_point():
-        raise ValueError(f"VSSM expects a floating-point image, got dtype {x.dtype}")
+        raise ValueError(f"{who} expects a floating-point image, got dtype {x.dtype}")
     wdtype = next(stem.parameters()).dtype
     # Autocast casts the image and the weights for each op itself, so only without it must the
     # dtypes agree; it leaves float64 as it is (torch.amp: float64 is not eligible). Asked only
@@ -670,7 +685,7 @@ def check_image(x, in_chans, stem):
             raise ValueError(f"the image's dtype {x.dtype} must match the model's parameter "
                              f"dtype {wdtype} ({how})")
     if min(x.shape[2], x.shape[3]) < 4:
-        raise ValueError(f"VSSM needs H, W >= 4 (one 4x4 patch), got {tuple(x.shape[2:])}")
+        raise ValueError(f"{who} needs H, W >= 4 (one 4x4 patch), got {tuple(x.shape[2:])}")
 
 
 def as_int(v):
@@ -797,7 +812,7 @@ class Backbone(nn.Module):
     init_weights = VSSM.init_weights
 
     def forward(self, x):                                    # (b, 3, H, W)
-        check_image(x, self.config.in_chans, self.patch_embed)
+        check_image(x, self.config.in_chans, self.patch_embed, type(self).__name__)
         maps = run_stages(self.patch_embed, self.layers, x, self.out_indices)
         return [self.out_norms[str(i)](maps[i]).permute(0, 3, 1, 2).contiguous()  # (b, C_i, h, w)
                 for i in self.out_indices]
@@ -825,7 +840,27 @@ def check_fit(path, own, sd, may_miss=(), may_leave=()):
             ("keys of the model missing", missing), ("keys of the file unused", unused),
             ("shapes differ (file vs model)", shapes)) if v]
         raise RuntimeError(f"{path}: keys that do not fit this model ({'; '.join(parts)}): "
-                           f"build the configuration of the file")
+                           f"{_misfit_advice(own, sd, missing, unused)}")
+
+
+def _misfit_advice(own, sd, missing, unused):
+    """What to do about a file check_fit refuses: a prefix on its keys (a wrapper's), a
+    backbone's file loaded into a classifier, or (by default) another configuration."""
+    first = {k.split(".", 1)[0] for k in unused}
+    if missing and len(first) == 1 and all("." in k for k in unused):
+        prefix = first.pop() + "."
+        try:                                 # the official names, under the prefix
+            bare = convert_official_state_dict({k[len(prefix):]: sd[k] for k in unused})
+        except (TypeError, ValueError):
+            bare = {}
+        if sum(k in own for k in bare) * 2 > len(unused):
+            return (f"the file's keys carry a prefix, {prefix!r} (a wrapper's or a trainer's): "
+                    f"remove it from the state dict")
+    if any(k.startswith("out_norms.") for k in unused) and \
+            all(k.startswith(("norm.", "head.")) for k in missing):
+        return ("a backbone's file (output norms, no final norm or head): load it with "
+                "Backbone(...).load_pretrained")
+    return "build the configuration of the file"
 
 
 def adapt_stem(state_dict, config):
@@ -865,13 +900,21 @@ def convert_official_state_dict(sd):
     this file's names.
 
     Keys it does not know are passed through unchanged, so `load_state_dict(strict=True)` then
-    names them; nothing is dropped silently.
+    names them; nothing is dropped silently. A prefix that a DDP ("module.") or torch.compile
+    ("_orig_mod.") wrapper gives every key is removed.
     """
     if isinstance(sd, Mapping) and isinstance(sd.get("model"), Mapping):
         sd = sd["model"]
     if not isinstance(sd, Mapping):
         raise TypeError(f"convert_official_state_dict: expected a state dict (a mapping of "
                         f"names to tensors), got {type(sd).__name__}")
+    # The state dict of a DDP or torch.compile wrapper: its model's, under the wrapper's name.
+    while sd and all(isinstance(k, str) for k in sd):
+        prefix = next((p for p in ("module.", "_orig_mod.")
+                       if all(k.startswith(p) for k in sd)), None)
+        if prefix is None:
+            break
+        sd = {k[len(prefix):]: v for k, v in sd.items()}
     for key, v in sd.items():
         if not isinstance(key, str) or not isinstance(v, torch.Tensor):
             raise TypeError(f"convert_official_state_dict: expected str names and tensor values, "
@@ -942,10 +985,13 @@ class Opaque:
 class _AllowListUnpickler(pickle.Unpickler):
     """An unpickler that never imports: find_class (the only way a pickle reaches a class or
     function) hands out collections.OrderedDict and torch's tensor rebuild function (both of
-    which torch's own weights_only loader trusts), and for every other name a fresh Opaque
-    subclass. torch.load adds the storage types itself (StorageType, a plain record)."""
+    which torch's own weights_only loader trusts), for torch's parameter rebuild a function
+    that returns the tensor alone (dict(model.named_parameters()) saved), and for every other
+    name a fresh Opaque subclass. torch.load adds the storage types itself (StorageType, a
+    plain record)."""
     _ALLOWED = {("collections", "OrderedDict"): collections.OrderedDict,
-                ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2}
+                ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+                ("torch._utils", "_rebuild_parameter"): lambda data, *rest: data}
 
     def find_class(self, module, name):
         allowed = self._ALLOWED.get((module, name))
@@ -957,6 +1003,24 @@ class _AllowListUnpickler(pickle.Unpickler):
 # torch.load(pickle_module=...) wants a module with an Unpickler.
 _allow_list_pickle = types.ModuleType("vmamba_min_allow_list_pickle")
 _allow_list_pickle.Unpickler = _AllowListUnpickler
+
+
+def _not_a_zip(path):
+    """What a file that is not a zip archive most likely is, for load_official_checkpoint's
+    error: empty, a zip cut short (an interrupted download: a zip's directory is at its end), a
+    safetensors file, or a torch.save file of the format before torch 1.6."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK\x03\x04"):
+        return ("a zip archive without its end (its directory): the file is truncated or "
+                "corrupt; download it again")
+    if len(head) == 9 and head[8:] == b"{":       # an 8-byte header length, then its JSON
+        return ("a safetensors file? Read it with safetensors.torch.load_file(path) and pass "
+                "the dict to convert_official_state_dict")
+    return ("not a torch.save zip archive (torch >= 1.6 format); an older file can be re-saved "
+            "with torch.save in a trusted session")
 
 
 def load_official_checkpoint(path, ema: bool = False):
@@ -976,8 +1040,7 @@ def load_official_checkpoint(path, ema: bool = False):
         what = "a directory, not a file" if os.path.isdir(path) else "no such file"
         raise FileNotFoundError(f"load_official_checkpoint: {path}: {what}")
     if not zipfile.is_zipfile(path):   # the pre-1.6 format: not read (official files are zips)
-        raise ValueError(f"{path}: not a torch.save zip archive (torch >= 1.6 format); an "
-                         f"older file can be re-saved with torch.save in a trusted session")
+        raise ValueError(f"{path}: {_not_a_zip(path)}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False,
                          pickle_module=_allow_list_pickle)
@@ -996,7 +1059,10 @@ def load_official_checkpoint(path, ema: bool = False):
     if ema or wrapped:
         key = "model_ema" if ema else "model"
         if key not in obj:
-            raise KeyError(f"{path}: no {key!r} entry; the file has {sorted(map(str, obj))}")
+            keys = sorted(map(str, obj))
+            what = ("is a bare state dict, which has no EMA weights" if ema and not wrapped
+                    else f"has {len(keys)} entries: {keys[:8]}{' ...' if len(keys) > 8 else ''}")
+            raise KeyError(f"{path}: no {key!r} entry; the file {what}")
         obj = obj[key]
     elif isinstance(obj.get("state_dict"), Mapping):          # mmcv's {"meta", "state_dict"}
         obj = obj["state_dict"]

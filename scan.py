@@ -54,7 +54,8 @@ def allow_compile():
 # ---------------------------------------------------------------------------------------------
 # Input checks shared by both scans: bad shapes fail loudly, never broadcast into nonsense.
 # ---------------------------------------------------------------------------------------------
-def _check_inputs(u, delta, A, B, C, D, delta_bias, h0, delta_softplus, who="selective_scan"):
+def _check_inputs(u, delta, A, B, C, D, delta_bias, h0, delta_softplus, who="selective_scan",
+                  return_last_state=False):
     """Raise a ValueError naming `who` (the function the user called) and every shape."""
     def fail(msg):
         shapes = ", ".join(f"{n}={tuple(t.shape)}" for n, t in
@@ -81,6 +82,8 @@ def _check_inputs(u, delta, A, B, C, D, delta_bias, h0, delta_softplus, who="sel
              ", ".join(f"{n} on {t.device}" for n, t in given.items()))
     if not isinstance(delta_softplus, bool):
         fail(f"delta_softplus must be True or False, got {delta_softplus!r}")
+    if not isinstance(return_last_state, bool):
+        fail(f"return_last_state must be True or False, got {return_last_state!r}")
     batch, KD, L = u.shape
     K, N = B.shape[1], A.shape[1]
     if N < 1:
@@ -122,17 +125,24 @@ def _is_empty(u):
     return u.numel() == 0
 
 
-def _empty_result(u, A, h0, return_last_state):
-    """A scan's result for an empty u: y of u's shape, and the last state, h0 (or zeros)."""
+def _empty_result(u, A, h0, return_last_state, others=()):
+    """A scan's result for an empty u: y of u's shape, and the last state, h0 (or zeros). y is
+    computed from u and the other inputs given (times zero, an empty tensor: no value changes),
+    so that a backward through it runs, as through the reference, and gives empty or zero
+    gradients."""
     batch, KD, L = u.shape
-    y = u.new_zeros(batch, KD, L)
+    y = u * 0
+    for t in others:
+        if t is not None:
+            y = y + t.sum() * 0
     h = u.new_zeros(batch, KD, A.shape[1]) if h0 is None else h0.clone()
     return (y, h) if return_last_state else y
 
 
-def _prepare(u, delta, A, B, C, D, delta_bias, delta_softplus, h0):
+def _prepare(u, delta, A, B, C, D, delta_bias, delta_softplus, h0, return_last_state):
     """Checks, casts to the compute dtype, and applies delta' = softplus(delta + delta_bias)."""
-    _check_inputs(u, delta, A, B, C, D, delta_bias, h0, delta_softplus, "selective_scan_ref")
+    _check_inputs(u, delta, A, B, C, D, delta_bias, h0, delta_softplus, "selective_scan_ref",
+                  return_last_state)
     dt = _compute_dtype(u)
     u, delta, A, B, C = (t.to(dt) for t in (u, delta, A, B, C))
     if delta_bias is not None:
@@ -189,7 +199,8 @@ def selective_scan_ref(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
     Computed in float32 (float64 for float64 u); returns y (b, K*D, L) in that dtype, and the
     last state h_L (b, K*D, N) as well if return_last_state.
     """
-    u, delta, A, B, C, D, h0 = _prepare(u, delta, A, B, C, D, delta_bias, delta_softplus, h0)
+    u, delta, A, B, C, D, h0 = _prepare(u, delta, A, B, C, D, delta_bias, delta_softplus, h0,
+                                        return_last_state)
     batch, KD, L = u.shape
     K, N = B.shape[1], A.shape[1]
     B = B.repeat_interleave(KD // K, dim=1)                  # (b, K*D, N, L)
@@ -236,8 +247,11 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fa
     chunk-entry states (b, K*D, M, N), and recomputes the rest chunk by chunk.
     Stability: every exponent is A (<= 0) times a sum of delta' (>= 0), so every factor is a
     decay <= 1. Nothing is divided by a decay (dividing by exp(cumsum) overflows to NaN). A > 0
-    (growth, outside the models' domain) gives the reference's values while they stay finite;
-    where the reference overflows to inf, the chunk arithmetic may give NaN instead.
+    (growth, outside the models' domain, where A = -exp(A_log)) is not supported: a factor
+    exp(A s) of the chunk arithmetic can overflow to inf where the reference stays finite, and
+    inf times a zero state is NaN.
+    Under torch.compile without fullgraph=True, call allow_compile() first (a model does it
+    when built): Inductor's loop for this scan needs Dynamo's capture_scalar_outputs.
     Cost: each exp(A * delta') is computed twice (steps 2 and 4); recomputing is cheaper than
     storing a (b, K*D, L, N) tensor, which the forward never materialises.
     """
@@ -245,7 +259,8 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fa
                                    not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"selective_scan: chunk_size must be None or an int >= 1, got "
                          f"{chunk_size!r}")
-    _check_inputs(u, delta, A, B, C, D, delta_bias, h0, delta_softplus)
+    _check_inputs(u, delta, A, B, C, D, delta_bias, h0, delta_softplus,
+                  return_last_state=return_last_state)
     if _use_assoc(u, A):                # the one place that picks the associative scan
         return scan_assoc.selective_scan_assoc(u, delta, A, B, C, D, delta_bias, delta_softplus,
                                                h0=h0, return_last_state=return_last_state)
@@ -254,7 +269,7 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fa
         chunk_size = 64 if N >= 8 else 32 if N > 1 else 8
     u, delta, A, B, C, D, delta_bias, h0 = _cast(u, delta, A, B, C, D, delta_bias, h0)
     if _is_empty(u):
-        return _empty_result(u, A, h0, return_last_state)
+        return _empty_result(u, A, h0, return_last_state, (delta, A, B, C, D, delta_bias))
     L = u.shape[-1]
     if torch.jit.is_tracing():     # a size is a traced tensor there, which apply cannot take
         L = int(L)                 # (the trace fails with "unordered_map::at")
@@ -330,7 +345,7 @@ def _forward_mode(forward, ctx, tangents):
             "selective_scan: forward mode nested in forward mode (jvp of jvp, jacfwd of "
             "jacfwd) is not supported by the chunked scan; use reverse mode for the outer "
             "derivative (jacrev, hessian) or scan=\"reference\" (selective_scan_ref)")
-    inputs = list(ctx.saved_tensors)                          # u ... h0, None where not given
+    inputs = list(ctx.saved_tensors[:8])                      # u ... h0, None where not given
     given = [i for i, t in enumerate(inputs) if t is not None]
 
     def outputs(*values):
@@ -345,11 +360,15 @@ def _forward_mode(forward, ctx, tangents):
 
 def _keep(ctx, inputs, output):
     """setup_context of both scan Functions: the inputs (for the backward, and for forward mode)
-    and the forward's third output, the states the backward reads (not differentiable)."""
+    and the forward's third output, the states the backward reads (not differentiable). The
+    same tensors for both: under torch.func.vmap, torch's generated batching rule records one
+    list of batch dims per ctx, and a second, shorter list (save_for_forward's 8) replaced the
+    first, so the backward of a vmapped scan failed ("flat_bdims must not be None")."""
     u, delta, A, B, C, D, delta_bias, h0, softplus, T = inputs
     ctx.mark_non_differentiable(output[2])
-    ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, h0, output[2])
-    ctx.save_for_forward(u, delta, A, B, C, D, delta_bias, h0)
+    saved = (u, delta, A, B, C, D, delta_bias, h0, output[2])
+    ctx.save_for_backward(*saved)
+    ctx.save_for_forward(*saved)
     ctx.softplus, ctx.T = softplus, T
     ctx.set_materialize_grads(False)
 
@@ -394,11 +413,13 @@ class _ChunkedScan(torch.autograd.Function):
         dt, ut, Bt, Ct, Ak, h0k = _chunked_inputs(lay, u, delta, A, B, C, delta_bias, h0,
                                                   softplus)
         y, h_in, h_last = _chunked_forward(dt, dt * ut, Bt, Ct, Ak, h0k)
-        y = lay.unchan(y)                                     # (b, K*D, L)
-        if D is not None:
-            y = y + D[:, None] * u
+        y = lay.unchan(y)                                     # (b, K*D, L), a view
+        # Outputs of their own, not views (autograd refuses in-place ops on a Function's view
+        # outputs, and this one is not contiguous when T does not divide L): the sum with D u
+        # makes one; without D, a copy.
+        y = y.clone(memory_format=torch.contiguous_format) if D is None else y + D[:, None] * u
         # (b, K*D, L), (b, K*D, N); and the chunk-entry states for the backward
-        return y, h_last.reshape(lay.batch, lay.KD, -1), h_in
+        return y, h_last.reshape(lay.batch, lay.KD, -1).clone(), h_in
 
     setup_context = staticmethod(_keep)
 
@@ -418,7 +439,7 @@ class _ChunkedScan(torch.autograd.Function):
         ddp = ut * gBg + dd                                   # dL/ddelta'
         dD = None
         if D is not None:
-            du = du + D.view(lay.K, lay.Dk, 1) * gyt
+            du = du + D.reshape(lay.K, lay.Dk, 1) * gyt
             dD = (gyt * ut).sum((0, 1, 4)).reshape(-1)
         dz = ddp * -torch.expm1(-dt) if ctx.softplus else ddp     # step 6
         dz = lay.unchan(dz)                                   # (b, K*D, L)
@@ -679,11 +700,11 @@ class _ScanState1(torch.autograd.Function):
     def forward(u, delta, A, B, C, D, delta_bias, h0, softplus, T):
         batch, KD, L = u.shape
         h = _state1_states(u, _delta_prime(delta, delta_bias, softplus), A, B, h0, T)
-        y = (h.view(batch, B.shape[1], -1, L) * C).view(batch, KD, L)
-        if D is not None:
-            y = y + D[:, None] * u
-        # (b, K*D, L), the last state (b, K*D, 1); and the states, for the backward
-        return y, h[..., -1:], h
+        y = (h.reshape(batch, B.shape[1], -1, L) * C).reshape(batch, KD, L)   # a view
+        y = y.clone() if D is None else y + D[:, None] * u    # an output of its own (above)
+        # (b, K*D, L), the last state (b, K*D, 1), a copy (a view of h refuses in-place
+        # ops); and the states, for the backward
+        return y, h[..., -1:].clone(), h
 
     setup_context = staticmethod(_keep)
 
@@ -698,7 +719,7 @@ class _ScanState1(torch.autograd.Function):
             h = _state1_states(u, dt, A, B, h0, ctx.T)
         if gy is None:
             gy = torch.zeros_like(u)
-        g_in = (gy.view(grouped) * C).view(batch, KD, L)    # C_t dy_t
+        g_in = (gy.reshape(grouped) * C).reshape(batch, KD, L)    # C_t dy_t
         if gh is not None:
             g_in = torch.cat([g_in[..., :-1], g_in[..., -1:] + gh], dim=-1)
         a = torch.exp(dt * A)                                 # recomputed: one exp
@@ -706,11 +727,11 @@ class _ScanState1(torch.autograd.Function):
         g = _linear_scan(a_next, g_in, None, ctx.T, reverse=True)    # step 1
         start = h.new_zeros(batch, KD, 1) if h0 is None else h0
         dah = g * torch.cat([start, h[..., :-1]], dim=-1) * a     # a_t h_{t-1} g_t
-        gB = (g.view(grouped) * B).view(batch, KD, L)         # B_t g_t
+        gB = (g.reshape(grouped) * B).reshape(batch, KD, L)         # B_t g_t
         du = dt * gB if D is None else dt * gB + D[:, None] * gy
         ddt = u * gB + A * dah                                # step 3
-        dB = (g * dt * u).view(grouped).sum(2, keepdim=True)
-        dC = (gy * h).view(grouped).sum(2, keepdim=True)
+        dB = (g * dt * u).reshape(grouped).sum(2, keepdim=True)
+        dC = (gy * h).reshape(grouped).sum(2, keepdim=True)
         dA = (dah * dt).sum((0, 2))[:, None]
         dD = None if D is None else (gy * u).sum((0, 2))
         dz = ddt * -torch.expm1(-dt) if ctx.softplus else ddt     # step 5
@@ -724,7 +745,7 @@ def _state1_states(u, dt, A, B, h0, T):
     a_t = exp(delta'_t A), x_t = delta'_t B_t u_t, from h0 (b, K*D, 1) or zero."""
     batch, KD, L = u.shape
     a = torch.exp(dt * A)                                     # decays in [0, 1]
-    x = ((dt * u).view(batch, B.shape[1], -1, L) * B).view(batch, KD, L)
+    x = ((dt * u).reshape(batch, B.shape[1], -1, L) * B).reshape(batch, KD, L)
     return _linear_scan(a, x, None if h0 is None else h0.reshape(batch, KD), T)
 
 
@@ -832,7 +853,8 @@ def route(t, k):
     """(b, C, H, W) -> (b, C, L): t read along route k of cross_scan (0 row-major, 1 column-
     major, 2 and 3 the same reversed): route 0 a view (of a contiguous or channels-last t),
     route 1 a copy (a column-major read of either layout, H, W > 1), a flip for routes 2, 3."""
-    if not isinstance(t, torch.Tensor) or t.dim() != 4 or k not in (0, 1, 2, 3):
+    if not isinstance(t, torch.Tensor) or t.dim() != 4 or type(k) is not int or \
+            k not in (0, 1, 2, 3):
         raise ValueError(f"route: t must be a (b, C, H, W) tensor and k one of 0-3, got "
                          f"{_described(t)} and {k!r}")
     t = t.flatten(2) if k % 2 == 0 else t.transpose(2, 3).flatten(2)

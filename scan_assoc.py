@@ -104,14 +104,17 @@ def _apply(who, function, extra, u, delta, A, B, C, D, delta_bias, delta_softplu
     if combine_mode not in (None, "pointwise", "generic"):
         raise ValueError(f"{who}: combine_mode must be None, 'pointwise' or 'generic', "
                          f"got {combine_mode!r}")
-    _check_inputs(u, delta, A, B, C, D, delta_bias, h0, delta_softplus, who)
+    _check_inputs(u, delta, A, B, C, D, delta_bias, h0, delta_softplus, who, return_last_state)
     if GROUP_SUM not in ("atomic", "reduce"):
         raise ValueError(f"scan_assoc.GROUP_SUM must be 'atomic' or 'reduce', got {GROUP_SUM!r}")
     if combine_mode is None:
         combine_mode = "pointwise" if u.is_cuda else "generic"
+    if combine_mode == "pointwise" and u.device.type not in ("cuda", "xpu"):
+        raise ValueError(f"{who}: combine_mode='pointwise' needs CUDA or XPU tensors (torch's "
+                         f"associative_scan), got {u.device.type}; 'generic' runs anywhere")
     u, delta, A, B, C, D, delta_bias, h0 = _cast(u, delta, A, B, C, D, delta_bias, h0)
     if _is_empty(u):
-        return _empty_result(u, A, h0, return_last_state)
+        return _empty_result(u, A, h0, return_last_state, (delta, A, B, C, D, delta_bias))
     return function.apply(u, delta, A, B, C, D, delta_bias, h0, delta_softplus, combine_mode,
                           return_last_state, *extra)
 
@@ -296,6 +299,7 @@ def _chunked(u, delta, A, B, C, D, delta_bias, h0, softplus, mode, T):
     """y and the last state by the three passes of selective_scan_assoc_chunked."""
     K, N = B.shape[1], A.shape[1]
     batch, KD, L = u.shape
+    T = min(T, L)                  # a chunk longer than the sequence would only pad (L >= 1)
     Dg, M = KD // K, -(-L // T)
     dt = _delta_prime(delta, delta_bias, softplus)            # delta' (b, K*D, L)
     dtu, up = dt * u, u
@@ -332,8 +336,10 @@ def _chunked(u, delta, A, B, C, D, delta_bias, h0, softplus, mode, T):
         a = torch.exp(dt * A[:, :, n])
         x = dtu * B[:, :, n] + F.pad(a[..., :1] * starts[n][..., None], (0, T - 1))
         y = y + _recurrence(a, x, mode) * C[:, :, n]
-    y = y.reshape(batch, KD, M * T)[..., :L]
-    return y, torch.stack(last, dim=-1).reshape(batch, KD, N)
+    # Outputs of their own, not views (autograd refuses in-place ops on a Function's view
+    # outputs): y copied out of the padded chunks, the last states stacked in their layout.
+    y = y.reshape(batch, KD, M * T)[..., :L].clone(memory_format=torch.contiguous_format)
+    return y, torch.stack([h.reshape(batch, KD) for h in last], dim=-1)
 
 
 class _ChunkedAssocScan(torch.autograd.Function):

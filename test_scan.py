@@ -629,9 +629,11 @@ def test_second_derivatives(with_h0, N):
 
 @pytest.mark.parametrize("N", [2, 1], ids=["N2", "N1"])
 def test_torch_func_transforms_equal_the_reference(N):
-    """torch.func.grad, per-sample gradients by vmap(grad), jacrev, jacfwd and a Hessian-vector
-    product (forward over reverse) through the chunked scan equal the reference loop's
-    (autograd's own derivatives)."""
+    """torch.func.grad, per-sample gradients by vmap(grad), grad of vmap (and autograd's
+    backward through vmap), jacrev, jacfwd, jacrev of jacfwd and a Hessian-vector product
+    (forward over reverse) through the chunked scan equal the reference loop's (autograd's own
+    derivatives). The reverse modes over vmap and over jacfwd failed inside torch
+    ("flat_bdims must not be None": scan._keep's docstring)."""
     from torch.func import grad, jacfwd, jacrev, jvp, vmap
     _, args = gradcheck_problem(selective_scan, True, N)
     u, delta, A, B, C, D, bias, h0 = (a.detach() for a in args)
@@ -644,6 +646,11 @@ def test_torch_func_transforms_equal_the_reference(N):
 
     def one(fn):
         return lambda *t: loss(fn, *(x[None] for x in t[:5]), t[5])
+
+    def backward_through_vmap(fn):
+        leaves = [t.clone().requires_grad_() for t in (u, delta, B, C, h0, A)]
+        vmap(one(fn), in_dims=(0, 0, 0, 0, 0, None))(*leaves).sum().backward()
+        return [t.grad for t in leaves]
     for transform in (
             lambda fn: grad(lambda *t: loss(fn, *t), argnums=(0, 1, 2, 3, 4, 5))(
                 u, delta, B, C, h0, A),
@@ -656,11 +663,37 @@ def test_torch_func_transforms_equal_the_reference(N):
                                            **({"chunk_size": 3} if fn is selective_scan
                                               else {})))(bias),
             lambda fn: jvp(grad(lambda a: loss(fn, u, delta, B, C, h0, a)), (A,),
-                           (torch.ones_like(A),))):
+                           (torch.ones_like(A),)),
+            lambda fn: grad(lambda t: vmap(one(fn), in_dims=(0, 0, 0, 0, 0, None))(
+                *t, A).sum())((u, delta, B, C, h0)),
+            lambda fn: backward_through_vmap(fn),
+            lambda fn: jacrev(jacfwd(lambda a: loss(fn, u, delta, B, C, h0, a)))(A)):
         got, want = transform(selective_scan), transform(selective_scan_ref)
         for x, r in zip(torch.utils._pytree.tree_leaves(got),
                         torch.utils._pytree.tree_leaves(want), strict=True):
             torch.testing.assert_close(x, r, rtol=1e-10, atol=1e-10 * r.abs().max().item())
+
+
+@pytest.mark.parametrize("N", [2, 1], ids=["N2", "N1"])
+def test_vmap_over_a_dim_that_is_not_the_first(N):
+    """vmap hands the scan views whose batched dim sits inside (here C's group dim, in_dims=2,
+    and D's channels, in_dims=1): the N = 1 path's .view merges failed on them ("view size is
+    not compatible"). Values and gradients equal the reference loop's."""
+    from torch.func import grad, vmap
+    _, args = gradcheck_problem(selective_scan, False, N)
+    u, delta, A, B, C, D, bias = (a.detach() for a in args)
+    Cs = torch.stack([C, 2 * C, -C], dim=2)                  # (b, K, 3, N, L)
+    Ds = torch.stack([D, 0.5 * D], dim=1)                    # (K*D, 2)
+    def results(fn):
+        def over_C(cs):
+            return vmap(lambda c: fn(u, delta, A, B, c, D, bias, True), in_dims=2)(cs)
+
+        def over_D(ds):
+            return vmap(lambda d: fn(u, delta, A, B, C, d, bias, True), in_dims=1)(ds)
+        return (over_C(Cs), grad(lambda cs: over_C(cs).square().sum())(Cs),
+                grad(lambda ds: over_D(ds).square().sum())(Ds))
+    for x, r in zip(results(selective_scan), results(selective_scan_ref), strict=True):
+        torch.testing.assert_close(x, r, rtol=1e-10, atol=1e-10 * r.abs().max().item())
 
 
 @pytest.mark.parametrize("N", [2, 1], ids=["N2", "N1"])
@@ -1053,6 +1086,44 @@ def test_empty_state_other_devices_and_a_non_bool_softplus_raise(fn):
     a = good_args()
     with pytest.raises(ValueError, match=r"delta_softplus must be True or False, got 'no'"):
         fn(a["u"], a["delta"], a["A"], a["B"], a["C"], delta_softplus="no")
+    with pytest.raises(ValueError, match=r"return_last_state must be True or False, got 'no'"):
+        fn(a["u"], a["delta"], a["A"], a["B"], a["C"], return_last_state="no")
+
+
+@pytest.mark.parametrize("fn", [selective_scan, selective_scan_assoc,
+                                selective_scan_assoc_chunked])
+@pytest.mark.parametrize("N, L", [(1, 5), (1, 70), (3, 5), (3, 70)])
+def test_outputs_are_tensors_of_their_own(fn, N, L):
+    """y and the last state take in-place ops and y is contiguous, as the reference's are,
+    without D too (the Functions returned views: "Output 0 ... is a view and is being modified
+    inplace"; y was not contiguous when the chunk size does not divide L)."""
+    g = torch.Generator().manual_seed(L + N)
+    u, delta = (torch.randn(1, 4, L, generator=g, dtype=torch.float64) for _ in range(2))
+    A = -torch.rand(4, N, generator=g, dtype=torch.float64)
+    B, C = (torch.randn(1, 2, N, L, generator=g, dtype=torch.float64) for _ in range(2))
+    u.requires_grad_()
+    y, h = fn(u, delta, A, B, C, None, None, True, return_last_state=True)
+    assert y.is_contiguous() and y._base is None and h._base is None
+    y.mul_(2)
+    h.mul_(2)
+    (y.sum() + h.sum()).backward()
+    want = selective_scan_ref(u, delta, A, B, C, None, None, True, return_last_state=True)
+    torch.testing.assert_close((y, h), tuple(2 * w for w in want))
+
+
+@pytest.mark.parametrize("fn", [selective_scan, selective_scan_assoc,
+                                selective_scan_assoc_chunked])
+def test_empty_inputs_backward_as_through_the_reference(fn):
+    """A batch, channels or sequence of size zero: y stays in the graph, so a backward runs and
+    gives empty gradients, as through the reference for an empty batch (y had no grad_fn)."""
+    for size in ((0, 4, 5), (1, 4, 0), (1, 0, 5)):
+        b, KD, L = size
+        u, delta = (torch.randn(size, requires_grad=True) for _ in range(2))
+        A = -torch.rand(KD, 2)
+        B, C = (torch.randn(b, 2 if KD else 1, 2, L) for _ in range(2))
+        fn(u, delta, A, B, C, None, None, True).sum().backward()
+        assert u.grad.shape == u.shape and delta.grad.shape == delta.shape, size
+        assert not u.grad.any() and not delta.grad.any()
 
 
 @pytest.mark.parametrize("fn", [selective_scan_ref, selective_scan])

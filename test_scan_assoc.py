@@ -238,6 +238,22 @@ def test_bad_combine_mode_and_groups_raise():
         call(selective_scan_assoc, a)
 
 
+def test_pointwise_mode_on_a_cpu_raises_naming_the_function():
+    """torch's own error comes from deep inside the operator and names no function of ours."""
+    for fn in (selective_scan_assoc, selective_scan_assoc_chunked):
+        with pytest.raises(ValueError, match=fn.__name__ + r": combine_mode='pointwise' needs "
+                                             r"CUDA or XPU tensors"):
+            call(fn, good_args(), combine_mode="pointwise")
+
+
+def test_chunked_assoc_chunk_longer_than_the_sequence_is_the_sequence():
+    """A chunk size beyond L scans L steps (it padded to the chunk size: 2**62 overflowed)."""
+    a = good_args()
+    want = call(selective_scan_assoc_chunked, a, chunk_size=a["u"].shape[-1])
+    for T in (64, 2 ** 62):
+        assert torch.equal(call(selective_scan_assoc_chunked, a, chunk_size=T), want)
+
+
 def test_bad_group_sum_raises(monkeypatch):
     monkeypatch.setattr(scan_assoc, "GROUP_SUM", "atomics")
     with pytest.raises(ValueError, match=r"GROUP_SUM must be 'atomic' or 'reduce', got 'atomics'"):

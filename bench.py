@@ -191,8 +191,8 @@ def parse_args(argv=None):
             parser.error(f"{flag} is for {tables}, which this run does not make")
     if args.only is not None:
         check_model_names(parser, args.only)
-    if args.report and os.path.exists(args.report_dir) and not os.path.isdir(args.report_dir):
-        parser.error(f"--report-dir {args.report_dir}: exists and is not a folder")
+    if args.report:
+        bk.check_output_folder(parser, "--report-dir", args.report_dir)
     page = os.path.join(args.report_dir, f"results-{args.device}.md")
     author = report.written_by_another(page) if args.report else None
     if author:
@@ -361,11 +361,10 @@ SCAN_TIME_NOTES = [
     "over rounds",
     "fwd: under no_grad; fwd+bwd: backward of <y, g> into all 7 inputs; inputs at official init "
     "(delta_bias, A = -(1..N)), softplus on"]
-SCAN_ACCURACY_NOTES = [
-    "compile s: first call of the compiled scan (fresh Dynamo cache per shape; Inductor's disk "
-    "cache counts)",
-    "err: fwd rows compare y, fwd+bwd rows du, against the naive loop or, where it was not run, "
-    "eager (err vs); rel = max|err| / max|ref|"]
+SCAN_COMPILE_NOTE = ("compile s: first call of the compiled scan (fresh Dynamo cache per shape; "
+                     "Inductor's disk cache counts)")
+SCAN_ERROR_NOTE = ("err: fwd rows compare y, fwd+bwd rows du, against the naive loop or, where "
+                   "it was not run, eager (err vs); rel = max|err| / max|ref|")
 
 
 def scan_table(args):
@@ -493,7 +492,8 @@ def render(result):
         out.append(("scan_accuracy", bk.format_table(
             f"selective scan ({dtype}): {'compile time and ' if compiled else ''}errors", rows,
             SCAN_ACCURACY_COLS,
-            SCAN_ACCURACY_NOTES, error_col="compiled_err",
+            ([SCAN_COMPILE_NOTE] if compiled else []) + [SCAN_ERROR_NOTE],
+            error_col="compiled_err",
             optional=("compile_s", "compiled_err", "compiled_rel"))))
     for key, title in (("models", "models: inference (no_grad)"),
                        ("train", "training step: forward + cross-entropy + backward"
@@ -583,6 +583,8 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device cuda: torch.cuda.is_available() is False on this machine "
                      f"(torch {torch.__version__}); use --device cpu")
+    if args.report:
+        bk.make_output_folder(parser, "--report-dir", args.report_dir)
     bk.quiet_torch(args.device)
     t0 = time.perf_counter()
     result = run_all(args, t0)

@@ -86,6 +86,31 @@ def interpreter_flags():
         return [f"-W{w}" for w in sys.warnoptions]
 
 
+def check_output_folder(parser, option, path):
+    """At argument parsing, without making anything: a usage error naming the option when path
+    cannot be the folder a script's results go to (a file, a path under a file, a folder it may
+    not write in), instead of a traceback when the results are written, after the run."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        parser.error(f"{option} {path}: exists and is not a folder")
+    nearest = os.path.abspath(path)
+    while not os.path.exists(nearest):
+        nearest = os.path.dirname(nearest)
+    if not os.path.isdir(nearest):
+        parser.error(f"{option} {path}: cannot make the folder ({nearest} is a file)")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        parser.error(f"{option} {path}: cannot make the folder (no write access to {nearest})")
+
+
+def make_output_folder(parser, option, path):
+    """Make the folder the results go to, before the script measures anything (what
+    check_output_folder cannot foresee, such as a file system that refuses it, is then still a
+    usage error, not a traceback after the run)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        parser.error(f"{option} {path}: cannot make the folder ({e.strerror or e})")
+
+
 def cpu_name():
     try:
         with open("/proc/cpuinfo") as f:

@@ -40,10 +40,13 @@ settings.register_profile("thorough", max_examples=200, **_COMMON)
 
 DEVICE = os.environ.get("VMAMBA_TEST_DEVICE", "cpu")
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "default")
-settings.load_profile(PROFILE)
+PROFILES = ("default", "ci", "thorough")
 
 
 def pytest_configure(config):
+    if PROFILE not in PROFILES:
+        raise pytest.UsageError(f"HYPOTHESIS_PROFILE={PROFILE!r}: use one of {', '.join(PROFILES)}")
+    settings.load_profile(PROFILE)
     if DEVICE not in ("cpu", "cuda"):
         raise pytest.UsageError(f"VMAMBA_TEST_DEVICE={DEVICE!r}: use cpu or cuda")
     if DEVICE == "cuda":

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import vmamba_min
+from benchkit import make_output_folder
 from vmamba_min import SS2D, build, grid, load_official_checkpoint, tokens
 
 # ---------------------------------------------------------------------------------------------
@@ -210,13 +211,11 @@ def main(argv=None):
             build(args.model).load_state_dict(weights)
         except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
             p.error(f"--weights {args.weights}: {type(e).__name__}: {str(e).splitlines()[0]}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        p.error(f"--out {args.out}: exists and is not a folder")
+    make_output_folder(p, "--out", args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     kinds = ["vmamba"] + baselines
     stage = args.stage % n_stages
-    os.makedirs(args.out, exist_ok=True)
     print(f"ERF of the centre pixel of stage {stage}, {args.model}, {args.res}x{args.res}, "
           f"mean of {args.n} random inputs, "
           f"{'weights ' + args.weights if args.weights else 'random init (official)'} | "

@@ -68,11 +68,10 @@ def parse_args(argv=None):
         args.res = res_list(RES[args.device] if args.res is None else args.res)
     except ValueError:
         p.error(f"--res: want distinct sizes >= 32 such as 224,512, got {args.res!r}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        p.error(f"--out {args.out}: exists and is not a folder")
     if args.batch < 1 or args.warmup < 0 or not 0 <= args.min_time < math.inf:
         p.error(f"--batch must be >= 1, --warmup >= 0 and --min-time finite and >= 0, got "
                 f"{args.batch}, {args.warmup}, {args.min_time}")
+    bk.check_output_folder(p, "--out", args.out)
     return p, args
 
 
@@ -194,6 +193,7 @@ def main(argv=None):
     import torch
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False on this machine")
+    bk.make_output_folder(parser, "--out", args.out)
     bk.quiet_torch(args.device)
     t0 = time.perf_counter()
     result = {"header": bk.header(args.device, args.dtype)}

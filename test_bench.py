@@ -563,3 +563,18 @@ def test_report_py_run_as_a_script_points_to_bench_and_help_exits_zero():
                            capture_output=True, text=True)
         assert r.returncode == code, (argv, r)
         assert "bench.py --report" in (r.stdout if code == 0 else r.stderr)
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench.py", "--report", "--scan", "--no-compile", "--report-dir"],
+    ["scaling.py", "--res", "32,48", "--out"], ["erf.py", "--out"]])
+def test_an_output_folder_that_cannot_be_made_is_a_usage_error_before_any_work(argv, tmp_path):
+    """A folder under a file (or anywhere not writable) failed with a traceback only when the
+    results were written, after the run: its figures were lost."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, os.path.join(here, argv[0]), *argv[1:],
+                        str(a_file / "sub")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r
+    assert f"{a_file / 'sub'}: cannot make the folder" in r.stderr and not r.stdout, r

@@ -167,7 +167,19 @@ def test_bad_arguments_are_usage_errors(argv, match, capsys):
     traceback."""
     with pytest.raises(SystemExit) as e:
         train.main(argv)
-    assert e.value.code == 2 and match in capsys.readouterr().err
+    error = capsys.readouterr().err.strip().splitlines()[-1]       # after the usage lines
+    assert e.value.code == 2 and match in error
+    assert ("--drop-path" in error) == (match == "--drop-path")   # only the option at fault
+
+
+def test_a_batch_that_the_processes_cannot_share_is_a_usage_error(monkeypatch, capsys):
+    """Under torchrun a global batch not divisible by the number of processes ended in a
+    traceback per process; it is a usage error before the process group starts."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--batch-size", "63"])
+    assert e.value.code == 2 and "multiple of the number of processes, 2" in \
+        capsys.readouterr().err
 
 
 def test_optimizer_groups_are_the_same_for_a_compiled_or_wrapped_model():

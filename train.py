@@ -223,18 +223,20 @@ def main(argv=None):
                                ("--threads", args.threads, 0)):
         if value < least:
             p.error(f"{flag} must be >= {least}, got {value}")
-    if not 0 < args.lr < math.inf or not 0 <= args.drop_path < 1:
-        p.error(f"--lr must be finite and > 0 and --drop-path in [0, 1), got {args.lr} and "
-                f"{args.drop_path}")
+    if not 0 < args.lr < math.inf:
+        p.error(f"--lr must be finite and > 0, got {args.lr}")
+    if not 0 <= args.drop_path < 1:
+        p.error(f"--drop-path must be in [0, 1), got {args.drop_path}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))   # torchrun's; the process group checks it
+    if args.batch_size % world:
+        p.error(f"--batch-size {args.batch_size} must be a multiple of the number of "
+                f"processes, {world}")
     if not 0 <= args.seed < 2 ** 32:            # the split's random_state (scikit-learn)
         p.error(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.save and os.path.exists(args.save) and not os.path.isdir(args.save):
         p.error(f"--save must name a folder, {args.save!r} is a file")
 
     rank, world, device = setup_processes()
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the number of "
-                         f"processes {world}")
     local_batch = args.batch_size // world
     if args.threads:
         torch.set_num_threads(args.threads)

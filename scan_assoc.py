@@ -20,8 +20,9 @@ recursion anywhere (a CPU included): it is how CI tests the math.
 One state index at a time: for each n the decays a_t[n] and inputs x_t[n] are (b, K*D, L)
 tensors, scanned on their own, and C_t[n] h_t[n] is added into y. Under torch.compile on CUDA
 Inductor fuses the N scans, the softplus and exp before them and the sum into y into one Triton
-kernel that reads u, delta, B, C once and writes y (and the last state) once: the state never
-reaches memory (`python cuda_codegen.py scan --gen v0` shows the kernel and its bytes).
+kernel that reads u, delta, B, C once and writes y (and, when asked for, the last state) once:
+the state never reaches memory (`python cuda_codegen.py scan --gen v0` shows the kernel and
+its bytes).
 h0 is folded into the first input, x_0 += a_0 h0, so every scan starts from zero.
 
 Backward (`_grads`, per state index n, upstream dy_t and dh_L):

@@ -996,6 +996,8 @@ def test_drop_path_of_one_drops_everything_and_other_rates_are_refused():
     error naming it, not torch's bernoulli_ complaint about 1 - p."""
     layer = vm.DropPath(1.0).train()
     assert torch.equal(layer(torch.ones(3, 2)), torch.zeros(3, 2))
+    # compile_blocks' tensor rate, as compiled code reads it
+    assert torch.equal(vm.drop_path(torch.ones(3, 2), torch.tensor(1.0), True), torch.zeros(3, 2))
     for bad in (1.5, -0.1, float("nan"), "0.1", True):
         with pytest.raises(ValueError, match="DropPath: p must be a number in"):
             vm.DropPath(bad)
@@ -1169,6 +1171,19 @@ def test_forward_intermediates_stop_early_runs_no_later_stage():
         calls.clear()
         model.forward_intermediates(x, indices=[1])       # final needs every stage
         assert calls == [0, 1, 2, 3]
+    # Nor the downsample of the last stage run: nothing reads it (a Backbone's stage 2 under
+    # DDP left its downsample without a gradient, and ran it for nothing).
+    downsamples = []
+    for i, layer in enumerate(model.layers[:3]):
+        layer.downsample.register_forward_hook(lambda m, a, o, i=i: downsamples.append(i))
+    with torch.no_grad():
+        model.forward_intermediates(x, indices=[1], intermediates_only=True)
+        assert downsamples == [0]
+    backbone = Backbone(tiny(2), (0, 2))
+    sum(m.sum() for m in backbone(x)).backward()
+    assert {n for n, q in backbone.named_parameters() if q.grad is None} == {
+        n for n, _ in backbone.named_parameters()
+        if n.startswith(("layers.3.", "layers.2.downsample."))}
 
 
 @pytest.mark.parametrize("indices, error", [

@@ -353,7 +353,9 @@ def drop_path(x, p, training: bool):
     if not training or (isinstance(p, float) and p == 0.0):
         return x
     keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p)
-    return x * keep if isinstance(p, float) and p == 1.0 else x * keep / (1 - p)
+    if isinstance(p, float):
+        return x * keep if p == 1.0 else x * keep / (1 - p)
+    return x * keep / (1 - p).clamp(min=1e-30)    # the same for p < 1; p = 1: 0 / 0 was NaN
 
 
 class DropPath(nn.Module):
@@ -477,9 +479,10 @@ class Stage(nn.Module):
         self.downsample = down(dim) if downsample else None
         self.grad_checkpointing = cfg.grad_checkpointing
 
-    def forward(self, x, H, W):                              # (b, L, C), L = H*W
+    def forward(self, x, H, W, downsample: bool = True):     # (b, L, C), L = H*W
         """Returns the blocks' output (the stage's feature map, as tokens) and the next
-        stage's input (tokens, height, width; after the last stage, the same map)."""
+        stage's input (tokens, height, width; after the last stage, or with downsample off
+        when no stage follows, the same map)."""
         for blk in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(blk, x, H, W, use_reentrant=False)   # recompute in backward
@@ -487,7 +490,7 @@ class Stage(nn.Module):
                 x = _block_region(blk, x, H, W)
             else:
                 x = blk(x, H, W)
-        if self.downsample is None:
+        if self.downsample is None or not downsample:
             return x, (x, H, W)
         return x, self.downsample(x, H, W)                   # (b, L, C), ((b, L', 2C), H', W')
 
@@ -573,7 +576,8 @@ class VSSM(nn.Module):
                                   prune_head: bool = True):
         """timm's feature API: drop the stages after the last of `indices` (and, as timm does,
         the final norm when any stage goes or prune_norm, the head when prune_head). Returns
-        the kept stage numbers, counted from 0. num_features, feature_info and config.depths
+        the stage numbers `indices` names (timm's take_indices); stages 0 to the last of them
+        stay. num_features, feature_info and config.depths
         follow the kept stages; a head cannot stay (prune_head=False) when stages go: it is
         sized for the last stage's width."""
         take = stage_indices(len(self.layers), indices)
@@ -724,8 +728,8 @@ def stage_indices(n, indices):
 
 def run_stages(stem, stages, x, take):
     """The one loop over the stages (classifier, backbone, timm features, analyses): the stem,
-    then stages 0..max(take); returns {i: stage i's block output (b, h, w, C_i)} for i in take
-    (a view of its tokens)."""
+    then stages 0..max(take), the last of them without its downsample (no stage reads it);
+    returns {i: stage i's block output (b, h, w, C_i)} for i in take (a view of its tokens)."""
     if torch.compiler.is_compiling():
         # Image height and width stay static under torch.compile: each new size compiles anew
         # (the batch dim may still turn dynamic). Left symbolic, as Dynamo makes them when a
@@ -735,8 +739,9 @@ def run_stages(stem, stages, x, take):
         torch._dynamo.mark_static(x, 2)
         torch._dynamo.mark_static(x, 3)
     (x, H, W), maps = stem(x), {}                            # (b, L, C), H/4, W/4
-    for i, stage in enumerate(stages[:max(take) + 1]):
-        y, next_input = stage(x, H, W)                       # blocks' output (b, h*w, C_i)
+    last = max(take)
+    for i, stage in enumerate(stages[:last + 1]):
+        y, next_input = stage(x, H, W, downsample=i < last)  # blocks' output (b, h*w, C_i)
         if i in take:
             maps[i] = y.unflatten(1, (H, W))                 # (b, h, w, C_i)
         x, H, W = next_input
@@ -763,8 +768,9 @@ class Backbone(nn.Module):
     block output (before downsampling) through its own LayerNorm `out_norms.i`. No final norm,
     no head. Weights: `load_pretrained(path)` loads an official detection or classification
     file (the output norms of a classification file start anew); `convert_official_state_dict`
-    maps the official `outnorm{i}` names. As officially, every stage is built, so with the last
-    stage left out its weights get no gradient: under DistributedDataParallel pass
+    maps the official `outnorm{i}` names. As officially, every stage is built; the stages after
+    the last one chosen, and that stage's downsample, are not run, so with the last stage left
+    out their weights get no gradient: under DistributedDataParallel pass
     find_unused_parameters=True.
     """
 

@@ -20,7 +20,8 @@ import sys
 
 from gpu_check import (COMPILER_VARIANTS, OURS, PAPER, SCAN_EXPERIMENTS, SWIN, VANILLA,
                        precision, table)
-from report import _cell, _write        # bench.py's page writer: table cells, whole files
+import benchkit as bk
+from report import _cell, _write, clean  # bench.py's page writer: cells, files, JSON values
 
 PLATFORM = "cuda"
 # The GPU issue's targets: (label, what it asks). Values come from target_rows().
@@ -61,9 +62,12 @@ def load(paths):
                 res = json.load(f)
         except (OSError, ValueError) as e:
             raise SystemExit(f"{p}: cannot read a gpu.json ({type(e).__name__}: {e})")
-        if not isinstance(res, dict) or not isinstance(res.get("header"), dict) or \
-                "models" not in res:
-            raise SystemExit(f"{p}: not a gpu_check gpu.json (no header or models)")
+        why = _not_a_run(res)
+        if why:
+            raise SystemExit(f"{p}: not a gpu_check gpu.json ({why})")
+        # a figure that is NaN or infinite (not JSON) is one not measured; a section that is
+        # null, one not written
+        res = {k: v for k, v in clean(res).items() if v is not None}
         # one run given twice would show as two runs agreeing to 0.00%
         same = json.dumps(res.get("header"), sort_keys=True)
         if same in seen:
@@ -78,6 +82,28 @@ def load(paths):
         raise SystemExit("give the runs oldest first; by their headers' dates: " + ", ".join(
             p for _, p in sorted(dates)))
     return runs
+
+
+def _not_a_run(res):
+    """Why res cannot be a gpu.json gpu_check wrote (a run cut off anywhere still has a header
+    and a list of model rows, each with these keys), or None."""
+    if not isinstance(res, dict) or not isinstance(res.get("header"), dict):
+        return "no header"
+    models = res.get("models")
+    if not isinstance(models, list):
+        return "no list of model rows"
+    keys = {"name": str, "model": str, "mode": str, "dtype": str, "train": bool}
+    for r in models:
+        if not isinstance(r, dict) or any(not isinstance(r.get(k), t) for k, t in keys.items()):
+            return f"a model row without {', '.join(keys)}: {str(r)[:80]}"
+    for name in ("scan", "tests"):
+        if not isinstance(res.get(name) or [], list) or \
+                not all(isinstance(x, dict) for x in res.get(name) or []):
+            return f"{name} is not a list of records"
+    for name in ("card", "run", "models_notes", "scan_notes", "profile", "phases"):
+        if not isinstance(res.get(name) or {}, dict):
+            return f"{name} is not a record"
+    return None
 
 
 def model_rows(runs):
@@ -154,22 +180,21 @@ def target_rows(runs):
     scans = [dict(s, run=label) for label, res in runs for s in res.get("scan", [])
              if s.get("fwd_ms") and s["gen"] == "v2" and s["batch"] >= 128
              and "compiled" in s["path"] and s["path"] not in SCAN_EXPERIMENTS]
-    fast = min(scans, key=lambda s: s["fwd_ms"]) if scans else None    # ours, no experiment
-    if fast:
-        where = f"{fast['path']}, b {fast['batch']}, run {fast['run']}"
-        out.append({"target": "stage-1 v2 scan compiled forward, x memory floor",
-                    "goal": f"<= {SCAN_FLOOR_GOAL:.0f}x",
-                    "measured": f"{fast['fwd_x_floor']:.1f}x ({fast['fwd_ms']:.3f} ms, floor "
-                                f"{fast['fwd_floor_ms']:.3f} ms; {where})",
-                    "met": "yes" if fast["fwd_x_floor"] <= SCAN_FLOOR_GOAL else "no"})
-        out.append({"target": "the same scan, forward+backward over forward",
-                    "goal": f"<= {SCAN_FWD_BWD_GOAL:.0f}x",
-                    "measured": f"{fast['fwd_bwd_over_fwd']:.2f}x ({fast['fwd_bwd_ms']:.3f} ms; "
-                                f"{where})",
-                    "met": "yes" if fast["fwd_bwd_over_fwd"] <= SCAN_FWD_BWD_GOAL else "no"})
-    else:
-        out.append({"target": "stage-1 v2 scan compiled forward, x memory floor",
-                    "goal": f"<= {SCAN_FLOOR_GOAL:.0f}x", "measured": "not measured", "met": "-"})
+    # ours, no experiment: of the cells with the figure, the fastest forward (a cell cut off
+    # after its forward has no backward figure; a card without a copy bandwidth, no floor)
+    for target, goal, key, text in (
+            ("stage-1 v2 scan compiled forward, x memory floor", SCAN_FLOOR_GOAL, "fwd_x_floor",
+             lambda s: f"{s['fwd_x_floor']:.1f}x ({s['fwd_ms']:.3f} ms, floor "
+                       f"{s['fwd_floor_ms']:.3f} ms"),
+            ("the same scan, forward+backward over forward", SCAN_FWD_BWD_GOAL,
+             "fwd_bwd_over_fwd",
+             lambda s: f"{s['fwd_bwd_over_fwd']:.2f}x ({s['fwd_bwd_ms']:.3f} ms")):
+        fast = min((s for s in scans if s.get(key) is not None), key=lambda s: s["fwd_ms"],
+                   default=None)
+        measured = "not measured" if fast is None else (
+            f"{text(fast)}; {fast['path']}, b {fast['batch']}, run {fast['run']})")
+        out.append({"target": target, "goal": f"<= {goal:.0f}x", "measured": measured,
+                    "met": "-" if fast is None else "yes" if fast[key] <= goal else "no"})
     for model, train, mode in ((OURS, False, "compiled"), (OURS, False, "blocks"),
                                (SWIN, False, "compiled"), (VANILLA, False, "compiled"),
                                (VANILLA, False, "blocks"), (OURS, True, "compiled")):
@@ -275,7 +300,8 @@ def tests(runs):
             state = t.get("skipped") or (
                 f"{t.get('counts')} exit {t.get('exit_code')}"
                 f"{' (cut off by the phase end)' if t.get('timed_out') else ''}")
-            out.append(f"run {label}, {t['set']} (`{' '.join(t['args'])}`): {state}")
+            args = " ".join(map(str, t.get("args") or []))
+            out.append(f"run {label}, {t.get('set')} (`{args}`): {state}")
     return out
 
 
@@ -316,7 +342,7 @@ def markdown(runs, command):
     out = ["<!-- generated by gpu_report.py: do not edit; re-run the command below -->",
            f"# Benchmark results: {PLATFORM}", "",
            f"Generated by `python gpu_report.py` from the gpu.json of {len(runs)} gpu_check "
-           f"run(s) in docs/gpu/ (unedited): do not edit by hand, re-run the command below. "
+           f"run(s), the files the command below names: do not edit by hand, re-run it. "
            f"`results-{PLATFORM}.json` holds the same figures. Each row names its run; a ratio "
            f"divides by Swin-T's best row of the same kind (inference or training step) and "
            f"precision (dtype, or TF32 matrix products), from whichever run measured it.", "",
@@ -458,14 +484,13 @@ def main(argv=None):
     p.add_argument("runs", nargs="+", help="gpu.json files of gpu_check runs, oldest first")
     p.add_argument("--out-dir", default="docs", help="where results-cuda.md/.json go")
     args = p.parse_args(argv)
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        p.error(f"--out-dir {args.out_dir}: exists and is not a folder")
+    bk.check_output_folder(p, "--out-dir", args.out_dir)
     runs = load(args.runs)
     check_comparable(runs)
     command = " ".join(["python gpu_report.py", *(["--out-dir", args.out_dir]
                                                   if args.out_dir != "docs" else []),
                         *args.runs])
-    os.makedirs(args.out_dir, exist_ok=True)
+    bk.make_output_folder(p, "--out-dir", args.out_dir)
     md = os.path.join(args.out_dir, f"results-{PLATFORM}.md")
     _write(os.path.join(args.out_dir, f"results-{PLATFORM}.json"),
            json.dumps(page_json(runs, command), indent=1) + "\n")

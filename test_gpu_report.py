@@ -111,6 +111,50 @@ def test_scan_targets_take_the_fastest_compiled_big_batch_v2_scan_the_models_run
     assert t["the same scan, forward+backward over forward"]["met"] == "yes"     # 2.86 <= 3
 
 
+def test_scan_targets_of_a_run_cut_off_or_without_a_copy_bandwidth():
+    """gpu_check writes a cell after its forward: one cut off before its backward has no f+b
+    figure, and a run whose card phase failed no floor. Each target then takes the fastest
+    cell that has its figure, or says not measured (it ended in a KeyError)."""
+    scan = [dict(gen="v2", batch=128, path="assoc compiled", fwd_ms=1.0, fwd_floor_ms=0.4,
+                 fwd_x_floor=2.5, fwd_bwd_ms=3.5, fwd_bwd_over_fwd=3.5),
+            dict(gen="v2", batch=128, path="chunked compiled", fwd_ms=0.7, fwd_floor_ms=0.4,
+                 fwd_x_floor=1.75)]                                        # cut off
+    t = {x["target"]: x for x in gr.target_rows([("1", fake_run([], scan))])}
+    assert "chunked compiled" in t["stage-1 v2 scan compiled forward, x memory floor"][
+        "measured"]
+    fb = t["the same scan, forward+backward over forward"]
+    assert fb["measured"].startswith("3.50x") and "assoc compiled" in fb["measured"]
+    no_floor = [dict(c, fwd_x_floor=None, fwd_floor_ms=None) for c in scan]
+    t = {x["target"]: x for x in gr.target_rows([("1", fake_run([], no_floor))])}
+    assert t["stage-1 v2 scan compiled forward, x memory floor"]["measured"] == "not measured"
+    assert t["the same scan, forward+backward over forward"]["met"] == "no"
+
+
+def test_malformed_runs_are_refused_and_non_finite_figures_are_not_measured(tmp_path):
+    """bench.py's own JSON, null or empty sections and rows without their keys are refused by
+    name (they ended in KeyError, TypeError or AttributeError); NaN is no figure (it was
+    written into the page's JSON, which is then not JSON); --out-dir under a file is a usage
+    error."""
+    good = fake_run([row(gc.SWIN, "eager", "float32", False, 2000.0),
+                     row(gc.OURS, "compiled", "float32", False, float("nan"))])
+    bad = [{"header": {"command": "python bench.py"}, "models": [{"model": "x", "img_s": 1}]},
+           dict(good, models=None), dict(good, models={}), dict(good, models=["row"]),
+           dict(good, scan={"a": 1}), dict(good, card=[1])]
+    for i, res in enumerate(bad):
+        (tmp_path / f"bad{i}.json").write_text(json.dumps(res))
+        with pytest.raises(SystemExit, match="not a gpu_check gpu.json"):
+            gr.main(["--out-dir", str(tmp_path / "out"), str(tmp_path / f"bad{i}.json")])
+    (tmp_path / "run.json").write_text(json.dumps(dict(good, card=None, run=None)))
+    gr.main(["--out-dir", str(tmp_path / "out"), str(tmp_path / "run.json")])
+    page = json.loads((tmp_path / "out" / "results-cuda.json").read_text())   # strict JSON
+    assert [r["name"] for r in page["models"]] == ["swin-t eager fp32 infer"]
+    assert "nan" not in (tmp_path / "out" / "results-cuda.md").read_text()
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        gr.main(["--out-dir", str(tmp_path / "a_file" / "sub"), str(tmp_path / "run.json")])
+    assert e.value.code == 2
+
+
 def test_rows_measured_twice_are_shown_with_their_spread():
     runs = [("1", fake_run([row(gc.SWIN, "eager", "float32", False, 2000.0)])),
             ("2", fake_run([row(gc.SWIN, "eager", "float32", False, 2020.0)]))]

@@ -153,13 +153,16 @@ def timm_version():
 
 
 def git_commit():
-    """Short hash of HEAD, "(dirty)" if the tree differs from it (results files aside)."""
+    """Short hash of HEAD, "(dirty)" if a tracked file differs from it (results files aside;
+    untracked files, such as a report folder an earlier run wrote, do not count: the code run
+    is the tracked files')."""
     def git(*a):
         return subprocess.run(["git", "-C", HERE, *a], capture_output=True, text=True,
                               timeout=30, check=True).stdout.strip()
     try:
         head = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--", ".", ":(exclude)docs/results-*")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                    ":(exclude)docs/results-*")
     except (OSError, subprocess.SubprocessError):
         return "unknown (not a git checkout)"
     return f"{head} (dirty)" if dirty else head
@@ -350,8 +353,10 @@ def time_steady(fn, device, min_time, warmup):
         sync(device)
         return time.perf_counter()
     timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads(), timer=clock)
+    # torch reads a max_run_time of 0 as no limit: --min-time 0 then ran until the spread fell
+    # below IQR_THRESHOLD, which on a busy machine may be never. A positive one stops it.
     m = timer.adaptive_autorange(IQR_THRESHOLD, min_run_time=min_time,
-                                 max_run_time=MAX_TIME_FACTOR * min_time)
+                                 max_run_time=max(MAX_TIME_FACTOR * min_time, 1e-9))
     iqr = 1e3 * m.iqr if len(m.raw_times) >= 4 else None    # no spread from 1-3 samples
     return {"ms": 1e3 * m.median, "iqr_ms": iqr, "calls": m.number_per_run * len(m.raw_times)}
 

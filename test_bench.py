@@ -113,6 +113,24 @@ def test_a_group_whose_eager_row_fails_times_the_others_alone():
     assert rows[1].get("vs_eager") is None                  # no eager row to compare with
 
 
+def test_time_steady_with_min_time_zero_ends_however_noisy_the_calls():
+    """torch reads a max_run_time of 0 as no limit: --min-time 0 timed until the spread fell
+    below 5%, which calls of random length never reach (a run hung). Run in a thread, so that
+    a regression fails here instead of hanging the suite."""
+    import random
+    import threading
+    import time as time_
+    gen, out = random.Random(0), []
+
+    def noisy():
+        time_.sleep(gen.choice((0.0, 0.002)))
+    worker = threading.Thread(target=lambda: out.append(bk.time_steady(noisy, "cpu", 0.0, 0)),
+                              daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert out and out[0]["calls"] >= 1
+
+
 def test_time_paired_alternates_and_pairs_rounds():
     """Fake callables: they log their calls; the clock is the real one, so the times are small
     but positive, and the first callable's ratio to itself is exactly 1."""
@@ -578,3 +596,20 @@ def test_an_output_folder_that_cannot_be_made_is_a_usage_error_before_any_work(a
                         str(a_file / "sub")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r
     assert f"{a_file / 'sub'}: cannot make the folder" in r.stderr and not r.stdout, r
+
+
+def test_the_commit_is_dirty_for_a_changed_tracked_file_only(tmp_path, monkeypatch):
+    """A report folder an earlier run wrote (untracked) marked the next run's commit dirty."""
+    def git(*a):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c",
+                        "user.email=t@t", *a], check=True, capture_output=True)
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("commit", "-q", "-m", "c")
+    monkeypatch.setattr(bk, "HERE", str(tmp_path))
+    (tmp_path / "myout").mkdir()
+    (tmp_path / "myout" / "results-cpu.md").write_text("a page")
+    assert "dirty" not in bk.git_commit()
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert bk.git_commit().endswith("(dirty)")

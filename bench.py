@@ -182,13 +182,28 @@ def parse_args(argv=None):
             parser.error(f"{flag} must be finite and >= {least}, got {value}")
     if args.scaling and len(args.dtype) > 1:
         parser.error("--scaling runs one dtype: give --dtype float32 or --dtype bfloat16")
-    # an option for a table the run does not make was ignored
+    # an option for a table the run does not make was ignored (and recorded in the report's
+    # configuration as if it applied)
+    model_tables, models = args.models or args.train, "--models or --train"
     for flag, given, needs, tables in (
-            ("--only", args.only is not None, args.models or args.train, "--models or --train"),
+            ("--only", args.only is not None, model_tables, models),
+            ("--batch", args.batch != batch_list(BATCH), model_tables, models),
+            ("--res", args.res != RES, model_tables, models),
+            ("--compile-models", args.compile_models != compile_modes(COMPILE_MODELS),
+             model_tables, models),
+            ("--all-models", args.all_models, args.models, "--models"),
+            ("--stages", args.stages != stage_list(STAGES), args.scan, "--scan"),
+            ("--naive-bwd", args.naive_bwd, args.scan, "--scan"),
+            ("--no-compile", args.compile != COMPILE, args.scan, "--scan"),
+            ("--chunk", args.chunk is not None, args.scan or model_tables,
+             "--scan, --models or --train"),
             ("--scaling-res", args.scaling_res is not None, args.scaling, "--scaling"),
             ("--report-dir", args.report_dir != REPORT_DIR, args.report, "--report")):
         if given and not needs:
             parser.error(f"{flag} is for {tables}, which this run does not make")
+    timm_names = [n for n in args.only or () if not bk.is_ours(n)]
+    if timm_names and not args.peers:
+        parser.error(f"--only {','.join(timm_names)}: timm models, which --no-peers leaves out")
     if args.only is not None:
         check_model_names(parser, args.only)
     if args.report:

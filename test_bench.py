@@ -473,7 +473,14 @@ def test_a_run_cut_off_inside_a_table_leaves_the_rows_it_timed(tmp_path, monkeyp
     (["--report", "--report-dir", "bench.py"], "not a folder"),
     (["--scan", "--only", "vmamba_tiny_s1l8"], "--only"),
     (["--models", "--scaling-res", "224,320"], "--scaling-res"),
-    (["--models", "--report-dir", "elsewhere"], "--report-dir")])
+    (["--models", "--report-dir", "elsewhere"], "--report-dir"),
+    # options of tables the run does not make were ignored, and recorded as if applied
+    (["--scaling", "--batch", "2"], "--batch is for"), (["--scan", "--res", "64"], "--res is"),
+    (["--scaling", "--chunk", "4"], "--chunk is"), (["--train", "--all-models"], "--all-models"),
+    (["--scaling", "--compile-models"], "--compile-models is"),
+    (["--models", "--stages", "2"], "--stages is"), (["--train", "--naive-bwd"], "--naive-bwd"),
+    (["--models", "--no-compile"], "--no-compile is"),
+    (["--models", "--no-peers", "--only", "resnet50"], "--no-peers leaves out")])
 def test_bad_options_are_usage_errors(argv, match, capsys, monkeypatch):
     """Each of these was accepted and then ignored, or failed after minutes of timing."""
     monkeypatch.chdir(HERE)

@@ -182,6 +182,37 @@ def test_a_batch_that_the_processes_cannot_share_is_a_usage_error(monkeypatch, c
         capsys.readouterr().err
 
 
+def test_optimizer_steps_whatever_the_layouts_of_gradients_and_state():
+    """torch's fused AdamW on a CPU reads a gradient or a state tensor of another layout than
+    its parameter's in the parameter's order: a contiguous conv weight with a channels-last
+    gradient, or state saved from a model of the other layout, took silently wrong steps (a
+    review helper's find). build_optimizer's steps equal the unfused optimizer's."""
+    def steps(fused, grad_layout, state_layout):
+        torch.manual_seed(0)
+        model = train.build_model(dim=16, depths=(1, 1)).to(memory_format=torch.channels_last)
+        opt = train.build_optimizer(model)
+        if not fused:                                         # the same groups, one by one
+            opt = torch.optim.AdamW([{k: v for k, v in g.items() if k not in ("fused", "foreach")}
+                                     for g in opt.param_groups], foreach=False)
+        grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i))
+                 for i, p in enumerate(model.parameters())]
+        for step in range(3):
+            for p, g in zip(model.parameters(), grads):
+                p.grad = (g * (step + 1)).contiguous(
+                    memory_format=grad_layout if g.dim() == 4 else torch.contiguous_format)
+            opt.step()
+            for state in opt.state.values():             # as if loaded from another layout
+                for k, v in state.items():
+                    if v.dim() == 4:
+                        state[k] = v.contiguous(memory_format=state_layout)
+        return [p.detach().clone() for p in model.parameters()]
+    want = steps(False, torch.channels_last, torch.channels_last)
+    for layouts in ((torch.contiguous_format, torch.channels_last),
+                    (torch.channels_last, torch.contiguous_format)):
+        for got, w in zip(steps(True, *layouts), want, strict=True):
+            torch.testing.assert_close(got, w, rtol=1e-6, atol=1e-7)
+
+
 def test_optimizer_groups_are_the_same_for_a_compiled_or_wrapped_model():
     """Seen: given torch.compile(model), whose parameter names carry an `_orig_mod.` prefix,
     A_logs took weight decay."""
@@ -199,6 +230,8 @@ def test_optimizer_groups_are_the_same_for_a_compiled_or_wrapped_model():
     assert groups(torch.nn.Sequential(model)) == plain
     with pytest.raises(TypeError, match="no_weight_decay"):
         train.build_optimizer(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="expected a model.*got generator"):   # torch.optim's habit
+        train.build_optimizer(model.parameters())
     from vmamba_min import Backbone
     backbone = Backbone(model.config)                        # the detection backbone too
     assert backbone.no_weight_decay() == model.no_weight_decay()

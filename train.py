@@ -9,6 +9,8 @@ at width 32, depths (1, 1, 2, 1). --batch-size is the GLOBAL batch: under torchr
 world_size processes takes batch/world_size samples of every step's batch, so the optimisation
 (samples per step, steps, lr) is the same for any number of processes. Rank 0 prints, shows the
 progress bar and evaluates. For a model this small compiling does not pay (docs/design.md).
+At 32 px the last stage sees a 1 x 1 map, a sequence of one token, whose state starts at zero:
+its A_logs never get a gradient (a single step's output does not depend on the decay).
 Letters as in vmamba_min.py: B batch, H = W = res.
 """
 import argparse
@@ -91,9 +93,22 @@ def build_model(**overrides):
 
 def build_optimizer(model, lr=LR, weight_decay=WEIGHT_DECAY):
     """AdamW (fused: one pass over all parameters); no decay on 1-D parameters (biases,
-    LayerNorm, Ds) nor on A_logs (official). model may be wrapped (torch.compile, DDP): the
-    exempt parameters are found by identity in every submodule that names them, not by the
-    wrapper's prefixed names."""
+    LayerNorm, Ds) nor on A_logs (model.no_weight_decay(): the official code marks A_logs and
+    Ds `_no_weight_decay`, Mamba's convention, though the official trainer's grouping reads
+    only shapes and names, and so decays A_logs and the (K, D) dt_projs_bias, as this does the
+    latter). model may be wrapped (torch.compile, DDP): the exempt parameters are found by
+    identity in every submodule that names them, not by the wrapper's prefixed names.
+
+    torch's fused AdamW on a CPU reads a gradient or a state tensor whose layout differs from
+    its parameter's in the parameter's order (torch 2.13: a silently wrong step; on CUDA an
+    error). Such layouts arise: a contiguous conv weight gets a channels-last gradient from
+    channels-last maps, and optimizer state saved from a model of one layout loads into one
+    of the other. So before every step each such tensor is copied into its parameter's
+    layout (`same_layouts`)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"build_optimizer: expected a model (an nn.Module with "
+                        f"no_weight_decay(), or a wrapper of one), got {type(model).__name__}: "
+                        f"it groups the parameters itself")
     named = [m for m in model.modules() if callable(getattr(m, "no_weight_decay", None))]
     if not named:
         raise TypeError(f"build_optimizer: expected a model with no_weight_decay() (a VSSM, "
@@ -103,8 +118,23 @@ def build_optimizer(model, lr=LR, weight_decay=WEIGHT_DECAY):
     decay, no_decay = [], []
     for p in model.parameters():
         (no_decay if p.dim() < 2 or id(p) in skip else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, fused=True)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, fused=True)
+    opt.register_step_pre_hook(same_layouts)
+    return opt
+
+
+def same_layouts(opt, args=(), kwargs=None):
+    """An optimizer step pre-hook: every gradient and every state tensor of a parameter's shape
+    in the parameter's own layout (strides), copied where it differs (build_optimizer)."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is not None and p.grad.stride() != p.stride():
+                p.grad = torch.empty_like(p).copy_(p.grad)
+            state = opt.state.get(p, {})
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    state[k] = torch.empty_like(p).copy_(v)
 
 
 def warmup_cosine(warmup_steps, total_steps):
@@ -293,9 +323,10 @@ def main(argv=None):
     max_shift = max(1, args.res // 8)
 
     step, losses = 0, []
-    for epoch in range(math.ceil(total / steps_per_epoch)):
+    epochs = math.ceil(total / steps_per_epoch)                     # --max-steps may cut it
+    for epoch in range(epochs):
         n = min(steps_per_epoch, total - step)
-        bar = Progress(n, f"epoch {epoch + 1:>2}/{args.epochs}") if rank == 0 else None
+        bar = Progress(n, f"epoch {epoch + 1:>2}/{epochs}") if rank == 0 else None
         sampler.set_epoch(epoch)
         mine = torch.tensor(list(sampler))            # (len(y_tr) // world,)
         running = 0.0

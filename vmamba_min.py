@@ -1263,8 +1263,8 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     one graph, and runs about as fast (docs/results-cpu.md): for training it compiles in about
     a third of torch.compile(model)'s time, for inference in about half (torch.compile(model)
     then compiles a stage's block once as well: BLOCK_REGIONS).
-    dynamic=False unless given: with a block's sizes left symbolic, Inductor (torch 2.13)
-    failed on the second stage's block in training. Each DropPath gets its rate as a tensor
+    dynamic=False unless given, and dynamic=True refused: with a block's sizes left
+    symbolic, Inductor (torch 2.13) failed on the second stage's block in training. Each DropPath gets its rate as a tensor
     (see DropPath: its masks then come from another random stream than eager's).
     Every block shares one code object, VSSBlock.forward, and Dynamo keeps at most
     `recompile_limit` graphs (8 by default) per code object: four stages in training and in
@@ -1274,6 +1274,10 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     were a function of its own. Returns model."""
     global _STAGES_COMPILED
     compile_kwargs.setdefault("dynamic", False)
+    if compile_kwargs["dynamic"]:
+        raise ValueError("compile_blocks: dynamic=True leaves a block's sizes symbolic, on which "
+                         "Inductor fails (torch 2.13: 'cannot determine truth value of "
+                         "Relational' in training); pass dynamic=False, the default")
     blocks = [m for m in model.modules() if isinstance(m, VSSBlock)]
     if not blocks:
         raise ValueError(f"compile_blocks: no VSSBlock in {type(model).__name__}")

@@ -1264,8 +1264,9 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     a third of torch.compile(model)'s time, for inference in about half (torch.compile(model)
     then compiles a stage's block once as well: BLOCK_REGIONS).
     dynamic=False unless given, and dynamic=True refused: with a block's sizes left
-    symbolic, Inductor (torch 2.13) failed on the second stage's block in training. Each DropPath gets its rate as a tensor
-    (see DropPath: its masks then come from another random stream than eager's).
+    symbolic, Inductor (torch 2.13) failed on the second stage's block in training. Each
+    DropPath gets its rate as a tensor (see DropPath: its masks then come from another random
+    stream than eager's).
     Every block shares one code object, VSSBlock.forward, and Dynamo keeps at most
     `recompile_limit` graphs (8 by default) per code object: four stages in training and in
     evaluation already fill it, and past it a new batch size ran the blocks eager (with

@@ -382,9 +382,16 @@ SCAN_ERROR_NOTE = ("err: fwd rows compare y, fwd+bwd rows du, against the naive 
                    "it was not run, eager (err vs); rel = max|err| / max|ref|")
 
 
-def scan_table(args):
-    return [r for dtype in args.dtype for s in args.stages for g in SCAN_GENS
-            for r in scan_shape_rows(g, int(s), args, dtype)]
+def scan_table(args, progress=None):
+    """Every scan row; progress(rows), if given, after each shape."""
+    rows = []
+    for dtype in args.dtype:
+        for s in args.stages:
+            for g in SCAN_GENS:
+                rows += scan_shape_rows(g, int(s), args, dtype)
+                if progress:
+                    progress(rows)
+    return rows
 
 
 # -------------------------------------------------------------------------------- model tables
@@ -436,18 +443,19 @@ def groups(specs):
 def model_rows(specs, args, progress=None):
     """Time every spec in this process: a model's eager and compiled rows side by side
     (benchkit.run_group), a lone row on its own (run_row); then memory (children on CPU).
-    progress(rows), if given, is called with the rows so far after each group."""
+    progress(rows), if given, is called with the rows so far after each group and after each
+    row's memory."""
     rows = []
     for group in groups(specs):
-        if progress and rows:
-            progress(rows)
         s = group[0]
         bk.log(f"rows {len(rows) + 1}-{len(rows) + len(group)}/{len(specs)}: {s['model']} batch "
                f"{s['batch']} {s['dtype']} {', '.join(label(g)['mode'] for g in group)}")
         timed = (bk.run_group(group, args.min_time, args.warmup) if len(group) > 1 else
                  [bk.run_row(s, args.min_time, args.warmup)])
         rows += [{**r, **label(r)} for r in timed]
-    return bk.add_memory(rows)
+        if progress:
+            progress(rows)
+    return bk.add_memory(rows, progress)
 
 
 MODEL_COLS = [("model", "model", "{}"), ("mode", "mode", "{}"), ("batch", "batch", "{}"),
@@ -551,7 +559,8 @@ def run_all(args, t0=None):
         result["notes"].append(bk.PEERS_HINT)
     scaling_res = args.scaling_res or scaling.res_list(scaling.RES[args.device])
     def partial(name):
-        """After each group of model rows: the page so far, for a run that is cut off."""
+        """After each shape, row group or memory figure: the page so far, for a run that is
+        cut off."""
         def write(rows):
             if not args.report:
                 return
@@ -563,14 +572,14 @@ def run_all(args, t0=None):
                                  + (f" and has yet to do {rest}" if rest else ""))
             report.write(result, render(result), args.report_dir, args.device)
         return write
-    tables = [("scan", args.scan, lambda: scan_table(args)),
+    tables = [("scan", args.scan, lambda: scan_table(args, partial("scan"))),
               ("models", args.models,
                lambda: model_rows(model_specs(args), args, partial("models"))),
               ("train", args.train,
                lambda: model_rows(model_specs(args, train=True), args, partial("train"))),
               ("scaling", args.scaling, lambda: scaling.study(
                   scaling_res, scaling.BATCH, args.device, args.dtype[0], args.min_time,
-                  args.warmup, peers=args.peers))]
+                  args.warmup, peers=args.peers, progress=partial("scaling")))]
     todo = [name for name, wanted, _ in tables if wanted]
     for name, wanted, run in tables:
         if not wanted:

@@ -599,8 +599,9 @@ def measure_memory(spec):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def add_memory(rows):
-    """CPU rows that timed without error get peak_mb from a child process each. Timing is over,
+def add_memory(rows, progress=None):
+    """CPU rows that timed without error get peak_mb from a child process each; progress(rows),
+    if given, is called after each (a run cut off keeps the figures so far). Timing is over,
     so first this process hands its freed heap back (malloc_trim): under MALLOC_FIX it still
     held the peak of every row timed, and with a child at its own peak beside it the machine ran
     out of memory (vanilla_vmamba_tiny training at batch 8: 14.8 + 9 GB on 24 GB)."""
@@ -617,6 +618,8 @@ def add_memory(rows):
                                       "compile_mode", "train", "overrides") if k in r}
             log(f"memory: {r['model']} batch {r['batch']} (child process)")
             r["peak_mb"] = measure_memory(spec)
+            if progress:
+                progress(rows)
     return rows
 
 

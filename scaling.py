@@ -91,16 +91,22 @@ def specs(res, batch=BATCH, device="cpu", dtype="float32", compile_=False, peers
 
 
 def study(res, batch=BATCH, device="cpu", dtype="float32", min_time=MIN_TIME, warmup=WARMUP,
-          compile_=False, peers=True):
-    """Time every model at every size, then memory; returns {"rows", "growth", ...}."""
+          compile_=False, peers=True, progress=None):
+    """Time every model at every size, then memory; returns {"rows", "growth", ...}.
+    progress(that dict so far), if given, after each row and each memory figure."""
     rows = []
+
+    def result(rows):
+        return {"rows": rows, "growth": growth(rows), "compiled": compile_, "batch": batch,
+                "dtype": dtype, "peers_missing": peers and not bk.timm_available()}
+    step = (lambda rows: progress(result(rows))) if progress else None
     for spec in specs(res, batch, device, dtype, compile_, peers):
         bk.log(f"scaling: {spec['model']} {spec['res']}x{spec['res']}")
         rows.append({**bk.run_row(spec, min_time, warmup), "mode": bk.mode_label(spec),
                      "tokens": tokens(spec["model"], spec["res"])})
-    rows = bk.add_memory(rows)
-    return {"rows": rows, "growth": growth(rows), "compiled": compile_, "batch": batch,
-            "dtype": dtype, "peers_missing": peers and not bk.timm_available()}
+        if step:
+            step(rows)
+    return result(bk.add_memory(rows, step))
 
 
 def growth(rows):

@@ -431,7 +431,7 @@ def test_a_tiny_run_warns_of_nothing():
 
 
 def test_a_failing_table_is_a_note_and_the_page_follows_the_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "scan_table", lambda args: 1 / 0)
+    monkeypatch.setattr(bench, "scan_table", lambda args, progress=None: 1 / 0)
     monkeypatch.setattr(bench, "model_rows",
                         lambda specs, args, progress=None: _model_rows(False, "float32",
                                                                        "cpu")[:2])
@@ -445,6 +445,44 @@ def test_a_failing_table_is_a_note_and_the_page_follows_the_run(tmp_path, monkey
     assert pages == ["partial: the run has yet to do models"]   # after the first table
     assert "Incomplete" in (tmp_path / "results-cpu.md").read_text()
     assert "partial" not in result and result["summary"][0]["model"] == "vmamba_tiny_s1l8"
+
+
+def test_a_run_cut_off_in_the_scan_table_or_the_memory_phase_keeps_what_it_measured(
+        tmp_path, monkeypatch):
+    """The page was written only after a whole scan table, and not after a model table's last
+    row group nor during its memory phase: an interrupt there lost every figure since."""
+    real, calls = bench.scan_shape_rows, []
+
+    def scan_shape_rows(*a):                    # the second shape: the run is killed
+        calls.append(a)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(bench, "scan_shape_rows", scan_shape_rows)
+    _, args = bench.parse_args(["--scan", "--stages", "4", "--no-compile", "--min-time", "0.01",
+                                "--report", "--report-dir", str(tmp_path / "scan")])
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_all(args)
+    page = (tmp_path / "scan" / "results-cpu.md").read_text()
+    assert "Incomplete" in page and "1x6144x49x16" in page      # v0's stage-4 rows, timed
+
+    monkeypatch.setattr(bk, "run_row", lambda spec, min_time, warmup: dict(
+        spec, ms=100.0, iqr_ms=1.0, calls=10, img_s=10.0, vs_eager=1.0))
+    figures = []
+
+    def measure_memory(spec):                   # the second row's: the run is killed
+        if figures:
+            raise KeyboardInterrupt
+        figures.append(123.0)
+        return 123.0
+    monkeypatch.setattr(bk, "measure_memory", measure_memory)
+    _, args = bench.parse_args(["--models", "--only", "vmamba_tiny_s1l8,vanilla_vmamba_tiny",
+                                "--report", "--report-dir", str(tmp_path / "models")])
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_all(args)
+    data = json.loads((tmp_path / "models" / "results-cpu.json").read_text())
+    assert [(r["model"], r.get("peak_mb")) for r in data["models"]] == [
+        ("vmamba_tiny_s1l8", 123.0), ("vanilla_vmamba_tiny", None)]
 
 
 def test_a_run_cut_off_inside_a_table_leaves_the_rows_it_timed(tmp_path, monkeypatch):

@@ -201,11 +201,8 @@ def parse_args(argv=None):
             ("--report-dir", args.report_dir != REPORT_DIR, args.report, "--report")):
         if given and not needs:
             parser.error(f"{flag} is for {tables}, which this run does not make")
-    timm_names = [n for n in args.only or () if not bk.is_ours(n)]
-    if timm_names and not args.peers:
-        parser.error(f"--only {','.join(timm_names)}: timm models, which --no-peers leaves out")
     if args.only is not None:
-        check_model_names(parser, args.only)
+        check_model_names(parser, args.only, args.peers)
     if args.report:
         bk.check_output_folder(parser, "--report-dir", args.report_dir)
     page = os.path.join(args.report_dir, f"results-{args.device}.md")
@@ -216,20 +213,26 @@ def parse_args(argv=None):
     return parser, args
 
 
-def check_model_names(parser, names):
-    """--only: distinct names, each one of our configurations or a timm model name."""
+def check_model_names(parser, names, peers_allowed=True):
+    """--only: distinct names, each one of our configurations or (unless --no-peers) a timm
+    model name."""
     import vmamba_min
+    if not names or "" in names or len(set(names)) != len(names):
+        parser.error(f"--only: want distinct model names (ours: {', '.join(vmamba_min.CONFIGS)}; "
+                     f"or timm's), got {','.join(names)!r}")
     bad = [n for n in names if bk.is_ours(n) and n not in vmamba_min.CONFIGS]
     peers = [n for n in names if not bk.is_ours(n)]
+    if peers and not peers_allowed:
+        parser.error(f"--only {','.join(peers)}: timm models, which --no-peers leaves out")
     if peers and bk.timm_available():
         import timm
         bad += [n for n in peers if not timm.is_model(n)]
     elif peers:
         parser.error(f"--only {','.join(peers)}: not ours ({', '.join(vmamba_min.CONFIGS)}), so "
                      f"timm models, and timm is not importable here")
-    if not names or "" in names or bad or len(set(names)) != len(names):
+    if bad:
         parser.error(f"--only: want distinct model names (ours: {', '.join(vmamba_min.CONFIGS)}; "
-                     f"or timm's), got {','.join(names)!r}" + (f"; unknown: {bad}" if bad else ""))
+                     f"or timm's), got {','.join(names)!r}; unknown: {bad}")
 
 
 # -------------------------------------------------------------------------------- scan tables
@@ -555,7 +558,8 @@ def run_all(args, t0=None):
               "notes": []}
     if not args.json:
         bk.print_header(result["header"])
-    if args.peers and not bk.timm_available() and (args.models or args.train):
+    if args.peers and not bk.timm_available() and (args.models or args.train) and \
+            args.only is None:          # --only names the models: none of timm's was asked for
         result["notes"].append(bk.PEERS_HINT)
     scaling_res = args.scaling_res or scaling.res_list(scaling.RES[args.device])
     def partial(name):

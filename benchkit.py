@@ -643,6 +643,16 @@ def main():
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--memory", help=argparse.SUPPRESS)   # internal: the memory child
     args = p.parse_args()
+    if not args.memory and not args.check:
+        p.error("--check MODEL is what to run (one of vmamba_min.CONFIGS, or a timm name)")
+    if args.res < 4 or args.batch < 1:
+        p.error(f"--res must be >= 4 and --batch >= 1, got {args.res} and {args.batch}")
+    if args.check and is_ours(args.check):
+        import vmamba_min
+        if args.check not in vmamba_min.CONFIGS:
+            p.error(f"--check {args.check}: not one of {', '.join(vmamba_min.CONFIGS)}")
+    elif args.check and not timm_available():
+        p.error(f"--check {args.check}: not ours, so a timm model, and timm is not importable")
     if args.memory:
         spec = json.loads(args.memory)
         quiet_torch(spec["device"])
@@ -653,8 +663,6 @@ def main():
         ms, n = check(args.check, args.res, args.batch)
         print(f"{args.check} batch {args.batch} {args.res}px eager: {ms:.1f} ms median of {n} "
               f"calls ({torch.get_num_threads()} threads; {malloc_note()})")
-    else:
-        p.print_help()
 
 
 if __name__ == "__main__":

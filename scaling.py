@@ -68,9 +68,11 @@ def parse_args(argv=None):
         args.res = res_list(RES[args.device] if args.res is None else args.res)
     except ValueError:
         p.error(f"--res: want distinct sizes >= 32 such as 224,512, got {args.res!r}")
-    if args.batch < 1 or args.warmup < 0 or not 0 <= args.min_time < math.inf:
-        p.error(f"--batch must be >= 1, --warmup >= 0 and --min-time finite and >= 0, got "
-                f"{args.batch}, {args.warmup}, {args.min_time}")
+    for flag, value, ok in (("--batch", args.batch, ">= 1"), ("--warmup", args.warmup, ">= 0"),
+                            ("--min-time", args.min_time, "finite and >= 0")):
+        least = 1 if flag == "--batch" else 0
+        if not least <= value < math.inf:                     # nan and inf: never ended
+            p.error(f"{flag} must be {ok}, got {value}")
     bk.check_output_folder(p, "--out", args.out)
     return p, args
 

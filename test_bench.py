@@ -518,7 +518,8 @@ def test_a_run_cut_off_inside_a_table_leaves_the_rows_it_timed(tmp_path, monkeyp
     (["--scaling", "--compile-models"], "--compile-models is"),
     (["--models", "--stages", "2"], "--stages is"), (["--train", "--naive-bwd"], "--naive-bwd"),
     (["--models", "--no-compile"], "--no-compile is"),
-    (["--models", "--no-peers", "--only", "resnet50"], "--no-peers leaves out")])
+    (["--models", "--no-peers", "--only", "resnet50"], "--no-peers leaves out"),
+    (["--models", "--only", "vmamba_tiny_s1l8,"], "distinct model names")])
 def test_bad_options_are_usage_errors(argv, match, capsys, monkeypatch):
     """Each of these was accepted and then ignored, or failed after minutes of timing."""
     monkeypatch.chdir(HERE)
@@ -658,3 +659,22 @@ def test_the_commit_is_dirty_for_a_changed_tracked_file_only(tmp_path, monkeypat
     assert "dirty" not in bk.git_commit()
     (tmp_path / "code.py").write_text("x = 2\n")
     assert bk.git_commit().endswith("(dirty)")
+
+
+@pytest.mark.parametrize("argv", [["--check", "vmamba_tiny_s1l8", "--batch", "0"],
+                                  ["--check", "vmamba_nosuch"], ["--res", "64"]])
+def test_benchkit_check_refuses_what_it_cannot_time(argv):
+    """A batch of 0 printed a timing; a name of no model ended in a traceback; no --check
+    printed the help and exited 0."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, os.path.join(here, "benchkit.py"), *argv],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "error:" in r.stderr and not r.stdout, r
+
+
+def test_no_timm_hint_when_only_our_models_were_asked_for(monkeypatch):
+    monkeypatch.setattr(bk, "timm_available", lambda: False)
+    monkeypatch.setattr(bench, "model_rows", lambda specs, args, progress=None: [])
+    for only, hint in ((["--only", "vmamba_tiny_s1l8"], False), ([], True)):
+        _, args = bench.parse_args(["--models", "--json", *only])
+        assert (bk.PEERS_HINT in bench.run_all(args)["notes"]) == hint

@@ -465,6 +465,7 @@ def test_a_run_cut_off_in_the_scan_table_or_the_memory_phase_keeps_what_it_measu
         bench.run_all(args)
     page = (tmp_path / "scan" / "results-cpu.md").read_text()
     assert "Incomplete" in page and "1x6144x49x16" in page      # v0's stage-4 rows, timed
+    assert "## Selective scan: accuracy\n" in page              # no compiled scan: no compile s
 
     monkeypatch.setattr(bk, "run_row", lambda spec, min_time, warmup: dict(
         spec, ms=100.0, iqr_ms=1.0, calls=10, img_s=10.0, vs_eager=1.0))

@@ -52,7 +52,7 @@ says so in gpu.json, and what a phase leaves goes to the next. A phase that fail
              device ms by kind (scan kernels apart), the top kernels and the matrix
              products by input shapes                                                [by 403]
   5 tests    the CUDA test subset, pytest in a subprocess per set (TEST_SETS), or with
-             --tests all the whole suite                                             [by 466]
+             --tests all the whole suite                                             [by 446]
   6 report   bench.py --report, if bench.py has it and time is left                  [by 480]
 The parent kills the run at --hard-s (budget + HARD_GRACE_S = 540 s), for a compile that ran
 long. Exit status 1 when the child failed, was killed or found no card (nothing measured);
@@ -101,7 +101,7 @@ BUDGET_S = 480                # global deadline: nothing new starts after it
 HARD_GRACE_S = 60             # the parent kills the child at budget + this (a compile overran)
 PHASES = ("card", "scan", "models", "profile", "tests", "report")
 # where each phase must end, as a fraction of the budget; time a phase leaves goes to the next
-PHASE_END = {"card": 0.04, "scan": 0.33, "models": 0.78, "profile": 0.84, "tests": 0.97,
+PHASE_END = {"card": 0.04, "scan": 0.33, "models": 0.78, "profile": 0.84, "tests": 0.93,
              "report": 1.0}
 # the dry run rehearses every row and cell: 25 rows and 14 cells take about 195 s on the 2-core
 # EPYC (torch 2.11)
@@ -174,9 +174,10 @@ ESTIMATED_APART = COMPILER_VARIANTS + ("per-route", "dt-fused", "seq-tiles",
 # if each beats the plain row); cuda_codegen.py --variant takes the same names
 PATCHED_VARIANTS = ("floor", "time-major", "per-route", "dt-fused", "conv-taps",
                     "dt-fused+conv-taps")
-# a model's compiled training row, guessed from its compiled inference row: on 2 CPU cores the
-# compile tests took 390 s (training) and 156 s (inference)
-TRAIN_OVER_INFER = 2.5
+# a model's compiled training row, guessed from its compiled inference row: on the H200 (run 1
+# of docs/results-cuda.md) s1l8's training row took 140 s against 37 s (its compiles: 135 and
+# 37 s); on 2 CPU cores the compile tests took 390 s (training) and 156 s (inference)
+TRAIN_OVER_INFER = 3.8
 PROFILE_ROWS = 30
 TOP_KERNELS = 25       # kernels and matrix-product shapes per profiled call kept in gpu.json
 MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::convolution",
@@ -535,15 +536,21 @@ def is_wrapper(path):
         return False
 
 
-def kill_group(pid, grace=5.0):
-    """End a process group that this script started (by its leader's id)."""
+def kill_group(pid, grace=5.0, reap=None):
+    """End a process group that this script started (by its leader's id). reap: the leader's
+    Popen.poll, if it is this process's child: until reaped, a leader that has ended stays in
+    its group as a zombie, and the group looked alive for both graces (6 s of every run)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
+        if reap:
+            reap()
         try:
             os.killpg(pid, sig)
         except (ProcessLookupError, PermissionError):
             return
         t_end = time.time() + grace
         while time.time() < t_end:
+            if reap:
+                reap()
             try:
                 os.killpg(pid, 0)
             except (ProcessLookupError, PermissionError):
@@ -633,6 +640,7 @@ class Run:
         t_end, calls = time.perf_counter() + warm_s, 0
         while calls < warmup or (time.perf_counter() < t_end and calls < 100):
             fn()
+            self.sync()          # on CUDA fn only queues: unsynced, warm_s queued up to 100 calls
             calls += 1
         one = self.time_once(fn)
         n = int(min(reps_max, max(reps_min, cell_s / max(one, 1e-6))))
@@ -1076,9 +1084,10 @@ def scan_cells(big, small):
     eager baseline, then v2's assoc compiled (what the compiled models run on CUDA), the same
     with its group sums as a reduction kernel instead of atomic adds (it decides
     scan_assoc.GROUP_SUM's default) and chunked compiled (what they ran before), then the same
-    for v0 (whose first compiles took 93 s on an H200, v2's 15 s), then batch 1 (comparable
-    with earlier GPU runs), then assoc eager (a log-depth recursion of slices: slow, and only
-    where the state is small). Experiments, none of them a target's cell: "u time-major" (u
+    for v0 (whose first compiles took 93 s on an H200, v2's 15 s), then the experiments
+    (below; v2's first), then batch 1 (comparable with earlier GPU runs), then assoc eager (a
+    log-depth recursion of slices: slow, and only where the state is small). Experiments,
+    none of them a target's cell: "u time-major" (u
     channels-fastest, delta along L: near what the compiled models pass the scan, which the
     plain cells do not), "time-major" (u and delta stored time-major, (L, b, K*D),
     as the scan's output already is: do loads contiguous along the channels, like its stores,
@@ -1089,10 +1098,16 @@ def scan_cells(big, small):
     (scan_assoc.selective_scan_assoc_chunked: scans along chunks of 64 steps that a Triton
     program holds whole, chained by a scan over chunks; for v0, whose one-pass kernel ran at
     28.7x its floor on the H200; v0 also with chunks of 32 and 128 steps)."""
-    return tuple([(g, b, "chunked eager") for g, b in big] +
-                 [(g, b, p) for g, b in big for p in SCAN_COMPILED_PATHS
-                  if (g == "v2" or p != "assoc compiled, reduce")
-                  and (g == "v0" or p not in CHUNK_SWEEP_PATHS)] +
+    def compiled(paths):
+        return [(g, b, p) for g, b in big for p in paths
+                if (g == "v2" or p != "assoc compiled, reduce")
+                and (g == "v0" or p not in CHUNK_SWEEP_PATHS)]
+    main = [p for p in SCAN_COMPILED_PATHS if p not in SCAN_EXPERIMENTS]
+    experiments = [p for p in SCAN_COMPILED_PATHS if p in SCAN_EXPERIMENTS]
+    # both generations' own paths before any experiment: interleaved, v2's experiments (about
+    # 150 s on a card) left no time for v0's compiled cells in the scan phase
+    return tuple([(g, b, "chunked eager") for g, b in big] + compiled(main) +
+                 compiled(experiments) +
                  [(g, b, p) for g, b in small
                   for p in ("chunked eager", "assoc compiled", "chunked compiled")] +
                  [(g, b, "assoc eager") for g, b in big + small])
@@ -1796,8 +1811,10 @@ def profile_table(prof, dev):
 
 
 KERNEL_KINDS = (("triton", ("triton",)),           # Inductor's generated kernels
+                # before gemm: cuDNN's convolutions are implicit GEMMs, named such as
+                # sm90_xmma_fprop_implicit_gemm_... or cutlass_..._fprop_...
+                ("conv", ("conv", "winograd", "implicit", "fprop", "dgrad", "wgrad")),
                 ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "wgmma", "s1688", "s884")),
-                ("conv", ("conv", "winograd", "implicit")),
                 ("copy", ("memcpy", "memset", "copy")))
 
 
@@ -2175,7 +2192,7 @@ def pack_kernels(cache, out, res):
     path = os.path.join(out, "kernels.tar.gz")
     while True:
         total, packed = 0, []
-        with tarfile.open(path, "w:gz") as tar:
+        with tarfile.open(path, "w:gz", compresslevel=6) as tar:
             data = "".join(index).encode()
             info = tarfile.TarInfo("kernels/INDEX.txt")
             info.size, info.mtime = len(data), time.time()
@@ -2200,7 +2217,7 @@ def pack_report(work, out):
     if not os.path.isdir(report) or not os.listdir(report):
         return None
     path = os.path.join(out, "report.tar.gz")
-    with tarfile.open(path, "w:gz") as tar:
+    with tarfile.open(path, "w:gz", compresslevel=6) as tar:
         tar.add(report, arcname="report")
     return path
 
@@ -2323,7 +2340,7 @@ def parent(args):
     except OSError:
         pass
     for g in groups:
-        kill_group(g, grace=3.0)
+        kill_group(g, grace=3.0, reap=proc.poll if g == proc.pid else None)
     code = proc.wait()
     path = os.path.join(args.out, "gpu.json")
     try:

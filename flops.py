@@ -132,12 +132,16 @@ def _counting_scan(calls):
         calls.append(u.shape)
         return _scan_op(u, A)
 
-    saved = vmamba_min.selective_scan, vmamba_min.selective_scan_ref
-    vmamba_min.selective_scan = vmamba_min.selective_scan_ref = stub
+    names = ("selective_scan", "selective_scan_ref", "selective_scan_assoc",
+             "selective_scan_assoc_chunked")          # every VSSMConfig.scan's (SS2D.run_scan)
+    saved = {n: getattr(vmamba_min, n) for n in names}
+    for n in names:
+        setattr(vmamba_min, n, stub)
     try:
         yield
     finally:
-        vmamba_min.selective_scan, vmamba_min.selective_scan_ref = saved
+        for n, f in saved.items():
+            setattr(vmamba_min, n, f)
 
 
 def _as_model(model_or_config):
@@ -164,7 +168,8 @@ def count_flops(model_or_config, image_size=(224, 224)) -> dict:
     in_chans = getattr(getattr(model, "config", None), "in_chans", 3)
     meta = {n: torch.empty_like(t, device="meta") for n, t in
             [*model.named_parameters(), *model.named_buffers()]}
-    x = torch.empty(1, in_chans, H, W, device="meta")
+    dtype = next(iter(meta.values())).dtype if meta else torch.float32   # a .half() model's
+    x = torch.empty(1, in_chans, H, W, device="meta", dtype=dtype)
 
     mapping = {op: f for op, (_, f) in FORMULAS.items()}
     mapping.update({op: _unhandled for op in UNHANDLED})

@@ -90,6 +90,20 @@ def test_params_and_no_side_effects():
         count_flops(3.0)
 
 
+def test_flops_do_not_depend_on_the_scan_path_or_the_dtype():
+    """A model built with scan="assoc" or "assoc_chunked" counted no scan and raised; a
+    .half(), .bfloat16() or .double() model failed on its float32 image."""
+    cfg = VSSMConfig(dim=16, depths=(1, 1))
+    want = count_flops(VSSM(cfg))["flops"]
+    for scan_path in ("reference", "assoc", "assoc_chunked"):
+        assert count_flops(VSSM(vmamba_min.replace(cfg, scan=scan_path)))["flops"] == want
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        assert count_flops(VSSM(cfg).to(dtype))["flops"] == want
+    import scan_assoc                                        # the swapped scans restored
+    assert vmamba_min.selective_scan_assoc is scan_assoc.selective_scan_assoc
+    assert vmamba_min.selective_scan_assoc_chunked is scan_assoc.selective_scan_assoc_chunked
+
+
 @pytest.mark.parametrize("generation", [0, 2])
 def test_flops_linear_in_image_area(generation):
     # Sizes that are multiples of 32 make every stage's map exactly 4x larger at twice the

@@ -19,7 +19,8 @@ CUDA device queries answer as an H100/H200 would (compute capability 9.0, 132 SM
 lowers, fuses and writes its Triton kernels as it does on the card; the step that would compile
 and load them is replaced by one that keeps the source. For each graph it prints how many Triton
 kernels the graph launches, the library calls (matmuls, convolutions) and host-side loops, and
-the bytes the fused kernels read and write by Inductor's own per-kernel estimate (a nested
+the bytes its kernels read and write, the Triton kernels' and the library calls' together, by
+Inductor's own per-kernel estimate (a nested
 compile region's bytes and launches, vmamba_min.BLOCK_REGIONS, once per call of it; kernels
 defined are counted once). For a scan it
 also prints the memory floor: the bytes the call must move at all (inputs and y), so that
@@ -262,12 +263,18 @@ def chunked_only():
     return mock.patch.object(scan, "_use_assoc", lambda u, A: False)
 
 
-def build_model(name, **overrides):
-    """A model by name (ours, or timm's), built on the CPU: outside the fake mode, since
-    building reads values (DropPath's rates)."""
+PEERS = ("swin", "deit", "convnext")         # timm's models that `model --name` takes
+
+
+def build_model(name, res=224, **overrides):
+    """A model by name (ours, or timm's, built for res where its size is fixed at creation),
+    built on the CPU: outside the fake mode, since building reads values (DropPath's rates)."""
+    import benchkit
     import vmamba_min
-    if name.startswith(("swin", "deit", "convnext")):
+    if name.startswith(PEERS):
         import timm
+        if name.startswith(benchkit.TIMM_SIZED) and res != 224:
+            overrides = dict(overrides, img_size=res)
         return timm.create_model(name, pretrained=False, **overrides)
     return vmamba_min.build(name, **overrides)
 
@@ -510,7 +517,7 @@ def generate_case(args, chunked):
     """The graphs of a scan, a scan's backward or a model's inference, compiled for the fake
     card; with the memory floor of a scan and a description."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    model = build_model(args.name) if args.what == "model" else None
+    model = build_model(args.name, args.res) if args.what == "model" else None
     floor = None
     with fake_cuda(), FakeTensorMode(allow_non_fake_inputs=True):
         if args.what == "scan" and args.backward:
@@ -599,8 +606,22 @@ def main(argv=None):
         p.error("--time-major is for the forward scan (the backward's inputs are its own)")
     if args.blocks and (args.train or args.dynamic):
         p.error("--blocks is for inference with static sizes (compile_blocks' default)")
-    if args.blocks and args.name.startswith(("swin", "deit", "convnext")):
-        p.error(f"--blocks: {args.name} has no VSS blocks (compile_blocks is ours only)")
+    if args.what == "model":
+        import vmamba_min
+        if not args.name.startswith(PEERS) and args.name not in vmamba_min.CONFIGS:
+            p.error(f"--name {args.name}: not one of ours ({', '.join(vmamba_min.CONFIGS)}) "
+                    f"nor a timm model of {', '.join(p + '*' for p in PEERS)}")
+        ours_only = [f for f, on in (("--blocks", args.blocks), ("--chunked", args.chunked),
+                                     ("--inline", args.inline), ("--variant", args.variant))
+                     if on]
+        if ours_only and args.name.startswith(PEERS):
+            p.error(f"{', '.join(ours_only)}: {args.name} has no VSS blocks (ours only)")
+    if args.inline and (args.train or args.blocks):
+        p.error("--inline: the nested regions it turns off serve inference by torch.compile "
+                "(model) only, not --train or --blocks")
+    if args.out:
+        import benchkit
+        benchkit.check_output_folder(p, "--out", args.out)
     if args.backward and (args.what != "scan" or args.path != "assoc"):
         p.error("--backward is for `scan` with --path assoc (a model's backward: model --train)")
     if args.train and (args.what != "model" or args.dtype != "float32" or args.dynamic):
@@ -620,7 +641,7 @@ def main(argv=None):
         variant = gpu_check.variant_patch(args.variant)
     with variant:
         if args.train:
-            model = build_model(args.name, drop_path_rate=0.0)
+            model = build_model(args.name, args.res, drop_path_rate=0.0)
             with fake_cuda():
                 graphs = generate_training(model, args.batch, args.res, chunked=chunked)
             what = (f"{args.name} training step (forward, loss, backward), float32, batch "

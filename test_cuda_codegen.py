@@ -290,6 +290,32 @@ def test_a_model_variant_is_gpu_checks_patch_for_models_only(monkeypatch):
     assert vm.SS2D.conv is conv and vm.grid is grid
 
 
+def test_options_that_cannot_apply_are_usage_errors_before_any_generation(tmp_path, capsys,
+                                                                          monkeypatch):
+    """An unknown name or an --out that is a file ended in a traceback (the latter after the
+    whole generation); our models' options given with timm's, and --inline with --train or
+    --blocks, were accepted and did nothing."""
+    monkeypatch.setattr(cg, "generate_case", lambda *a: pytest.fail("generated"))
+    (tmp_path / "a_file").write_text("")
+    for argv, words in (
+            (["model", "--name", "nope"], "--name nope"),
+            (["scan", "--out", str(tmp_path / "a_file")], "not a folder"),
+            (["model", "--name", "swin_tiny_patch4_window7_224", "--variant", "floor"],
+             "ours only"),
+            (["model", "--name", "deit_small_patch16_224", "--chunked"], "ours only"),
+            (["model", "--inline", "--train"], "--inline"),
+            (["model", "--inline", "--blocks"], "--inline")):
+        with pytest.raises(SystemExit) as e:
+            cg.main(argv)
+        assert e.value.code == 2 and words in capsys.readouterr().err, argv
+
+
+def test_a_timm_model_of_a_fixed_size_is_built_for_res():
+    """DeiT's and Swin's image size is fixed at creation: at --res 64 the trace failed."""
+    model = cg.build_model("deit_small_patch16_224", 64)
+    assert tuple(model.patch_embed.img_size) == (64, 64)
+
+
 def test_gpu_checks_sequential_tiles_reach_the_scan_kernels_autotuner(tmp_path):
     """gpu_check's "seq-tiles" variant: under SequentialTiles the candidates of a looped scan
     kernel (v0, 16 scans at a stage-1-like length) gain one-step tiles (R0_BLOCK 1, each

@@ -66,8 +66,11 @@ class ConvMixer(nn.Module):
 class WindowAttention(nn.Module):
     """Self-attention inside non-overlapping window x window tiles (Swin); `shift` rolls the map
     by window // 2 first so that alternate blocks connect neighbouring tiles. No relative
-    position bias and no shift mask: neither changes which pixels can reach which, the ERF's
-    question. Maps are zero-padded to a multiple of the window."""
+    position bias: it does not change which pixels can reach which, the ERF's question. No
+    shift mask either: a shifted window that wraps around the map's edge then also mixes the
+    tokens rolled in from the opposite edge, which Swin's mask keeps apart, so near the
+    border this twin reaches a little further than Swin. Maps are zero-padded to a multiple
+    of the window."""
 
     def __init__(self, dim, window=WINDOW, head_dim=HEAD_DIM, shift=False):
         super().__init__()
@@ -201,6 +204,8 @@ def main(argv=None):
     if args.n < 1 or args.res < 32 or args.threads < 0:
         p.error(f"--n must be >= 1, --res >= 32 (the last stage's map is then 1 x 1), "
                 f"--threads >= 0, got {args.n}, {args.res}, {args.threads}")
+    if not 0 <= args.seed < 2 ** 63:                 # torch.Generator's range
+        p.error(f"--seed must be in [0, 2**63), got {args.seed}")
     if any(b not in BASELINES for b in baselines) or len(set(baselines)) != len(baselines):
         p.error(f"--baselines: distinct names out of {','.join(BASELINES)}, got "
                 f"{args.baselines!r}")

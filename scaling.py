@@ -33,7 +33,7 @@ BATCH = 1
 MIN_TIME = 1.0                # seconds of timed calls per row, at least
 WARMUP = 2
 OUT_DIR = "bench_out"
-PATCH = {"vmamba_": 4}        # pixels per token side at the first stage; timm names say patchN
+PATCH = {"vanilla_vmamba_": 4}  # pixels per token side of a patchifying stem; timm names say patchN
 CSV_KEYS = ("model", "res", "tokens", "batch", "mode", "ms", "iqr_ms", "img_s", "peak_mb",
             "compile_s", "error")
 
@@ -79,7 +79,12 @@ def parse_args(argv=None):
 
 # -------------------------------------------------------------------------------- measuring
 def tokens(model, res):
-    """L: tokens of the first stage, (res // patch)^2."""
+    """L: tokens of the first stage: (res // patch)^2 for a patchifying stem (timm's, and
+    generation 0's); generation 2's two stride-2 convs round up (ConvStem), ceil(ceil(res/2)/2)
+    per side."""
+    if model.startswith("vmamba_"):
+        side = -(-(-(-res // 2)) // 2)
+        return side * side
     m = re.search(r"patch(\d+)", model)
     patch = int(m.group(1)) if m else next(v for k, v in PATCH.items() if model.startswith(k))
     return (res // patch) ** 2
@@ -119,7 +124,9 @@ def growth(rows):
         if len(ok) < 2:
             continue
         a, b = ok[0], ok[-1]
-        log_l = 2 * math.log(b["res"] / a["res"])           # L grows as res^2
+        log_l = math.log(b["tokens"] / a["tokens"])         # L, the stem's own rounding included
+        if log_l == 0:                                      # sizes with the same L: no growth
+            continue
         g = {"from_res": a["res"], "to_res": b["res"], "L_ratio": math.exp(log_l),
              "time_exponent": math.log(b["ms"] / a["ms"]) / log_l}
         if a.get("peak_mb") and b.get("peak_mb"):

@@ -277,7 +277,7 @@ def test_erf_weights_take_the_official_trainers_file(tmp_path, capsys):
     (["--stage", "4"], "--stage"), (["--stage=-5"], "--stage"), (["--n", "0"], "--n"),
     (["--res", "8"], "--res"), (["--baselines", "conv,foo"], "--baselines"),
     (["--baselines", "conv,conv"], "--baselines"), (["--weights", "no_such.pth"], "--weights"),
-    (["--threads=-1"], "--threads")])
+    (["--threads=-1"], "--threads"), (["--seed", str(2 ** 64)], "--seed")])
 def test_erf_bad_options_are_usage_errors(argv, flag, capsys):
     """Seen: --stage 4 computed stage 0 (the index was taken modulo 4) and --n 0 printed NaNs,
     both exiting 0; the others failed after the first map was computed."""

@@ -240,9 +240,9 @@ def test_peers_rows_when_timm_is_importable():
 
 def test_scaling_growth_exponent_and_res_parsing():
     import scaling
-    rows = [dict(model="m", res=224, ms=10.0, peak_mb=100.0),
-            dict(model="m", res=448, ms=40.0, peak_mb=200.0),     # L x4: time x4, memory x2
-            dict(model="n", res=224, error="skipped: size")]      # nothing ran: no exponent
+    rows = [dict(model="m", res=224, tokens=3136, ms=10.0, peak_mb=100.0),
+            dict(model="m", res=448, tokens=12544, ms=40.0, peak_mb=200.0),  # L x4: time x4,
+            dict(model="n", res=224, tokens=3136, error="skipped: size")]    # memory x2; n: none
     g = scaling.growth(rows)
     assert set(g) == {"m"} and g["m"]["L_ratio"] == pytest.approx(4.0)
     assert g["m"]["time_exponent"] == pytest.approx(1.0)
@@ -281,8 +281,18 @@ def test_train_table_has_the_peers(monkeypatch):
 
 
 def test_scaling_tokens():
+    """L as the stems make it: generation 2's convs round an odd size up (250 px: 63 x 63
+    tokens, not 62 x 62); the growth exponent divides by the tokens' ratio, not res^2's."""
     import scaling
+    import torch
+    import vmamba_min
     assert scaling.tokens("vmamba_tiny_s1l8", 224) == 56 ** 2
+    for res in (250, 251):
+        stem = vmamba_min.build("vmamba_tiny_s1l8", dim=8, depths=(1,)).patch_embed
+        _, h, w = stem(torch.zeros(1, 3, res, res))
+        assert scaling.tokens("vmamba_tiny_s1l8", res) == h * w
+    rows = [dict(model="m", res=r, tokens=196, ms=10.0) for r in (224, 239)]
+    assert scaling.growth(rows) == {}                       # the same L: no exponent
     assert scaling.tokens("swin_tiny_patch4_window7_224", 448) == 112 ** 2
     assert scaling.tokens("deit_small_patch16_224", 224) == 14 ** 2
 

@@ -204,8 +204,8 @@ def main(argv=None):
     if args.n < 1 or args.res < 32 or args.threads < 0:
         p.error(f"--n must be >= 1, --res >= 32 (the last stage's map is then 1 x 1), "
                 f"--threads >= 0, got {args.n}, {args.res}, {args.threads}")
-    if not 0 <= args.seed < 2 ** 63:                 # torch.Generator's range
-        p.error(f"--seed must be in [0, 2**63), got {args.seed}")
+    if not -2 ** 63 <= args.seed < 2 ** 64:          # torch.Generator.manual_seed's range
+        p.error(f"--seed must be in [-2**63, 2**64), got {args.seed}")
     if any(b not in BASELINES for b in baselines) or len(set(baselines)) != len(baselines):
         p.error(f"--baselines: distinct names out of {','.join(BASELINES)}, got "
                 f"{args.baselines!r}")

@@ -337,9 +337,13 @@ def _chunked(u, delta, A, B, C, D, delta_bias, h0, softplus, mode, T):
         a = torch.exp(dt * A[:, :, n])
         x = dtu * B[:, :, n] + F.pad(a[..., :1] * starts[n][..., None], (0, T - 1))
         y = y + _recurrence(a, x, mode) * C[:, :, n]
-    # Outputs of their own, not views (autograd refuses in-place ops on a Function's view
-    # outputs): y copied out of the padded chunks, the last states stacked in their layout.
-    y = y.reshape(batch, KD, M * T)[..., :L].clone(memory_format=torch.contiguous_format)
+    y = y.reshape(batch, KD, M * T)[..., :L]                 # a view of the padded chunks
+    # Eager: an output of its own (autograd refuses in-place ops on a Function's view outputs).
+    # Compiled (the path's use, on a card), no copy: where T does not divide L it was a kernel
+    # more (31% more bytes at v0's stage 2); computing the last sum on the views instead made
+    # torch 2.11's Inductor fail (CantSplit).
+    if not torch.compiler.is_compiling():
+        y = y.clone(memory_format=torch.contiguous_format)
     return y, torch.stack([h.reshape(batch, KD) for h in last], dim=-1)
 
 

@@ -259,5 +259,5 @@ def test_compile_blocks_rejects_what_it_cannot_compile():
         model = VSSM(small(2))
     with pytest.raises(ValueError, match="meta device"):
         compile_blocks(model)
-    with pytest.raises(ValueError, match="dynamic=True leaves a block's sizes symbolic"):
-        compile_blocks(VSSM(small(2)), dynamic=True)       # it failed at the first step
+    with pytest.warns(UserWarning, match="dynamic=True .* inference works"):
+        compile_blocks(VSSM(small(2)), dynamic=True)       # training failed at the first step

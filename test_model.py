@@ -370,9 +370,11 @@ def test_config_takes_numbers_and_sequences_of_any_kind():
     import numpy as np
     from collections import UserList
     cfg = VSSMConfig(depths=UserList([np.int64(2), 2, 9, 2]), dim=np.int32(96),
-                     ssm_ratio=np.float32(1.0), num_classes=np.int64(10))
+                     ssm_ratio=np.float32(1.0), num_classes=np.int64(10),
+                     drop_path_rate=np.float64(0.1))
     assert cfg == VSSMConfig(depths=(2, 2, 9, 2), dim=96, ssm_ratio=1.0, num_classes=10)
-    assert type(cfg.dim) is int and type(cfg.depths[0]) is int and type(cfg.ssm_ratio) is float
+    assert type(cfg.dim) is int and type(cfg.depths[0]) is int
+    assert type(cfg.ssm_ratio) is float and type(cfg.drop_path_rate) is float
     for bad in (dict(depths="2292"), dict(depths=np.array([2, 2])), dict(dim=np.float64(96)),
                 dict(depths=(2, np.bool_(True)))):
         with pytest.raises(ValueError, match="VSSMConfig"):
@@ -997,7 +999,9 @@ def test_drop_path_of_one_drops_everything_and_other_rates_are_refused():
     layer = vm.DropPath(1.0).train()
     assert torch.equal(layer(torch.ones(3, 2)), torch.zeros(3, 2))
     # compile_blocks' tensor rate, as compiled code reads it
-    assert torch.equal(vm.drop_path(torch.ones(3, 2), torch.tensor(1.0), True), torch.zeros(3, 2))
+    for dtype in (torch.float32, torch.float16):         # a 1e-30 floor was 0 in float16
+        ones, rate = torch.ones(3, 2, dtype=dtype), torch.tensor(1.0, dtype=dtype)
+        assert torch.equal(vm.drop_path(ones, rate, True), torch.zeros(3, 2, dtype=dtype))
     for bad in (1.5, -0.1, float("nan"), "0.1", True):
         with pytest.raises(ValueError, match="DropPath: p must be a number in"):
             vm.DropPath(bad)

@@ -176,6 +176,7 @@ def test_a_batch_that_the_processes_cannot_share_is_a_usage_error(monkeypatch, c
     """Under torchrun a global batch not divisible by the number of processes ended in a
     traceback per process; it is a usage error before the process group starts."""
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
     with pytest.raises(SystemExit) as e:
         train.main(["--batch-size", "63"])
     assert e.value.code == 2 and "multiple of the number of processes, 2" in \

@@ -200,6 +200,18 @@ class Progress:
 # ---------------------------------------------------------------------------------------------
 # Processes: one (python train.py) or one per torchrun worker
 # ---------------------------------------------------------------------------------------------
+def processes():
+    """How many processes train: torchrun's WORLD_SIZE where it set RANK (setup_processes
+    joins a process group only then), else 1."""
+    if "RANK" not in os.environ:
+        return 1
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        raise SystemExit(f"train.py: WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number "
+                         f"(torchrun sets it)") from None
+
+
 def setup_processes():
     """(rank, world_size, device). Under torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK)
     joins the process group: NCCL on GPUs (one per process), gloo on CPUs. Alone: no
@@ -257,7 +269,7 @@ def main(argv=None):
         p.error(f"--lr must be finite and > 0, got {args.lr}")
     if not 0 <= args.drop_path < 1:
         p.error(f"--drop-path must be in [0, 1), got {args.drop_path}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))   # torchrun's; the process group checks it
+    world = processes()
     if args.batch_size % world:
         p.error(f"--batch-size {args.batch_size} must be a multiple of the number of "
                 f"processes, {world}")

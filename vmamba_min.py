@@ -104,7 +104,8 @@ class VSSMConfig:
         # depths (a list, OmegaConf's ListConfig) as a tuple; what is neither is checked below.
         for f in fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, numbers.Real) and not isinstance(v, (bool, int, float)):
+            if isinstance(v, numbers.Real) and type(v) not in (bool, int, float):   # np.float64
+
                 v = int(v) if isinstance(v, numbers.Integral) else float(v)
             elif f.name == "depths" and as_sequence(v) is not None:
                 v = tuple(as_int(d) for d in v)
@@ -355,7 +356,7 @@ def drop_path(x, p, training: bool):
     keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p)
     if isinstance(p, float):
         return x * keep if p == 1.0 else x * keep / (1 - p)
-    return x * keep / (1 - p).clamp(min=1e-30)    # the same for p < 1; p = 1: 0 / 0 was NaN
+    return x * torch.where(p < 1, keep / (1 - p), 0)     # p = 1: 0 / 0 was NaN
 
 
 class DropPath(nn.Module):
@@ -1263,8 +1264,8 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     one graph, and runs about as fast (docs/results-cpu.md): for training it compiles in about
     a third of torch.compile(model)'s time, for inference in about half (torch.compile(model)
     then compiles a stage's block once as well: BLOCK_REGIONS).
-    dynamic=False unless given, and dynamic=True refused: with a block's sizes left
-    symbolic, Inductor (torch 2.13) failed on the second stage's block in training. Each
+    dynamic=False unless given (dynamic=True warns): with a block's sizes left symbolic,
+    Inductor (torch 2.13) failed on the second stage's block in training. Each
     DropPath gets its rate as a tensor (see DropPath: its masks then come from another random
     stream than eager's).
     Every block shares one code object, VSSBlock.forward, and Dynamo keeps at most
@@ -1276,9 +1277,10 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     global _STAGES_COMPILED
     compile_kwargs.setdefault("dynamic", False)
     if compile_kwargs["dynamic"]:
-        raise ValueError("compile_blocks: dynamic=True leaves a block's sizes symbolic, on which "
-                         "Inductor fails (torch 2.13: 'cannot determine truth value of "
-                         "Relational' in training); pass dynamic=False, the default")
+        warnings.warn("compile_blocks: dynamic=True leaves a block's sizes symbolic: inference "
+                      "works, but Inductor fails on a training step (torch 2.13: 'cannot "
+                      "determine truth value of Relational'); for training pass dynamic=False, "
+                      "the default", stacklevel=2)
     blocks = [m for m in model.modules() if isinstance(m, VSSBlock)]
     if not blocks:
         raise ValueError(f"compile_blocks: no VSSBlock in {type(model).__name__}")

@@ -701,7 +701,7 @@ class _ScanState1(torch.autograd.Function):
         batch, KD, L = u.shape
         h = _state1_states(u, _delta_prime(delta, delta_bias, softplus), A, B, h0, T)
         y = (h.reshape(batch, B.shape[1], -1, L) * C).reshape(batch, KD, L)   # a view
-        y = y.clone() if D is None else y + D[:, None] * u    # an output of its own (above)
+        y = y.clone() if D is None else y + D[:, None] * u    # not a view: _ChunkedScan.forward
         # (b, K*D, L), the last state (b, K*D, 1), a copy (a view of h refuses in-place
         # ops); and the states, for the backward
         return y, h[..., -1:].clone(), h

@@ -100,11 +100,11 @@ def build_optimizer(model, lr=LR, weight_decay=WEIGHT_DECAY):
     identity in every submodule that names them, not by the wrapper's prefixed names.
 
     torch's fused AdamW on a CPU reads a gradient or a state tensor whose layout differs from
-    its parameter's in the parameter's order (torch 2.13: a silently wrong step; on CUDA an
-    error). Such layouts arise: a contiguous conv weight gets a channels-last gradient from
-    channels-last maps, and optimizer state saved from a model of one layout loads into one
-    of the other. So before every step each such tensor is copied into its parameter's
-    layout (`same_layouts`)."""
+    its parameter's in the parameter's order (torch 2.13: a silently wrong step; on CUDA
+    reported to raise, pytorch#106951). Such layouts arise: a contiguous conv weight gets a
+    channels-last gradient from channels-last maps, and optimizer state saved from a model of
+    one layout loads into one of the other. So before every step each such tensor is copied
+    into its parameter's layout (`same_layouts`)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"build_optimizer: expected a model (an nn.Module with "
                         f"no_weight_decay(), or a wrapper of one), got {type(model).__name__}: "

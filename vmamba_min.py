@@ -100,12 +100,12 @@ class VSSMConfig:
             if not ok:
                 raise ValueError(f"VSSMConfig: {msg}")
 
-        # Numbers of any kind (numpy's, from a config file) as Python's, and any sequence of
-        # depths (a list, OmegaConf's ListConfig) as a tuple; what is neither is checked below.
+        # Numbers of any kind (numpy's, from a config file; np.float64 is a float subclass) as
+        # Python's, and any sequence of depths (a list, OmegaConf's ListConfig) as a tuple;
+        # what is neither is checked below.
         for f in fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, numbers.Real) and type(v) not in (bool, int, float):   # np.float64
-
+            if isinstance(v, numbers.Real) and type(v) not in (bool, int, float):
                 v = int(v) if isinstance(v, numbers.Integral) else float(v)
             elif f.name == "depths" and as_sequence(v) is not None:
                 v = tuple(as_int(d) for d in v)
@@ -578,9 +578,9 @@ class VSSM(nn.Module):
         """timm's feature API: drop the stages after the last of `indices` (and, as timm does,
         the final norm when any stage goes or prune_norm, the head when prune_head). Returns
         the stage numbers `indices` names (timm's take_indices); stages 0 to the last of them
-        stay. num_features, feature_info and config.depths
-        follow the kept stages; a head cannot stay (prune_head=False) when stages go: it is
-        sized for the last stage's width."""
+        stay. num_features, feature_info and config.depths follow the kept stages; a head
+        cannot stay (prune_head=False) when stages go: it is sized for the last stage's
+        width."""
         take = stage_indices(len(self.layers), indices)
         keep = take[-1] + 1
         if keep < len(self.layers):
@@ -1265,9 +1265,9 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     a third of torch.compile(model)'s time, for inference in about half (torch.compile(model)
     then compiles a stage's block once as well: BLOCK_REGIONS).
     dynamic=False unless given (dynamic=True warns): with a block's sizes left symbolic,
-    Inductor (torch 2.13) failed on the second stage's block in training. Each
-    DropPath gets its rate as a tensor (see DropPath: its masks then come from another random
-    stream than eager's).
+    Inductor (torch 2.13) failed on the second stage's block in training. Each DropPath gets
+    its rate as a tensor (see DropPath: its masks then come from another random stream than
+    eager's).
     Every block shares one code object, VSSBlock.forward, and Dynamo keeps at most
     `recompile_limit` graphs (8 by default) per code object: four stages in training and in
     evaluation already fill it, and past it a new batch size ran the blocks eager (with
